@@ -12,10 +12,12 @@ from .base import Format, code_dtype
 from .codebook import NF4_VALUES, CodebookFormat, bnb_fp4_values, dynamic_tree_values, normal_float_values
 from .floating import E8M0Format, FloatFormat
 from .integer import IntFormat, fixed_point
+from .kmeans import assign as kmeans_assign
 from .kmeans import fit_centroids, kmeans
 
 __all__ = ["Format", "FloatFormat", "E8M0Format", "IntFormat", "CodebookFormat", "get", "names",
-           "float_format", "fixed_point", "kmeans", "fit_centroids", "code_dtype"]
+           "float_format", "fixed_point", "kmeans", "fit_centroids", "kmeans_assign", "code_dtype",
+           "KMEANS_NAME"]
 
 
 def float_format(exp_bits: int, man_bits: int, bias: int | None = None, special: str = "ieee") -> FloatFormat:
@@ -49,6 +51,8 @@ def _table() -> dict[str, Format]:
 
 FORMATS: dict[str, Format] = _table()
 _FIXED = re.compile(r"q(\d+)\.(\d+)")
+# Learned codebooks are fitted per tensor or group by quantize_tensor, so they are not in the table.
+KMEANS_NAME = re.compile(r"kmeans([1-8])")
 
 
 def names() -> list[str]:
@@ -66,4 +70,7 @@ def get(name: str | Format) -> Format:
     m = _FIXED.fullmatch(name)
     if m:
         return fixed_point(int(m.group(1)), int(m.group(2)))
+    if KMEANS_NAME.fullmatch(name):
+        raise ValueError(f"{name!r} is a learned codebook: fit it with lowbit.formats.kmeans(x, bits) or "
+                         f"quantize_tensor(x, {name!r}, ...)")
     raise ValueError(f"unknown format {name!r}; known: {', '.join(FORMATS)}, or fixed point 'qM.N' (e.g. 'q3.4')")

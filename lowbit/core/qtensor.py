@@ -1,0 +1,104 @@
+"""QTensor: a quantized tensor as plain data (not a torch.Tensor subclass).
+
+    codes        flat uint8, codes of `scheme.bits` bits packed LSB first
+    scales       per-group scales in the scale format, natural stats shape
+                 (see granularity.py); a QTensor itself when double-quantized
+    zeros        affine zero points, same shape and storage as scales
+    tensor_scale fp32 scalar over the whole tensor (NVFP4), else None
+    codebook     learned k-means values [*stats_shape, 2^bits], else None
+    offset       fp32 scalar added after dequantizing (double-quantized scales)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import scales as scale_store
+from .granularity import GroupView
+from .grid import decode_part
+from .packing import unpack_bits_le
+from .scheme import Scheme
+
+
+@dataclass
+class QTensor:
+    codes: torch.Tensor
+    shape: tuple[int, ...]
+    scheme: Scheme
+    scales: "torch.Tensor | QTensor | None" = None
+    zeros: torch.Tensor | None = None
+    tensor_scale: torch.Tensor | None = None
+    codebook: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes held: packed codes plus every scale, zero point and codebook."""
+        parts = [self.codes, self.zeros, self.tensor_scale, self.codebook, self.offset]
+        total = sum(t.numel() * t.element_size() for t in parts if t is not None)
+        if isinstance(self.scales, QTensor):
+            total += self.scales.nbytes
+        elif self.scales is not None:
+            total += self.scales.numel() * self.scales.element_size()
+        return total
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / self.numel if self.numel else 0.0
+
+    def unpack_codes(self) -> torch.Tensor:
+        """Codes as uint8 in the tensor's shape."""
+        return unpack_bits_le(self.codes, self.scheme.bits, self.numel).reshape(self.shape)
+
+    def scale_values(self) -> torch.Tensor:
+        """Effective float32 scales in the natural stats shape (tensor scale applied)."""
+        if isinstance(self.scales, QTensor):
+            # Double-quantized scales can land at or below zero for a group far below its
+            # block's absmax; the smallest positive float keeps such a group finite.
+            s = self.scales.dequantize().clamp(min=torch.finfo(torch.float32).tiny)
+            s = s.reshape(GroupView(self.shape, self.scheme.granularity).stats_shape)
+        else:
+            s = scale_store.load(self.scales, self.scheme.scale_format)
+        if self.tensor_scale is not None:
+            s = s * self.tensor_scale
+        return s
+
+    def zero_values(self) -> torch.Tensor | None:
+        return None if self.zeros is None else scale_store.load(self.zeros, self.scheme.scale_format)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """-> tensor of `shape` in `dtype`."""
+        if self.numel == 0:
+            return torch.zeros(self.shape, dtype=dtype)
+        view = GroupView(self.shape, self.scheme.granularity)
+        codes = view.parts(self.unpack_codes())
+        if self.codebook is not None:
+            books = _split_books(view, self.codebook.float())
+            out = [torch.gather(b, 1, c.long()) for c, b in zip(codes, books)]
+        else:
+            s_parts = view.split_stats(self.scale_values())
+            z = self.zero_values()
+            z_parts = view.split_stats(z) if z is not None else [None] * len(codes)
+            fmt = self.scheme.fmt
+            out = [decode_part(c, s, zz, fmt) for c, s, zz in zip(codes, s_parts, z_parts)]
+        x = view.merge(out)
+        if self.offset is not None:
+            x = x + self.offset
+        return x.to(dtype)
+
+    def __repr__(self) -> str:
+        name = self.scheme.name or self.scheme.format
+        return (f"QTensor({name}, shape={self.shape}, {self.bits_per_weight:.3f} bits/weight, "
+                f"{self.nbytes} bytes)")
+
+
+def _split_books(view: GroupView, books: torch.Tensor) -> list[torch.Tensor]:
+    """Codebooks [*stats_shape, k] -> per part [G_i, k]."""
+    per_k = [view.split_stats(books[..., j].contiguous()) for j in range(books.shape[-1])]
+    return [torch.cat([p[i] for p in per_k], dim=1) for i in range(len(per_k[0]))]

@@ -1,0 +1,34 @@
+"""Read tensors from a GGUF file as float32 torch tensors (dequantized by gguf-py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def read_gguf_tensors(path: str | Path, names=None) -> dict[str, torch.Tensor]:
+    """{name: float32 tensor in PyTorch layout ([out, in] for weights)}; `names` filters by exact name."""
+    try:
+        import gguf
+        from gguf.quants import dequantize
+    except ImportError as e:  # optional dependency
+        raise ValueError("reading GGUF needs the 'gguf' package: pip install 'lowbit[models]'") from e
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"GGUF file {path} does not exist")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf-py raises several kinds on bad files
+        raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
+    wanted = None if names is None else set(names)
+    out = {}
+    for t in reader.tensors:
+        if wanted is not None and t.name not in wanted:
+            continue
+        arr = dequantize(t.data, t.tensor_type)
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists the fastest dimension first
+        out[t.name] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(shape))
+    if wanted is not None and wanted - set(out):
+        raise ValueError(f"{path} has no tensor named {sorted(wanted - set(out))[0]!r}")
+    return out
