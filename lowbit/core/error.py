@@ -16,7 +16,9 @@ class ErrorStats:
     mse: float
     max_abs: float
     sqnr_db: float  # 10 log10(sum x^2 / sum (x - q)^2); inf when exact
-    clipped: float  # share of values outside the representable range (None for a plain tensor)
+    # share of values beyond the grid's ends by more than half the end gap: values that
+    # saturate instead of rounding (None when q is a plain tensor)
+    clipped: float | None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -44,9 +46,10 @@ def _clipped_share(x: torch.Tensor, q: QTensor) -> float:
     s = view.split_stats(q.scale_values())
     z = q.zero_values()
     zs = view.split_stats(z) if z is not None else [None] * len(s)
+    v = q.scheme.fmt.values
+    gap_lo, gap_hi = float(v[1] - v[0]) / 2, float(v[-1] - v[-2]) / 2
     count = 0
     for part, sp, zp in zip(view.parts(x.float()), s, zs):
         lo, hi = grid_bounds(sp, zp, q.scheme.fmt)
-        tol = 1e-4 * sp  # float error at the grid's ends is not clipping
-        count += int(((part < lo - tol) | (part > hi + tol)).sum())
+        count += int(((part < lo - gap_lo * sp) | (part > hi + gap_hi * sp)).sum())
     return count / q.numel

@@ -85,6 +85,6 @@ class IntFormat(Format):
 
 def fixed_point(m: int, n: int) -> IntFormat:
     """Signed Qm.n: 1 sign bit, m integer bits, n fraction bits; step 2^-n."""
-    if m < 0 or n < 0 or 1 + m + n > 16:
-        raise ValueError(f"fixed point q{m}.{n}: need m, n >= 0 and 1 + m + n <= 16 bits")
+    if m < 0 or n < 0 or not 2 <= 1 + m + n <= 16:
+        raise ValueError(f"fixed point q{m}.{n}: need m, n >= 0 and 2 <= 1 + m + n <= 16 bits")
     return IntFormat(f"q{m}.{n}", 1 + m + n, signed=True, step=2.0**-n)

@@ -1,0 +1,27 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import settings
+
+settings.register_profile("ci", max_examples=60, deadline=None)
+settings.register_profile("dev", max_examples=30, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SMOLLM2_LAYERS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+@pytest.fixture(scope="session")
+def smollm2_weights() -> dict[str, torch.Tensor]:
+    """The seven projection weights of SmolLM2-135M's first block, float32 [out, in]."""
+    from lowbit.io import builtin_model_path, read_gguf_tensors
+
+    names = [f"blk.0.{p}.weight" for p in SMOLLM2_LAYERS]
+    return read_gguf_tensors(builtin_model_path("smollm2-135m"), names)
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)

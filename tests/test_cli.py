@@ -1,0 +1,29 @@
+import subprocess
+import sys
+
+from lowbit.cli import main
+
+
+def test_formats_table_lists_every_format(capsys):
+    assert main(["formats"]) == 0
+    out = capsys.readouterr().out
+    for name in ["int4", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1", "e8m0", "nf4", "bf16"]:
+        assert f"\n{name} " in out
+    assert "448" in out and "57344" in out
+
+
+def test_value_explains_bits_and_error(capsys):
+    assert main(["formats", "fp8_e4m3", "--value", "1.06"]) == 0
+    out = capsys.readouterr().out
+    assert "1.06 -> 1.0" in out and "mantissa 000" in out and "exponent 0111" in out
+    assert "look the same" in out and "-0.06" in out
+
+
+def test_unknown_format_is_a_clear_error(capsys):
+    assert main(["formats", "fp9", "--value", "1"]) == 2
+    assert "unknown format 'fp9'" in capsys.readouterr().err
+
+
+def test_console_entry_point_runs():
+    r = subprocess.run([sys.executable, "-m", "lowbit.cli", "formats", "nf4"], capture_output=True, text=True)
+    assert r.returncode == 0 and "values:" in r.stdout
