@@ -107,6 +107,19 @@ class GroupView:
             return moved[:-1] + (math.ceil(moved[-1] / g.size),)
         return (s[0] // g.rows, s[1] // g.cols)
 
+    @property
+    def row_major(self) -> bool:
+        """True when parts() is one part whose rows tile the tensor in memory order,
+        so merge() of it is a reshape."""
+        g, nd = self.g, len(self.shape)
+        if isinstance(g, (PerTensor, PerToken)):
+            return True
+        if isinstance(g, PerChannel):
+            return g.axis % nd == 0
+        if isinstance(g, PerGroup):
+            return g.axis % nd == nd - 1 and self.shape[g.axis] % g.size == 0
+        return False
+
     # -- element tensors -----------------------------------------------------
     def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
         g = self.g

@@ -8,8 +8,11 @@ into b bytes through a 64-bit word.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
+
+_WORDS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # codes per byte -> word of that many bytes
 
 
 def packed_nbytes(n: int, bits: int) -> int:
@@ -27,6 +30,15 @@ def pack_bits_le(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return flat.clone()
     if 8 % bits == 0:
         per = 8 // bits
+        if n % per == 0 and sys.byteorder == "little" and flat.is_contiguous() and flat.storage_offset() % per == 0:
+            # Read each run of `per` codes as one little-endian word (code j in byte j) and
+            # shift code j down to bit j*bits; the low byte of the OR is the packed byte.
+            # Contiguous word ops are much faster than strided byte ops.
+            words = flat.view(_WORDS[per])
+            acc = words.clone()
+            for j in range(1, per):
+                acc |= words >> (j * (8 - bits))
+            return acc.to(torch.uint8)  # keeps the low byte
         padded = _pad(flat, per).view(-1, per)
         out = padded[:, 0].clone()
         for j in range(1, per):

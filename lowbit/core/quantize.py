@@ -12,7 +12,7 @@ import torch
 from .. import formats
 from . import scales as scale_store
 from .granularity import GroupView, make_granularity
-from .grid import decode_part, encode_part
+from .grid import decode_part, encode_packed, encode_part
 from .packing import pack_bits_le
 from .qtensor import QTensor
 from .ranges import MSE_RATIOS, full_range, percentile_range
@@ -78,7 +78,9 @@ def quantize(x: torch.Tensor, scheme: Scheme, *, generator: torch.Generator | No
     if scheme.is_learned:
         return _quantize_learned(x, view, scheme, seed)
     fmt = scheme.fmt
-    parts = view.parts(x.float())
+    # bf16/fp16 widen to float32 exactly, so they stay narrow here and are widened where used
+    # (x / s computes in float32); float64 rounds to float32 first, as everything else does.
+    parts = view.parts(x if x.dtype in (torch.bfloat16, torch.float16) else x.float())
     tensor_scale = _tensor_scale(x, scheme) if scheme.tensor_scale else None
     fitted = [_fit(p, scheme, fmt, tensor_scale) for p in parts]
     scales = view.merge_stats([f[0] for f in fitted])
@@ -91,13 +93,14 @@ def quantize(x: torch.Tensor, scheme: Scheme, *, generator: torch.Generator | No
     # Encode with the scales exactly as they will be read back.
     s_cols = view.split_stats(q.scale_values())
     z_cols = view.split_stats(q.zero_values()) if zeros is not None else [None] * len(parts)
-    codes = [encode_part(p, s, z, fmt, scheme.rounding, generator) for p, s, z in zip(parts, s_cols, z_cols)]
-    q.codes = pack_bits_le(view.merge(codes).contiguous(), scheme.bits)
+    q.codes = encode_packed(view, parts, s_cols, z_cols, fmt, scheme.bits, scheme.rounding, generator)
     return q
 
 
 def _fit(part: torch.Tensor, scheme: Scheme, fmt, tensor_scale):
     """One part [G, L] -> (scales as stored [G], zero points [G] or None)."""
+    if scheme.range not in ("absmax", "minmax"):
+        part = part.float()
     if scheme.range == "mse":
         lo, hi = _mse_range(part, scheme, fmt, tensor_scale)
     elif scheme.range == "absmean":
@@ -106,7 +109,7 @@ def _fit(part: torch.Tensor, scheme: Scheme, fmt, tensor_scale):
     elif scheme.range == "percentile":
         lo, hi = percentile_range(part, scheme.symmetric, scheme.percentile)
     else:
-        lo, hi = full_range(part, scheme.symmetric)
+        lo, hi = (t.float() for t in full_range(part, scheme.symmetric))  # exact: min and max of part
     s, z = _params(lo, hi, scheme, fmt, tensor_scale)
     stored = scale_store.store(s / tensor_scale if tensor_scale is not None else s, scheme.scale_format)
     return stored.reshape(-1), (z.reshape(-1) if z is not None else None)
@@ -139,7 +142,7 @@ def _mse_range(part, scheme: Scheme, fmt, tensor_scale):
 
 def _tensor_scale(x: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """NVFP4's fp32 tensor scale: maps the tensor's absmax onto fmt.max * scale_fmt.max."""
-    amax = x.abs().max().float()
+    amax = torch.maximum(-x.min(), x.max()).abs().float()  # max |x| without a temporary |x|
     top = scheme.fmt.max * formats.get(scheme.scale_format).max
     return torch.where(amax > 0, amax / top, torch.ones_like(amax))
 
@@ -181,7 +184,7 @@ def _check_input(x) -> torch.Tensor:
         raise ValueError(f"quantize_tensor needs a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise ValueError(f"quantize_tensor needs a floating-point tensor, got dtype {x.dtype}")
-    if x.numel() and not torch.isfinite(x).all():
+    if x.numel() and not torch.isfinite(torch.stack([x.min(), x.max()])).all():  # min/max carry NaN
         n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
         raise ValueError(f"tensor of shape {tuple(x.shape)} has {n_nan} NaN and {n_inf} Inf values; "
                          "quantization needs finite inputs (clean or mask them first)")

@@ -13,10 +13,11 @@ import torch
 
 def full_range(x: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [G, L] -> lo, hi: [G, 1]."""
+    # max |x| is max(-min, max): two reductions, no temporary as large as x.
+    lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
     if symmetric:
-        amax = x.abs().amax(dim=1, keepdim=True)
+        amax = torch.maximum(-lo, hi).abs()  # abs: +0.0 for an all-zero group, as |x| gives
         return -amax, amax
-    lo, hi = torch.aminmax(x, dim=1, keepdim=True)
     return lo, hi
 
 
