@@ -1,0 +1,92 @@
+"""QuantLinear: an nn.Linear whose weight is a QTensor.
+
+Weight-only schemes dequantize and run a float matmul in the input's dtype.
+W8A8 (int8 weights per output channel, int8 activations per token or per
+tensor) runs an integer matmul (torch._int_mm, int32 accumulation) and
+rescales:  y = (q_x @ q_w^T) * s_x * s_w^T + b.  Other activation schemes
+fake-quantize the input, then run the weight-only path.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core import QTensor, Scheme
+from ..core.activations import fake_quant_int, int8_per_token, int8_static
+from ..core.granularity import PerChannel, PerTensor, PerToken
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, qweight: QTensor, bias: torch.Tensor | None = None, act_scheme: Scheme | None = None,
+                 act_scale: torch.Tensor | None = None, act_zero: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if len(qweight.shape) != 2:
+            raise ValueError(f"QuantLinear needs a 2-D weight [out, in], got shape {qweight.shape}")
+        self.out_features, self.in_features = qweight.shape
+        self.qweight = qweight
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.act_scheme = act_scheme
+        self.register_buffer("act_scale", act_scale)
+        self.register_buffer("act_zero", act_zero)
+        self.dtype = dtype
+        self._int8 = self._int8_weight() if act_scheme is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, qweight: QTensor, **kw) -> "QuantLinear":
+        return cls(qweight, getattr(linear, "bias", None), dtype=_weight_dtype(linear), **kw)
+
+    def _int8_weight(self):
+        """Integer weight [in, out] and per-channel scales [out] when the integer matmul applies."""
+        s, a = self.qweight.scheme, self.act_scheme
+        if not (s.format == "int8" and s.symmetric and isinstance(s.granularity, PerChannel)
+                and s.granularity.axis in (0, -2) and s.double_quant is None and a.format == "int8"
+                and a.symmetric and isinstance(a.granularity, (PerToken, PerTensor))):
+            return None
+        # 8-bit codes are the two's-complement bytes themselves: view them, no copy.
+        q = self.qweight.codes.view(torch.int8).reshape(self.out_features, self.in_features)
+        return q.t(), self.qweight.scale_values().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._int8 is not None:
+            return self._forward_int8(x)
+        if self.act_scheme is not None:
+            x = fake_quant_int(x, self.act_scheme.bits, self.act_scale, self.act_zero)
+        w = self.qweight.dequantize(x.dtype)
+        return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
+
+    def _forward_int8(self, x: torch.Tensor) -> torch.Tensor:
+        wq, sw = self._int8
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.act_scale is None:
+            xq, sx = int8_per_token(x2)
+        else:
+            xq, sx = int8_static(x2, self.act_scale), self.act_scale
+        y = torch._int_mm(xq, wq).float() * (sx * sw)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def quantized_nbytes(self) -> int:
+        """Exact bytes of the stored weight (codes, scales, zeros), bias and activation scales."""
+        n = self.qweight.nbytes
+        for t in (self.bias, self.act_scale, self.act_zero):
+            if t is not None:
+                n += t.numel() * t.element_size()
+        return n
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (for code that reads .weight, e.g. tied embeddings checks)."""
+        return self.qweight.dequantize(self.dtype)
+
+    def extra_repr(self) -> str:
+        act = f", act={self.act_scheme.format}/{type(self.act_scheme.granularity).__name__}" if self.act_scheme else ""
+        return f"in={self.in_features}, out={self.out_features}, {self.qweight!r}{act}"
+
+
+def _weight_dtype(linear: nn.Module) -> torch.dtype:
+    w = getattr(linear, "weight", None)
+    return w.dtype if isinstance(w, torch.Tensor) else torch.float32

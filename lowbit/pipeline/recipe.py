@@ -1,0 +1,147 @@
+"""Recipes: which modules get which method and scheme.
+
+A Recipe is a frozen dataclass that round-trips through JSON and is saved
+beside the quantized model. Module names are matched with fnmatch patterns
+(`include`, `exclude`); `overrides` change the method or schemes of the
+modules a pattern matches, applied in order:
+
+    Recipe(weights=Scheme("uint4", PerGroup(64), symmetric=False, range="minmax"), method="hqq",
+           overrides=(Override("*down_proj", weights=Scheme("int8", PerChannel())),))
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from ..core import Scheme
+from ..core.granularity import PerChannel, PerGroup, PerTensor, PerToken
+from ..core.observers import OBSERVERS
+from ..core.scheme import SCHEMES
+
+VERSION = 1
+DEFAULT_EXCLUDE = ("lm_head", "*embed*", "*pooler*")
+
+
+@dataclass(frozen=True)
+class Override:
+    pattern: str
+    method: str | None = None
+    weights: Scheme | None = None
+    activations: Scheme | None = None
+    skip: bool = False
+
+
+@dataclass(frozen=True)
+class Recipe:
+    weights: Scheme
+    method: str = "rtn"
+    activations: Scheme | None = None  # None: weight-only
+    observer: str | None = None  # None: dynamic activations; else static, calibrated with this observer
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    overrides: tuple[Override, ...] = ()
+    name: str | None = None
+
+    def __post_init__(self):
+        from ..methods import get_method
+
+        get_method(self.method)
+        if self.observer is not None and self.observer not in OBSERVERS:
+            raise ValueError(f"observer={self.observer!r}: choose one of {', '.join(OBSERVERS)}")
+        if self.observer is not None and self.activations is None:
+            raise ValueError("an observer calibrates activations: give the recipe an activation scheme")
+        for o in self.overrides:
+            if o.method:
+                get_method(o.method)
+
+    def replace(self, **kw) -> "Recipe":
+        return dataclasses.replace(self, **kw)
+
+    def for_module(self, name: str) -> "Recipe | None":
+        """The recipe that applies to module `name`, or None when it is left in full precision."""
+        if not any(fnmatchcase(name, p) for p in self.include) or any(fnmatchcase(name, p) for p in self.exclude):
+            return None
+        r = self
+        for o in self.overrides:
+            if fnmatchcase(name, o.pattern):
+                if o.skip:
+                    return None
+                r = r.replace(method=o.method or r.method, weights=o.weights or r.weights,
+                              activations=o.activations or r.activations)
+        return r
+
+    # -- JSON --------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "version": VERSION, "name": self.name, "method": self.method, "observer": self.observer,
+            "weights": self.weights.to_dict(),
+            "activations": self.activations.to_dict() if self.activations else None,
+            "include": list(self.include), "exclude": list(self.exclude),
+            "overrides": [{"pattern": o.pattern, "method": o.method, "skip": o.skip,
+                           "weights": o.weights.to_dict() if o.weights else None,
+                           "activations": o.activations.to_dict() if o.activations else None}
+                          for o in self.overrides],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        if d.get("version") != VERSION:
+            raise ValueError(f"recipe version {d.get('version')!r} is not supported (this lowbit reads {VERSION})")
+
+        def scheme(x):
+            return Scheme.from_dict(x) if x else None
+
+        overrides = tuple(Override(o["pattern"], o.get("method"), scheme(o.get("weights")),
+                                   scheme(o.get("activations")), bool(o.get("skip"))) for o in d.get("overrides", []))
+        return cls(weights=Scheme.from_dict(d["weights"]), method=d.get("method", "rtn"),
+                   activations=scheme(d.get("activations")), observer=d.get("observer"),
+                   include=tuple(d.get("include", ("*",))), exclude=tuple(d.get("exclude", DEFAULT_EXCLUDE)),
+                   overrides=overrides, name=d.get("name"))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Recipe":
+        return cls.from_dict(json.loads(text))
+
+
+def _affine(fmt: str, group: int) -> Scheme:
+    return Scheme(fmt, PerGroup(group), symmetric=False, range="minmax", scale_format="fp16")
+
+
+_W8 = Scheme("int8", PerChannel(0), scale_format="fp32")
+_A8_TOKEN = Scheme("int8", PerToken())
+_A8_TENSOR = Scheme("int8", PerTensor())
+
+RECIPES: dict[str, Recipe] = {
+    "w8": Recipe(_W8, name="w8"),
+    "w4g128": Recipe(_affine("uint4", 128), name="w4g128"),
+    "w4g64": Recipe(_affine("uint4", 64), name="w4g64"),
+    "w4g32": Recipe(_affine("uint4", 32), name="w4g32"),
+    "w4g64-sym": Recipe(Scheme("int4", PerGroup(64), scale_format="fp16"), name="w4g64-sym"),
+    "w3g64": Recipe(_affine("uint3", 64), name="w3g64"),
+    "w2g64": Recipe(_affine("uint2", 64), name="w2g64"),
+    "nf4": Recipe(SCHEMES["nf4"], name="nf4"),
+    "nf4-dq": Recipe(SCHEMES["nf4-dq"], name="nf4-dq"),
+    "fp8": Recipe(Scheme("fp8_e4m3", PerChannel(0)), name="fp8"),
+    "fp8-tensor": Recipe(Scheme("fp8_e4m3", PerTensor()), name="fp8-tensor"),
+    "mxfp4": Recipe(SCHEMES["mxfp4"], name="mxfp4"),
+    "mxfp8": Recipe(SCHEMES["mxfp8"], name="mxfp8"),
+    "nvfp4": Recipe(SCHEMES["nvfp4"], name="nvfp4"),
+    "w8a8-dynamic": Recipe(_W8, activations=_A8_TOKEN, name="w8a8-dynamic"),
+    "w8a8-static": Recipe(_W8, activations=_A8_TENSOR, observer="percentile", name="w8a8-static"),
+}
+
+
+def get_recipe(name: "str | Recipe", method: str | None = None) -> Recipe:
+    """A named recipe (see RECIPES), or a Recipe; `method` overrides its method."""
+    if isinstance(name, Recipe):
+        r = name
+    elif name in RECIPES:
+        r = RECIPES[name]
+    else:
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)} (or build a lowbit.Recipe)")
+    return r.replace(method=method) if method else r
