@@ -1,0 +1,72 @@
+"""Exact storage size of a model, quantized modules included.
+
+A module with `quantized_nbytes() -> int` (lowbit.nn.QuantLinear) is counted by that number (codes,
+scales, zeros, bias); every other tensor counts numel x element size. Parameters and persistent
+buffers are counted (what a state_dict would save); a tensor shared by two modules (tied
+embeddings) is counted once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    bytes: int              # total storage
+    weights: int            # parameters the model represents (a QuantLinear: in x out + bias)
+    bits_per_weight: float  # 8 * bytes / weights
+    embedding_bytes: int    # input embedding tables
+    lm_head_bytes: int      # output head; 0 when tied to the input embedding
+    lm_head_tied: bool
+    quantized_modules: int  # modules counted through quantized_nbytes()
+
+
+def _key(t: torch.Tensor):
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+
+
+def _module_tensors(module: torch.nn.Module):
+    """Direct parameters and persistent buffers of one module."""
+    yield from (p for p in module.parameters(recurse=False))
+    skip = getattr(module, "_non_persistent_buffers_set", set())
+    yield from (b for name, b in module.named_buffers(recurse=False) if b is not None and name not in skip)
+
+
+def _quantized_weights(module: torch.nn.Module) -> int:
+    bias = getattr(module, "bias", None)
+    if not hasattr(module, "in_features") or not hasattr(module, "out_features"):
+        raise ValueError(f"model_size: {type(module).__name__} has quantized_nbytes() but no "
+                         "in_features/out_features to count its weights by")
+    return module.in_features * module.out_features + (bias.numel() if isinstance(bias, torch.Tensor) else 0)
+
+
+def model_size(model: torch.nn.Module) -> ModelSize:
+    """Bytes and bits per weight of `model` as it is held now.
+
+    Example: model_size(fp32_model).bits_per_weight -> 32.0
+    """
+    seen, total, weights, quantized = set(), 0, 0, 0
+    sizes = {}  # module -> bytes it alone adds (for the embedding / head split)
+    for module in model.modules():
+        nbytes = 0
+        if hasattr(module, "quantized_nbytes"):
+            nbytes, quantized = int(module.quantized_nbytes()), quantized + 1
+            weights += _quantized_weights(module)
+            seen.update(_key(t) for t in _module_tensors(module))
+        for t in _module_tensors(module):
+            if _key(t) in seen:
+                continue
+            seen.add(_key(t))
+            nbytes += t.numel() * t.element_size()
+            weights += t.numel() if isinstance(t, torch.nn.Parameter) else 0
+        sizes[module] = nbytes
+        total += nbytes
+    embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = head is not None and any(head.weight is e.weight for e in embeddings if hasattr(head, "weight"))
+    return ModelSize(bytes=total, weights=weights, bits_per_weight=8.0 * total / max(weights, 1),
+                     embedding_bytes=sum(sizes[m] for m in embeddings) + (sizes[head] if tied else 0),
+                     lm_head_bytes=0 if head is None or tied else sizes[head],
+                     lm_head_tied=tied, quantized_modules=quantized)

