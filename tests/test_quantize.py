@@ -274,3 +274,12 @@ def test_error_stats_formulas(gen):
     assert e.max_abs == pytest.approx(float(d.abs().max()))
     assert e.sqnr_db == pytest.approx(10 * math.log10(float(x.double().pow(2).sum() / d.pow(2).sum())))
     assert error_stats(x, x).sqnr_db == math.inf and error_stats(x, x).clipped is None
+
+
+def test_nvfp4_block_scale_at_the_fp8_max_does_not_overflow():
+    # float32 rounding can put block amax / tensor scale an ulp above 448 (seen with seed 42)
+    for seed in range(200):
+        torch.manual_seed(seed)
+        x = torch.randn(16, 64)
+        q = quantize_tensor(x, "nvfp4")
+        assert torch.isfinite(q.dequantize()).all()
