@@ -1,6 +1,16 @@
-"""lowbit: neural-network quantization toolkit."""
-from . import core, formats
+"""lowbit: neural-network quantization toolkit.
+
+    import lowbit
+    q = lowbit.quantize_tensor(w, "int4", granularity="group", group_size=64)
+    lowbit.quantize(model, "w4g64", method="hqq")
+    lowbit.save(model, "out/"); model = lowbit.load("out/")
+    lowbit.eval.perplexity(model, tokenizer, text)
+"""
+from . import core, eval, formats
 from .core import QTensor, Scheme, error_stats, quantize_tensor
+from .io import load, load_model, save
+from .pipeline import Recipe, quantize
 
 __version__ = "0.1.0"
-__all__ = ["formats", "core", "QTensor", "Scheme", "quantize_tensor", "error_stats", "__version__"]
+__all__ = ["formats", "core", "eval", "QTensor", "Scheme", "Recipe", "quantize_tensor", "quantize", "error_stats",
+           "save", "load", "load_model", "__version__"]

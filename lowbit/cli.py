@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
 from . import formats
 
@@ -49,28 +50,127 @@ def explain_value(name: str, value: float) -> str:
     return "\n".join(lines)
 
 
+def _text(path: str | None) -> str:
+    from .io import default_text
+
+    if path is None:
+        return default_text()
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--text {path}: no such file")
+    return p.read_text(encoding="utf-8")
+
+
+def cmd_quantize(args) -> None:
+    from .eval import token_ids
+    from .io import load_model, save
+    from .pipeline import get_recipe, quantize
+
+    recipe = get_recipe(args.recipe, args.method)  # fail on a bad name before loading anything
+    model, tok = load_model(args.model)
+    calib = None
+    if recipe.observer:
+        ids = token_ids(tok, _text(args.text))
+        n = min(args.calibration_windows, len(ids) // args.window)
+        calib = [ids[i * args.window:(i + 1) * args.window][None] for i in range(n)]
+    quantize(model, recipe, calibration=calib)
+    out = save(model, args.out, tokenizer=tok, source=str(args.model))
+    print(f"saved {recipe.name or 'custom'} ({recipe.method}) to {out}")
+
+
+def cmd_eval(args) -> None:
+    from .eval import Reference, evaluate, model_size, perplexity, token_ids
+    from .io import load, load_model
+    from .io.lowbit_format import read_meta
+    from .io.models import load_tokenizer
+
+    path = Path(args.model)
+    if (path / "lowbit.json").is_file():
+        model, tok = load(path), load_tokenizer(path)
+        source = args.reference or read_meta(path).get("source")
+    else:
+        model, tok = load_model(args.model)
+        source = args.reference
+    ids = token_ids(tok, _text(args.text))
+    size = model_size(model)
+    print(f"size {size.bytes / 1e6:.1f} MB, {size.bits_per_weight:.2f} bits/weight overall")
+    if source:
+        ref_model, _ = load_model(source)
+        ref = Reference.capture(ref_model, ids, window=args.window, max_windows=args.windows)
+        del ref_model
+        r = evaluate(model, ref)
+        print(f"ppl {r.ppl:.3f} (full precision {r.ref_ppl:.3f}, {r.delta_ppl_pct:+.2f}%), KL {r.kl:.4f}, "
+              f"top-1 agreement {r.top1_agreement:.3f} over {r.tokens} tokens")
+    else:
+        p = perplexity(model, ids, window=args.window, max_windows=args.windows)
+        print(f"ppl {p.ppl:.3f} over {p.tokens} tokens (no full-precision reference: pass --reference)")
+
+
+def cmd_compare(args) -> None:
+    from .analysis import compare_recipes, format_table
+    from .io import load_model
+
+    model, tok = load_model(args.model)
+    recipes = [(r.partition(":")[0], r.partition(":")[2] or None) for r in args.recipes.split(",")]
+    rows = compare_recipes(model, tok, _text(args.text), recipes, window=args.window, windows=args.windows,
+                           calibration_windows=args.calibration_windows, speed=not args.no_speed)
+    print(format_table(rows))
+
+
+MAIN_RECIPES = "w8,w8a8-dynamic,fp8,nf4,w4g64,w4g64:hqq,mxfp4,nvfp4"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lowbit", description="Neural-network quantization toolkit.")
     sub = p.add_subparsers(dest="command", required=True)
     pf = sub.add_parser("formats", help="list number formats, or show how a value is stored in one")
     pf.add_argument("name", nargs="?", help="a format name, e.g. fp8_e4m3")
     pf.add_argument("--value", type=float, action="append", help="a value to round (repeatable)")
+
+    def common(sp):
+        sp.add_argument("--text", help="a UTF-8 text file (default: Python's own documentation text)")
+        sp.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+        sp.add_argument("--calibration-windows", type=int, default=8, help="windows for static calibration")
+
+    pq = sub.add_parser("quantize", help="quantize a model and save it")
+    pq.add_argument("model", help="smollm2-135m, minilm-l6, a Hugging Face folder or a .gguf file")
+    pq.add_argument("--recipe", default="w4g64", help="recipe name (default w4g64)")
+    pq.add_argument("--method", help="weight method: rtn, mse, hqq (default: the recipe's)")
+    pq.add_argument("--out", required=True, help="output folder")
+    common(pq)
+    pe = sub.add_parser("eval", help="perplexity, KL and top-1 agreement of a (quantized) model")
+    pe.add_argument("model", help="a folder written by `lowbit quantize`, or a model as for quantize")
+    pe.add_argument("--reference", help="full-precision model to compare with (default: the saved source)")
+    pe.add_argument("--windows", type=int, default=16, help="evaluation windows (default 16)")
+    common(pe)
+    pc = sub.add_parser("compare", help="quantize with several recipes and print one comparison table")
+    pc.add_argument("model", nargs="?", default="smollm2-135m")
+    pc.add_argument("--recipes", default=MAIN_RECIPES, help=f"comma list, recipe[:method] (default {MAIN_RECIPES})")
+    pc.add_argument("--windows", type=int, default=16, help="evaluation windows (default 16)")
+    pc.add_argument("--no-speed", action="store_true", help="skip the decode speed measurement")
+    common(pc)
     args = p.parse_args(argv)
     try:
         if args.command == "formats":
-            if args.name is None:
-                print(formats_table())
-            elif not args.value:
-                f = formats.get(args.name)
-                print(f"{f.name}: {f.kind}, {f.bits} bits, max {_fmt_num(f.max)}, epsilon {_fmt_num(f.eps)}")
-                if f.bits <= 6:
-                    print("values:", ", ".join(_fmt_num(float(v)) for v in f.values))
-            else:
-                print("\n".join(explain_value(args.name, v) for v in args.value))
+            cmd_formats(args)
+        else:
+            {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare}[args.command](args)
     except ValueError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def cmd_formats(args) -> None:
+    if args.name is None:
+        print(formats_table())
+    elif not args.value:
+        f = formats.get(args.name)
+        print(f"{f.name}: {f.kind}, {f.bits} bits, max {_fmt_num(f.max)}, epsilon {_fmt_num(f.eps)}")
+        if f.bits <= 6:
+            print("values:", ", ".join(_fmt_num(float(v)) for v in f.values))
+    else:
+        print("\n".join(explain_value(args.name, v) for v in args.value))
 
 
 if __name__ == "__main__":

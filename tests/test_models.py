@@ -86,15 +86,15 @@ def test_saved_folder_tokenizer_splits_like_the_gguf(smollm2, tmp_path, monkeypa
     import transformers
     from tokenizers import pre_tokenizers
 
-    from lowbit.io.models import PROBE, _load_tokenizer
+    from lowbit.io.models import PROBE, load_tokenizer
 
     _, tok = smollm2
     tok.save_pretrained(tmp_path)
-    assert _load_tokenizer(tmp_path)(PROBE)["input_ids"] == tok(PROBE)["input_ids"]
+    assert load_tokenizer(tmp_path)(PROBE)["input_ids"] == tok(PROBE)["input_ids"]
     # The trap: AutoTokenizer hands back a tokenizer that splits differently from tokenizer.json
     # (transformers 5.x gave a slow LlamaTokenizer). Simulated by plain GPT-2 splitting: " Â" + "½".
     wrong = copy.deepcopy(tok)
     wrong.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     assert wrong(PROBE)["input_ids"] != tok(PROBE)["input_ids"]
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: wrong)
-    assert _load_tokenizer(tmp_path)(PROBE)["input_ids"] == tok(PROBE)["input_ids"]
+    assert load_tokenizer(tmp_path)(PROBE)["input_ids"] == tok(PROBE)["input_ids"]

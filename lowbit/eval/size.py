@@ -28,10 +28,10 @@ def _key(t: torch.Tensor):
 
 
 def _module_tensors(module: torch.nn.Module):
-    """Direct parameters and persistent buffers of one module."""
+    """Direct parameters and buffers of one module (non-persistent ones too, e.g. RoPE tables:
+    they are held in memory even though checkpoints do not store them)."""
     yield from (p for p in module.parameters(recurse=False))
-    skip = getattr(module, "_non_persistent_buffers_set", set())
-    yield from (b for name, b in module.named_buffers(recurse=False) if b is not None and name not in skip)
+    yield from (b for b in module.buffers(recurse=False) if b is not None)
 
 
 def _quantized_weights(module: torch.nn.Module) -> int:

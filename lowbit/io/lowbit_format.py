@@ -60,7 +60,7 @@ def qtensor_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, meta: di
 
 
 # -- save ---------------------------------------------------------------------
-def save_lowbit(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
+def save_lowbit(model: nn.Module, path: str | Path, tokenizer=None, source: str | None = None) -> Path:
     """Write `model` (quantized in place by lowbit.quantize) to folder `path`, atomically."""
     from safetensors.torch import save_file
 
@@ -87,7 +87,7 @@ def save_lowbit(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
         tensors[key] = t
     meta = {"format": FORMAT, "version": VERSION, "modules": modules,
             "recipe": model.lowbit_recipe.to_dict() if hasattr(model, "lowbit_recipe") else None,
-            "model": _model_meta(model)}
+            "model": _model_meta(model), "source": source}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:

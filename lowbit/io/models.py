@@ -97,7 +97,7 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
     causal = any(a.endswith("ForCausalLM") for a in archs)
     auto = tf.AutoModelForCausalLM if causal else tf.AutoModel
     try:
-        tokenizer = _load_tokenizer(path)
+        tokenizer = load_tokenizer(path)
         model = auto.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path} could not be loaded by transformers: {e}") from e
@@ -107,7 +107,7 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
 PROBE = " = Robert <unk> = \n\n He was born in 1,000 BC ; 4 ½ months \t  later.  \n"
 
 
-def _load_tokenizer(path: Path):
+def load_tokenizer(path: Path):
     """AutoTokenizer, unless it splits text differently from the folder's tokenizer.json: with
     transformers 5.x a folder saved from a GGUF model can come back as a LlamaTokenizer that does
     (wikitext-2 test: 344,186 tokens instead of 312,144); then tokenizer.json is used as it is."""

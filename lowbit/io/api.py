@@ -1,0 +1,25 @@
+"""lowbit.save / lowbit.load: one verb each, the file format chosen by name."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from .lowbit_format import load_lowbit, save_lowbit
+
+SAVE_FORMATS = ("lowbit",)
+
+
+def save(model: nn.Module, path: str | Path, format: str = "lowbit", *, tokenizer=None,
+         source: str | None = None) -> Path:
+    """Write a model quantized by lowbit.quantize. `source` (e.g. "smollm2-135m") is recorded so
+    `lowbit eval` can compare with the full-precision model later."""
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format={format!r}: this lowbit writes {', '.join(SAVE_FORMATS)} "
+                         "(GGUF and compressed-tensors export are planned)")
+    return save_lowbit(model, path, tokenizer=tokenizer, source=source)
+
+
+def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a quantized model saved by lowbit.save (see load_lowbit)."""
+    return load_lowbit(path, model=model)
