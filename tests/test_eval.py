@@ -144,15 +144,17 @@ def test_eval_runs_with_replaced_linear_layers(small_lm, ids):
 def test_model_size_fp32_and_quantized(small_lm):
     model, _ = small_lm
     n_params = sum(p.numel() for p in model.parameters())  # tied embedding listed once
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # RoPE tables are held too
     size = model_size(model)
-    assert size.bytes == 4 * n_params and size.weights == n_params and size.bits_per_weight == 32.0
+    assert size.bytes == 4 * n_params + buffers and size.weights == n_params
+    assert size.bits_per_weight == 8 * (4 * n_params + buffers) / n_params
     assert size.lm_head_tied and size.lm_head_bytes == 0 and size.embedding_bytes == 4 * 49152 * 576
     q = copy.deepcopy(model)
     lin = q.model.layers[0].mlp.down_proj
     q.model.layers[0].mlp.down_proj = FakeQuantLinear(lin)
     qsize = model_size(q)
     assert qsize.quantized_modules == 1 and qsize.weights == n_params
-    assert qsize.bytes == 4 * n_params - 4 * lin.weight.numel() + lin.weight.numel() + 2 * lin.out_features
+    assert qsize.bytes == 4 * n_params + buffers - 4 * lin.weight.numel() + lin.weight.numel() + 2 * lin.out_features
 
 
 def test_model_size_untied_head():
