@@ -283,3 +283,19 @@ def test_nvfp4_block_scale_at_the_fp8_max_does_not_overflow():
         x = torch.randn(16, 64)
         q = quantize_tensor(x, "nvfp4")
         assert torch.isfinite(q.dequantize()).all()
+
+
+def test_integer_zero_point_makes_zero_exact_and_keeps_the_bound(gen):
+    x = torch.randn(32, 256, generator=gen) + 0.3
+    x[:, ::7] = 0.0
+    q = quantize_tensor(x, Scheme("uint4", PerGroup(64), symmetric=False, range="minmax", integer_zero=True))
+    z = q.zero_values()
+    assert torch.equal(z, torch.round(z))
+    xhat = q.dequantize()
+    assert torch.equal(xhat[:, ::7], torch.zeros_like(xhat[:, ::7]))
+    for xe, ee in zip(group_rows(x, granularity="group", group_size=64),
+                      group_rows(x - xhat, granularity="group", group_size=64)):
+        lo, hi = xe.min(1, keepdim=True).values.clamp(max=0), xe.max(1, keepdim=True).values.clamp(min=0)
+        assert bool((ee.abs() <= (hi - lo) / 15 / 2 * (1 + REL)).all())
+    with pytest.raises(ValueError, match="integer_zero"):
+        Scheme("int4", integer_zero=True)

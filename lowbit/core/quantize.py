@@ -118,7 +118,7 @@ def _fit(part: torch.Tensor, scheme: Scheme, fmt, tensor_scale):
 def _params(lo, hi, scheme: Scheme, fmt, tensor_scale):
     """Range [G, 1] -> effective float scale [G, 1] (as read back) and zero point or None."""
     if not scheme.symmetric:
-        return scale_store.affine_params(lo, hi, fmt.min, fmt.max, scheme.scale_format)
+        return scale_store.affine_params(lo, hi, fmt.min, fmt.max, scheme.scale_format, scheme.integer_zero)
     amax = torch.maximum(-lo, hi)
     if tensor_scale is not None:
         return scale_store.symmetric_scale(amax / tensor_scale, fmt.max, scheme.scale_format) * tensor_scale, None

@@ -51,9 +51,15 @@ def symmetric_scale(amax: torch.Tensor, qmax: float, scale_format: str) -> torch
     return round_to(amax / qmax, scale_format)
 
 
-def affine_params(lo: torch.Tensor, hi: torch.Tensor, qmin: float, qmax: float, scale_format: str):
+def affine_params(lo: torch.Tensor, hi: torch.Tensor, qmin: float, qmax: float, scale_format: str,
+                  integer_zero: bool = False):
     """Scale and zero point mapping [lo, hi] onto the grid values [qmin, qmax]:
-    x = (q - z) * s. A zero-width range c..c gets s = |c| (or 1) so c is exact."""
+    x = (q - z) * s. A zero-width range c..c gets s = |c| (or 1) so c is exact.
+
+    integer_zero: the GPTQ/AWQ convention: the range is widened to hold 0 and z is rounded to
+    a grid integer, so 0.0 is exactly representable (the ends move by at most half a step)."""
+    if integer_zero:
+        lo, hi = torch.clamp(lo, max=0), torch.clamp(hi, min=0)
     if scale_format not in ("fp32", "fp16", "bf16"):
         raise ValueError(f"affine quantization stores zero points in the scale format; "
                          f"scale_format={scale_format!r} cannot hold them: use fp32, fp16 or bf16")
@@ -61,5 +67,7 @@ def affine_params(lo: torch.Tensor, hi: torch.Tensor, qmin: float, qmax: float, 
     flat = width <= 0
     s = torch.where(flat, torch.where(lo != 0, lo.abs(), torch.ones_like(lo)), width / (qmax - qmin))
     s = round_to(s, scale_format)
-    z = round_to(qmin - lo / s, scale_format, what="zero point")
-    return s, z
+    z = qmin - lo / s
+    if integer_zero:
+        z = torch.round(z).clamp_(qmin, qmax)
+    return s, round_to(z, scale_format, what="zero point")

@@ -29,6 +29,7 @@ class Scheme:
     rounding: str = "nearest"
     double_quant: "Scheme | None" = None  # scheme for the scales themselves (QLoRA)
     tensor_scale: bool = False  # a second fp32 scale over the whole tensor (NVFP4)
+    integer_zero: bool = False  # affine: zero point on the integer grid, 0.0 exact (GPTQ/AWQ style)
     name: str | None = None
 
     def __post_init__(self):
@@ -43,6 +44,8 @@ class Scheme:
                              "or symmetric=False")
         if not self.symmetric and self.range in ("absmax", "absmean"):
             raise ValueError(f"range={self.range!r} is a symmetric rule; use range='minmax' with symmetric=False")
+        if self.integer_zero and self.symmetric:
+            raise ValueError("integer_zero applies to affine schemes: set symmetric=False or drop it")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding={self.rounding!r}: choose one of {', '.join(ROUNDINGS)}")
         if not 50.0 < self.percentile <= 100.0:
