@@ -132,7 +132,7 @@ RECIPES: dict[str, Recipe] = {
     "mxfp8": Recipe(SCHEMES["mxfp8"], name="mxfp8"),
     "nvfp4": Recipe(SCHEMES["nvfp4"], name="nvfp4"),
     "w8a8-dynamic": Recipe(_W8, activations=_A8_TOKEN, name="w8a8-dynamic"),
-    "w8a8-static": Recipe(_W8, activations=_A8_TENSOR, observer="percentile", name="w8a8-static"),
+    "w8a8-static": Recipe(_W8, activations=_A8_TENSOR, observer="minmax", name="w8a8-static"),
 }
 
 
