@@ -122,32 +122,3 @@ def test_word_packing_matches_byte_packing(bits, gen):
         want |= cols[:, j] << (bits * j)
     assert torch.equal(pack_bits_le(codes, bits), want)
     assert torch.equal(pack_bits_le(codes[1:1 + per * 10], bits), pack_bits_le(codes[1:1 + per * 10].clone(), bits))
-
-
-def test_compiled_fused_path_equals_the_reference():
-    """LOWBIT_COMPILE's fused int4/int8/fp8 kernels give the reference's codes and scales."""
-    from lowbit import quantize_tensor
-    from lowbit.kernels import compiled
-
-    g = torch.Generator().manual_seed(3)
-    ties = torch.randn(64, 256, generator=g)
-    ties[:, ::3] = torch.round(ties[:, ::3] * 14) / 2  # exact halves of a step
-    inputs = [torch.randn(96, 512, generator=g), torch.randn(32, 1024, generator=g).bfloat16(),
-              torch.zeros(4, 256), ties]
-    cases = [("int4", dict(granularity="group", group_size=128)), ("int8", dict(granularity="group", group_size=64)),
-             ("fp8_e4m3", dict(granularity="channel"))]
-    was = compiled.enabled()
-    try:
-        for x in inputs:
-            for fmt, kw in cases:
-                compiled.enable(False)
-                ref = quantize_tensor(x, fmt, **kw)
-                compiled.enable(True)
-                assert compiled.quantize_fused(x, ref.scheme) is not None
-                got = quantize_tensor(x, fmt, **kw)
-                assert torch.equal(got.codes, ref.codes) and torch.equal(got.scales, ref.scales), (fmt, x.dtype)
-                assert torch.equal(got.dequantize(), ref.dequantize())
-        compiled.enable(True)
-        assert compiled.quantize_fused(torch.randn(8, 100), ref.scheme.replace(range="mse")) is None
-    finally:
-        compiled.enable(was)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import formats, kernels
+from .. import formats
 from . import scales as scale_store
 from .granularity import GroupView, make_granularity
 from .grid import decode_part, encode_packed, encode_part
@@ -77,9 +77,6 @@ def quantize(x: torch.Tensor, scheme: Scheme, *, generator: torch.Generator | No
         return _empty(view, scheme)
     if scheme.is_learned:
         return _quantize_learned(x, view, scheme, seed)
-    fused = kernels.quantize_fused(x, scheme)  # opt-in (LOWBIT_COMPILE=1); None where it does not apply
-    if fused is not None:
-        return QTensor(fused[0], tuple(x.shape), scheme, scales=fused[1])
     fmt = scheme.fmt
     # bf16/fp16 widen to float32 exactly, so they stay narrow here and are widened where used
     # (x / s computes in float32); float64 rounds to float32 first, as everything else does.
