@@ -61,7 +61,7 @@ def compare_recipes(model, tokenizer, text: str, recipes: list[tuple[str, str | 
 def _row(name, method, model, report, tokenizer, speed, took) -> CompareRow:
     size = model_size(model)
     linear_bpw = _linear_bits_per_weight(model)
-    tok_s = generation_speed(model, tokenizer, prompt_tokens=64, new_tokens=16).decode_tokens_per_s if speed else float("nan")
+    tok_s = generation_speed(model, tokenizer, prompt_tokens=64, new_tokens=16, runs=2).decode_tokens_per_s if speed else float("nan")
     return CompareRow(name, method, linear_bpw, size.bytes / 1e6, report.ppl, report.delta_ppl_pct, report.kl,
                       report.top1_agreement, tok_s, took)
 
