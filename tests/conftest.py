@@ -1,3 +1,4 @@
+import copy
 import os
 from pathlib import Path
 
@@ -25,3 +26,21 @@ def smollm2_weights() -> dict[str, torch.Tensor]:
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def smollm2_full():
+    """SmolLM2-135M-Instruct (fp32) and its tokenizer, loaded once per test run. Do not mutate."""
+    from lowbit.io import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_2layers(smollm2_full):
+    """A copy of SmolLM2 cut to its first 2 decoder layers. Do not mutate: deepcopy first."""
+    model, tok = smollm2_full
+    small = copy.deepcopy(model)
+    small.model.layers = small.model.layers[:2]
+    small.config.num_hidden_layers = 2
+    return small, tok

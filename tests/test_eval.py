@@ -10,12 +10,9 @@ from lowbit.io import default_text, load_model
 
 
 @pytest.fixture(scope="module")
-def small_lm():
+def small_lm(smollm2_2layers):
     """SmolLM2-135M cut to its first 2 decoder layers, and its tokenizer."""
-    model, tok = load_model("smollm2-135m")
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
-    return model, tok
+    return smollm2_2layers
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +194,7 @@ def test_sentences_from_wikitext_markup():
 
 
 def test_spearman_matches_scipy_with_ties():
-    stats = pytest.importorskip("scipy.stats")
+    from scipy import stats
     g = torch.Generator().manual_seed(1)
     a = torch.randint(0, 8, (200,), generator=g).double()
     b = a + torch.randn(200, generator=g, dtype=torch.float64)

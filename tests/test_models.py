@@ -12,8 +12,8 @@ WIKITEXT_TEST_TOKENS = 312_145  # BOS + SmolLM2 tokens of test.txt read as is an
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    return load_model("smollm2-135m")
+def smollm2(smollm2_full):
+    return smollm2_full
 
 
 def test_smollm2_loads_as_fp32_causal_lm(smollm2):

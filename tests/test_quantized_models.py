@@ -12,11 +12,8 @@ from lowbit.pipeline import RECIPES
 
 
 @pytest.fixture(scope="module")
-def smollm2_2l():
-    model, tok = load_model("smollm2-135m")
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
-    return model, tok
+def smollm2_2l(smollm2_2layers):
+    return smollm2_2layers
 
 
 @pytest.fixture(scope="module")

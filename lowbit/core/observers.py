@@ -13,6 +13,7 @@ The histogram observers keep a fixed-size histogram of |x| (symmetric) or x
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 
@@ -29,12 +30,14 @@ def make_observer(kind: str, **kw) -> "Observer":
     return classes[kind](**kw)
 
 
-class Observer:
+class Observer(ABC):
+    @abstractmethod
     def update(self, x: torch.Tensor) -> None:
-        raise NotImplementedError
+        """See one batch x: [..., features]."""
 
+    @abstractmethod
     def range(self, symmetric: bool, levels: int = 256) -> tuple[float, float]:
-        raise NotImplementedError
+        """The clipping range [lo, hi] for a grid of `levels` values."""
 
     def _empty_error(self):
         return ValueError(f"{type(self).__name__} saw no data: run calibration batches through the model first")
