@@ -1,6 +1,5 @@
 """lowbit checkpoint: identity after reload, atomic writes, clear errors."""
 import json
-import os
 
 import pytest
 import torch

@@ -83,7 +83,6 @@ def test_static_activation_scales_come_from_calibration(toy):
 
 def test_quantized_nbytes_is_exact(toy):
     quantize(toy, "w4g64", progress=False)
-    q = toy.fc1.qweight
     assert toy.fc1.quantized_nbytes() == 64 * 128 // 2 + 128 * 1 * 2 * 2 + 128 * 4  # codes + fp16 s,z + fp32 bias
 
 

@@ -64,7 +64,6 @@ def unpack_bits_le(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bits == 8:
         return packed.clone()
     if 8 % bits == 0:
-        per = 8 // bits
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
         return ((packed.unsqueeze(1) >> shifts) & mask).reshape(-1)[:n]
     nb = _pad(packed, bits).view(-1, bits).to(torch.int64)

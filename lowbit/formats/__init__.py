@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from .base import Format, code_dtype
-from .codebook import NF4_VALUES, CodebookFormat, bnb_fp4_values, dynamic_tree_values, normal_float_values
+from .codebook import NF4_VALUES, CodebookFormat, bnb_fp4_values, dynamic_tree_values
 from .floating import E8M0Format, FloatFormat
 from .integer import IntFormat, fixed_point
 from .kmeans import assign as kmeans_assign
