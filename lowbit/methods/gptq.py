@@ -1,0 +1,135 @@
+"""GPTQ (Frantar et al., 2023): quantize a weight column by column and push each
+column's rounding error onto the columns not yet quantized, weighted by the
+inverse Hessian of the layer-wise loss ||W X - Q X||^2 (H = 2 X X^T / n).
+
+    H += damp * mean(diag H) * I;  U = chol(H^-1, upper)
+    for each column j (in activation order when act_order):
+        q_j = Q(w_j);  e = (w_j - q_j) / U_jj;  w_{j+1:} -= e U_{j, j+1:}
+
+with the updates of the columns beyond the current block of `block_size`
+columns applied once per block (lazy batch updates). Any format of the
+foundation is the grid: integers, fp4/fp8, NF4, NVFP4 (the codes come from
+core.grid.encode_part, exactly what round-to-nearest uses).
+
+Scales and zero points: group-wise schemes fit each group's parameters when the
+solve reaches it, from the already-updated weights (the paper's variant). With
+act_order, double-quantized scales or a tensor scale (NVFP4) they are fitted
+once up front from the original weights ("static groups"), so the stored
+layout stays the usual contiguous groups of input columns and needs no
+per-column group index.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..core import QTensor, Scheme, fit_params
+from ..core.granularity import PerChannel, PerGroup, PerTensor
+from ..core.grid import decode_part, encode_part
+from ..core.packing import pack_bits_le
+
+
+def gptq(w: torch.Tensor, scheme: Scheme, *, stats, damp: float = 0.01, block_size: int = 128,
+         act_order: bool = True, static_groups: bool = False) -> QTensor:
+    """w: [out, in]; stats.hessian: [in, in] (see pipeline.stats.InputStats)."""
+    H = getattr(stats, "hessian", None)
+    if H is None:
+        raise ValueError("gptq needs calibration statistics with a Hessian (run it through lowbit.quantize "
+                         "with calibration batches)")
+    R, C = w.shape
+    if H.shape != (C, C):
+        raise ValueError(f"Hessian of shape {tuple(H.shape)} does not match a weight with {C} input columns")
+    gs = _group_size(scheme, C)
+    W = w.detach().float().clone()
+    dead = H.diagonal() == 0  # inputs that were always zero: their weights cannot matter
+    W[:, dead] = 0
+    static = act_order or static_groups or scheme.double_quant is not None or scheme.tensor_scale \
+        or not isinstance(scheme.granularity, PerGroup)
+    params = _Params(W, scheme, gs, static)
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(C)
+    U = _inverse_hessian_factor(H[perm][:, perm], dead[perm], damp)
+    W = W[:, perm]
+    codes = torch.empty(R, C, dtype=torch.uint8 if scheme.bits <= 8 else torch.int32)
+    fmt = scheme.fmt
+    for i1 in range(0, C, block_size):
+        i2 = min(i1 + block_size, C)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        E1 = torch.empty(R, i2 - i1)
+        for i in range(i2 - i1):
+            j = int(perm[i1 + i])
+            if not static and j % gs == 0:  # no act_order: perm is the identity, columns run in order
+                params.fit_group(j, torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs])
+            s, z = params.column(j)
+            x = W1[:, i:i + 1]
+            c = encode_part(x, s, z, fmt)
+            e = (x - decode_part(c, s, z, fmt)) / U1[i, i]
+            codes[:, j] = c[:, 0]
+            W1[:, i:] -= e * U1[i:i + 1, i:]
+            E1[:, i] = e[:, 0]
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return params.qtensor(pack_bits_le(codes, scheme.bits))
+
+
+gptq.needs = ("hessian",)
+
+
+def _group_size(scheme: Scheme, C: int) -> int:
+    g = scheme.granularity
+    if isinstance(g, PerGroup) and g.axis in (-1, 1):
+        return g.size
+    if isinstance(g, PerChannel) and g.axis in (0, -2) or isinstance(g, PerTensor):
+        return C
+    raise ValueError(f"gptq quantizes weights [out, in] per tensor, per output channel or in groups along "
+                     f"the input axis; granularity {g} is not supported")
+
+
+def _inverse_hessian_factor(H: torch.Tensor, dead: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1, in float64 for stability."""
+    H = H.double().clone()
+    H[dead, dead] = 1.0
+    d = H.diagonal()
+    lam = damp * float(d.mean())
+    for _ in range(6):  # a Hessian that is not positive definite gets more dampening
+        L, info = torch.linalg.cholesky_ex(H + lam * torch.eye(len(H), dtype=H.dtype))
+        if info == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+        lam *= 10
+    raise ValueError("the Hessian is not positive definite even with strong dampening; "
+                     "check the calibration data (NaN or too few tokens?)")
+
+
+class _Params:
+    """Per-column scales and zero points, fitted up front (static) or group by group."""
+
+    def __init__(self, W: torch.Tensor, scheme: Scheme, gs: int, static: bool):
+        self.scheme, self.gs, self.shape = scheme, gs, tuple(W.shape)
+        self.static = fit_params(W, scheme) if static else None
+        if static:
+            s = self.static.scale_values()
+            z = self.static.zero_values()
+            R = W.shape[0]
+            self._s = s.reshape(R, -1) if s.dim() else s.reshape(1, 1).expand(R, 1)
+            self._z = None if z is None else (z.reshape(R, -1) if z.dim() else z.reshape(1, 1).expand(R, 1))
+        else:
+            self._groups: list[tuple[QTensor, torch.Tensor, torch.Tensor | None]] = []
+
+    def fit_group(self, j: int, cols: torch.Tensor) -> None:
+        g = fit_params(cols, self.scheme)
+        z = g.zero_values()
+        self._groups.append((g, g.scale_values().reshape(-1, 1), None if z is None else z.reshape(-1, 1)))
+
+    def column(self, j: int):
+        k = j // self.gs
+        if self.static is not None:
+            k = min(k, self._s.shape[1] - 1)
+            return self._s[:, k:k + 1], None if self._z is None else self._z[:, k:k + 1]
+        return self._groups[k][1:]
+
+    def qtensor(self, packed: torch.Tensor) -> QTensor:
+        if self.static is not None:
+            q = self.static
+            q.codes = packed
+            return q
+        groups = [g for g, _, _ in self._groups]
+        scales = torch.cat([g.scales.reshape(-1, 1) for g in groups], dim=1)
+        zeros = None if groups[0].zeros is None else torch.cat([g.zeros.reshape(-1, 1) for g in groups], dim=1)
+        return QTensor(packed, self.shape, self.scheme, scales=scales, zeros=zeros)

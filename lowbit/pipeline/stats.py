@@ -1,0 +1,98 @@
+"""Statistics of a Linear layer's inputs, collected over calibration batches.
+
+    hessian   2/n * sum x x^T          (GPTQ; the layer-wise loss is tr(D H D^T), D = W - Q)
+    absmax    max |x| per input channel (SmoothQuant)
+    absmean   mean |x| per input channel (AWQ)
+
+Layers that read the very same input tensor (q/k/v after one norm, gate/up)
+share one InputStats, so the Hessian of a block input is computed once.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .walk import is_linear
+
+
+class InputStats:
+    def __init__(self, dim: int, hessian: bool):
+        self.dim, self.n = dim, 0
+        self._xtx = torch.zeros(dim, dim) if hessian else None
+        self.absmax = torch.zeros(dim)
+        self._abssum = torch.zeros(dim, dtype=torch.float64)
+        self._batch = -1
+
+    def update(self, x: torch.Tensor, batch: int) -> None:
+        if self._batch == batch:  # a layer sharing this input already counted it
+            return
+        self._batch = batch
+        x = x.detach().reshape(-1, self.dim).float()
+        self.n += x.shape[0]
+        if self._xtx is not None:
+            self._xtx.addmm_(x.t(), x)
+        a = x.abs()
+        torch.maximum(self.absmax, a.amax(0), out=self.absmax)
+        self._abssum += a.sum(0, dtype=torch.float64)
+
+    @property
+    def hessian(self) -> torch.Tensor | None:
+        return None if self._xtx is None else self._xtx * (2.0 / max(self.n, 1))
+
+    @property
+    def absmean(self) -> torch.Tensor:
+        return (self._abssum / max(self.n, 1)).float()
+
+    def scale_inputs(self, s: torch.Tensor) -> None:
+        """The inputs became x / s (an equivalence transform): update every statistic exactly."""
+        s = s.float()
+        if self._xtx is not None:
+            self._xtx /= s[:, None] * s[None, :]
+        self.absmax /= s
+        self._abssum /= s.double()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self._xtx, self.absmax, self._abssum) if t is not None)
+
+
+class StatsCollector:
+    """Hooks on `names` (Linear modules of `root`) that fill one InputStats per distinct input.
+
+        with StatsCollector(block, names, hessian=True) as c:
+            for i, batch in enumerate(batches): c.batch = i; block(batch)
+        c.stats["self_attn.q_proj"]  # InputStats
+    """
+
+    def __init__(self, root: nn.Module, names: list[str], hessian: bool):
+        self.root, self.names, self.hessian = root, names, hessian
+        self.stats: dict[str, InputStats] = {}
+        self.batch = 0
+        self._by_input: dict[int, tuple[torch.Tensor, InputStats]] = {}
+        self._hooks = []
+
+    def __enter__(self) -> "StatsCollector":
+        for n in self.names:
+            m = self.root.get_submodule(n)
+            if not is_linear(m):
+                raise ValueError(f"{n!r} is not a Linear layer")
+            self._hooks.append(m.register_forward_pre_hook(lambda m, args, n=n: self._see(n, args[0])))
+        return self
+
+    def _see(self, name: str, x: torch.Tensor) -> None:
+        st = self.stats.get(name)
+        if st is None:
+            # First sight: layers fed the same tensor object share statistics. Holding the
+            # tensor keeps its id from being reused by a later input of the same batch.
+            held = self._by_input.get(id(x))
+            st = held[1] if held is not None else InputStats(x.shape[-1], self.hessian)
+            self._by_input[id(x)] = (x, st)
+            self.stats[name] = st
+        elif self._by_input:
+            self._by_input.clear()  # every layer has been seen once: sharing is settled
+        st.update(x, self.batch)
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
