@@ -64,7 +64,7 @@ def save_lowbit(model: nn.Module, path: str | Path, tokenizer=None, source: str 
     """Write `model` (quantized in place by lowbit.quantize) to folder `path`, atomically."""
     from safetensors.torch import save_file
 
-    from ..nn import QuantLinear
+    from ..nn import LLMInt8Linear, QuantLinear
 
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
@@ -75,6 +75,8 @@ def save_lowbit(model: nn.Module, path: str | Path, tokenizer=None, source: str 
             tensors.update(t)
             meta["act_scheme"] = m.act_scheme.to_dict() if m.act_scheme else None
             meta["dtype"] = str(m.dtype).removeprefix("torch.")
+            if isinstance(m, LLMInt8Linear):
+                meta["outlier_threshold"] = m.threshold
             modules[name] = meta
     seen = set()
     for key, t in model.state_dict().items():
@@ -145,7 +147,7 @@ def load_lowbit(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from ..nn import QuantLinear
+    from ..nn import LLMInt8Linear, QuantLinear
     from ..pipeline.recipe import Recipe
     from ..pipeline.walk import set_module
 
@@ -161,8 +163,10 @@ def load_lowbit(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         q = qtensor_from_tensors(tensors, f"{name}.qweight", m, str(path / WEIGHTS))
         act = Scheme.from_dict(m["act_scheme"]) if m.get("act_scheme") else None
         bias = tensors.get(f"{name}.bias")
-        new = QuantLinear(q, bias, act_scheme=act, act_scale=tensors.get(f"{name}.act_scale"),
-                          act_zero=tensors.get(f"{name}.act_zero"), dtype=getattr(torch, m.get("dtype", "float32")))
+        kw = {"threshold": m["outlier_threshold"]} if m.get("outlier_threshold") is not None else {}
+        new = (LLMInt8Linear if kw else QuantLinear)(
+            q, bias, act_scheme=act, act_scale=tensors.get(f"{name}.act_scale"),
+            act_zero=tensors.get(f"{name}.act_zero"), dtype=getattr(torch, m.get("dtype", "float32")), **kw)
         try:
             set_module(model, name, new)
         except AttributeError as e:

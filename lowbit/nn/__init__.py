@@ -1,4 +1,5 @@
 """L3: modules that run quantized models (no math of their own)."""
 from .linear import QuantLinear
+from .llm_int8 import LLMInt8Linear, OutlierStats, outlier_stats
 
-__all__ = ["QuantLinear"]
+__all__ = ["QuantLinear", "LLMInt8Linear", "OutlierStats", "outlier_stats"]

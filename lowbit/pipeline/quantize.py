@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..core.observers import make_observer
 from ..methods import get_method
-from ..nn import QuantLinear
+from ..nn import LLMInt8Linear, QuantLinear
 from .recipe import Recipe, get_recipe
 from .sequential import LayerReport, layer_loss, run_sequential
 from .walk import is_linear, linear_weight, set_module
@@ -65,7 +65,10 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
         w = linear_weight(old).float()
         qweight = fn(w, r.weights, stats=stats) if getattr(fn, "needs", ()) else fn(w, r.weights)
         scale, zero = act_ranges.get(name, (None, None))
-        new = QuantLinear.from_linear(old, qweight, act_scheme=r.activations, act_scale=scale, act_zero=zero)
+        if r.outlier_threshold is not None:  # LLM.int8(): outlier columns in full precision at run time
+            new = LLMInt8Linear.from_linear(old, qweight, act_scheme=r.activations, threshold=r.outlier_threshold)
+        else:
+            new = QuantLinear.from_linear(old, qweight, act_scheme=r.activations, act_scale=scale, act_zero=zero)
         set_module(model, name, new)
         return _layer_report(name, r, w, qweight, stats)
 

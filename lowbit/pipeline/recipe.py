@@ -43,11 +43,18 @@ class Recipe:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     overrides: tuple[Override, ...] = ()
     name: str | None = None
+    outlier_threshold: float | None = None  # LLM.int8(): |x| >= this runs the column in full precision
 
     def __post_init__(self):
         from ..methods import get_method
+        from ..methods.llm_int8 import check_threshold
 
         get_method(self.method)
+        if self.outlier_threshold is not None:
+            check_threshold(self.outlier_threshold)
+            if self.activations is None or self.observer is not None:
+                raise ValueError("outlier_threshold (LLM.int8()) needs dynamic int8 activations per token: "
+                                 "give activations=Scheme('int8', PerToken()) and no observer")
         if self.observer is not None and self.observer not in OBSERVERS:
             raise ValueError(f"observer={self.observer!r}: choose one of {', '.join(OBSERVERS)}")
         if self.observer is not None and self.activations is None:
@@ -76,6 +83,7 @@ class Recipe:
     def to_dict(self) -> dict:
         return {
             "version": VERSION, "name": self.name, "method": self.method, "observer": self.observer,
+            "outlier_threshold": self.outlier_threshold,
             "weights": self.weights.to_dict(),
             "activations": self.activations.to_dict() if self.activations else None,
             "include": list(self.include), "exclude": list(self.exclude),
@@ -98,7 +106,7 @@ class Recipe:
         return cls(weights=Scheme.from_dict(d["weights"]), method=d.get("method", "rtn"),
                    activations=scheme(d.get("activations")), observer=d.get("observer"),
                    include=tuple(d.get("include", ("*",))), exclude=tuple(d.get("exclude", DEFAULT_EXCLUDE)),
-                   overrides=overrides, name=d.get("name"))
+                   overrides=overrides, name=d.get("name"), outlier_threshold=d.get("outlier_threshold"))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -133,6 +141,7 @@ RECIPES: dict[str, Recipe] = {
     "nvfp4": Recipe(SCHEMES["nvfp4"], name="nvfp4"),
     "w8a8-dynamic": Recipe(_W8, activations=_A8_TOKEN, name="w8a8-dynamic"),
     "w8a8-static": Recipe(_W8, activations=_A8_TENSOR, observer="minmax", name="w8a8-static"),
+    "llm-int8": Recipe(_W8, activations=_A8_TOKEN, outlier_threshold=6.0, name="llm-int8"),
 }
 
 
