@@ -1,11 +1,14 @@
 """Fast paths are pinned, bit for bit, to the pure-torch code they replace."""
+import contextlib
 import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lowbit import formats, kernels, quantize_tensor
-from lowbit.core import grid, pack_bits_le
+from lowbit.core import grid, make_scheme, pack_bits_le
 from lowbit.core.granularity import GroupView, make_granularity
 from lowbit.core.grid import encode_packed, encode_part
 from lowbit.core.ranges import full_range
@@ -122,3 +125,189 @@ def test_word_packing_matches_byte_packing(bits, gen):
         want |= cols[:, j] << (bits * j)
     assert torch.equal(pack_bits_le(codes, bits), want)
     assert torch.equal(pack_bits_le(codes[1:1 + per * 10], bits), pack_bits_le(codes[1:1 + per * 10].clone(), bits))
+
+
+# -- the fused one-pass kernel (kernels/fused.py, numba) ---------------------------------------
+
+needs_numba = pytest.mark.skipif(kernels.fused_backend() is None, reason="numba is not installed")
+
+
+@contextlib.contextmanager
+def fused_kernel(enabled: bool):
+    """Run quantize_tensor with the fused kernel switched off (the reference path), or on and
+    checked to have run: a test that silently fell back would compare the reference with itself."""
+    real, ran = kernels.quantize_rows, []
+
+    def spy(*args):
+        out = real(*args) if enabled else None
+        ran.append(out is not None)
+        return out
+
+    kernels.quantize_rows = spy
+    try:
+        yield
+    finally:
+        kernels.quantize_rows = real
+    assert not enabled or ran == [True], f"the fused kernel did not run (calls: {ran})"
+
+
+def bits_of(t: torch.Tensor | None):
+    """A tensor's exact bits (float -0.0 and 0.0 differ, as do NaN payloads)."""
+    if t is None or not t.is_floating_point():
+        return t
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def assert_fused_matches_reference(x: torch.Tensor, fmt: str, integer_zero: bool = False, **kw):
+    if integer_zero:  # not a quantize_tensor keyword: build the Scheme
+        unset = dict.fromkeys(["granularity", "group_size", "axis", "block", "symmetric", "scale_format", "range",
+                               "percentile", "rounding"])
+        fmt, kw = make_scheme(fmt, **{**unset, **kw}).replace(integer_zero=True), {}
+    with fused_kernel(False):
+        want = quantize_tensor(x, fmt, **kw)
+    with fused_kernel(True):
+        got = quantize_tensor(x, fmt, **kw)
+    assert torch.equal(got.codes, want.codes), f"codes differ at {torch.nonzero(got.codes != want.codes)[:5].tolist()}"
+    assert got.scales.dtype == want.scales.dtype and got.scales.shape == want.scales.shape
+    assert torch.equal(bits_of(got.scales), bits_of(want.scales))
+    assert (got.zeros is None) == (want.zeros is None)
+    if want.zeros is not None:
+        assert got.zeros.dtype == want.zeros.dtype and torch.equal(bits_of(got.zeros), bits_of(want.zeros))
+    assert got.tensor_scale is None and want.tensor_scale is None
+    assert torch.equal(bits_of(got.dequantize()), bits_of(want.dequantize()))
+
+
+def awkward_weights(rows: int, cols: int, gen: torch.Generator, scale_max: float = 1.0) -> torch.Tensor:
+    """Rows at many scales, plus the cases that break kernels: an all-zero row, -0.0, a
+    constant row, a row whose groups sit on exact ties (amax = 7 or 448 gives s = 1, so
+    x / s lands on halves and fp8 midpoints), subnormals and a lone outlier."""
+    x = torch.randn(rows, cols, generator=gen) * 10.0 ** torch.randint(-6, 3, (rows, 1), generator=gen)
+    x = x * scale_max
+    specials = [torch.zeros(cols), torch.full((cols,), -0.0), torch.full((cols,), -0.37),
+                torch.cat([torch.tensor([7.0, -448.0]), torch.arange(cols) % 15 - 7.5]),
+                torch.full((cols,), 1e-42) * torch.randn(cols, generator=gen).sign(),
+                torch.cat([torch.tensor([3e4]), torch.randn(cols, generator=gen) * 1e-3])]
+    for i, row in enumerate(specials[:rows]):
+        x[i] = row[:cols]
+    return x
+
+
+INT_SCHEMES = [("int4", dict(granularity="group", group_size=128)),
+               ("int4", dict(granularity="group", group_size=128, symmetric=False)),
+               ("int4", dict(granularity="group", group_size=64, symmetric=False, integer_zero=True)),
+               ("uint4", dict(granularity="group", group_size=32, symmetric=False)),
+               ("int8", dict(granularity="channel")),
+               ("int8", dict(granularity="token", symmetric=False)),
+               ("uint8", dict(granularity="group", group_size=100, symmetric=False)),  # ragged
+               ("int2", dict(granularity="group", group_size=64)),
+               ("int3", dict(granularity="group", group_size=64, scale_format="fp16")),
+               ("int5", dict(granularity="group", group_size=40, symmetric=False)),  # ragged
+               ("int6", dict(granularity="channel", scale_format="bf16")),
+               ("int4", dict(granularity="group", group_size=128, scale_format="fp16", symmetric=False)),
+               ("int4", dict(granularity="group", group_size=128, scale_format="bf16")),
+               ("fp8_e4m3", dict(granularity="channel")),
+               ("fp8_e4m3", dict(granularity="group", group_size=64)),
+               ("fp8_e4m3", dict(granularity="group", group_size=100, scale_format="fp16")),  # ragged
+               ("fp8_e4m3", dict(granularity="token", scale_format="bf16"))]
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt, kw", INT_SCHEMES)
+def test_fused_kernel_matches_the_reference(gen, dtype, fmt, kw):
+    scale_max = 1e-3 if kw.get("scale_format") == "fp16" or dtype == torch.float16 else 1.0
+    x = awkward_weights(48, 320, gen, scale_max).to(dtype)
+    if dtype == torch.float16:
+        x = torch.where(x.isinf(), torch.zeros_like(x), x)
+    assert_fused_matches_reference(x, fmt, **kw)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt, kw", [("int4", dict(granularity="group", group_size=128)),
+                                     ("int4", dict(granularity="group", group_size=128, symmetric=False)),
+                                     ("fp8_e4m3", dict(granularity="channel"))])
+def test_fused_kernel_matches_the_reference_on_smollm2(smollm2_weights, dtype, fmt, kw):
+    for w in smollm2_weights.values():
+        assert_fused_matches_reference(w.to(dtype), fmt, **kw)
+
+
+@needs_numba
+@given(rows=st.integers(1, 9), cols=st.one_of(st.integers(1, 300), st.integers(1, 37).map(lambda k: 8 * k)),
+       group=st.one_of(st.integers(1, 300), st.sampled_from([8, 16, 32, 64, 128])), seed=st.integers(0, 2**31),
+       fmt=st.sampled_from(["int2", "int3", "int4", "int8", "uint4", "uint8", "fp8_e4m3"]),
+       symmetric=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       scale_format=st.sampled_from(["fp32", "fp16", "bf16"]), integer_zero=st.booleans(),
+       kind=st.sampled_from(["group", "channel", "token"]))
+def test_fused_kernel_matches_the_reference_on_any_shape(rows, cols, group, seed, fmt, symmetric, dtype,
+                                                         scale_format, integer_zero, kind):
+    symmetric = symmetric and not fmt.startswith("uint") or fmt == "fp8_e4m3"
+    kw = dict(granularity=kind, symmetric=symmetric, scale_format=scale_format,
+              integer_zero=integer_zero and not symmetric)
+    if kind == "group":
+        kw["group_size"] = group
+    x = awkward_weights(rows, cols, torch.Generator().manual_seed(seed), 1e-3).to(dtype)
+    bits = formats.get(fmt).bits
+    n, g = (cols, min(group, cols)) if kind != "channel" else (cols, cols)
+    if n * bits % 8 or g * bits % 8:  # groups off byte boundaries: the kernel declines
+        assert kernels.quantize_rows(x, n, g, formats.get(fmt), symmetric, scale_format, kw["integer_zero"]) is None
+        return
+    assert_fused_matches_reference(x, fmt, **kw)
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_fp8_codes_match_torch_on_edge_values(gen, dtype):
+    """With a row absmax of 448 the scale is 1, so y = x: every tie, midpoint neighbour,
+    subnormal and the saturation edge of fp8_e4m3 reaches the encoder unscaled."""
+    v = edge_values(formats.get("fp8_e4m3"), gen)
+    v = v[torch.isfinite(v)].clamp(-448, 448)
+    v = v[: v.numel() // 255 * 255].reshape(-1, 255)
+    x = torch.cat([torch.full((v.shape[0], 1), 448.0), v], dim=1).to(dtype)
+    assert_fused_matches_reference(x, "fp8_e4m3", granularity="channel")
+
+
+@needs_numba
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("fmt, kw", [("int4", dict(group_size=128)), ("fp8_e4m3", dict(granularity="channel")),
+                                     ("int4", dict(group_size=128, symmetric=False))])
+def test_fused_kernel_declines_nan_and_inf_and_the_error_stays(bad, fmt, kw):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(8, 256).to(dtype)
+        x[5, 77] = bad
+        assert kernels.quantize_rows(x, 256, 256 if "granularity" in kw else 128, formats.get(fmt),
+                                     kw.get("symmetric", True), "fp32", False) is None
+        with pytest.raises(ValueError, match="NaN"):
+            quantize_tensor(x, fmt, **kw)
+
+
+@needs_numba
+def test_fused_kernel_declines_where_the_reference_raises_or_differs():
+    x = torch.randn(4, 256) * 1e6
+    with pytest.raises(ValueError, match="exceeds the largest fp16"):
+        quantize_tensor(x, "int4", group_size=128, scale_format="fp16")
+    x = torch.full((4, 256), 1e-45)  # absmax / 7 is 0 in float32: the reference divides by zero
+    assert kernels.quantize_rows(x, 256, 128, formats.get("int4"), True, "fp32", False) is None
+    int4 = formats.get("int4")
+    assert kernels.quantize_rows(torch.randn(4, 256).t(), 4, 4, int4, True, "fp32", False) is None
+    assert kernels.quantize_rows(torch.randn(4, 256).double(), 256, 128, int4, True, "fp32", False) is None
+    assert kernels.quantize_rows(torch.randn(4, 256), 256, 128, formats.get("nf4"), True, "fp32", False) is None
+    assert kernels.quantize_rows(torch.randn(4, 256), 256, 128, int4, True, "e8m0", False) is None
+    assert kernels.quantize_rows(torch.randn(4, 255), 255, 255, int4, True, "fp32", False) is None
+
+
+@needs_numba
+@pytest.mark.parametrize("fmt, kw", [("mxfp4", {}), ("nvfp4", {}), ("nf4", {}), ("int4", dict(range="mse", group_size=64)),
+                                     ("int4", dict(rounding="stochastic", group_size=64)),
+                                     ("int4", dict(granularity="group", group_size=64, axis=0)),
+                                     ("int4", dict(granularity="tensor"))])
+def test_schemes_the_kernel_does_not_cover_take_the_reference_path(fmt, kw):
+    calls = []
+    real = kernels.quantize_rows
+    kernels.quantize_rows = lambda *a: calls.append(a) or real(*a)
+    try:
+        q = quantize_tensor(torch.randn(64, 128), fmt, **kw)
+    finally:
+        kernels.quantize_rows = real
+    assert q.dequantize().shape == (64, 128)
+    assert all(real(*a) is None for a in calls)

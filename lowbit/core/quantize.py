@@ -7,11 +7,13 @@ and encodes the values with the scales as they will be read back.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .. import formats
+from .. import formats, kernels
 from . import scales as scale_store
-from .granularity import GroupView, make_granularity
+from .granularity import GroupView, PerChannel, PerGroup, PerToken, make_granularity
 from .grid import decode_part, encode_packed, encode_part
 from .packing import pack_bits_le
 from .qtensor import QTensor
@@ -71,6 +73,9 @@ def make_scheme(format: str | Scheme, **overrides) -> Scheme:
 def quantize(x: torch.Tensor, scheme: Scheme, *, generator: torch.Generator | None = None,
              seed: int = 0) -> QTensor:
     """Quantize x with a Scheme (see quantize_tensor)."""
+    fused = _quantize_fused(x, scheme)  # the same QTensor in one pass, where the kernel applies
+    if fused is not None:
+        return fused
     x = _check_input(x)
     view = GroupView(tuple(x.shape), scheme.granularity)
     if x.numel() == 0:
@@ -191,6 +196,32 @@ def _empty(view: GroupView, scheme: Scheme) -> QTensor:
         return QTensor(codes, view.shape, scheme)
     return QTensor(codes, view.shape, scheme, scales=scale_store.store(torch.ones(view.stats_shape),
                                                                         scheme.scale_format))
+
+
+def _quantize_fused(x, scheme: Scheme) -> QTensor | None:
+    """kernels.quantize_rows for round-to-nearest absmax/minmax schemes whose groups are runs
+    of a row (group along the last axis, channel along the first, token); None otherwise, or
+    where the kernel declines (NaN/Inf input, other formats, numba missing): then the code
+    below runs and gives the same bits, or its error."""
+    if (not isinstance(x, torch.Tensor) or x.dim() == 0 or scheme.is_learned or scheme.rounding != "nearest"
+            or scheme.range not in ("absmax", "minmax") or scheme.tensor_scale or scheme.double_quant):
+        return None
+    g, shape, nd = scheme.granularity, tuple(x.shape), x.dim()
+    if isinstance(g, PerGroup) and g.size >= 1 and g.axis in (-1, nd - 1):
+        n, size = shape[-1], min(g.size, shape[-1])
+    elif isinstance(g, PerChannel) and g.axis in (0, -nd):
+        n = size = math.prod(shape[1:])
+    elif isinstance(g, PerToken):
+        n = size = shape[-1]
+    else:
+        return None
+    out = kernels.quantize_rows(x, n, size, scheme.fmt, scheme.symmetric, scheme.scale_format, scheme.integer_zero)
+    if out is None:
+        return None
+    codes, s, z = out
+    stats = GroupView(shape, g).stats_shape
+    return QTensor(codes, shape, scheme, scales=scale_store.store(s.reshape(stats), scheme.scale_format),
+                   zeros=None if z is None else scale_store.store(z.reshape(stats), scheme.scale_format))
 
 
 def _check_input(x) -> torch.Tensor:
