@@ -64,16 +64,19 @@ def _text(path: str | None) -> str:
 def cmd_quantize(args) -> None:
     from .eval import token_ids
     from .io import load_model, save
+    from .methods import method_needs
     from .pipeline import get_recipe, quantize
 
     recipe = get_recipe(args.recipe, args.method)  # fail on a bad name before loading anything
     model, tok = load_model(args.model)
     calib = None
-    if recipe.observer:
+    if recipe.observer or method_needs(recipe.method):
         ids = token_ids(tok, _text(args.text))
         n = min(args.calibration_windows, len(ids) // args.window)
         calib = [ids[i * args.window:(i + 1) * args.window][None] for i in range(n)]
     quantize(model, recipe, calibration=calib)
+    if hasattr(model, "lowbit_calibration"):
+        print(model.lowbit_calibration.summary())
     out = save(model, args.out, tokenizer=tok, source=str(args.model))
     print(f"saved {recipe.name or 'custom'} ({recipe.method}) to {out}")
 
@@ -130,12 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     def common(sp):
         sp.add_argument("--text", help="a UTF-8 text file (default: Python's own documentation text)")
         sp.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
-        sp.add_argument("--calibration-windows", type=int, default=8, help="windows for static calibration")
+        sp.add_argument("--calibration-windows", type=int, default=32,
+                        help="calibration windows for static activations and gptq/awq/smoothquant (default 32)")
 
     pq = sub.add_parser("quantize", help="quantize a model and save it")
     pq.add_argument("model", help="smollm2-135m, minilm-l6, a Hugging Face folder or a .gguf file")
     pq.add_argument("--recipe", default="w4g64", help="recipe name (default w4g64)")
-    pq.add_argument("--method", help="weight method: rtn, mse, hqq (default: the recipe's)")
+    pq.add_argument("--method", help="rtn, mse, hqq, gptq, awq, smoothquant, or a chain such as awq+gptq "
+                                     "(default: the recipe's)")
     pq.add_argument("--out", required=True, help="output folder")
     common(pq)
     pe = sub.add_parser("eval", help="perplexity, KL and top-1 agreement of a (quantized) model")

@@ -39,7 +39,7 @@ def test_gptq_lowers_the_layer_loss_in_the_same_storage(name, act_order, gen):
     x = correlated_inputs(2048, 192, gen)
     w = torch.randn(96, 192, generator=gen) * 0.05
     st_ = stats_of(x)
-    q, r = gptq(w, scheme, stats=st_, act_order=act_order), quantize(w, scheme)
+    q, r = gptq(w, scheme, stats=st_, act_order=act_order, fallback_to_rtn=False), quantize(w, scheme)
     assert q.nbytes == r.nbytes and q.scheme == scheme and q.shape == r.shape
     # the loss GPTQ minimises, measured directly on the activations
     loss_q = ((x @ (w - q.dequantize()).T) ** 2).sum()
@@ -52,12 +52,12 @@ def test_huge_dampening_is_round_to_nearest(name, gen):
     scheme = RECIPES[name].weights
     x = correlated_inputs(512, 128, gen)
     w = torch.randn(64, 128, generator=gen)
-    q, r = gptq(w, scheme, stats=stats_of(x), damp=1e12, act_order=False), quantize(w, scheme)
+    q, r = gptq(w, scheme, stats=stats_of(x), damp=1e12, act_order=False, fallback_to_rtn=False), quantize(w, scheme)
     assert torch.equal(q.codes, r.codes)
     assert torch.equal(q.dequantize(), r.dequantize())
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(cols=st.integers(3, 150), group=st.sampled_from([16, 32, 64]), bits=st.integers(2, 8),
        symmetric=st.booleans(), act_order=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_ragged_groups_any_width(cols, group, bits, symmetric, act_order, seed):
@@ -70,7 +70,7 @@ def test_ragged_groups_any_width(cols, group, bits, symmetric, act_order, seed):
     q, r = gptq(w, scheme, stats=stats_of(x), act_order=act_order), quantize(w, scheme)
     assert q.nbytes == r.nbytes  # exact storage: a ragged last group costs one scale (and zero)
     H = stats_of(x).hessian
-    assert layer_loss(w, q.dequantize(), H) <= layer_loss(w, r.dequantize(), H) * 1.05 + 1e-6
+    assert layer_loss(w, q.dequantize(), H) <= layer_loss(w, r.dequantize(), H) * (1 + 1e-5)
 
 
 def test_dead_inputs_and_bad_calls(gen):

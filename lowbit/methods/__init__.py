@@ -1,11 +1,17 @@
-"""L2: algorithms that choose quantized weights; one file each, one line each in METHODS.
+"""L2: algorithms that choose quantized weights; one file each, one line each in a registry.
 
-A weight method maps (w: [out, in], scheme) to a QTensor; one that uses calibration
+A solver (METHODS) maps (w: [out, in], scheme) to a QTensor; one that uses calibration
 statistics says which in `fn.needs` (e.g. ("hessian",)) and takes them as `stats=`.
+A transform (TRANSFORMS) maps (weights of the layers sharing an input, their input
+statistics, scheme) to per-channel scales that the pipeline folds into the model.
+A recipe's method chains them: "awq", "awq+gptq", "smoothquant", "smoothquant+gptq"
+(transforms first, then at most one solver; round to nearest when none is named).
 """
+from .awq import awq_scales
 from .gptq import gptq
 from .hqq import hqq
 from .rtn import mse_clip, rtn
+from .smoothquant import smoothquant_scales
 
 METHODS = {
     "rtn": rtn,
@@ -15,10 +21,37 @@ METHODS = {
 }
 
 
+TRANSFORMS = {
+    "awq": awq_scales,
+    "smoothquant": smoothquant_scales,
+}
+
+
+def parse_method(name: str) -> tuple[tuple[str, ...], str]:
+    """"awq+gptq" -> (("awq",), "gptq"); "smoothquant" -> (("smoothquant",), "rtn")."""
+    parts = [p.strip() for p in str(name).split("+")]
+    unknown = [p for p in parts if p not in METHODS and p not in TRANSFORMS]
+    if unknown or not parts:
+        raise ValueError(f"unknown method {unknown[0] if unknown else name!r} in {name!r}; solvers: "
+                         f"{', '.join(METHODS)}; transforms: {', '.join(TRANSFORMS)} (chain with '+')")
+    solvers = [p for p in parts if p in METHODS]
+    transforms = tuple(p for p in parts if p in TRANSFORMS)
+    if len(solvers) > 1 or (solvers and parts[-1] != solvers[0]) or len(set(transforms)) < len(transforms):
+        raise ValueError(f"method {name!r}: list transforms first, each once, then at most one solver")
+    return transforms, solvers[0] if solvers else "rtn"
+
+
 def get_method(name: str):
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
-    return METHODS[name]
+    """The solver of a method name (validating the whole chain)."""
+    return METHODS[parse_method(name)[1]]
 
 
-__all__ = ["METHODS", "get_method", "rtn", "mse_clip", "hqq", "gptq"]
+def method_needs(name: str) -> set[str]:
+    """The statistics a method chain uses ("hessian", "absmax", ...); empty for data-free ones."""
+    transforms, solver = parse_method(name)
+    fns = [TRANSFORMS[t] for t in transforms] + [METHODS[solver]]
+    return {k for f in fns for k in getattr(f, "needs", ())}
+
+
+__all__ = ["METHODS", "TRANSFORMS", "get_method", "parse_method", "method_needs", "rtn", "mse_clip", "hqq",
+           "gptq", "awq_scales", "smoothquant_scales"]

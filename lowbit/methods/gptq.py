@@ -16,20 +16,21 @@ solve reaches it, from the already-updated weights (the paper's variant). With
 act_order, double-quantized scales or a tensor scale (NVFP4) they are fitted
 once up front from the original weights ("static groups"), so the stored
 layout stays the usual contiguous groups of input columns and needs no
-per-column group index.
+per-column group index. The result is never worse than round-to-nearest on
+the layer loss tr(D H D^T): where the greedy solve loses, RTN is returned.
 """
 from __future__ import annotations
 
 import torch
 
-from ..core import QTensor, Scheme, fit_params
+from ..core import QTensor, Scheme, fit_params, quantize
 from ..core.granularity import PerChannel, PerGroup, PerTensor
 from ..core.grid import decode_part, encode_part
 from ..core.packing import pack_bits_le
 
 
 def gptq(w: torch.Tensor, scheme: Scheme, *, stats, damp: float = 0.01, block_size: int = 128,
-         act_order: bool = True, static_groups: bool = False) -> QTensor:
+         act_order: bool = True, static_groups: bool = False, fallback_to_rtn: bool = True) -> QTensor:
     """w: [out, in]; stats.hessian: [in, in] (see pipeline.stats.InputStats)."""
     H = getattr(stats, "hessian", None)
     if H is None:
@@ -66,7 +67,18 @@ def gptq(w: torch.Tensor, scheme: Scheme, *, stats, damp: float = 0.01, block_si
             W1[:, i:] -= e * U1[i:i + 1, i:]
             E1[:, i] = e[:, 0]
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    return params.qtensor(pack_bits_le(codes, scheme.bits))
+    q = params.qtensor(pack_bits_le(codes, scheme.bits))
+    # Greedy column updates are not optimal: at 2 bits or with a few rows round-to-nearest
+    # can come out ahead on the layer loss; then it is the answer.
+    if not fallback_to_rtn:
+        return q
+    rtn = quantize(w, scheme)
+    return q if _loss(w, q, H) <= _loss(w, rtn, H) else rtn
+
+
+def _loss(w: torch.Tensor, q: QTensor, H: torch.Tensor) -> float:
+    d = w.float() - q.dequantize()
+    return float(((d @ H) * d).sum())
 
 
 gptq.needs = ("hessian",)

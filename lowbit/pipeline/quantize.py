@@ -14,9 +14,11 @@ from torch import nn
 from tqdm import tqdm
 
 from ..core.observers import make_observer
-from ..methods import get_method
+from ..methods import get_method, method_needs, parse_method
+from ..methods import rtn as rtn_method
 from ..nn import LLMInt8Linear, QuantLinear
 from .recipe import Recipe, get_recipe
+from .transforms import apply_transforms
 from .sequential import LayerReport, layer_loss, run_sequential
 from .walk import is_linear, linear_weight, set_module
 
@@ -61,7 +63,7 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
     def quantize_layer(name: str, stats=None) -> LayerReport:
         r = targets[name]
         old = model.get_submodule(name)
-        fn = get_method(r.method)
+        fn = get_method(r.method)  # the solver of the chain; transforms ran before
         w = linear_weight(old).float()
         qweight = fn(w, r.weights, stats=stats) if getattr(fn, "needs", ()) else fn(w, r.weights)
         scale, zero = act_ranges.get(name, (None, None))
@@ -72,13 +74,14 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
         set_module(model, name, new)
         return _layer_report(name, r, w, qweight, stats)
 
-    needs = {k for r in targets.values() for k in getattr(get_method(r.method), "needs", ())}
+    needs = {k for r in targets.values() for k in method_needs(r.method)}
     if needs:
         if calibration is None:
             raise ValueError(f"method(s) {sorted({r.method for r in targets.values()})} use calibration "
                              "statistics: pass calibration=batches of inputs")
         model.lowbit_calibration = run_sequential(model, list(targets), _batches(calibration, batch_size),
                                                   quantize_layer, hessian="hessian" in needs,
+                                                  transform=_transform_step(targets),
                                                   propagate=propagate, progress=progress)
     else:
         for name in tqdm(targets, desc="quantize", unit="layer", disable=not progress):
@@ -87,11 +90,23 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
     return model
 
 
+def _transform_step(targets: dict[str, Recipe]):
+    chains = {n: parse_method(r.method)[0] for n, r in targets.items()}
+    if not any(chains.values()):
+        return None
+
+    def step(block, local, stats, producers, sample, where):
+        head = where + "."
+        apply_transforms(block, local, {n: chains[head + n] for n in local},
+                         {n: targets[head + n].weights for n in local}, stats, producers, sample, where)
+    return step
+
+
 def _layer_report(name: str, r: Recipe, w: torch.Tensor, qweight, stats) -> LayerReport:
     H = getattr(stats, "hessian", None)
     if H is None:
         return LayerReport(name, r.method)
-    rtn = qweight if r.method == "rtn" else get_method("rtn")(w, r.weights)
+    rtn = qweight if r.method == "rtn" else rtn_method(w, r.weights)
     return LayerReport(name, r.method, layer_loss(w, qweight.dequantize(), H), layer_loss(w, rtn.dequantize(), H))
 
 

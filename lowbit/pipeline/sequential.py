@@ -3,6 +3,7 @@
     capture the inputs of block 0 (embeddings run once)
     for each block i:
         run it on every batch with hooks on its Linear layers -> InputStats
+    equivalence transforms (AWQ, SmoothQuant scales folded into the block)
         quantize its layers (quantize_layer(name, stats) replaces each one)
         run the quantized block -> the inputs of block i+1
             (propagate="full": the full-precision outputs of the first run instead)
@@ -58,8 +59,12 @@ class CalibrationReport:
 
 def run_sequential(model: nn.Module, names: list[str], batches: list,
                    quantize_layer: Callable[[str, InputStats], LayerReport], *, hessian: bool,
-                   propagate: str = "quantized", progress: bool = True) -> CalibrationReport:
-    """Quantize the layers `names` (full module names) of `model` block by block."""
+                   transform: Callable | None = None, propagate: str = "quantized",
+                   progress: bool = True) -> CalibrationReport:
+    """Quantize the layers `names` (full module names) of `model` block by block.
+
+    transform(block, local names, stats, producers, sample input, block name) runs between
+    the statistics and the solver (equivalence transforms, pipeline/transforms.py)."""
     if propagate not in ("quantized", "full"):
         raise ValueError(f"propagate={propagate!r}: choose 'quantized' or 'full'")
     t0 = time.perf_counter()
@@ -82,6 +87,8 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
                 if propagate == "full":
                     outs.append(y)
         report.stats_mb = max(report.stats_mb, sum(s.nbytes for s in set(c.stats.values())) / 2**20)
+        if transform is not None:
+            transform(block, local, c.stats, c.producers, inputs[0], f"{prefix}.{i}")
         for n in local:
             report.layers.append(quantize_layer(head + n, c.stats[n]))
         if propagate == "quantized":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .walk import is_linear
+from .walk import is_linear, is_norm
 
 
 class InputStats:
@@ -62,12 +62,19 @@ class StatsCollector:
         with StatsCollector(block, names, hessian=True) as c:
             for i, batch in enumerate(batches): c.batch = i; block(batch)
         c.stats["self_attn.q_proj"]  # InputStats
+        c.producers["self_attn.q_proj"]  # "input_layernorm": the norm whose output it reads
+
+    `producers` names the normalisation module whose output tensor is exactly a layer's
+    input (None when the input is computed otherwise); equivalence transforms fold
+    their scales into it.
     """
 
     def __init__(self, root: nn.Module, names: list[str], hessian: bool):
         self.root, self.names, self.hessian = root, names, hessian
         self.stats: dict[str, InputStats] = {}
+        self.producers: dict[str, str | None] = {}
         self.batch = 0
+        self._outputs: dict[int, tuple[torch.Tensor, str]] = {}
         self._by_input: dict[int, tuple[torch.Tensor, InputStats]] = {}
         self._hooks = []
 
@@ -77,7 +84,14 @@ class StatsCollector:
             if not is_linear(m):
                 raise ValueError(f"{n!r} is not a Linear layer")
             self._hooks.append(m.register_forward_pre_hook(lambda m, args, n=n: self._see(n, args[0])))
+        for n, m in self.root.named_modules():
+            if n and is_norm(m):
+                self._hooks.append(m.register_forward_hook(lambda m, args, out, n=n: self._produced(n, out)))
         return self
+
+    def _produced(self, name: str, out) -> None:
+        if len(self.stats) < len(self.names) and isinstance(out, torch.Tensor):  # still tracing
+            self._outputs[id(out)] = (out, name)
 
     def _see(self, name: str, x: torch.Tensor) -> None:
         st = self.stats.get(name)
@@ -88,8 +102,10 @@ class StatsCollector:
             st = held[1] if held is not None else InputStats(x.shape[-1], self.hessian)
             self._by_input[id(x)] = (x, st)
             self.stats[name] = st
+            self.producers[name] = self._outputs.get(id(x), (None, None))[1]
         elif self._by_input:
             self._by_input.clear()  # every layer has been seen once: sharing is settled
+            self._outputs.clear()
         st.update(x, self.batch)
 
     def __exit__(self, *exc) -> None:

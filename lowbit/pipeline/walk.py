@@ -10,6 +10,11 @@ def is_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
 
 
+def is_norm(m: nn.Module) -> bool:
+    """LayerNorm / RMSNorm-like modules with a per-channel weight (an equivalence transform's fold target)."""
+    return type(m).__name__.endswith("Norm") and isinstance(getattr(m, "weight", None), torch.Tensor)
+
+
 def linear_weight(m: nn.Module) -> torch.Tensor:
     """The weight as [out, in] whatever the module's own layout."""
     w = m.weight.detach()

@@ -1,0 +1,83 @@
+"""AWQ (Lin et al., 2024): activation-aware scaling and clipping for weight-only quantization.
+
+Scale: salient input channels (large mean |x|) get their weights scaled up
+before rounding, their inputs scaled down. Per group of layers sharing an
+input, a grid over the exponent alpha in [0, 1):
+
+    s = mean|X|^alpha / sqrt(max * min)
+    loss(s) = sum over layers ||(W - Q(W s) / s) X||^2 = tr(D H D^T)   (H = 2 X X^T / n)
+
+keeps the s with the least loss (alpha = 0, s = 1, is round-to-nearest, so
+AWQ never loses to it on this loss). The pipeline folds 1/s into the
+producer of X. Clip: per group of weights, shrink the range by a ratio from a
+grid and keep, per row and group, the one whose output error
+d H_gg d^T (the group's block of H) is least; the clipped weights then go to
+the solver (round to nearest, or GPTQ when composed as "awq+gptq").
+"""
+from __future__ import annotations
+
+import torch
+
+from ..core import Scheme, quantize
+from ..core.granularity import PerChannel, PerGroup, PerTensor
+
+CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 down to 0.5
+
+
+def awq_scales(weights: list[torch.Tensor], stats, scheme: Scheme, *, grid: int = 20) -> torch.Tensor:
+    """weights: [out_i, in] of the layers sharing the input -> s: [in]."""
+    H, xm = stats.hessian, stats.absmean.clamp(min=1e-6)
+    best_loss, best = None, torch.ones_like(xm)
+    for i in range(grid):
+        s = xm.pow(i / grid)
+        s = s / (s.max() * s.min()).sqrt()
+        loss = sum(_loss(w, quantize(w * s, scheme).dequantize() / s, H) for w in weights)
+        if best_loss is None or loss < best_loss:
+            best_loss, best = loss, s
+    return best
+
+
+awq_scales.needs = ("hessian", "absmean")
+
+
+def awq_clip(w: torch.Tensor, scheme: Scheme, stats) -> torch.Tensor:
+    """w: [out, in] -> w with each (row, group) range shrunk by the ratio of least output error."""
+    H = stats.hessian
+    spans = _spans(scheme, w.shape[1])
+    lo, hi = [], []
+    for c0, c1 in spans:
+        a, b = w[:, c0:c1].amin(1), w[:, c0:c1].amax(1)
+        if scheme.symmetric:
+            b = torch.maximum(-a, b)
+            a = -b
+        lo.append(a)
+        hi.append(b)
+    lo, hi = torch.stack(lo, 1), torch.stack(hi, 1)  # [out, groups]
+    widths = torch.tensor([c1 - c0 for c0, c1 in spans])
+    best_err = torch.full(lo.shape, torch.inf)
+    out = w.clone()
+    for r in CLIP_RATIOS:
+        # one quantize of the whole clipped weight per ratio; the error per (row, group)
+        # uses the group's diagonal block of H
+        wc = torch.clamp(w, (lo * r).repeat_interleave(widths, 1), (hi * r).repeat_interleave(widths, 1))
+        d = w - quantize(wc, scheme).dequantize()
+        err = torch.stack([((d[:, c0:c1] @ H[c0:c1, c0:c1]) * d[:, c0:c1]).sum(1) for c0, c1 in spans], 1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        out = torch.where(better.repeat_interleave(widths, 1), wc, out)
+    return out
+
+
+def _loss(w, w_hat, H) -> float:
+    d = w - w_hat
+    return float(((d @ H) * d).sum())
+
+
+def _spans(scheme: Scheme, cols: int) -> list[tuple[int, int]]:
+    """Column ranges that share one scale per row."""
+    g = scheme.granularity
+    if isinstance(g, PerGroup) and g.axis in (-1, 1):
+        return [(c, min(c + g.size, cols)) for c in range(0, cols, g.size)]
+    if isinstance(g, (PerChannel, PerTensor)):
+        return [(0, cols)]
+    raise ValueError(f"awq clipping handles group, channel and tensor granularity, not {g}")
