@@ -139,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     pq = sub.add_parser("quantize", help="quantize a model and save it")
     pq.add_argument("model", help="smollm2-135m, minilm-l6, a Hugging Face folder or a .gguf file")
     pq.add_argument("--recipe", default="w4g64", help="recipe name (default w4g64)")
-    pq.add_argument("--method", help="rtn, mse, hqq, gptq, awq, smoothquant, or a chain such as awq+gptq "
-                                     "(default: the recipe's)")
+    pq.add_argument("--method", default="auto",
+                    help="auto (default: the best measured for the recipe, calibrated on --text), rtn, mse, hqq, "
+                         "gptq, awq, smoothquant, or a chain such as awq+gptq")
     pq.add_argument("--out", required=True, help="output folder")
     common(pq)
     pe = sub.add_parser("eval", help="perplexity, KL and top-1 agreement of a (quantized) model")

@@ -27,3 +27,27 @@ def test_unknown_format_is_a_clear_error(capsys):
 def test_console_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "lowbit.cli", "formats", "nf4"], capture_output=True, text=True)
     assert r.returncode == 0 and "values:" in r.stdout
+
+
+def test_quantize_and_eval_commands_on_a_truncated_model(smollm2_2layers, tmp_path, capsys):
+    """`lowbit quantize` (default method auto: GPTQ for 4-bit weights, calibrated on --text) and `lowbit eval`."""
+    import copy
+
+    model, tok = smollm2_2layers
+    src = tmp_path / "small"
+    small = copy.deepcopy(model)
+    small.hf_quantizer = None  # loaded from GGUF: already dequantized to fp32, save it as a plain model
+    small.config.__dict__.pop("quantization_config", None)
+    small.save_pretrained(src)
+    tok.save_pretrained(src)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"The river number {i} runs past the old mill and into the sea." for i in range(300)))
+    out = tmp_path / "q"
+    common = ["--text", str(text), "--window", "64"]
+    assert main(["quantize", str(src), "--recipe", "w4g64", "--out", str(out), "--calibration-windows", "4",
+                 *common]) == 0
+    said = capsys.readouterr().out
+    assert "(gptq)" in said and "layer loss vs round-to-nearest" in said
+    assert main(["eval", str(out), "--windows", "2", *common]) == 0
+    assert "ppl" in capsys.readouterr().out
+    assert main(["quantize", str(src), "--recipe", "w4g64", "--method", "nope", "--out", str(tmp_path / "x")]) == 2

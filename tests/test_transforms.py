@@ -112,7 +112,8 @@ def test_method_chains():
 
 
 @pytest.mark.parametrize("recipe,method", [("w4g64", "awq"), ("w4g64", "awq+gptq"),
-                                           ("w8a8-dynamic", "smoothquant"), ("w8a8-dynamic", "smoothquant+gptq")])
+                                           ("w8a8-dynamic", "smoothquant"), ("w8a8-dynamic", "smoothquant+gptq"),
+                                           ("w8a8-static", "smoothquant")])
 def test_chains_on_truncated_smollm2(smollm2_2layers, calib, recipe, method):
     model, _ = smollm2_2layers
     q = lowbit.quantize(copy.deepcopy(model), recipe, calibration=calib, method=method, progress=False)
@@ -121,6 +122,18 @@ def test_chains_on_truncated_smollm2(smollm2_2layers, calib, recipe, method):
         ref, out = model(ids).logits, q(ids).logits
     agree = (ref.argmax(-1) == out.argmax(-1)).float().mean()
     assert agree > (0.9 if recipe.startswith("w8") else 0.7), agree
+    if recipe == "w8a8-static":  # ranges observed after smoothing, on the quantized model
+        assert all(m.act_scale is not None for m in q.modules() if hasattr(m, "act_scale"))
+
+
+def test_auto_picks_a_chain_per_kind():
+    from lowbit.pipeline import get_recipe
+
+    assert get_recipe("w4g64", "auto").method == "gptq"
+    assert get_recipe("w3g64", "auto").method == "gptq"
+    assert get_recipe("nf4", "auto").method == "gptq"
+    assert get_recipe("w8", "auto").method == "rtn"
+    assert get_recipe("w8a8-dynamic", "auto").method == "smoothquant"
 
 
 class OffsetNorm(nn.Module):

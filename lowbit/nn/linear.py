@@ -37,6 +37,12 @@ class QuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Module, qweight: QTensor, **kw) -> "QuantLinear":
         return cls(qweight, getattr(linear, "bias", None), dtype=_weight_dtype(linear), **kw)
 
+    def set_activation_range(self, scale: torch.Tensor, zero: torch.Tensor | None = None) -> None:
+        """Static activation quantization from now on (ranges calibrated after the weights)."""
+        if self.act_scheme is None:
+            raise ValueError("this layer has no activation scheme to calibrate")
+        self.act_scale, self.act_zero = scale, zero
+
     def _int8_weight(self):
         """Integer weight [in, out] and per-channel scales [out] when the integer matmul applies."""
         s, a = self.qweight.scheme, self.act_scheme

@@ -58,7 +58,9 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
     """
     recipe = get_recipe(recipe, method)
     targets = plan(model, recipe)
-    act_ranges = _calibrate(model, targets, calibration, progress) if recipe.observer else {}
+    # Transforms change what the layers see: observe activations after them, on the quantized model.
+    observe_late = bool(recipe.observer) and any(parse_method(r.method)[0] for r in targets.values())
+    act_ranges = _calibrate(model, targets, calibration, progress) if recipe.observer and not observe_late else {}
 
     def quantize_layer(name: str, stats=None) -> LayerReport:
         r = targets[name]
@@ -86,6 +88,9 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
     else:
         for name in tqdm(targets, desc="quantize", unit="layer", disable=not progress):
             quantize_layer(name)
+    if observe_late:
+        for name, (scale, zero) in _calibrate(model, targets, calibration, progress).items():
+            model.get_submodule(name).set_activation_range(scale, zero)
     model.lowbit_recipe = recipe
     return model
 

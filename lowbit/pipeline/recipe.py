@@ -146,11 +146,22 @@ RECIPES: dict[str, Recipe] = {
 
 
 def get_recipe(name: "str | Recipe", method: str | None = None) -> Recipe:
-    """A named recipe (see RECIPES), or a Recipe; `method` overrides its method."""
+    """A named recipe (see RECIPES), or a Recipe; `method` overrides its method ("auto": auto_method)."""
     if isinstance(name, Recipe):
         r = name
     elif name in RECIPES:
         r = RECIPES[name]
     else:
         raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)} (or build a lowbit.Recipe)")
+    if method == "auto":
+        method = auto_method(r)
     return r.replace(method=method) if method else r
+
+
+def auto_method(r: Recipe) -> str:
+    """The best chain measured for the recipe's kind (docs/benchmarks.md, reference protocol):
+    W8A8 -> SmoothQuant; weights of 6 bits or fewer -> GPTQ; 8-bit weights -> round to nearest
+    (already within 0.2% of full precision). All but the last need calibration data."""
+    if r.activations is not None:
+        return "smoothquant"
+    return "gptq" if r.weights.bits <= 6 else "rtn"
