@@ -1,4 +1,4 @@
-"""One-pass quantize-and-pack with numba, for integer and fp8_e4m3 schemes.
+"""One-pass quantize-and-pack with numba, for integer, fp8_e4m3 and small-table schemes.
 
 A tensor is read as rows of n values, each row cut into groups of g (the last
 group of a row may be shorter). For each group the kernel takes the range
@@ -26,6 +26,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from ..formats import Format, IntFormat
+from .encode import _table_bounds
 
 u32 = np.uint32  # numba widens integer arithmetic to 64 bits; u32(...) around a result keeps
 # the vectorized loops in 32-bit lanes
@@ -191,19 +192,31 @@ def _encode_int(x, i0, n, s, z, lo, hi, bits, buf, out, o):
             c0 = _int_code(x[i0 + two * k], s, z, lo, hi) & mask
             c1 = _int_code(x[i0 + two * k + np.uint64(1)], s, z, lo, hi) & mask
             out[o + k] = np.uint8(c0 | (c1 << 4))
-    else:  # through a 64-bit accumulator, a byte at a time
+    else:
         for k in range(n):
             buf[k] = np.uint8(_int_code(x[i0 + k], s, z, lo, hi) & mask)
-        acc = np.uint64(0)
-        filled = 0
-        for k in range(n):
-            acc |= np.uint64(buf[k]) << np.uint64(filled)
-            filled += bits
-            while filled >= 8:
-                out[o] = np.uint8(acc & np.uint64(0xFF))
-                o += np.uint64(1)
-                acc >>= np.uint64(8)
-                filled -= 8
+        _pack(buf, n, bits, out, o)
+
+
+@njit(cache=True)
+def _pack(codes, n, bits, out, o):
+    """codes[:n] of `bits` bits -> out[o:], LSB first (n * bits a multiple of 8; n and o
+    unsigned, as every index in these loops)."""
+    if bits == 4:
+        two = np.uint64(2)
+        for k in range(n // two):
+            out[o + k] = codes[two * k] | (codes[two * k + np.uint64(1)] << np.uint8(4))
+        return
+    acc = np.uint64(0)  # any width: a 64-bit accumulator flushed a byte at a time
+    filled = 0
+    for k in range(n):
+        acc |= np.uint64(codes[k]) << np.uint64(filled)
+        filled += bits
+        while filled >= 8:
+            out[o] = np.uint8(acc & np.uint64(0xFF))
+            o += np.uint64(1)
+            acc >>= np.uint64(8)
+            filled -= 8
 
 
 BATCH = 2048  # values per task: a row's groups are fitted, then encoded, this many at a time
@@ -291,6 +304,54 @@ def quantize_fp8_e4m3(x, n, g, fmt, codes, scales, bad):
                 codes[i0 + k] = _fp8_e4m3(y)
 
 
+@njit(parallel=True, cache=True)
+def quantize_table(x, n, g, bits, qmax, signed, bounds, fmt, codes, scales, bad):
+    """Symmetric schemes over a small table (nf4 and other <= 16-value codebooks, fp4_e2m1),
+    scale absmax / qmax: code = #(y > t) over kernels.encode's thresholds t, of |y| with the
+    sign as the top bit when `signed`. x flat [rows * n] -> codes, scales and bad per group."""
+    per_row = (n + g - 1) // g
+    per_task = max(1, BATCH // g)
+    tasks_per_row = (per_row + per_task - 1) // per_task
+    tasks = x.size // n * tasks_per_row
+    blocks = min(tasks, 1024)
+    top = np.uint8(bits - 1)
+    for blk in prange(blocks):
+        y = np.empty(per_task * g, np.float32)
+        c = np.empty(per_task * g, np.uint8)
+        for t in range(blk * tasks // blocks, (blk + 1) * tasks // blocks):
+            r = t // tasks_per_row
+            j0 = t % tasks_per_row * per_task
+            j1 = min(per_row, j0 + per_task)
+            ok = True
+            for j in range(j0, j1):
+                m = _absmax(x, np.uint64(r * n + j * g), np.uint64(min(g, n - j * g)))
+                amax = _f32(m) if m > 0 else F1
+                s, good = _to_scale_format(amax / qmax, fmt, True)
+                scales[r * per_row + j] = s
+                bad[r * per_row + j] = m >= INF or not good
+                ok = ok and m < INF and good
+            if not ok:
+                continue
+            base = np.uint64(r * n + j0 * g)  # the task's groups are contiguous
+            span = np.uint64(min(n, j1 * g) - j0 * g)
+            for j in range(j0, j1):
+                i0, length = np.uint64(r * n + j * g), np.uint64(min(g, n - j * g))
+                s = scales[r * per_row + j]
+                o = np.uint64((j - j0) * g)
+                for k in range(length):
+                    v = _f32(_bits(x[i0 + k])) / s
+                    y[o + k] = abs(v) if signed else v
+            for k in range(span):
+                c[k] = 0
+            for b in bounds:  # one pass per threshold over the task, in cache
+                for k in range(span):
+                    c[k] += y[k] > b
+            if signed:
+                for k in range(span):
+                    c[k] |= np.uint8(_bits(x[base + k]) >> u32(31)) << top
+            _pack(c, span, bits, codes, base * np.uint64(bits) // np.uint64(8))
+
+
 # Input dtype -> the numpy array the kernels read (16-bit floats as their bit patterns).
 _VIEWS = {torch.float32: torch.float32, torch.bfloat16: torch.uint16, torch.float16: torch.int16}
 _LOCK = threading.Lock()  # numba's default thread pool must not be entered from two threads at once
@@ -305,9 +366,10 @@ def quantize_rows(x: torch.Tensor, n: int, g: int, fmt: Format, symmetric: bool,
 
         >>> codes, s, z = quantize_rows(w, w.shape[1], 128, formats.get("int4"), True, "fp32", False)
     """
-    fp8 = fmt.name == "fp8_e4m3" and symmetric and not integer_zero
+    fp8 = fmt.name == "fp8_e4m3" and symmetric
     int_fmt = isinstance(fmt, IntFormat) and fmt.step == 1.0 and fmt.bits <= 8
-    if not (fp8 or int_fmt) or scale_format not in SCALE_FORMATS or x.dtype not in _VIEWS:
+    table = None if fp8 or int_fmt or not symmetric else _table_bounds(fmt)
+    if not (fp8 or int_fmt or table) or scale_format not in SCALE_FORMATS or x.dtype not in _VIEWS:
         return None
     if x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0 or not 1 <= g <= n:
         return None
@@ -324,6 +386,10 @@ def quantize_rows(x: torch.Tensor, n: int, g: int, fmt: Format, symmetric: bool,
         if fp8:
             codes = np.empty(a.size, np.uint8)
             quantize_fp8_e4m3(a, n, g, SCALE_FORMATS[scale_format], codes, scales, bad)
+        elif table:
+            codes = np.empty(a.size * bits // 8, np.uint8)
+            quantize_table(a, n, g, bits, np.float32(fmt.max), table[0], np.array(table[1], np.float32),
+                           SCALE_FORMATS[scale_format], codes, scales, bad)
         else:
             codes = np.empty(a.size * bits // 8, np.uint8)
             quantize_int(a, n, g, bits, fmt.qmin, fmt.qmax, symmetric, integer_zero,
