@@ -212,7 +212,9 @@ INT_SCHEMES = [("int4", dict(granularity="group", group_size=128)),
                ("nf4", {}),
                ("fp4_e2m1", dict(granularity="group", group_size=32)),
                ("fp4_bnb", dict(granularity="group", group_size=100, scale_format="fp16")),  # ragged
-               ("ternary", dict(granularity="channel", scale_format="bf16"))]
+               ("ternary", dict(granularity="channel", scale_format="bf16")),
+               ("mxfp4", {}), ("mxint8", {}), ("mxfp8", {}),  # E8M0 scales
+               ("nf4", dict(scale_format="e8m0"))]
 
 
 @needs_numba
@@ -241,11 +243,12 @@ def test_fused_kernel_matches_the_reference_on_smollm2(smollm2_weights, dtype, f
        group=st.one_of(st.integers(1, 300), st.sampled_from([8, 16, 32, 64, 128])), seed=st.integers(0, 2**31),
        fmt=st.sampled_from(["int2", "int3", "int4", "int8", "uint4", "uint8", "fp8_e4m3", "nf4", "fp4_e2m1"]),
        symmetric=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-       scale_format=st.sampled_from(["fp32", "fp16", "bf16"]), integer_zero=st.booleans(),
+       scale_format=st.sampled_from(["fp32", "fp16", "bf16", "e8m0"]), integer_zero=st.booleans(),
        kind=st.sampled_from(["group", "channel", "token"]))
 def test_fused_kernel_matches_the_reference_on_any_shape(rows, cols, group, seed, fmt, symmetric, dtype,
                                                          scale_format, integer_zero, kind):
     symmetric = symmetric and not fmt.startswith("uint") or not fmt.startswith(("int", "uint"))
+    scale_format = "fp32" if scale_format == "e8m0" and not symmetric else scale_format  # E8M0 has no zero points
     kw = dict(granularity=kind, symmetric=symmetric, scale_format=scale_format,
               integer_zero=integer_zero and not symmetric)
     if kind == "group":
@@ -293,15 +296,17 @@ def test_fused_kernel_declines_where_the_reference_raises_or_differs():
     x = torch.full((4, 256), 1e-45)  # absmax / 7 is 0 in float32: the reference divides by zero
     assert kernels.quantize_rows(x, 256, 128, formats.get("int4"), True, "fp32", False) is None
     int4 = formats.get("int4")
+    with pytest.raises(ValueError, match="cannot hold them"):
+        quantize_tensor(torch.randn(4, 256), "int4", group_size=32, symmetric=False, scale_format="e8m0")
     assert kernels.quantize_rows(torch.randn(4, 256).t(), 4, 4, int4, True, "fp32", False) is None
     assert kernels.quantize_rows(torch.randn(4, 256).double(), 256, 128, int4, True, "fp32", False) is None
     assert kernels.quantize_rows(torch.randn(4, 256), 256, 128, formats.get("fp6_e2m3"), True, "fp32", False) is None
-    assert kernels.quantize_rows(torch.randn(4, 256), 256, 128, int4, True, "e8m0", False) is None
+    assert kernels.quantize_rows(torch.randn(4, 256), 256, 128, int4, True, "fp8_e4m3", False) is None
     assert kernels.quantize_rows(torch.randn(4, 255), 255, 255, int4, True, "fp32", False) is None
 
 
 @needs_numba
-@pytest.mark.parametrize("fmt, kw", [("mxfp4", {}), ("nvfp4", {}), ("nf4-dq", {}), ("int4", dict(range="mse", group_size=64)),
+@pytest.mark.parametrize("fmt, kw", [("mxfp6", {}), ("nvfp4", {}), ("nf4-dq", {}), ("int4", dict(range="mse", group_size=64)),
                                      ("int4", dict(rounding="stochastic", group_size=64)),
                                      ("int4", dict(granularity="group", group_size=64, axis=0)),
                                      ("int4", dict(granularity="tensor"))])

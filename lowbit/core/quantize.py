@@ -218,10 +218,9 @@ def _quantize_fused(x, scheme: Scheme) -> QTensor | None:
     out = kernels.quantize_rows(x, n, size, scheme.fmt, scheme.symmetric, scheme.scale_format, scheme.integer_zero)
     if out is None:
         return None
-    codes, s, z = out
+    codes, s, z = out  # scales and zero points as stored
     stats = GroupView(shape, g).stats_shape
-    return QTensor(codes, shape, scheme, scales=scale_store.store(s.reshape(stats), scheme.scale_format),
-                   zeros=None if z is None else scale_store.store(z.reshape(stats), scheme.scale_format))
+    return QTensor(codes, shape, scheme, scales=s.reshape(stats), zeros=None if z is None else z.reshape(stats))
 
 
 def _check_input(x) -> torch.Tensor:

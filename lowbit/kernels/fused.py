@@ -30,8 +30,8 @@ from .encode import _table_bounds
 
 u32 = np.uint32  # numba widens integer arithmetic to 64 bits; u32(...) around a result keeps
 # the vectorized loops in 32-bit lanes
-FP32, FP16, BF16 = 0, 1, 2  # scale formats the kernel rounds to
-SCALE_FORMATS = {"fp32": FP32, "fp16": FP16, "bf16": BF16}
+FP32, FP16, BF16, E8M0 = 0, 1, 2, 3  # scale formats the kernel rounds to
+SCALE_FORMATS = {"fp32": FP32, "fp16": FP16, "bf16": BF16, "e8m0": E8M0}
 ABS = u32(0x7FFFFFFF)
 INF = u32(0x7F800000)
 F0, F1 = np.float32(0.0), np.float32(1.0)
@@ -109,6 +109,27 @@ def _to_scale_format(v, fmt, is_scale):
     return (-r if _u32(v) >> u32(31) else r), True  # the sign of a zero point -0.0 too
 
 
+@njit(cache=True)
+def _floor_log2(v):
+    """floor(log2 v) of a positive finite float32, subnormals included."""
+    e = np.int64(_u32(v) >> u32(23))
+    if e == 0:
+        return _floor_log2(v * np.float32(2.0**64)) - 64
+    return e - 127
+
+
+@njit(cache=True)
+def _symmetric_scale(m, qmax, fmt):
+    """core.scales.symmetric_scale from max |x| as a bit pattern m: (scale, ok)."""
+    amax = _f32(m) if m > 0 else F1
+    if m >= INF:
+        return F1, False
+    if fmt == E8M0:  # OCP MX: 2^(floor(log2 amax) - floor(log2 qmax)), exponent in [-127, 127]
+        e = min(max(_floor_log2(amax) - _floor_log2(qmax), -127), 127)
+        return (_f32(u32(e + 127) << u32(23)) if e > -127 else _f32(u32(0x400000))), True
+    return _to_scale_format(amax / qmax, fmt, True)
+
+
 # Group loops index x[i0 + k] with unsigned integers: numba then skips its negative-index
 # wraparound, and the loops vectorize to plain loads (slices would cost a reference count
 # per group).
@@ -143,12 +164,8 @@ def _minmax(x, i0, n):
 @njit(cache=True)
 def _int_params(x, i0, n, qmin, qmax, symmetric, integer_zero, fmt):
     """(scale, zero point, ok) of the group x[i0:i0+n] as core.scales computes them."""
-    if symmetric:  # symmetric_scale: s = amax / qmax, with amax = 1 for an all-zero group
-        m = _absmax(x, i0, n)
-        if m >= INF:
-            return F1, F0, False
-        amax = _f32(m) if m > 0 else F1
-        s, ok = _to_scale_format(amax / qmax, fmt, True)
+    if symmetric:
+        s, ok = _symmetric_scale(_absmax(x, i0, n), qmax, fmt)
         return s, F0, ok
     lo, hi, finite = _minmax(x, i0, n)  # affine_params
     if not finite:
@@ -287,11 +304,10 @@ def quantize_fp8_e4m3(x, n, g, fmt, codes, scales, bad):
         ok = True
         for j in range(j0, j1):
             m = _absmax(x, np.uint64(r * n + j * g), np.uint64(min(g, n - j * g)))
-            amax = _f32(m) if m > 0 else F1
-            s, good = _to_scale_format(amax / FP8_MAX, fmt, True)
+            s, good = _symmetric_scale(m, FP8_MAX, fmt)
             scales[r * per_row + j] = s
-            bad[r * per_row + j] = m >= INF or not good
-            ok = ok and m < INF and good
+            bad[r * per_row + j] = not good
+            ok = ok and good
         if not ok:
             continue
         for j in range(j0, j1):
@@ -325,11 +341,10 @@ def quantize_table(x, n, g, bits, qmax, signed, bounds, fmt, codes, scales, bad)
             ok = True
             for j in range(j0, j1):
                 m = _absmax(x, np.uint64(r * n + j * g), np.uint64(min(g, n - j * g)))
-                amax = _f32(m) if m > 0 else F1
-                s, good = _to_scale_format(amax / qmax, fmt, True)
+                s, good = _symmetric_scale(m, qmax, fmt)
                 scales[r * per_row + j] = s
-                bad[r * per_row + j] = m >= INF or not good
-                ok = ok and m < INF and good
+                bad[r * per_row + j] = not good
+                ok = ok and good
             if not ok:
                 continue
             base = np.uint64(r * n + j0 * g)  # the task's groups are contiguous
@@ -361,8 +376,9 @@ def quantize_rows(x: torch.Tensor, n: int, g: int, fmt: Format, symmetric: bool,
                   integer_zero: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """x: contiguous float32/bf16/fp16, read as rows of n values cut into groups of g
     (the last group of a row shorter when g does not divide n)
-    -> (codes: uint8 [numel * bits / 8] packed, scales: float32 [groups], zeros: float32
-    [groups] or None), groups in row-major order; or None where the kernel does not apply.
+    -> (codes: uint8 [numel * bits / 8] packed, scales [groups], zeros [groups] or None),
+    scales and zeros stored as core.scales.store stores them (float32, float16, bfloat16, or
+    uint8 E8M0 codes), groups in row-major order; or None where the kernel does not apply.
 
         >>> codes, s, z = quantize_rows(w, w.shape[1], 128, formats.get("int4"), True, "fp32", False)
     """
@@ -370,6 +386,8 @@ def quantize_rows(x: torch.Tensor, n: int, g: int, fmt: Format, symmetric: bool,
     int_fmt = isinstance(fmt, IntFormat) and fmt.step == 1.0 and fmt.bits <= 8
     table = None if fp8 or int_fmt or not symmetric else _table_bounds(fmt)
     if not (fp8 or int_fmt or table) or scale_format not in SCALE_FORMATS or x.dtype not in _VIEWS:
+        return None
+    if scale_format == "e8m0" and not symmetric:  # the reference raises: no zero points in E8M0
         return None
     if x.device.type != "cpu" or not x.is_contiguous() or x.numel() == 0 or not 1 <= g <= n:
         return None
@@ -396,4 +414,11 @@ def quantize_rows(x: torch.Tensor, n: int, g: int, fmt: Format, symmetric: bool,
                          SCALE_FORMATS[scale_format], codes, scales, zeros, bad)
     if bad.any():
         return None
-    return torch.from_numpy(codes), torch.from_numpy(scales), None if symmetric else torch.from_numpy(zeros)
+    return torch.from_numpy(codes), _stored(scales, scale_format), None if symmetric else _stored(zeros, scale_format)
+
+
+def _stored(values: np.ndarray, scale_format: str) -> torch.Tensor:
+    """float32 values already in the scale format -> the tensor that holds them (core.scales.store)."""
+    if scale_format == "e8m0":  # powers of two 2^e -> codes e + 127
+        return torch.from_numpy((np.frexp(values)[1] + 126).astype(np.uint8))
+    return torch.from_numpy(values).to({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[scale_format])
