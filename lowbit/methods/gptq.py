@@ -27,11 +27,16 @@ from ..core import QTensor, Scheme, fit_params, quantize
 from ..core.granularity import PerChannel, PerGroup, PerTensor
 from ..core.grid import decode_part, encode_part
 from ..core.packing import pack_bits_le
+from .awq import awq_clip
 
 
 def gptq(w: torch.Tensor, scheme: Scheme, *, stats, damp: float = 0.01, block_size: int = 128,
-         act_order: bool = True, static_groups: bool = False, fallback_to_rtn: bool = True) -> QTensor:
-    """w: [out, in]; stats.hessian: [in, in] (see pipeline.stats.InputStats)."""
+         act_order: bool = True, static_groups: bool = False, clip: bool = False,
+         fallback_to_rtn: bool = True) -> QTensor:
+    """w: [out, in]; stats.hessian: [in, in] (see pipeline.stats.InputStats).
+
+    clip: fit the (static) group ranges on the weights clipped by AWQ's output-error search
+    (methods/awq.awq_clip), while the solve still targets the unclipped weights."""
     H = getattr(stats, "hessian", None)
     if H is None:
         raise ValueError("gptq needs calibration statistics with a Hessian (run it through lowbit.quantize "
@@ -45,7 +50,7 @@ def gptq(w: torch.Tensor, scheme: Scheme, *, stats, damp: float = 0.01, block_si
     W[:, dead] = 0
     static = act_order or static_groups or scheme.double_quant is not None or scheme.tensor_scale \
         or not isinstance(scheme.granularity, PerGroup)
-    params = _Params(W, scheme, gs, static)
+    params = _Params(awq_clip(W, scheme, stats) if clip and static else W, scheme, gs, static)
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(C)
     U = _inverse_hessian_factor(H[perm][:, perm], dead[perm], damp)
     W = W[:, perm]

@@ -96,14 +96,15 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
 
 
 def _transform_step(targets: dict[str, Recipe]):
-    chains = {n: parse_method(r.method)[0] for n, r in targets.items()}
-    if not any(chains.values()):
+    chains = {n: parse_method(r.method) for n, r in targets.items()}
+    if not any(t for t, _ in chains.values()):
         return None
 
     def step(block, local, stats, producers, sample, where):
         head = where + "."
-        apply_transforms(block, local, {n: chains[head + n] for n in local},
-                         {n: targets[head + n].weights for n in local}, stats, producers, sample, where)
+        apply_transforms(block, local, {n: chains[head + n][0] for n in local},
+                         {n: targets[head + n].weights for n in local}, stats, producers, sample, where,
+                         solvers={n: chains[head + n][1] for n in local})
     return step
 
 

@@ -25,14 +25,17 @@ TOLERANCE = 1e-3  # relative change of the block's output allowed by a fold (flo
 
 @torch.no_grad()
 def apply_transforms(block: nn.Module, names: list[str], transforms: dict[str, tuple[str, ...]], schemes: dict,
-                     stats: dict, producers: dict[str, str | None], sample: BlockInput, where: str) -> None:
-    """transforms: {layer name: transform names}; schemes: {layer name: weight Scheme}."""
+                     stats: dict, producers: dict[str, str | None], sample: BlockInput, where: str,
+                     solvers: dict[str, str] | None = None) -> None:
+    """transforms: {layer name: transform names}; schemes: {layer name: weight Scheme};
+    solvers: {layer name: solver}: AWQ clips the weights themselves unless GPTQ solves next
+    (GPTQ must aim at the unclipped weights; it can clip its own grid instead)."""
     wanted = [n for n in names if transforms.get(n)]
     if not wanted:
         return
     fold_scales(block, wanted, transforms, schemes, stats, producers, sample, where)
     for n in wanted:
-        if "awq" in transforms[n]:
+        if "awq" in transforms[n] and (solvers or {}).get(n) != "gptq":
             w = linear_weight(block.get_submodule(n))
             w.copy_(awq_clip(w.float(), schemes[n], stats[n]).to(w.dtype))
 
