@@ -8,6 +8,7 @@ valid.txt at random offsets, seed 0. Prints one markdown table.
 
     .venv/bin/python bench/model_quality.py                     # all recipes below
     .venv/bin/python bench/model_quality.py --recipes w8,w4g64:hqq --windows 8
+    .venv/bin/python bench/model_quality.py --recipes llm-int8,llm-int8@4   # @: LLM.int8() threshold
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 from lowbit.eval import Reference, embedding_fidelity, evaluate, model_size, sentences_from_text, token_ids
 from lowbit.io import load_model, wikitext2
 from lowbit.methods import get_method
+from lowbit.nn import outlier_stats
 from lowbit.pipeline import get_recipe, quantize
 
 RECIPES = ("w8,w8a8-dynamic,w8a8-static,fp8,mxfp8,w4g64,w4g64-sym,w4g64:mse,w4g64:hqq,nf4,nf4-dq,"
@@ -54,7 +56,10 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for spec in args.recipes.split(","):
         name, _, method = spec.partition(":")
+        name, _, alpha = name.partition("@")
         recipe = get_recipe(name, method or None)
+        if alpha:
+            recipe = recipe.replace(outlier_threshold=float(alpha))
         calibrated = bool(recipe.observer) or bool(getattr(get_method(recipe.method), "needs", ()))
         if calibrated and calib is None:
             calib = calibration(tok, args.calibration)
@@ -65,6 +70,8 @@ def main() -> None:
         if hasattr(q, "lowbit_calibration"):
             print("\n" + q.lowbit_calibration.summary() + "\n", flush=True)
         r = evaluate(q, ref, progress=False)
+        if recipe.outlier_threshold is not None:
+            name = f"{name} (α={recipe.outlier_threshold:g}: {outlier_stats(q).share:.2%} of columns fp32)"
         print(f"| {name} | {recipe.method} | {linear_bpw(q):.3f} | {model_size(q).bytes / 1e6:.1f} | {r.ppl:.3f} | "
               f"{r.delta_ppl_pct:+.2f}% | {r.kl:.4f} | {r.top1_agreement:.3f} | {took:.1f} |", flush=True)
         del q
