@@ -20,7 +20,7 @@ import torch
 
 from lowbit.eval import Reference, embedding_fidelity, evaluate, model_size, sentences_from_text, token_ids
 from lowbit.io import load_model, wikitext2
-from lowbit.methods import get_method
+from lowbit.methods import method_needs
 from lowbit.nn import outlier_stats
 from lowbit.pipeline import get_recipe, quantize
 
@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--recipes", default=RECIPES)
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--calibration", type=int, default=128)
+    ap.add_argument("--progress", action="store_true", help="progress bars while quantizing (to stderr)")
     ap.add_argument("--minilm", action="store_true", help="also MiniLM W8A8 sentence-embedding fidelity")
     args = ap.parse_args()
     model, tok = load_model("smollm2-135m")
@@ -60,12 +61,12 @@ def main() -> None:
         recipe = get_recipe(name, method or None)
         if alpha:
             recipe = recipe.replace(outlier_threshold=float(alpha))
-        calibrated = bool(recipe.observer) or bool(getattr(get_method(recipe.method), "needs", ()))
+        calibrated = bool(recipe.observer) or bool(method_needs(recipe.method))
         if calibrated and calib is None:
             calib = calibration(tok, args.calibration)
         q = copy.deepcopy(model)
         t = time.perf_counter()
-        quantize(q, recipe, calibration=calib if calibrated else None, progress=False)
+        quantize(q, recipe, calibration=calib if calibrated else None, progress=args.progress)
         took = time.perf_counter() - t
         if hasattr(q, "lowbit_calibration"):
             print("\n" + q.lowbit_calibration.summary() + "\n", flush=True)
