@@ -30,7 +30,7 @@ def test_console_entry_point_runs():
 
 
 def test_quantize_and_eval_commands_on_a_truncated_model(smollm2_2layers, tmp_path, capsys):
-    """`lowbit quantize` (default method auto: GPTQ for 4-bit weights, calibrated on --text) and `lowbit eval`."""
+    """`lowbit quantize` (default method auto: AWQ + GPTQ for 4-bit weights, calibrated on --text), `lowbit eval`."""
     import copy
 
     model, tok = smollm2_2layers
@@ -47,7 +47,7 @@ def test_quantize_and_eval_commands_on_a_truncated_model(smollm2_2layers, tmp_pa
     assert main(["quantize", str(src), "--recipe", "w4g64", "--out", str(out), "--calibration-windows", "4",
                  *common]) == 0
     said = capsys.readouterr().out
-    assert "(gptq)" in said and "layer loss vs round-to-nearest" in said
+    assert "(awq+gptq)" in said and "layer loss vs round-to-nearest" in said
     assert main(["eval", str(out), "--windows", "2", *common]) == 0
     assert "ppl" in capsys.readouterr().out
     assert main(["quantize", str(src), "--recipe", "w4g64", "--method", "nope", "--out", str(tmp_path / "x")]) == 2

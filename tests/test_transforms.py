@@ -129,9 +129,9 @@ def test_chains_on_truncated_smollm2(smollm2_2layers, calib, recipe, method):
 def test_auto_picks_a_chain_per_kind():
     from lowbit.pipeline import get_recipe
 
-    assert get_recipe("w4g64", "auto").method == "gptq"
-    assert get_recipe("w3g64", "auto").method == "gptq"
-    assert get_recipe("nf4", "auto").method == "gptq"
+    assert get_recipe("w4g64", "auto").method == "awq+gptq"
+    assert get_recipe("w3g64", "auto").method == "awq+gptq"
+    assert get_recipe("nf4", "auto").method == "awq+gptq"
     assert get_recipe("w8", "auto").method == "rtn"
     assert get_recipe("w8a8-dynamic", "auto").method == "smoothquant"
 
