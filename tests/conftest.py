@@ -44,3 +44,20 @@ def smollm2_2layers(smollm2_full):
     small.model.layers = small.model.layers[:2]
     small.config.num_hidden_layers = 2
     return small, tok
+
+
+def tiny_transformer(arch: str, layers: int):
+    """A randomly initialised transformers model from a config (no download): gpt2 (Conv1D
+    layers with [in, out] weights), qwen2 (grouped-query attention) or bert (an encoder)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=layers, n_embd=64, n_head=4, vocab_size=100, n_positions=64))
+    elif arch == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(num_hidden_layers=layers, hidden_size=64, intermediate_size=128,
+                                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+    else:
+        model = tf.BertModel(tf.BertConfig(num_hidden_layers=layers, hidden_size=64, intermediate_size=128,
+                                           num_attention_heads=4, vocab_size=100))
+    return model.eval()

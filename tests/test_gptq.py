@@ -15,6 +15,8 @@ from lowbit.pipeline.blocks import find_blocks
 from lowbit.pipeline.sequential import layer_loss
 from lowbit.pipeline.stats import InputStats, StatsCollector
 
+from conftest import tiny_transformer
+
 SCHEMES = ["w4g64", "w4g64-sym", "w3g64", "w4g128", "nf4", "nvfp4", "mxfp4", "w8", "fp8", "fp8-tensor"]
 
 
@@ -170,18 +172,7 @@ def test_gptq_needs_calibration_and_blocks(smollm2_2layers):
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2", "bert"])
 def test_sequential_runner_on_other_architectures(arch):
-    import transformers as tf
-
-    torch.manual_seed(0)
-    if arch == "gpt2":  # Conv1D layers with [in, out] weights
-        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=3, n_embd=64, n_head=4, vocab_size=100, n_positions=64))
-    elif arch == "qwen2":
-        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(num_hidden_layers=3, hidden_size=64, intermediate_size=128,
-                                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
-    else:
-        model = tf.BertModel(tf.BertConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=128,
-                                           num_attention_heads=4, vocab_size=100))
-    model.eval()
+    model = tiny_transformer(arch, layers=3)
     prefix, blocks = find_blocks(model)
     assert len(blocks) == 3, prefix
     calib = [torch.randint(0, 100, (1, 32)) for _ in range(4)]

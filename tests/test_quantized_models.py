@@ -10,6 +10,8 @@ from lowbit.io import load_model
 from lowbit.nn import QuantLinear
 from lowbit.pipeline import RECIPES
 
+from conftest import tiny_transformer
+
 
 @pytest.fixture(scope="module")
 def smollm2_2l(smollm2_2layers):
@@ -98,18 +100,7 @@ def test_minilm_w8a8_keeps_sentence_embeddings():
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2", "bert"])
 def test_other_architectures_from_config(arch):
-    import transformers as tf
-
-    torch.manual_seed(0)
-    if arch == "gpt2":  # Conv1D layers with [in, out] weights
-        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=64))
-    elif arch == "qwen2":
-        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
-                                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
-    else:
-        model = tf.BertModel(tf.BertConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
-                                           num_attention_heads=4, vocab_size=100))
-    model.eval()
+    model = tiny_transformer(arch, layers=2)
     x = torch.randint(0, 100, (1, 20))
     with torch.no_grad():
         ref = model(x)[0]
