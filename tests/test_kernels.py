@@ -320,3 +320,14 @@ def test_schemes_the_kernel_does_not_cover_take_the_reference_path(fmt, kw):
         kernels.quantize_rows = real
     assert q.dequantize().shape == (64, 128)
     assert all(real(*a) is None for a in calls)
+
+
+@needs_numba
+def test_fused_kernel_from_several_python_threads_at_once(gen):
+    from concurrent.futures import ThreadPoolExecutor
+
+    xs = [torch.randn(256, 512, generator=gen) for _ in range(6)]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda x: quantize_tensor(x, "int4", group_size=128), xs))
+    for x, q in zip(xs, got):
+        assert torch.equal(q.codes, quantize_tensor(x, "int4", group_size=128).codes)

@@ -1,4 +1,4 @@
-"""One-pass quantize-and-pack with numba, for integer, fp8_e4m3 and small-table schemes.
+"""One-pass quantize-and-pack with numba.
 
 A tensor is read as rows of n values, each row cut into groups of g (the last
 group of a row may be shorter). For each group the kernel takes the range
@@ -8,6 +8,11 @@ packed codes (pack_bits_le's layout), touching each input value once from
 memory. bf16 and fp16 inputs are read as 16-bit patterns and widened exactly,
 value by value, so no float32 copy is made. Codes, scales and zero points are
 bit for bit those of the pure-torch path (tests/test_kernels.py).
+
+    quantize_int       int1..int8 / uint, symmetric or affine (integer zero too)
+    quantize_fp8_e4m3  fp8_e4m3, symmetric
+    quantize_table     <= 16-value tables (nf4, fp4_e2m1, ...), symmetric
+    scale formats      fp32, fp16, bf16, and E8M0 for symmetric (mxfp4, mxint8, mxfp8)
 
 The kernel reports a group it will not do (a NaN or Inf input, a scale of zero,
 a scale or zero point beyond fp16/bf16) through `bad`; the caller then runs the
@@ -36,6 +41,7 @@ ABS = u32(0x7FFFFFFF)
 INF = u32(0x7F800000)
 F0, F1 = np.float32(0.0), np.float32(1.0)
 FP8_MAX = np.float32(448.0)
+FP8_MAX_BITS = u32(0x43E00000)  # 448.0
 
 
 @intrinsic
@@ -113,12 +119,12 @@ def _to_scale_format(v, fmt, is_scale):
 def _floor_log2(v):
     """floor(log2 v) of a positive finite float32, subnormals included."""
     e = np.int64(_u32(v) >> u32(23))
-    if e == 0:
-        return _floor_log2(v * np.float32(2.0**64)) - 64
+    if e == 0:  # subnormal: scale it into the normal range, exactly
+        return np.int64(_u32(v * np.float32(2.0**64)) >> u32(23)) - 127 - 64
     return e - 127
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _symmetric_scale(m, qmax, fmt):
     """core.scales.symmetric_scale from max |x| as a bit pattern m: (scale, ok)."""
     amax = _f32(m) if m > 0 else F1
@@ -134,7 +140,7 @@ def _symmetric_scale(m, qmax, fmt):
 # wraparound, and the loops vectorize to plain loads (slices would cost a reference count
 # per group).
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _absmax(x, i0, n):
     """max |x[i0:i0+n]| as a float32 bit pattern (>= INF when the group holds NaN or Inf)."""
     m = u32(0)
@@ -144,7 +150,7 @@ def _absmax(x, i0, n):
     return m
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _minmax(x, i0, n):
     """(min, max, finite) of x[i0:i0+n], compared as integers: a float32 pattern with its
     magnitude bits flipped when negative orders like the float."""
@@ -161,7 +167,7 @@ def _minmax(x, i0, n):
     return _f32(u32(lo)), _f32(u32(hi)), finite
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _int_params(x, i0, n, qmin, qmax, symmetric, integer_zero, fmt):
     """(scale, zero point, ok) of the group x[i0:i0+n] as core.scales computes them."""
     if symmetric:
@@ -196,7 +202,7 @@ def _int_code(v, s, z, lo, hi):
     return np.int32(np.rint(y))
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _encode_int(x, i0, n, s, z, lo, hi, bits, buf, out, o):
     """Codes of x[i0:i0+n] (two's complement, `bits` wide) -> out[o:], packed LSB first."""
     mask = np.int32((1 << bits) - 1)
@@ -215,7 +221,7 @@ def _encode_int(x, i0, n, s, z, lo, hi, bits, buf, out, o):
         _pack(buf, n, bits, out, o)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _pack(codes, n, bits, out, o):
     """codes[:n] of `bits` bits -> out[o:], LSB first (n * bits a multiple of 8; n and o
     unsigned, as every index in these loops)."""
@@ -276,16 +282,18 @@ def quantize_int(x, n, g, bits, qmin, qmax, symmetric, integer_zero, fmt, codes,
 
 @njit(cache=True)
 def _fp8_e4m3(y):
-    """float32 in [-448, 448] -> fp8 E4M3FN code, nearest, ties to even (torch's cast)."""
+    """float32 -> fp8 E4M3FN code: nearest, ties to even, saturating at +-448 (torch's cast
+    after clamping to +-448). Works on the magnitude bits, which order like |y|."""
     b = _u32(y)
     a = u32(b & ABS)
-    if a < u32(0x3C800000):
-        # below 2^-6: steps of 2^-9 (code 8 is the smallest normal). Adding 2^14, whose ulp
-        # is 2^-9, rounds |y| to that step, ties to even; the low bits are then the code.
-        mag = u32(_u32(_f32(a) + np.float32(16384.0)) - u32(0x46800000))
-    else:  # keep 3 mantissa bits, ties to even; rebias the exponent from 127 to 7
-        odd = u32(u32(a >> u32(20)) & u32(1))
-        mag = u32(u32(u32(a + u32(0x7FFFF) + odd) >> u32(20)) - u32(960))
+    a = a if a < FP8_MAX_BITS else FP8_MAX_BITS
+    # below 2^-6: steps of 2^-9 (code 8 is the smallest normal). Adding 2^14, whose ulp is
+    # 2^-9, rounds |y| to that step, ties to even; the low bits are then the code.
+    sub = u32(_u32(_f32(a) + np.float32(16384.0)) - u32(0x46800000))
+    # otherwise keep 3 mantissa bits, ties to even, and rebias the exponent from 127 to 7
+    odd = u32(u32(a >> u32(20)) & u32(1))
+    normal = u32(u32(u32(a + u32(0x7FFFF) + odd) >> u32(20)) - u32(960))
+    mag = sub if a < u32(0x3C800000) else normal
     return np.uint8(mag | u32(u32(b >> u32(24)) & u32(0x80)))
 
 
@@ -314,10 +322,7 @@ def quantize_fp8_e4m3(x, n, g, fmt, codes, scales, bad):
             i0, length = np.uint64(r * n + j * g), np.uint64(min(g, n - j * g))
             s = scales[r * per_row + j]
             for k in range(length):
-                y = _f32(_bits(x[i0 + k])) / s
-                y = -FP8_MAX if y < -FP8_MAX else y
-                y = FP8_MAX if y > FP8_MAX else y
-                codes[i0 + k] = _fp8_e4m3(y)
+                codes[i0 + k] = _fp8_e4m3(_f32(_bits(x[i0 + k])) / s)
 
 
 @njit(parallel=True, cache=True)
