@@ -140,12 +140,38 @@ def _symmetric_scale(m, qmax, fmt):
 # wraparound, and the loops vectorize to plain loads (slices would cost a reference count
 # per group).
 
-@njit(cache=True, inline="always")
 def _absmax(x, i0, n):
     """max |x[i0:i0+n]| as a float32 bit pattern (>= INF when the group holds NaN or Inf)."""
+    raise NotImplementedError
+
+
+@overload(_absmax, inline="always")
+def _absmax_impl(x, i0, n):
+    # |v| orders like the bits below the sign, for float32 and for both 16-bit floats; those
+    # take the max in 16-bit lanes (twice as many per vector) and widen it once.
+    if x.dtype == types.float32:
+        return lambda x, i0, n: _absmax32(x, i0, n)
+    if x.dtype == types.uint16:  # bfloat16
+        return lambda x, i0, n: _bits(_absmax16(x, i0, n))
+    if x.dtype == types.int16:  # float16
+        return lambda x, i0, n: _bits(np.int16(_absmax16(x, i0, n)))
+    return None
+
+
+@njit(cache=True, inline="always")
+def _absmax32(x, i0, n):
     m = u32(0)
     for k in range(n):
-        b = u32(_bits(x[i0 + k]) & ABS)
+        b = u32(_u32(x[i0 + k]) & ABS)
+        m = b if b > m else m
+    return m
+
+
+@njit(cache=True, inline="always")
+def _absmax16(x, i0, n):
+    m = np.uint16(0)
+    for k in range(n):
+        b = np.uint16(np.uint16(x[i0 + k]) & np.uint16(0x7FFF))
         m = b if b > m else m
     return m
 
