@@ -74,7 +74,7 @@ def cmd_quantize(args) -> None:
         ids = token_ids(tok, _text(args.text))
         n = min(args.calibration_windows, len(ids) // args.window)
         calib = [ids[i * args.window:(i + 1) * args.window][None] for i in range(n)]
-    quantize(model, recipe, calibration=calib)
+    quantize(model, recipe, calibration=calib, calibration_dtype=args.calibration_dtype)
     if hasattr(model, "lowbit_calibration"):
         print(model.lowbit_calibration.summary())
     out = save(model, args.out, tokenizer=tok, source=str(args.model))
@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     pq.add_argument("--method", default="auto",
                     help="auto (default: the best measured for the recipe, calibrated on --text), rtn, mse, hqq, "
                          "gptq, awq, smoothquant, or a chain such as awq+gptq")
+    pq.add_argument("--calibration-dtype", default="auto", choices=("auto", "bf16", "fp32"),
+                    help="dtype of the calibration forwards (default auto: bf16 where the CPU has native bf16)")
     pq.add_argument("--out", required=True, help="output folder")
     common(pq)
     pe = sub.add_parser("eval", help="perplexity, KL and top-1 agreement of a (quantized) model")

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lowbit
+from lowbit import kernels
 from lowbit.core import PerGroup, Scheme, quantize
 from lowbit.methods import gptq
 from lowbit.nn import QuantLinear
@@ -185,3 +186,34 @@ def test_sequential_runner_on_other_architectures(arch):
     with torch.no_grad():
         out = q(x)[0]
     assert ((out - ref).norm() / ref.norm()) < 0.02
+
+
+@pytest.mark.skipif(kernels._gptq_columns() is None, reason="numba is not installed")
+@pytest.mark.parametrize("name", ["w4g64", "w4g64-sym", "w3g64", "w4g128", "w8"])
+@pytest.mark.parametrize("static_groups", [False, True])
+def test_numba_column_loop_equals_the_torch_loop(name, static_groups, gen):
+    # ragged shapes (200 = 64 * 3 + 8) and a block size that does not divide them
+    scheme = RECIPES[name].weights
+    x = correlated_inputs(1024, 200, gen)
+    w = torch.randn(72, 200, generator=gen) * 0.05
+    st_ = stats_of(x)
+    fast = gptq(w, scheme, stats=st_, block_size=48, static_groups=static_groups, fallback_to_rtn=False)
+    ref = gptq(w, scheme, stats=st_, block_size=48, static_groups=static_groups, fallback_to_rtn=False, kernel=False)
+    assert torch.equal(fast.codes, ref.codes)
+    assert torch.equal(fast.dequantize(), ref.dequantize())
+
+
+def test_bf16_calibration_keeps_gptq_close_to_float32(gen):
+    model = tiny_transformer("qwen2", 2)
+    batches = [torch.randint(0, model.config.vocab_size, (2, 32), generator=gen) for _ in range(4)]
+    qs = {}
+    for dtype in ("fp32", "bf16"):
+        q = copy.deepcopy(model)
+        lowbit.quantize(q, "w4g64", calibration=batches, method="gptq", progress=False, calibration_dtype=dtype)
+        qs[dtype] = q
+        assert q.lowbit_calibration.dtype == {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=gen)
+    with torch.no_grad():
+        ref, a, b = (m(ids).logits for m in (model, qs["fp32"], qs["bf16"]))
+    err32, err16 = (ref - a).pow(2).mean(), (ref - b).pow(2).mean()
+    assert err16 < 1.5 * err32, (float(err16), float(err32))

@@ -23,20 +23,24 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels
 from ..core import QTensor, Scheme, fit_params, quantize
 from ..core.granularity import PerChannel, PerGroup, PerTensor
 from ..core.grid import decode_part, encode_part
 from ..core.packing import pack_bits_le
+from ..formats import IntFormat
 from .awq import awq_clip
 
 
 def gptq(w: torch.Tensor, scheme: Scheme, *, stats, damp: float = 0.01, block_size: int = 128,
          act_order: bool = True, static_groups: bool = False, clip: bool = False,
-         fallback_to_rtn: bool = True) -> QTensor:
+         fallback_to_rtn: bool = True, kernel: bool = True) -> QTensor:
     """w: [out, in]; stats.hessian: [in, in] (see pipeline.stats.InputStats).
 
     clip: fit the (static) group ranges on the weights clipped by AWQ's output-error search
-    (methods/awq.awq_clip), while the solve still targets the unclipped weights."""
+    (methods/awq.awq_clip), while the solve still targets the unclipped weights.
+    kernel: run the column loop of static integer grids in numba (kernels.gptq_int_block)
+    where available; False forces the torch loop, the reference."""
     H = getattr(stats, "hessian", None)
     if H is None:
         raise ValueError("gptq needs calibration statistics with a Hessian (run it through lowbit.quantize "
@@ -52,13 +56,19 @@ def gptq(w: torch.Tensor, scheme: Scheme, *, stats, damp: float = 0.01, block_si
         or not isinstance(scheme.granularity, PerGroup)
     params = _Params(awq_clip(W, scheme, stats) if clip and static else W, scheme, gs, static)
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(C)
-    U = _inverse_hessian_factor(H[perm][:, perm], dead[perm], damp)
+    U = _shared_factor(stats, (damp, act_order), lambda: _inverse_hessian_factor(H[perm][:, perm], dead[perm], damp))
     W = W[:, perm]
     codes = torch.empty(R, C, dtype=torch.uint8 if scheme.bits <= 8 else torch.int32)
     fmt = scheme.fmt
+    fast = kernel and static and isinstance(fmt, IntFormat) and fmt.step == 1.0 and fmt.bits <= 8
     for i1 in range(0, C, block_size):
         i2 = min(i1 + block_size, C)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        done = _kernel_block(W1, U1, params, perm[i1:i2], fmt) if fast else None
+        if done is not None:
+            codes[:, perm[i1:i2]], E1 = done
+            W[:, i2:] -= E1 @ U[i1:i2, i2:]
+            continue
         E1 = torch.empty(R, i2 - i1)
         for i in range(i2 - i1):
             j = int(perm[i1 + i])
@@ -69,7 +79,7 @@ def gptq(w: torch.Tensor, scheme: Scheme, *, stats, damp: float = 0.01, block_si
             c = encode_part(x, s, z, fmt)
             e = (x - decode_part(c, s, z, fmt)) / U1[i, i]
             codes[:, j] = c[:, 0]
-            W1[:, i:] -= e * U1[i:i + 1, i:]
+            W1[:, i:].addr_(e[:, 0], U1[i, i:], alpha=-1)  # in place: no [R, n] temporary per column
             E1[:, i] = e[:, 0]
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     q = params.qtensor(pack_bits_le(codes, scheme.bits))
@@ -79,6 +89,18 @@ def gptq(w: torch.Tensor, scheme: Scheme, *, stats, damp: float = 0.01, block_si
         return q
     rtn = quantize(w, scheme)
     return q if _loss(w, q, H) <= _loss(w, rtn, H) else rtn
+
+
+def _kernel_block(W1, U1, params: "_Params", cols: torch.Tensor, fmt: IntFormat):
+    """The numba column loop for one block (static params): (codes [R, B], errors [R, B]) or None."""
+    if not bool(torch.isfinite(W1).all()):
+        return None  # the torch loop reports NaN/Inf as the quantizers do
+    S, Z = params.columns(cols)
+    out = kernels.gptq_int_block(W1, U1, S, Z, fmt.qmin, fmt.qmax)
+    if out is None:
+        return None
+    q, E1 = out
+    return fmt.encode_integers(q), E1
 
 
 def _loss(w: torch.Tensor, q: QTensor, H: torch.Tensor) -> float:
@@ -97,6 +119,16 @@ def _group_size(scheme: Scheme, C: int) -> int:
         return C
     raise ValueError(f"gptq quantizes weights [out, in] per tensor, per output channel or in groups along "
                      f"the input axis; granularity {g} is not supported")
+
+
+def _shared_factor(stats, key, compute):
+    """Layers reading one input (q/k/v, gate/up) share its InputStats: factor H once for all."""
+    cache = getattr(stats, "cache", None)
+    if cache is None:
+        return compute()
+    if ("gptq", key) not in cache:
+        cache[("gptq", key)] = compute()
+    return cache[("gptq", key)]
 
 
 def _inverse_hessian_factor(H: torch.Tensor, dead: torch.Tensor, damp: float) -> torch.Tensor:
@@ -140,6 +172,12 @@ class _Params:
             k = min(k, self._s.shape[1] - 1)
             return self._s[:, k:k + 1], None if self._z is None else self._z[:, k:k + 1]
         return self._groups[k][1:]
+
+    def columns(self, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static params of input columns `cols`: scales and zero points [R, len(cols)] (zeros: 0)."""
+        k = (cols // self.gs).clamp(max=self._s.shape[1] - 1)
+        S = self._s[:, k].float()
+        return S, torch.zeros_like(S) if self._z is None else self._z[:, k].float()
 
     def qtensor(self, packed: torch.Tensor) -> QTensor:
         if self.static is not None:

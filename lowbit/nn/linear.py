@@ -59,7 +59,9 @@ class QuantLinear(nn.Module):
             return self._forward_int8(x)
         if self.act_scheme is not None:
             x = fake_quant_int(x, self.act_scheme.bits, self.act_scale, self.act_zero)
-        w = self.qweight.dequantize(x.dtype)
+        # under autocast F.linear would cast the weight again: dequantize straight to its dtype
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        w = self.qweight.dequantize(dtype)
         return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
 
     def _forward_int8(self, x: torch.Tensor) -> torch.Tensor:

@@ -47,14 +47,16 @@ def _named_explicitly(name: str, recipe: Recipe) -> bool:
 
 def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | None = None, *,
              method: str | None = None, progress: bool = True, propagate: str = "quantized",
-             batch_size: int = 8) -> nn.Module:
+             batch_size: int = 8, calibration_dtype: "torch.dtype | str" = "auto") -> nn.Module:
     """Quantize `model` in place and return it.
 
     `calibration`: an iterable of input batches (token id tensors [batch, seq], or dicts
     of model inputs), needed for static activation recipes and for methods that use
     statistics (gptq): those run block by block (pipeline/sequential.py), and the
     report lands in `model.lowbit_calibration`. Windows of equal length are stacked
-    `batch_size` at a time.
+    `batch_size` at a time. `calibration_dtype` ("auto", "bf16", "fp32"): what those
+    calibration forwards and Hessian products run in ("auto": bf16 where the CPU has native
+    bf16 matmul; see pipeline.sequential.calibration_dtype).
     """
     recipe = get_recipe(recipe, method)
     targets = plan(model, recipe)
@@ -83,8 +85,10 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
                              "statistics: pass calibration=batches of inputs")
         model.lowbit_calibration = run_sequential(model, list(targets), _batches(calibration, batch_size),
                                                   quantize_layer, hessian="hessian" in needs,
+                                                  magnitudes=bool(needs & {"absmax", "absmean"}),
                                                   transform=_transform_step(targets),
-                                                  propagate=propagate, progress=progress)
+                                                  propagate=propagate, compute_dtype=calibration_dtype,
+                                                  progress=progress)
     else:
         for name in tqdm(targets, desc="quantize", unit="layer", disable=not progress):
             quantize_layer(name)
