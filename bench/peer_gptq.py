@@ -129,7 +129,9 @@ def main() -> None:
     if not args.skip_peer:
         env = dict(os.environ, GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "2"))
         t = time.perf_counter()
-        subprocess.run([args.peer_python, __file__, "--peer-side", str(work)], check=True, env=env)
+        # cwd: GPTQModel writes a logs/ folder wherever it runs
+        subprocess.run([args.peer_python, str(Path(__file__).resolve()), "--peer-side", str(work)], check=True,
+                       env=env, cwd=work)
         print(f"peer process: {time.perf_counter() - t:.0f} s including its model load", flush=True)
     peer = json.loads((work / "peer.json").read_text())
 
