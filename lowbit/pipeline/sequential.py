@@ -8,7 +8,9 @@
         run the quantized block -> the inputs of block i+1
             (propagate="full": the full-precision outputs of the first run instead)
 
-Only one block's inputs and outputs are held at a time; the report gives their
+The forwards run in bf16 where the CPU multiplies it natively (calibration_dtype), the
+statistics pass stops once every layer has seen the batch, and the layers of a block are
+solved two at a time. Only one block's inputs and outputs are held at a time; the report gives their
 size, the process's peak RSS and, for every layer with a Hessian, the layer-wise
 loss ||W X - Q X||^2 / ||W X||^2 of the chosen weights next to round-to-nearest's.
 """
