@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -61,6 +62,22 @@ def _text(path: str | None) -> str:
     return p.read_text(encoding="utf-8")
 
 
+def _method_options(items: list[str], base: dict) -> dict:
+    """["gptq.damp=0.05", "smoothquant.alpha=0.8"] -> {"gptq": {"damp": 0.05}, ...} (values as JSON,
+    else strings)."""
+    out = {k: dict(v) for k, v in base.items()}
+    for item in items:
+        key, eq, value = item.partition("=")
+        method, dot, option = key.partition(".")
+        if not (eq and dot and method and option):
+            raise ValueError(f"--method-option {item!r}: write METHOD.OPTION=VALUE, e.g. gptq.damp=0.05")
+        try:
+            out.setdefault(method, {})[option] = json.loads(value)
+        except json.JSONDecodeError:
+            out.setdefault(method, {})[option] = value
+    return out
+
+
 def cmd_quantize(args) -> None:
     from .eval import token_ids
     from .io import load_model, save
@@ -68,6 +85,8 @@ def cmd_quantize(args) -> None:
     from .pipeline import get_recipe, quantize
 
     recipe = get_recipe(args.recipe, args.method)  # fail on a bad name before loading anything
+    if args.method_option:
+        recipe = recipe.replace(method_options=_method_options(args.method_option, recipe.method_options))
     model, tok = load_model(args.model)
     calib = None
     if recipe.observer or method_needs(recipe.method):
@@ -142,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     pq.add_argument("--method", default="auto",
                     help="auto (default: the best measured for the recipe, calibrated on --text), rtn, mse, hqq, "
                          "gptq, awq, smoothquant, or a chain such as awq+gptq")
+    pq.add_argument("--method-option", action="append", metavar="METHOD.OPTION=VALUE",
+                    help="a keyword option of a method in the chain, e.g. gptq.damp=0.05 or "
+                         "smoothquant.alpha=0.8 (repeatable; saved in the recipe)")
     pq.add_argument("--calibration-dtype", default="auto", choices=("auto", "bf16", "fp32"),
                     help="dtype of the calibration forwards (default auto: bf16 where the CPU has native bf16)")
     pq.add_argument("--out", required=True, help="output folder")

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from lowbit.cli import main
 
 
@@ -51,3 +53,11 @@ def test_quantize_and_eval_commands_on_a_truncated_model(smollm2_2layers, tmp_pa
     assert main(["eval", str(out), "--windows", "2", *common]) == 0
     assert "ppl" in capsys.readouterr().out
     assert main(["quantize", str(src), "--recipe", "w4g64", "--method", "nope", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_method_option_parsing():
+    from lowbit.cli import _method_options
+    assert _method_options(["gptq.damp=0.05", "gptq.act_order=false", "smoothquant.alpha=0.8"], {}) == \
+        {"gptq": {"damp": 0.05, "act_order": False}, "smoothquant": {"alpha": 0.8}}
+    with pytest.raises(ValueError, match="METHOD.OPTION=VALUE"):
+        _method_options(["damp=0.05"], {})

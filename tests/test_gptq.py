@@ -217,3 +217,20 @@ def test_bf16_calibration_keeps_gptq_close_to_float32(gen):
         ref, a, b = (m(ids).logits for m in (model, qs["fp32"], qs["bf16"]))
     err32, err16 = (ref - a).pow(2).mean(), (ref - b).pow(2).mean()
     assert err16 < 1.5 * err32, (float(err16), float(err32))
+
+
+def test_recipe_method_options_reach_gptq_and_smoothquant(gen):
+    model = tiny_transformer("qwen2", 2)
+    batches = [torch.randint(0, model.config.vocab_size, (2, 32), generator=gen) for _ in range(2)]
+    rtn = lowbit.quantize(copy.deepcopy(model), "w4g64", progress=False)
+    as_rtn = {"gptq": {"damp": 1e12, "act_order": False, "fallback_to_rtn": False}}
+    q = lowbit.quantize(copy.deepcopy(model), RECIPES["w4g64"].replace(method="gptq", method_options=as_rtn),
+                        calibration=batches, progress=False)
+    name = "model.layers.1.mlp.down_proj"
+    assert torch.equal(q.get_submodule(name).qweight.dequantize(), rtn.get_submodule(name).qweight.dequantize())
+    w = {}
+    for alpha in (0.5, 0.9):
+        r = RECIPES["w8a8-dynamic"].replace(method="smoothquant", method_options={"smoothquant": {"alpha": alpha}})
+        w[alpha] = lowbit.quantize(copy.deepcopy(model), r, calibration=batches, progress=False) \
+            .get_submodule("model.layers.0.self_attn.q_proj").qweight.dequantize()
+    assert not torch.equal(w[0.5], w[0.9])

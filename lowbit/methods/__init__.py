@@ -7,6 +7,9 @@ statistics, scheme) to per-channel scales that the pipeline folds into the model
 A recipe's method chains them: "awq", "awq+gptq", "smoothquant", "smoothquant+gptq"
 (transforms first, then at most one solver; round to nearest when none is named).
 """
+import inspect
+import json
+
 from .awq import awq_scales
 from .gptq import gptq
 from .hqq import hqq
@@ -53,5 +56,33 @@ def method_needs(name: str) -> set[str]:
     return {k for f in fns for k in getattr(f, "needs", ())}
 
 
-__all__ = ["METHODS", "TRANSFORMS", "get_method", "parse_method", "method_needs", "rtn", "mse_clip", "hqq",
+def check_method_options(options: dict) -> dict:
+    """{method: {keyword: value}} -> the same, checked against each function's keyword-only
+    parameters and JSON-representable (recipes are saved as JSON).
+
+    Example: check_method_options({"gptq": {"damp": 0.05}, "smoothquant": {"alpha": 0.8}})"""
+    if not isinstance(options, dict):
+        raise ValueError(f"method_options must be a dict of {{method: {{option: value}}}}, got {options!r}")
+    fns = {**METHODS, **TRANSFORMS}
+    out = {}
+    for name, kw in options.items():
+        if name not in fns:
+            raise ValueError(f"method_options: unknown method {name!r}; known: {', '.join(fns)}")
+        if not isinstance(kw, dict):
+            raise ValueError(f"method_options[{name!r}] must be a dict of option: value, got {kw!r}")
+        params = {p.name for p in inspect.signature(fns[name]).parameters.values() if p.kind is p.KEYWORD_ONLY}
+        params.discard("stats")
+        for k, v in kw.items():
+            if k not in params:
+                raise ValueError(f"method_options: {name} has no option {k!r}; its options: "
+                                 f"{', '.join(sorted(params)) or 'none'}")
+            try:
+                json.dumps(v, allow_nan=False)
+            except (TypeError, ValueError):
+                raise ValueError(f"method_options: {name}.{k}={v!r} is not a JSON value") from None
+        out[name] = dict(kw)
+    return out
+
+
+__all__ = ["METHODS", "TRANSFORMS", "get_method", "parse_method", "method_needs", "check_method_options", "rtn", "mse_clip", "hqq",
            "gptq", "awq_scales", "smoothquant_scales"]

@@ -68,8 +68,9 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
         r = targets[name]
         old = model.get_submodule(name)
         fn = get_method(r.method)  # the solver of the chain; transforms ran before
+        opts = r.method_options.get(parse_method(r.method)[1], {})
         w = linear_weight(old).float()
-        qweight = fn(w, r.weights, stats=stats) if getattr(fn, "needs", ()) else fn(w, r.weights)
+        qweight = fn(w, r.weights, stats=stats, **opts) if getattr(fn, "needs", ()) else fn(w, r.weights, **opts)
         scale, zero = act_ranges.get(name, (None, None))
         if r.outlier_threshold is not None:  # LLM.int8(): outlier columns in full precision at run time
             new = LLMInt8Linear.from_linear(old, qweight, act_scheme=r.activations, threshold=r.outlier_threshold)
@@ -86,7 +87,7 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
         model.lowbit_calibration = run_sequential(model, list(targets), _batches(calibration, batch_size),
                                                   quantize_layer, hessian="hessian" in needs,
                                                   magnitudes=bool(needs & {"absmax", "absmean"}),
-                                                  transform=_transform_step(targets),
+                                                  transform=_transform_step(targets, recipe.method_options),
                                                   propagate=propagate, compute_dtype=calibration_dtype,
                                                   progress=progress)
     else:
@@ -99,7 +100,7 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
     return model
 
 
-def _transform_step(targets: dict[str, Recipe]):
+def _transform_step(targets: dict[str, Recipe], options: dict):
     chains = {n: parse_method(r.method) for n, r in targets.items()}
     if not any(t for t, _ in chains.values()):
         return None
@@ -108,7 +109,7 @@ def _transform_step(targets: dict[str, Recipe]):
         head = where + "."
         apply_transforms(block, local, {n: chains[head + n][0] for n in local},
                          {n: targets[head + n].weights for n in local}, stats, producers, sample, where,
-                         solvers={n: chains[head + n][1] for n in local})
+                         solvers={n: chains[head + n][1] for n in local}, options=options)
     return step
 
 

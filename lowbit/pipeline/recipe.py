@@ -44,12 +44,15 @@ class Recipe:
     overrides: tuple[Override, ...] = ()
     name: str | None = None
     outlier_threshold: float | None = None  # LLM.int8(): |x| >= this runs the column in full precision
+    # keyword options of the methods in the chain, e.g. {"gptq": {"damp": 0.05}, "smoothquant": {"alpha": 0.8}}
+    method_options: dict = dataclasses.field(default_factory=dict, hash=False)
 
     def __post_init__(self):
-        from ..methods import get_method
+        from ..methods import check_method_options, get_method
         from ..methods.llm_int8 import check_threshold
 
         get_method(self.method)
+        object.__setattr__(self, "method_options", check_method_options(self.method_options))
         if self.outlier_threshold is not None:
             check_threshold(self.outlier_threshold)
             if self.activations is None or self.observer is not None:
@@ -83,7 +86,7 @@ class Recipe:
     def to_dict(self) -> dict:
         return {
             "version": VERSION, "name": self.name, "method": self.method, "observer": self.observer,
-            "outlier_threshold": self.outlier_threshold,
+            "outlier_threshold": self.outlier_threshold, "method_options": self.method_options,
             "weights": self.weights.to_dict(),
             "activations": self.activations.to_dict() if self.activations else None,
             "include": list(self.include), "exclude": list(self.exclude),
@@ -106,7 +109,8 @@ class Recipe:
         return cls(weights=Scheme.from_dict(d["weights"]), method=d.get("method", "rtn"),
                    activations=scheme(d.get("activations")), observer=d.get("observer"),
                    include=tuple(d.get("include", ("*",))), exclude=tuple(d.get("exclude", DEFAULT_EXCLUDE)),
-                   overrides=overrides, name=d.get("name"), outlier_threshold=d.get("outlier_threshold"))
+                   overrides=overrides, name=d.get("name"), outlier_threshold=d.get("outlier_threshold"),
+                   method_options=d.get("method_options") or {})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -26,14 +26,15 @@ TOLERANCE = 1e-3  # relative change of the block's output allowed by a fold (flo
 @torch.no_grad()
 def apply_transforms(block: nn.Module, names: list[str], transforms: dict[str, tuple[str, ...]], schemes: dict,
                      stats: dict, producers: dict[str, str | None], sample: BlockInput, where: str,
-                     solvers: dict[str, str] | None = None) -> None:
+                     solvers: dict[str, str] | None = None, options: dict | None = None) -> None:
     """transforms: {layer name: transform names}; schemes: {layer name: weight Scheme};
     solvers: {layer name: solver}: AWQ clips the weights themselves unless GPTQ solves next
-    (GPTQ must aim at the unclipped weights; it can clip its own grid instead)."""
+    (GPTQ must aim at the unclipped weights; it can clip its own grid instead);
+    options: {transform: keyword options} (Recipe.method_options)."""
     wanted = [n for n in names if transforms.get(n)]
     if not wanted:
         return
-    fold_scales(block, wanted, transforms, schemes, stats, producers, sample, where)
+    fold_scales(block, wanted, transforms, schemes, stats, producers, sample, where, options)
     for n in wanted:
         if "awq" in transforms[n] and (solvers or {}).get(n) != "gptq":
             w = linear_weight(block.get_submodule(n))
@@ -42,14 +43,15 @@ def apply_transforms(block: nn.Module, names: list[str], transforms: dict[str, t
 
 @torch.no_grad()
 def fold_scales(block: nn.Module, names: list[str], transforms: dict[str, tuple[str, ...]], schemes: dict,
-                stats: dict, producers: dict[str, str | None], sample: BlockInput, where: str) -> None:
+                stats: dict, producers: dict[str, str | None], sample: BlockInput, where: str,
+                options: dict | None = None) -> None:
     """Pick and fold every group's scales; the block's output must not change."""
     before = run_block(block, sample)
     for g in smoothing_groups(block, names, producers):
         st = stats[g.consumers[0]]
         for kind in transforms[g.consumers[0]]:
             ws = [linear_weight(block.get_submodule(c)).float() for c in g.consumers]
-            s = TRANSFORMS[kind](ws, st, schemes[g.consumers[0]])
+            s = TRANSFORMS[kind](ws, st, schemes[g.consumers[0]], **(options or {}).get(kind, {}))
             _fold(block, g, s)
             st.scale_inputs(s)
     after = run_block(block, sample)
