@@ -40,10 +40,10 @@ class InputStats:
         x = x.detach().reshape(-1, self.dim)
         self.n += x.shape[0]
         if self._xtx is not None:
-            if self.product_dtype == torch.float32:
-                self._xtx.addmm_(x.t().float(), x.float())
+            xl = x.to(self.product_dtype)  # one conversion (none when x already has that dtype)
+            if xl.dtype == self._xtx.dtype:
+                self._xtx.addmm_(xl.t(), xl)
             else:
-                xl = x.to(self.product_dtype)
                 self._xtx += (xl.t() @ xl).float()
         if self.magnitudes:
             a = x.abs()
