@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -78,6 +80,40 @@ def _method_options(items: list[str], base: dict) -> dict:
     return out
 
 
+def check_out(path: str, force: bool) -> Path:
+    """Refuse an output path before any work is done: an existing checkpoint needs --force, and
+    anything else already there (a file, a folder of other things) is never replaced."""
+    out = Path(path)
+    if out.exists():
+        is_checkpoint = out.is_dir() and (out / "lowbit.json").is_file()
+        if out.is_dir() and not is_checkpoint and any(out.iterdir()):
+            raise ValueError(f"--out {out}: the folder exists and is not a lowbit checkpoint; choose a new path")
+        if (is_checkpoint or out.is_file()) and not force:
+            raise ValueError(f"--out {out}: already exists; pass --force to replace it")
+    parent = next((p for p in (out.absolute(), *out.absolute().parents) if p.exists()), Path("/"))
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: {parent} is not writable")
+    return out
+
+
+def calibration_split(ids, window: int, n: int) -> tuple[list, dict]:
+    """The last `n` windows of `ids` as calibration batches [1, window], and where they lie.
+
+    Calibration takes windows from the end of the text and evaluation from its start, so the
+    two are disjoint unless the text is too short for both (`lowbit eval` checks).
+    """
+    total = len(ids) // window
+    n = min(n, total)
+    first = total - n
+    batches = [ids[i * window:(i + 1) * window][None] for i in range(first, total)]
+    return batches, {"window": window, "first_window": first, "windows": n, "token_range": [first * window,
+                                                                                              total * window]}
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def cmd_quantize(args) -> None:
     from .eval import token_ids
     from .io import load_model, save
@@ -87,17 +123,36 @@ def cmd_quantize(args) -> None:
     recipe = get_recipe(args.recipe, args.method)  # fail on a bad name before loading anything
     if args.method_option:
         recipe = recipe.replace(method_options=_method_options(args.method_option, recipe.method_options))
+    out = check_out(args.out, args.force)
     model, tok = load_model(args.model)
     calib = None
     if recipe.observer or method_needs(recipe.method):
-        ids = token_ids(tok, _text(args.text))
-        n = min(args.calibration_windows, len(ids) // args.window)
-        calib = [ids[i * args.window:(i + 1) * args.window][None] for i in range(n)]
+        text = _text(args.text)
+        calib, where = calibration_split(token_ids(tok, text), args.window, args.calibration_windows)
+        where["text_sha256"] = text_digest(text)
+        model.lowbit_calibration_text = where
+        print(f"calibrating on windows {where['first_window']}-{where['first_window'] + where['windows'] - 1} "
+              f"of {args.window} tokens (the end of {args.text or 'the default text'}); "
+              "`lowbit eval` scores windows from its start")
     quantize(model, recipe, calibration=calib, calibration_dtype=args.calibration_dtype)
     if hasattr(model, "lowbit_calibration"):
         print(model.lowbit_calibration.summary())
-    out = save(model, args.out, tokenizer=tok, source=str(args.model))
+    out = save(model, out, tokenizer=tok, source=str(args.model))
     print(f"saved {recipe.name or 'custom'} ({recipe.method}) to {out}")
+
+
+def check_disjoint(calibrated: dict | None, text: str, window: int, windows: int) -> str:
+    """Refuse to score windows a checkpoint was calibrated on; say which windows are scored."""
+    scored = f"windows 0-{windows - 1} of {window} tokens"
+    if not calibrated or calibrated.get("text_sha256") != text_digest(text):
+        return scored + (" (calibrated on another text)" if calibrated else "")
+    start, _ = calibrated["token_range"]
+    if windows * window > start:
+        raise ValueError(f"this checkpoint was calibrated on tokens {start}-{calibrated['token_range'][1]} of "
+                         f"this text; scoring {windows} windows of {window} tokens would reach into them. "
+                         "Pass fewer --windows, a smaller --window, or another --text")
+    return scored + f" (calibration used windows {calibrated['first_window']}-" \
+                    f"{calibrated['first_window'] + calibrated['windows'] - 1}: disjoint)"
 
 
 def cmd_eval(args) -> None:
@@ -108,12 +163,15 @@ def cmd_eval(args) -> None:
 
     path = Path(args.model)
     if (path / "lowbit.json").is_file():
+        meta = read_meta(path)
         model, tok = load(path), load_tokenizer(path)
-        source = args.reference or read_meta(path).get("source")
+        source, calibrated = args.reference or meta.get("source"), meta.get("calibration_text")
     else:
         model, tok = load_model(args.model)
-        source = args.reference
-    ids = token_ids(tok, _text(args.text))
+        source, calibrated = args.reference, None
+    text = _text(args.text)
+    print("scoring " + check_disjoint(calibrated, text, args.window, args.windows))
+    ids = token_ids(tok, text)
     size = model_size(model)
     print(f"size {size.bytes / 1e6:.1f} MB, {size.bits_per_weight:.2f} bits/weight overall")
     if source:
@@ -167,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     pq.add_argument("--calibration-dtype", default="auto", choices=("auto", "bf16", "fp32"),
                     help="dtype of the calibration forwards (default auto: bf16 where the CPU has native bf16)")
     pq.add_argument("--out", required=True, help="output folder")
+    pq.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
     common(pq)
     pe = sub.add_parser("eval", help="perplexity, KL and top-1 agreement of a (quantized) model")
     pe.add_argument("model", help="a folder written by `lowbit quantize`, or a model as for quantize")
@@ -188,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # saves are atomic: an interrupted run leaves nothing behind
+        print("lowbit: interrupted; nothing was written", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -10,7 +10,7 @@ settings.register_profile("ci", max_examples=60, deadline=None)
 settings.register_profile("dev", max_examples=30, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+DATA = Path(__file__).resolve().parent / "data"
 SMOLLM2_LAYERS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -21,6 +21,13 @@ def smollm2_weights() -> dict[str, torch.Tensor]:
 
     names = [f"blk.0.{p}.weight" for p in SMOLLM2_LAYERS]
     return read_gguf_tensors(builtin_model_path("smollm2-135m"), names)
+
+
+def wikitext_excerpt(split: str = "test") -> str:
+    """The opening ~90 kB of wikitext-2 `split` ("test" or "valid"), carried by the repository
+    (tests/data/wikitext-2, CC BY-SA 3.0) so the suite runs in any clone; benchmarks read the full
+    files from ../shared with lowbit.io.wikitext2()."""
+    return (DATA / "wikitext-2" / f"{split}-excerpt.txt").read_text(encoding="utf-8")
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lowbit.cli import main
 
@@ -51,7 +52,13 @@ def test_quantize_and_eval_commands_on_a_truncated_model(smollm2_2layers, tmp_pa
     said = capsys.readouterr().out
     assert "(awq+gptq)" in said and "layer loss vs round-to-nearest" in said
     assert main(["eval", str(out), "--windows", "2", *common]) == 0
-    assert "ppl" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "ppl" in said and "scoring windows 0-1 of 64 tokens" in said and "disjoint" in said
+    assert main(["eval", str(out), "--windows", "1000", *common]) == 2
+    assert "would reach into them" in capsys.readouterr().err
+    assert main(["quantize", str(src), "--recipe", "w8", "--out", str(out), *common]) == 2
+    assert main(["quantize", str(src), "--recipe", "w8", "--method", "rtn", "--out", str(out), "--force",
+                 *common]) == 0
     assert main(["quantize", str(src), "--recipe", "w4g64", "--method", "nope", "--out", str(tmp_path / "x")]) == 2
 
 
@@ -61,3 +68,53 @@ def test_method_option_parsing():
         {"gptq": {"damp": 0.05, "act_order": False}, "smoothquant": {"alpha": 0.8}}
     with pytest.raises(ValueError, match="METHOD.OPTION=VALUE"):
         _method_options(["damp=0.05"], {})
+
+
+def test_out_is_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    import lowbit.io as lio
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(lio, "load_model", no_loading)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "lowbit.json").write_text("{}")
+    assert main(["quantize", "smollm2-135m", "--recipe", "w8", "--out", str(ckpt)]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"x")
+    assert main(["quantize", "smollm2-135m", "--recipe", "w8", "--out", str(other), "--force"]) == 2
+    assert "not a lowbit checkpoint" in capsys.readouterr().err
+    (tmp_path / "file.txt").write_text("x")
+    assert main(["quantize", "smollm2-135m", "--recipe", "w8", "--out", str(tmp_path / "file.txt")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_ctrl_c_exits_with_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import lowbit.io as lio
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lio, "load_model", interrupted)
+    out = tmp_path / "q"
+    assert main(["quantize", "smollm2-135m", "--recipe", "w8", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "lowbit: interrupted; nothing was written" and not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_and_evaluation_windows_are_disjoint():
+    from lowbit.cli import calibration_split, check_disjoint, text_digest
+
+    ids = torch.arange(10 * 64 + 17)
+    batches, where = calibration_split(ids, 64, 3)
+    assert [int(b[0, 0]) for b in batches] == [7 * 64, 8 * 64, 9 * 64] and all(b.shape == (1, 64) for b in batches)
+    assert where["token_range"] == [7 * 64, 10 * 64] and where["first_window"] == 7
+    where["text_sha256"] = text_digest("some text")
+    assert "disjoint" in check_disjoint(where, "some text", 64, 7)
+    with pytest.raises(ValueError, match="calibrated on tokens 448-640"):
+        check_disjoint(where, "some text", 64, 8)
+    assert "another text" in check_disjoint(where, "other text", 64, 10)

@@ -110,10 +110,10 @@ def test_input_stats_match_float64_math(gen):
 @pytest.fixture(scope="module")
 def calib(smollm2_2layers):
     from lowbit.eval import token_ids
-    from lowbit.io import wikitext2
+    from conftest import wikitext_excerpt
 
     _, tok = smollm2_2layers
-    ids = token_ids(tok, wikitext2("valid"))[:8 * 256]
+    ids = token_ids(tok, wikitext_excerpt("valid"))[:8 * 256]
     return [ids[i * 256:(i + 1) * 256][None] for i in range(8)]
 
 

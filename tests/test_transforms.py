@@ -19,10 +19,10 @@ from lowbit.pipeline.transforms import fold_scales
 @pytest.fixture(scope="module")
 def calib(smollm2_2layers):
     from lowbit.eval import token_ids
-    from lowbit.io import wikitext2
+    from conftest import wikitext_excerpt
 
     _, tok = smollm2_2layers
-    ids = token_ids(tok, wikitext2("valid"))[:4 * 256]
+    ids = token_ids(tok, wikitext_excerpt("valid"))[:4 * 256]
     return [ids[i * 256:(i + 1) * 256][None] for i in range(4)]
 
 

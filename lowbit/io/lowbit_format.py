@@ -89,7 +89,9 @@ def save_lowbit(model: nn.Module, path: str | Path, tokenizer=None, source: str 
         tensors[key] = t
     meta = {"format": FORMAT, "version": VERSION, "modules": modules,
             "recipe": model.lowbit_recipe.to_dict() if hasattr(model, "lowbit_recipe") else None,
-            "model": _model_meta(model), "source": source}
+            "model": _model_meta(model), "source": source,
+            # where the calibration text lay (set by `lowbit quantize`), so `lowbit eval` can avoid it
+            "calibration_text": getattr(model, "lowbit_calibration_text", None)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
