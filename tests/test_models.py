@@ -1,5 +1,6 @@
 """Loading real models offline, and the evaluation texts."""
 import copy
+import os
 
 import pytest
 import torch
@@ -74,6 +75,40 @@ def test_load_model_rejects_bad_sources(tmp_path):
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf")
     with pytest.raises(ValueError, match="bad.gguf"):
         load_model(tmp_path / "bad.gguf")
+
+
+@pytest.mark.parametrize("config, match", [
+    ("not json", "config.json is not valid JSON"),
+    ("[1, 2]", "config.json holds a JSON list, not an object"),
+    ("{}", "config.json has no 'model_type'"),
+    ('{"model_type": 3}', "config.json has no 'model_type'"),
+    ('{"model_type": "llama", "architectures": "LlamaForCausalLM"}', "'architectures' must be a list"),
+    ('{"model_type": "llama"}', "has no tokenizer files"),  # transformers would blame its tokenizer backend
+])
+def test_load_model_says_what_is_wrong_with_the_folder(tmp_path, config, match, capsys):
+    from lowbit.cli import main
+
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(ValueError, match=match):
+        load_model(tmp_path)
+    assert main(["eval", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lowbit: error: ") and str(tmp_path) in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("before", [None, "0"])
+def test_hub_offline_is_set_only_during_the_call(monkeypatch, tmp_path, before):
+    seen = []
+    if before is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", before)
+    monkeypatch.setattr(io_models, "_load_hf_dir", lambda path, dtype: seen.append(os.environ["HF_HUB_OFFLINE"]))
+    load_model(tmp_path)
+    assert seen == ["1"] and os.environ.get("HF_HUB_OFFLINE") == before
+    with pytest.raises(ValueError, match="neither a built-in model"):  # restored after an error too
+        load_model(tmp_path / "nope")
+    assert os.environ.get("HF_HUB_OFFLINE") == before
 
 
 def test_minilm_loads_as_encoder():

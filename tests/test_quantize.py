@@ -248,6 +248,12 @@ def test_edge_cases_give_correct_results():
     (lambda: quantize_tensor(torch.ones(4, dtype=torch.int32), "int4"), "floating-point"),
     (lambda: quantize_tensor(torch.ones(4) * 1e6, "int4", scale_format="fp16"), "exceeds"),
     (lambda: quantize_tensor(torch.ones(4), "uint4", symmetric=False, scale_format="e8m0"), "zero points"),
+    # wider than a byte: refused by the Scheme, before any packing
+    (lambda: quantize_tensor(torch.ones(4), "fp16"), "'fp16' has 16-bit codes.*model.half"),
+    (lambda: quantize_tensor(torch.ones(4), "bf16"), "'bf16' has 16-bit codes.*model.bfloat16"),
+    (lambda: quantize_tensor(torch.ones(4), "q4.4"), "'q4.4' has 9-bit codes"),
+    (lambda: quantize_tensor(torch.ones(4), "q7.8"), "'q7.8' has 16-bit codes"),
+    (lambda: Scheme("int4", double_quant=Scheme("int8").replace(format="fp16")), "'fp16' has 16-bit"),
 ])
 def test_bad_input_gets_a_clear_error(call, match):
     with pytest.raises(ValueError, match=match):

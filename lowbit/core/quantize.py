@@ -201,7 +201,7 @@ def _empty(view: GroupView, scheme: Scheme) -> QTensor:
 def _quantize_fused(x, scheme: Scheme) -> QTensor | None:
     """kernels.quantize_rows for round-to-nearest absmax/minmax schemes whose groups are runs
     of a row (group along the last axis, channel along the first, token); None otherwise, or
-    where the kernel declines (NaN/Inf input, other formats, numba missing): then the code
+    where the kernel declines (NaN/Inf input, other formats): then the code
     below runs and gives the same bits, or its error."""
     if (not isinstance(x, torch.Tensor) or x.dim() == 0 or scheme.is_learned or scheme.rounding != "nearest"
             or scheme.range not in ("absmax", "minmax") or scheme.tensor_scale or scheme.double_quant):

@@ -16,6 +16,7 @@ RANGES = ("absmax", "minmax", "percentile", "mse", "absmean")
 ROUNDINGS = ("nearest", "stochastic")
 KMEANS = formats.KMEANS_NAME
 VERSION = 1
+MAX_BITS = 8  # codes are packed into bytes (core/packing.py); wider formats serve as scale formats only
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Scheme:
     def __post_init__(self):
         if not KMEANS.fullmatch(self.format):
             formats.get(self.format)  # raises ValueError naming the format
+            _check_width(self.format)
         if self.scale_format not in SCALE_FORMATS:
             raise ValueError(f"scale_format={self.scale_format!r}: choose one of {', '.join(SCALE_FORMATS)}")
         if self.range not in RANGES:
@@ -97,6 +99,16 @@ class Scheme:
         if unknown:
             raise ValueError(f"scheme has unknown fields {sorted(unknown)}")
         return cls(**d)
+
+
+def _check_width(name: str) -> None:
+    bits = formats.get(name).bits
+    if bits > MAX_BITS:
+        use = (f"cast the model instead (model.{'half' if name == 'fp16' else 'bfloat16'}()), or "
+               f"scale_format={name!r} for the scales" if name in ("fp16", "bf16")
+               else "use a format of at most 8 bits (e.g. 'q3.4', 'int8')")
+        raise ValueError(f"format {name!r} has {bits}-bit codes; a Scheme quantizes to codes of at most "
+                         f"{MAX_BITS} bits: {use}")
 
 
 # QLoRA's second level: the scales (after subtracting their mean) in the

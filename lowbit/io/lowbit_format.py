@@ -2,22 +2,22 @@
 other tensor) plus lowbit.json (format version, recipe, model config, one
 entry per quantized module). Loading needs no full-precision weights.
 
-Writes are atomic: everything goes to a temporary folder beside the target,
-which is renamed into place last, so an interrupted save leaves no folder
-that loads.
+Writes are atomic (atomic.py): everything goes to a temporary folder beside the
+target, fsynced, then renamed into place, so an interrupted save leaves either
+the previous checkpoint or the new one. Reads check every field of lowbit.json
+and every tensor's dtype and shape (lowbit_checks.py) before using them.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..core import QTensor, Scheme
+from . import atomic
+from . import lowbit_checks as check
+from ..core import QTensor
 
 FORMAT = "lowbit"
 VERSION = 1
@@ -38,7 +38,12 @@ def qtensor_to_tensors(q: QTensor, prefix: str) -> tuple[dict[str, torch.Tensor]
     return tensors, meta
 
 
-def qtensor_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, meta: dict, where: str) -> QTensor:
+def qtensor_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, meta: dict, where: str,
+                        json_where: str | None = None, field: str = "") -> QTensor:
+    """Rebuild the QTensor saved under `prefix`; `where` names the tensors' file, `json_where`
+    and `field` the lowbit.json entry `meta` came from (for errors)."""
+    jw = json_where or where
+
     def take(key, required=False):
         full = f"{prefix}.{key}"
         if full not in tensors:
@@ -47,15 +52,14 @@ def qtensor_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, meta: di
             return None
         return tensors[full]
 
-    scheme = Scheme.from_dict(meta["scheme"])
-    scales = (qtensor_from_tensors(tensors, f"{prefix}.scales", meta["scales"], where) if "scales" in meta
-              else take("scales", required=not scheme.is_learned))
-    q = QTensor(take("codes", required=True), tuple(meta["shape"]), scheme, scales=scales, zeros=take("zeros"),
+    check.field(jw, field or prefix, meta, dict)
+    scheme = check.scheme(jw, f"{field}.scheme", meta.get("scheme"))
+    shape = check.shape(jw, f"{field}.shape", meta.get("shape"))
+    scales = (qtensor_from_tensors(tensors, f"{prefix}.scales", meta["scales"], where, jw, f"{field}.scales")
+              if "scales" in meta else take("scales", required=not scheme.is_learned))
+    q = QTensor(take("codes", required=True), shape, scheme, scales=scales, zeros=take("zeros"),
                 tensor_scale=take("tensor_scale"), codebook=take("codebook"), offset=take("offset"))
-    expected = -(-q.numel * scheme.bits // 8)
-    if q.codes.numel() != expected:
-        raise ValueError(f"{where}: {prefix}.codes has {q.codes.numel()} bytes, expected {expected} for shape "
-                         f"{q.shape} at {scheme.bits} bits")
+    check.qtensor_parts(where, prefix, q)
     return q
 
 
@@ -92,18 +96,20 @@ def save_lowbit(model: nn.Module, path: str | Path, tokenizer=None, source: str 
             "model": _model_meta(model), "source": source,
             # where the calibration text lay (set by `lowbit quantize`), so `lowbit eval` can avoid it
             "calibration_text": getattr(model, "lowbit_calibration_text", None)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    atomic.recover(path, _is_whole)
+    if path.exists() and not (path.is_dir() and (_is_whole(path) or not any(path.iterdir()))):
+        raise ValueError(f"{path} exists and is not a lowbit checkpoint: refusing to overwrite it")
+    with atomic.staged_dir(path, _is_whole) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         (tmp / META).write_text(json.dumps(meta, indent=1))  # written last: its presence marks a whole save
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
+
+
+def _is_whole(folder: Path) -> bool:
+    """A folder a save finished writing (lowbit.json is written last)."""
+    return (folder / META).is_file()
 
 
 def _model_meta(model: nn.Module) -> dict:
@@ -113,33 +119,32 @@ def _model_meta(model: nn.Module) -> dict:
     return {"class": type(model).__name__, "config": config.to_dict()}
 
 
-def _replace_dir(tmp: Path, path: Path) -> None:
-    if path.exists():
-        if not (path / META).exists() and any(path.iterdir()):
-            raise ValueError(f"{path} exists and is not a lowbit checkpoint: refusing to overwrite it")
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, path)
-
 
 # -- load ---------------------------------------------------------------------
 def read_meta(path: str | Path) -> dict:
+    """lowbit.json of checkpoint folder `path`, its top-level fields checked (the module entries
+    are checked as they are read). Puts back a checkpoint an interrupted save left aside."""
     path = Path(path)
+    atomic.recover(path, _is_whole)
     f = path / META
     if not f.is_file():
         raise ValueError(f"{path} is not a lowbit checkpoint: {META} is missing (an interrupted save?)")
     try:
-        meta = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{f} is corrupt: {e}") from e
+    except RecursionError as e:  # deeply nested brackets
+        raise ValueError(f"{f} is corrupt: nested too deeply") from e
+    check.field(f, "(top level)", meta, dict)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{f}: format {meta.get('format')!r} is not {FORMAT!r}")
     if meta.get("version") != VERSION:
         raise ValueError(f"{f}: lowbit format version {meta.get('version')!r} is not supported "
                          f"(this lowbit reads version {VERSION}); upgrade lowbit")
+    check.field(f, "modules", meta.get("modules"), dict)
+    check.field(f, "recipe", meta.get("recipe"), dict, allow_none=True)
+    check.field(f, "model", meta.get("model"), dict, allow_none=True)
+    check.field(f, "source", meta.get("source"), str, allow_none=True)
     return meta
 
 
@@ -149,12 +154,12 @@ def load_lowbit(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from ..nn import LLMInt8Linear, QuantLinear
     from ..pipeline.recipe import Recipe
     from ..pipeline.walk import set_module
 
     path = Path(path)
     meta = read_meta(path)
+    f = path / META
     try:
         tensors = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError, ValueError) as e:
@@ -162,19 +167,13 @@ def load_lowbit(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     if model is None:
         model = _skeleton(meta, path)
     for name, m in meta["modules"].items():
-        q = qtensor_from_tensors(tensors, f"{name}.qweight", m, str(path / WEIGHTS))
-        act = Scheme.from_dict(m["act_scheme"]) if m.get("act_scheme") else None
-        bias = tensors.get(f"{name}.bias")
-        kw = {"threshold": m["outlier_threshold"]} if m.get("outlier_threshold") is not None else {}
-        new = (LLMInt8Linear if kw else QuantLinear)(
-            q, bias, act_scheme=act, act_scale=tensors.get(f"{name}.act_scale"),
-            act_zero=tensors.get(f"{name}.act_zero"), dtype=getattr(torch, m.get("dtype", "float32")), **kw)
-        try:
-            set_module(model, name, new)
-        except AttributeError as e:
-            raise ValueError(f"{path}: the model has no module {name!r} to replace") from e
+        new = _quant_module(tensors, name, m, model, path)
+        set_module(model, name, new)
     rest = {k: v for k, v in tensors.items() if not _belongs_to(k, meta["modules"])}
-    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        raise ValueError(f"{path / WEIGHTS} does not fit the model: {e}") from e
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     missing = [k for k in missing if not _belongs_to(k, meta["modules"]) and not _is_tied(model, k)]
@@ -183,8 +182,40 @@ def load_lowbit(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     if unexpected:
         raise ValueError(f"{path / WEIGHTS}: tensor {unexpected[0]!r} does not belong to the model")
     if meta.get("recipe"):
-        model.lowbit_recipe = Recipe.from_dict(meta["recipe"])
+        try:
+            model.lowbit_recipe = Recipe.from_dict(meta["recipe"])
+        except (TypeError, KeyError, ValueError, AttributeError) as e:
+            raise ValueError(f"{f}: field recipe is not a valid recipe: {e}") from e
     return model.eval()
+
+
+def _quant_module(tensors: dict, name: str, m, model: nn.Module, path: Path) -> nn.Module:
+    """The QuantLinear (or LLMInt8Linear) that lowbit.json's modules[name] describes."""
+    from ..nn import LLMInt8Linear, QuantLinear
+
+    f, at = path / META, f"modules[{name!r}]"
+    if not name or not all(part.isidentifier() or part.isdigit() for part in name.split(".")):
+        raise ValueError(f"{f}: {at} is not a module name")
+    try:
+        model.get_submodule(name)
+    except AttributeError as e:
+        raise ValueError(f"{f}: {at}: the model built from the config has no module {name!r}") from e
+    q = qtensor_from_tensors(tensors, f"{name}.qweight", m, str(path / WEIGHTS), str(f), at)
+    if len(q.shape) != 2:
+        raise ValueError(f"{f}: {at}.shape must be [out, in], got {list(q.shape)}")
+    act = check.scheme(f, f"{at}.act_scheme", m["act_scheme"]) if m.get("act_scheme") is not None else None
+    dtype = check.dtype(f, f"{at}.dtype", m.get("dtype", "float32"))
+    threshold = check.field(f, f"{at}.outlier_threshold", m.get("outlier_threshold"), (int, float), allow_none=True)
+    bias = tensors.get(f"{name}.bias")
+    if bias is not None:
+        check.tensor(path / WEIGHTS, f"{name}.bias", bias, (q.shape[0],), tuple(check.DTYPES.values()))
+    kw = {"threshold": threshold} if threshold is not None else {}
+    try:
+        return (LLMInt8Linear if kw else QuantLinear)(
+            q, bias, act_scheme=act, act_scale=tensors.get(f"{name}.act_scale"),
+            act_zero=tensors.get(f"{name}.act_zero"), dtype=dtype, **kw)
+    except ValueError as e:
+        raise ValueError(f"{f}: {at}: {e}") from e
 
 
 def _belongs_to(key: str, modules: dict) -> bool:
@@ -206,14 +237,22 @@ def _skeleton(meta: dict, path: Path) -> nn.Module:
                          "pass model=<an instance of the same architecture> to lowbit.load")
     import transformers
 
-    cfg = dict(info["config"])
-    cls = getattr(transformers, info["class"], None)
-    if cls is None:
-        raise ValueError(f"{path}: model class {info['class']!r} is not in transformers")
-    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    f = path / META
+    cfg = dict(check.field(f, "model.config", info["config"], dict))
+    cls = check.model_class(f, info.get("class"))
+    model_type = check.field(f, "model.config.model_type", cfg.pop("model_type", None), str)
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **cfg)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{f}: field model.config is not a valid {model_type!r} config: {e}") from e
+    if not isinstance(config, cls.config_class):
+        raise ValueError(f"{f}: field model.class {cls.__name__} does not take a {model_type!r} config")
     try:  # skip random initialisation: every weight is about to be replaced
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4.x
         from transformers.modeling_utils import no_init_weights
-    with no_init_weights():
-        return cls(config)
+    try:
+        with no_init_weights():
+            return cls(config)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as e:
+        raise ValueError(f"{f}: field model.config cannot build a {cls.__name__}: {e}") from e

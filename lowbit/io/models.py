@@ -4,10 +4,12 @@
     model, tok = load_model("minilm-l6")        # all-MiniLM-L6-v2 encoder (AutoModel)
     model, tok = load_model("path/to/hf_dir")   # or "path/to/model.gguf"
 
-Nothing here contacts a model hub: HF_HUB_OFFLINE is set and every call passes local_files_only.
+Nothing here contacts a model hub: HF_HUB_OFFLINE is set during each call (and restored after)
+and every call passes local_files_only.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -34,7 +36,25 @@ def load_model(source: str | Path, *, dtype: torch.dtype = torch.float32):
     A GGUF is dequantized by transformers; its tokenizer is built from the same file.
     Example: model, tok = load_model("smollm2-135m"); model(tok("hi", return_tensors="pt").input_ids)
     """
+    with _hub_offline():
+        return _load_model(source, dtype)
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """HF_HUB_OFFLINE=1 for the duration of one call; the caller's value (or its absence) comes back."""
+    old = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+
+
+def _load_model(source: str | Path, dtype: torch.dtype):
     if isinstance(source, str) and source in BUILTIN:
         path = builtin_model_path(source)
         if source == "minilm-l6":
@@ -89,11 +109,11 @@ def _fix_gguf_pre_tokenizer(tokenizer, path: Path) -> None:
 
 
 def _load_hf_dir(path: Path, dtype: torch.dtype):
-    config = path / "config.json"
-    if not config.is_file():
-        raise ValueError(f"{path} has no config.json; give a Hugging Face model folder or a .gguf file")
+    archs = read_hf_config(path).get("architectures") or []
+    if not any(any(path.glob(p)) for p in TOKENIZER_FILES):
+        raise ValueError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the tokenizer "
+                         "beside the model (tokenizer.save_pretrained(folder))")
     tf = _transformers()
-    archs = json.loads(config.read_text()).get("architectures") or []
     causal = any(a.endswith("ForCausalLM") for a in archs)
     auto = tf.AutoModelForCausalLM if causal else tf.AutoModel
     try:
@@ -102,6 +122,30 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path} could not be loaded by transformers: {e}") from e
     return model.eval(), tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.*", "spiece.model")
+
+
+def read_hf_config(path: Path) -> dict:
+    """The folder's config.json as a dict, checked enough to say what is wrong with the folder
+    before transformers tries (and reports, say, a tokenizer backend error instead)."""
+    f = path / "config.json"
+    if not f.is_file():
+        raise ValueError(f"{path} has no config.json; give a Hugging Face model folder or a .gguf file")
+    try:
+        config = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f} is not valid JSON ({e}): this folder is not a Hugging Face model folder") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{f} holds a JSON {type(config).__name__}, not an object: "
+                         "a Hugging Face config.json is an object with 'model_type'")
+    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise ValueError(f"{f} has no 'model_type' (e.g. \"llama\"): it is not a transformers model config")
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise ValueError(f"{f}: 'architectures' must be a list of class names, got {archs!r}")
+    return config
 
 
 PROBE = " = Robert <unk> = \n\n He was born in 1,000 BC ; 4 ½ months \t  later.  \n"

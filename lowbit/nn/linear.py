@@ -5,6 +5,15 @@ W8A8 (int8 weights per output channel, int8 activations per token or per
 tensor) runs an integer matmul (torch._int_mm, int32 accumulation) and
 rescales:  y = (q_x @ q_w^T) * s_x * s_w^T + b.  Other activation schemes
 fake-quantize the input, then run the weight-only path.
+
+Devices and dtypes: lowbit runs quantized layers on the CPU (the unpacking, the
+numba kernels and every test are CPU code). `module.to(...)`, `.half()`,
+`.bfloat16()`, `.float()` go through `_apply` below: a dtype cast sets the
+layer's compute dtype (what `.weight` returns) and casts the bias, while the
+QTensor stays exactly as stored (integer codes; scales and zero points in their
+scale format), so a cast never changes the quantized weights or the saved file.
+A move to any device other than the CPU (cuda, mps, meta) is refused with a
+ValueError rather than leaving the codes behind.
 """
 from __future__ import annotations
 
@@ -32,6 +41,18 @@ class QuantLinear(nn.Module):
         self.register_buffer("act_zero", act_zero)
         self.dtype = dtype
         self._int8 = self._int8_weight() if act_scheme is not None else None
+
+    def _apply(self, fn, recurse=True):
+        # Module.to/.half/.cuda reach tensors through _apply; the QTensor is not a buffer
+        # (its layout is the file format), so this layer checks what `fn` does on two probes.
+        f32, f16 = fn(torch.zeros(1)), fn(torch.zeros(1, dtype=torch.float16))
+        if f32.device.type != "cpu":
+            raise ValueError(f"QuantLinear runs on the CPU only; cannot move it to {f32.device}: "
+                             "keep the quantized model on the CPU")
+        out = super()._apply(fn, recurse)
+        if f32.dtype == f16.dtype and f32.dtype.is_floating_point:  # a cast (.half(), .to(dtype)), not a move
+            self.dtype = f32.dtype
+        return out
 
     @classmethod
     def from_linear(cls, linear: nn.Module, qweight: QTensor, **kw) -> "QuantLinear":
