@@ -3,8 +3,6 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import lowbit
 from lowbit import kernels
@@ -13,7 +11,6 @@ from lowbit.methods import gptq
 from lowbit.nn import QuantLinear
 from lowbit.pipeline import RECIPES
 from lowbit.pipeline.blocks import find_blocks
-from lowbit.pipeline.sequential import layer_loss
 from lowbit.pipeline.stats import InputStats, StatsCollector
 
 from conftest import tiny_transformer
@@ -60,27 +57,11 @@ def test_huge_dampening_is_round_to_nearest(name, gen):
     assert torch.equal(q.dequantize(), r.dequantize())
 
 
-@settings(max_examples=25, deadline=None)
-@given(cols=st.integers(3, 150), group=st.sampled_from([16, 32, 64]), bits=st.integers(2, 8),
-       symmetric=st.booleans(), act_order=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_ragged_groups_any_width(cols, group, bits, symmetric, act_order, seed):
-    g = torch.Generator().manual_seed(seed)
-    fmt = f"int{bits}" if symmetric else f"uint{bits}"
-    scheme = Scheme(fmt, PerGroup(group), symmetric=symmetric, range="absmax" if symmetric else "minmax",
-                    scale_format="fp16")
-    w = torch.randn(8, cols, generator=g)
-    x = correlated_inputs(256, cols, g) if cols >= 4 else torch.randn(256, cols, generator=g)
-    q, r = gptq(w, scheme, stats=stats_of(x), act_order=act_order), quantize(w, scheme)
-    assert q.nbytes == r.nbytes  # exact storage: a ragged last group costs one scale (and zero)
-    H = stats_of(x).hessian
-    assert layer_loss(w, q.dequantize(), H) <= layer_loss(w, r.dequantize(), H) * (1 + 1e-5)
-
-
 def test_dead_inputs_and_bad_calls(gen):
     x = correlated_inputs(256, 64, gen)
     x[:, 5] = 0
     w = torch.randn(16, 64, generator=gen)
-    q = gptq(w, RECIPES["w4g64"].weights, stats=stats_of(x))
+    q = gptq(w, RECIPES["w4g64"].weights, stats=stats_of(x), fallback_to_rtn=False)
     assert torch.isfinite(q.dequantize()).all()
     with pytest.raises(ValueError, match="Hessian"):
         gptq(w, RECIPES["w4g64"].weights, stats=None)

@@ -45,6 +45,9 @@ def gptq(w: torch.Tensor, scheme: Scheme, *, stats, damp: float = 0.01, block_si
     if H is None:
         raise ValueError("gptq needs calibration statistics with a Hessian (run it through lowbit.quantize "
                          "with calibration batches)")
+    if not damp >= 0:
+        raise ValueError(f"gptq damp={damp!r}: give a number >= 0 (the share of mean(diag H) added to the "
+                         "diagonal; 0.01 in the paper)")
     R, C = w.shape
     if H.shape != (C, C):
         raise ValueError(f"Hessian of shape {tuple(H.shape)} does not match a weight with {C} input columns")
@@ -135,13 +138,13 @@ def _inverse_hessian_factor(H: torch.Tensor, dead: torch.Tensor, damp: float) ->
     """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1, in float64 for stability."""
     H = H.double().clone()
     H[dead, dead] = 1.0
-    d = H.diagonal()
-    lam = damp * float(d.mean())
+    mean = float(H.diagonal().mean())  # > 0: dead inputs count 1
+    lam = damp * mean
     for _ in range(6):  # a Hessian that is not positive definite gets more dampening
         L, info = torch.linalg.cholesky_ex(H + lam * torch.eye(len(H), dtype=H.dtype))
         if info == 0:
             return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
-        lam *= 10
+        lam = max(10 * lam, 1e-4 * mean)  # damp=0 escalates too (0 * 10 would stay 0)
     raise ValueError("the Hessian is not positive definite even with strong dampening; "
                      "check the calibration data (NaN or too few tokens?)")
 
