@@ -1,0 +1,224 @@
+"""GGML block types (llama.cpp's tensor types): one table keyed by type name, each entry a pair of pure
+numpy functions over blocks.
+
+    t = GGML_TYPES["q4_0"]
+    data = quantize_rows(w, "q4_0")          # w: [rows, n] float32 -> [rows, n // 32 * 18] uint8
+    w2 = dequantize_rows(data, "q4_0", n)    # -> [rows, n] float32
+
+A block holds `block_size` consecutive values of one row as `type_size` bytes (little-endian).
+The quantizers follow ggml's round-to-nearest reference (`quantize_row_*_ref` in ggml-quants.c)
+operation for operation in float32, so the bytes equal llama.cpp's and gguf-py's: a float32
+product then sum rounds twice, and numpy does the same (no fused multiply-add).
+Type ids are GGUF file constants (ggml.h `enum ggml_type`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+F32 = np.float32
+
+
+@dataclass(frozen=True)
+class GGMLType:
+    """quantize: blocks [n_blocks, block_size] float32 -> [n_blocks, type_size] uint8; dequantize: the inverse map
+    back to float32 values. quantize is None where lowbit has no quantizer for the type."""
+    name: str
+    id: int
+    block_size: int
+    type_size: int
+    quantize: Callable[[np.ndarray], np.ndarray] | None
+    dequantize: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.type_size / self.block_size
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+def _f16_bytes(x: np.ndarray) -> np.ndarray:
+    """[n, 1] float32 -> [n, 2] uint8 (IEEE half, round to nearest even, as F16C's _cvtss_sh)."""
+    return x.astype(np.float16).view(np.uint8).reshape(len(x), 2)
+
+
+def _f16_values(b: np.ndarray) -> np.ndarray:
+    """[n, 2] uint8 -> [n, 1] float32."""
+    return np.ascontiguousarray(b).view(np.float16).astype(F32).reshape(len(b), 1)
+
+
+def _inverse(d: np.ndarray) -> np.ndarray:
+    """1/d, 0 where d == 0 (ggml: `id = d ? 1.0f/d : 0.0f`)."""
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, F32(0), F32(1) / d).astype(F32)
+
+
+def _signed_absmax(x: np.ndarray) -> np.ndarray:
+    """[n, bs] -> [n, 1]: the value of largest magnitude, keeping its sign (first one on ties)."""
+    return np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)
+
+
+def _trunc_u8(v: np.ndarray, top: int) -> np.ndarray:
+    """C's `MIN(top, (int8_t)v)` for v >= 0: truncate toward zero, clamp."""
+    return np.minimum(np.trunc(v), top).astype(np.uint8)
+
+
+def round_half_away(v: np.ndarray) -> np.ndarray:
+    """C's roundf: halves away from zero. floor(|v| + 0.5) would be wrong for 0.49999997 (the sum rounds up)."""
+    a = np.abs(v)
+    f = np.floor(a)
+    return np.copysign(f + (a - f >= F32(0.5)), v).astype(F32)
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """[n, 32] codes < 16 -> [n, 16]: byte j holds code j (low nibble) and code j + 16 (high nibble)."""
+    h = q.shape[1] // 2
+    return (q[:, :h] & 0x0F) | (q[:, h:] << 4)
+
+
+def _unpack_nibbles(b: np.ndarray) -> np.ndarray:
+    return np.concatenate([b & 0x0F, b >> 4], axis=1)
+
+
+def _pack_fifth_bits(q: np.ndarray) -> np.ndarray:
+    """[n, 32] 5-bit codes -> [n, 4]: bit j of a little-endian uint32 is bit 4 of code j."""
+    return np.packbits((q >> 4) & 1, axis=1, bitorder="little")
+
+
+def _unpack_fifth_bits(b: np.ndarray) -> np.ndarray:
+    return np.unpackbits(b, axis=1, bitorder="little") << 4
+
+
+# -- float types ------------------------------------------------------------------------------------------
+def _q_f32(x):
+    return np.ascontiguousarray(x, dtype=F32).view(np.uint8)
+
+
+def _d_f32(b):
+    return np.ascontiguousarray(b).view(F32)
+
+
+def _q_f16(x):
+    return np.ascontiguousarray(x, dtype=F32).astype(np.float16).view(np.uint8)
+
+
+def _d_f16(b):
+    return np.ascontiguousarray(b).view(np.float16).astype(F32)
+
+
+def _q_bf16(x):
+    """ggml_compute_fp32_to_bf16: NaN stays a quiet NaN, everything else rounds to nearest even."""
+    u = np.ascontiguousarray(x, dtype=F32).view(np.uint32)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    r = ((u.astype(np.uint64) + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    r = np.where(nan, ((u >> 16) | 64).astype(np.uint16), r)
+    return r.view(np.uint8)
+
+
+def _d_bf16(b):
+    return (np.ascontiguousarray(b).view(np.uint16).astype(np.uint32) << 16).view(F32)
+
+
+# -- 32-value blocks: q8_0, q4_0, q4_1, q5_0, q5_1 -----------------------------------------------------
+def _q_q8_0(x):
+    d = (np.abs(x).max(axis=1, keepdims=True) / F32(127)).astype(F32)
+    q = round_half_away(x * _inverse(d)).astype(np.int8)
+    return np.concatenate([_f16_bytes(d), q.view(np.uint8)], axis=1)
+
+
+def _d_q8_0(b):
+    return _f16_values(b[:, :2]) * b[:, 2:].view(np.int8).astype(F32)
+
+
+def _q_q4_0(x):
+    d = (_signed_absmax(x) / F32(-8)).astype(F32)
+    q = _trunc_u8(x * _inverse(d) + F32(8.5), 15)
+    return np.concatenate([_f16_bytes(d), _pack_nibbles(q)], axis=1)
+
+
+def _d_q4_0(b):
+    return _f16_values(b[:, :2]) * (_unpack_nibbles(b[:, 2:]).astype(F32) - F32(8))
+
+
+def _q_q4_1(x):
+    lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+    d = ((hi - lo) / F32(15)).astype(F32)
+    q = _trunc_u8((x - lo) * _inverse(d) + F32(0.5), 15)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(lo), _pack_nibbles(q)], axis=1)
+
+
+def _d_q4_1(b):
+    return _f16_values(b[:, :2]) * _unpack_nibbles(b[:, 4:]).astype(F32) + _f16_values(b[:, 2:4])
+
+
+def _q_q5_0(x):
+    d = (_signed_absmax(x) / F32(-16)).astype(F32)
+    q = _trunc_u8(x * _inverse(d) + F32(16.5), 31)
+    return np.concatenate([_f16_bytes(d), _pack_fifth_bits(q), _pack_nibbles(q & 0x0F)], axis=1)
+
+
+def _d_q5_0(b):
+    q = _unpack_nibbles(b[:, 6:]) | _unpack_fifth_bits(b[:, 2:6])
+    return _f16_values(b[:, :2]) * (q.astype(F32) - F32(16))
+
+
+def _q_q5_1(x):
+    lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+    d = ((hi - lo) / F32(31)).astype(F32)
+    q = _trunc_u8((x - lo) * _inverse(d) + F32(0.5), 31)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(lo), _pack_fifth_bits(q), _pack_nibbles(q & 0x0F)], axis=1)
+
+
+def _d_q5_1(b):
+    q = _unpack_nibbles(b[:, 8:]) | _unpack_fifth_bits(b[:, 4:8])
+    return _f16_values(b[:, :2]) * q.astype(F32) + _f16_values(b[:, 2:4])
+
+
+GGML_TYPES: dict[str, GGMLType] = {t.name: t for t in (
+    GGMLType("f32", 0, 1, 4, _q_f32, _d_f32),
+    GGMLType("f16", 1, 1, 2, _q_f16, _d_f16),
+    GGMLType("bf16", 30, 1, 2, _q_bf16, _d_bf16),
+    GGMLType("q8_0", 8, 32, 34, _q_q8_0, _d_q8_0),
+    GGMLType("q4_0", 2, 32, 18, _q_q4_0, _d_q4_0),
+    GGMLType("q4_1", 3, 32, 20, _q_q4_1, _d_q4_1),
+    GGMLType("q5_0", 6, 32, 22, _q_q5_0, _d_q5_0),
+    GGMLType("q5_1", 7, 32, 24, _q_q5_1, _d_q5_1),
+)}
+
+
+def register(t: GGMLType) -> None:
+    """Add a type from a sibling module (the K-quants), keeping this table the one place types live."""
+    GGML_TYPES[t.name] = t
+
+
+def get_type(name: str) -> GGMLType:
+    if name not in GGML_TYPES:
+        raise ValueError(f"unknown GGML type {name!r}; known: {', '.join(GGML_TYPES)}")
+    return GGML_TYPES[name]
+
+
+def type_by_id(type_id: int) -> GGMLType | None:
+    return next((t for t in GGML_TYPES.values() if t.id == type_id), None)
+
+
+def quantize_rows(w: np.ndarray, type_name: str) -> np.ndarray:
+    """w: [rows, n] (any float dtype) -> [rows, n // block_size * type_size] uint8 blocks."""
+    t = get_type(type_name)
+    if t.quantize is None:
+        raise ValueError(f"GGML type {type_name!r}: lowbit reads it but has no quantizer for it")
+    w = np.ascontiguousarray(w, dtype=F32)
+    rows, n = w.reshape(-1, w.shape[-1]).shape if w.ndim else (1, 1)
+    if n % t.block_size:
+        raise ValueError(f"GGML type {type_name!r} needs rows that are a multiple of {t.block_size} values, got {n}")
+    blocks = t.quantize(w.reshape(-1, t.block_size))
+    return blocks.reshape(rows, n // t.block_size * t.type_size)
+
+
+def dequantize_rows(data: np.ndarray, type_name: str, n: int) -> np.ndarray:
+    """data: [rows, n // block_size * type_size] uint8 -> [rows, n] float32."""
+    t = get_type(type_name)
+    data = np.ascontiguousarray(data).view(np.uint8)
+    if n % t.block_size or data.size % t.type_size or data.size // t.type_size * t.block_size % n:
+        raise ValueError(f"GGML type {type_name!r}: {data.size} bytes do not hold rows of {n} values")
+    return t.dequantize(data.reshape(-1, t.type_size)).reshape(-1, n)
