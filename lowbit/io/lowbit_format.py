@@ -64,17 +64,25 @@ def save_lowbit(model: nn.Module, path: str | Path, tokenizer=None, source: str 
     """Write `model` (quantized in place by lowbit.quantize) to folder `path`, atomically."""
     from safetensors.torch import save_file
 
-    from ..nn import LLMInt8Linear, QuantLinear
+    from ..nn import LLMInt8Linear, QuantEmbedding, QuantLinear
 
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     modules = {}
+    owners = {}  # id(QTensor) -> the module name it is stored under (tied embeddings: stored once)
     for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            t, meta = qtensor_to_tensors(m.qweight, f"{name}.qweight")
-            tensors.update(t)
-            meta["act_scheme"] = m.act_scheme.to_dict() if m.act_scheme else None
+        if isinstance(m, (QuantLinear, QuantEmbedding)):
+            if id(m.qweight) in owners:
+                meta = {"tied_to": owners[id(m.qweight)]}
+            else:
+                owners[id(m.qweight)] = name
+                t, meta = qtensor_to_tensors(m.qweight, f"{name}.qweight")
+                tensors.update(t)
             meta["dtype"] = str(m.dtype).removeprefix("torch.")
+            if isinstance(m, QuantEmbedding):
+                meta["kind"], meta["padding_idx"] = "embedding", m.padding_idx
+            else:
+                meta["act_scheme"] = m.act_scheme.to_dict() if m.act_scheme else None
             if isinstance(m, LLMInt8Linear):
                 meta["outlier_threshold"] = m.threshold
             modules[name] = meta
@@ -147,7 +155,7 @@ def load_lowbit(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from ..nn import LLMInt8Linear, QuantLinear
+    from ..nn import LLMInt8Linear, QuantEmbedding, QuantLinear
     from ..pipeline.recipe import Recipe
     from ..pipeline.walk import set_module
 
@@ -159,22 +167,27 @@ def load_lowbit(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         raise ValueError(f"{path / WEIGHTS} is missing or corrupt: {e}") from e
     if model is None:
         model = _skeleton(meta, path)
-    for name, m in meta["modules"].items():
-        q = qtensor_from_tensors(tensors, f"{name}.qweight", m, str(path / WEIGHTS))
+    qtensors = {}  # module name -> its QTensor, for modules tied to it
+    for name, m in sorted(meta["modules"].items(), key=lambda item: "tied_to" in item[1]):
+        q = _module_qtensor(tensors, name, m, qtensors, str(path / WEIGHTS))
+        qtensors[name] = q
         act = Scheme.from_dict(m["act_scheme"]) if m.get("act_scheme") else None
         bias = tensors.get(f"{name}.bias")
         kw = {"threshold": m["outlier_threshold"]} if m.get("outlier_threshold") is not None else {}
-        new = (LLMInt8Linear if kw else QuantLinear)(
-            q, bias, act_scheme=act, act_scale=tensors.get(f"{name}.act_scale"),
-            act_zero=tensors.get(f"{name}.act_zero"), dtype=getattr(torch, m.get("dtype", "float32")), **kw)
+        if m.get("kind") == "embedding":
+            new = QuantEmbedding(q, m.get("padding_idx"), dtype=getattr(torch, m.get("dtype", "float32")))
+        else:
+            new = (LLMInt8Linear if kw else QuantLinear)(
+                q, bias, act_scheme=act, act_scale=tensors.get(f"{name}.act_scale"),
+                act_zero=tensors.get(f"{name}.act_zero"), dtype=getattr(torch, m.get("dtype", "float32")), **kw)
         try:
             set_module(model, name, new)
         except AttributeError as e:
             raise ValueError(f"{path}: the model has no module {name!r} to replace") from e
     rest = {k: v for k, v in tensors.items() if not _belongs_to(k, meta["modules"])}
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    if hasattr(model, "tie_weights") and not any(isinstance(m, QuantEmbedding) for m in model.modules()):
+        model.tie_weights()  # (a quantized table and its tied head already share one QTensor)
     missing = [k for k in missing if not _belongs_to(k, meta["modules"]) and not _is_tied(model, k)]
     if missing:
         raise ValueError(f"{path / WEIGHTS}: tensor {missing[0]!r} is missing ({len(missing)} in all)")
@@ -183,6 +196,16 @@ def load_lowbit(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     if meta.get("recipe"):
         model.lowbit_recipe = Recipe.from_dict(meta["recipe"])
     return model.eval()
+
+
+def _module_qtensor(tensors: dict, name: str, m: dict, loaded: dict, where: str) -> QTensor:
+    """The QTensor of module `name`: its own tensors, or the one of the module it is tied to."""
+    tied = m.get("tied_to")
+    if tied is None:
+        return qtensor_from_tensors(tensors, f"{name}.qweight", m, where)
+    if tied not in loaded:
+        raise ValueError(f"{where}: module {name!r} is tied to {tied!r}, which holds no quantized tensor")
+    return loaded[tied]
 
 
 def _belongs_to(key: str, modules: dict) -> bool:
