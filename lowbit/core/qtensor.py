@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from . import scales as scale_store
-from .granularity import GroupView
+from .granularity import GroupView, PerChannel, PerGroup, PerTensor, PerToken
 from .grid import decode_part
 from .packing import unpack_bits_le
 from .scheme import Scheme
@@ -91,6 +91,40 @@ class QTensor:
         if self.offset is not None:
             x = x + self.offset
         return x.to(dtype)
+
+    def rows_are_independent(self) -> bool:
+        """True when each row of a 2-D tensor has its own codes bytes and statistics (per tensor, per
+        row, per token, or groups along the row), so rows() can dequantize a few rows alone."""
+        g = self.scheme.granularity
+        if len(self.shape) != 2 or (self.shape[1] * self.scheme.bits) % 8:
+            return False  # rows must start on a byte of the packed codes
+        return (isinstance(g, (PerTensor, PerToken)) or (isinstance(g, PerChannel) and g.axis % 2 == 0)
+                or (isinstance(g, PerGroup) and g.axis % 2 == 1))
+
+    def rows(self, index: torch.Tensor) -> "QTensor":
+        """The rows `index` [n] (int64) of a 2-D QTensor [rows, cols] as a QTensor [n, cols], codes and
+        statistics sliced, nothing dequantized. rows(i).dequantize() equals dequantize()[i] bit for bit.
+
+        Example: table.rows(torch.tensor([5, 7])).dequantize() -> [2, cols]
+        """
+        if not self.rows_are_independent():
+            raise ValueError(f"QTensor.rows needs a 2-D tensor whose rows own their codes and scales (per tensor, "
+                             f"per channel along axis 0, per token, or groups along axis -1, with cols x bits a "
+                             f"multiple of 8); got shape {self.shape}, {self.scheme.granularity}, {self.scheme.bits} bits")
+        n_rows, cols = self.shape
+        index = index.reshape(-1)
+        codes = self.codes.view(n_rows, cols * self.scheme.bits // 8)[index].reshape(-1)
+        per_tensor = isinstance(self.scheme.granularity, PerTensor)
+
+        def take(t):  # statistics: [rows, ...] sliced by row; a per-tensor value is shared
+            return t if t is None or per_tensor or t.dim() == 0 else t[index]
+
+        scheme, scales, tensor_scale = self.scheme, self.scales, self.tensor_scale
+        if isinstance(scales, QTensor):  # double-quantized scales: their blocks span rows, so take values
+            scales = self.scale_values().reshape(GroupView(self.shape, scheme.granularity).stats_shape)
+            scheme, tensor_scale = scheme.replace(scale_format="fp32", double_quant=None, tensor_scale=False), None
+        return QTensor(codes, (int(index.numel()), cols), scheme, scales=take(scales), zeros=take(self.zeros),
+                       tensor_scale=tensor_scale, codebook=take(self.codebook), offset=self.offset)
 
     def __repr__(self) -> str:
         name = self.scheme.name or self.scheme.format

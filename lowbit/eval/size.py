@@ -3,13 +3,16 @@
 A module with `quantized_nbytes() -> int` (lowbit.nn.QuantLinear) is counted by that number (codes,
 scales, zeros, bias); every other tensor counts numel x element size. Parameters and persistent
 buffers are counted (what a state_dict would save); a tensor shared by two modules (tied
-embeddings) is counted once.
+embeddings) is counted once, and so is a QTensor shared by a QuantEmbedding and a tied
+QuantLinear head.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from ..nn import QuantEmbedding
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,14 @@ def _key(t: torch.Tensor):
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
 
 
+def _same_weight(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """One stored tensor behind both modules (a float Parameter or a QTensor)."""
+    qa, qb = getattr(a, "qweight", None), getattr(b, "qweight", None)
+    if qa is not None or qb is not None:
+        return qa is qb
+    return getattr(a, "weight", None) is not None and a.weight is getattr(b, "weight", None)
+
+
 def _module_tensors(module: torch.nn.Module):
     """Direct parameters and buffers of one module (non-persistent ones too, e.g. RoPE tables:
     they are held in memory even though checkpoints do not store them)."""
@@ -36,10 +47,15 @@ def _module_tensors(module: torch.nn.Module):
 
 def _quantized_weights(module: torch.nn.Module) -> int:
     bias = getattr(module, "bias", None)
-    if not hasattr(module, "in_features") or not hasattr(module, "out_features"):
-        raise ValueError(f"model_size: {type(module).__name__} has quantized_nbytes() but no "
+    q = getattr(module, "qweight", None)
+    if q is not None:
+        n = q.numel
+    elif hasattr(module, "in_features") and hasattr(module, "out_features"):
+        n = module.in_features * module.out_features
+    else:
+        raise ValueError(f"model_size: {type(module).__name__} has quantized_nbytes() but no qweight or "
                          "in_features/out_features to count its weights by")
-    return module.in_features * module.out_features + (bias.numel() if isinstance(bias, torch.Tensor) else 0)
+    return n + (bias.numel() if isinstance(bias, torch.Tensor) else 0)
 
 
 def model_size(model: torch.nn.Module) -> ModelSize:
@@ -47,13 +63,19 @@ def model_size(model: torch.nn.Module) -> ModelSize:
 
     Example: model_size(fp32_model).bits_per_weight -> 32.0
     """
-    seen, total, weights, quantized = set(), 0, 0, 0
+    seen, seen_q, total, weights, quantized = set(), set(), 0, 0, 0
     sizes = {}  # module -> bytes it alone adds (for the embedding / head split)
     for module in model.modules():
         nbytes = 0
         if hasattr(module, "quantized_nbytes"):
             nbytes, quantized = int(module.quantized_nbytes()), quantized + 1
             weights += _quantized_weights(module)
+            q = getattr(module, "qweight", None)
+            if q is not None and id(q) in seen_q:  # tied: the QTensor is counted with its first module
+                nbytes -= q.nbytes
+                weights -= q.numel
+            elif q is not None:
+                seen_q.add(id(q))
             seen.update(_key(t) for t in _module_tensors(module))
         for t in _module_tensors(module):
             if _key(t) in seen:
@@ -63,10 +85,26 @@ def model_size(model: torch.nn.Module) -> ModelSize:
             weights += t.numel() if isinstance(t, torch.nn.Parameter) else 0
         sizes[module] = nbytes
         total += nbytes
-    embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    embeddings = [m for m in model.modules() if isinstance(m, (torch.nn.Embedding, QuantEmbedding))]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied = head is not None and any(head.weight is e.weight for e in embeddings if hasattr(head, "weight"))
+    tied = head is not None and any(_same_weight(head, e) for e in embeddings)
     return ModelSize(bytes=total, weights=weights, bits_per_weight=8.0 * total / max(weights, 1),
                      embedding_bytes=sum(sizes[m] for m in embeddings) + (sizes[head] if tied else 0),
                      lm_head_bytes=0 if head is None or tied else sizes[head],
                      lm_head_tied=tied, quantized_modules=quantized)
+
+
+def linear_bits_per_weight(model: torch.nn.Module) -> float:
+    """Bits per weight of the quantized layers inside the model (codes, scales, zeros), the
+    embedding table and output layer left out (size() counts those); a model with none: the
+    first Linear's dtype width (32.0 for fp32).
+
+    Example: linear_bits_per_weight(quantize(model, "w4g64")) -> 4.5
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    qs = [m.qweight for m in model.modules()
+          if hasattr(m, "quantized_nbytes") and not isinstance(m, QuantEmbedding) and m is not head]
+    if qs:
+        return 8.0 * sum(q.nbytes for q in qs) / sum(q.numel for q in qs)
+    ws = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    return 8.0 * ws[0].element_size() if ws else float("nan")

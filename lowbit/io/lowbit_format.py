@@ -68,17 +68,25 @@ def save_lowbit(model: nn.Module, path: str | Path, tokenizer=None, source: str 
     """Write `model` (quantized in place by lowbit.quantize) to folder `path`, atomically."""
     from safetensors.torch import save_file
 
-    from ..nn import LLMInt8Linear, QuantLinear
+    from ..nn import LLMInt8Linear, QuantEmbedding, QuantLinear
 
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     modules = {}
+    owners = {}  # id(QTensor) -> the module name it is stored under (tied embeddings: stored once)
     for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            t, meta = qtensor_to_tensors(m.qweight, f"{name}.qweight")
-            tensors.update(t)
-            meta["act_scheme"] = m.act_scheme.to_dict() if m.act_scheme else None
+        if isinstance(m, (QuantLinear, QuantEmbedding)):
+            if id(m.qweight) in owners:
+                meta = {"tied_to": owners[id(m.qweight)]}
+            else:
+                owners[id(m.qweight)] = name
+                t, meta = qtensor_to_tensors(m.qweight, f"{name}.qweight")
+                tensors.update(t)
             meta["dtype"] = str(m.dtype).removeprefix("torch.")
+            if isinstance(m, QuantEmbedding):
+                meta["kind"], meta["padding_idx"] = "embedding", m.padding_idx
+            else:
+                meta["act_scheme"] = m.act_scheme.to_dict() if m.act_scheme else None
             if isinstance(m, LLMInt8Linear):
                 meta["outlier_threshold"] = m.threshold
             modules[name] = meta
@@ -154,6 +162,7 @@ def load_lowbit(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from ..nn import QuantEmbedding
     from ..pipeline.recipe import Recipe
     from ..pipeline.walk import set_module
 
@@ -166,16 +175,18 @@ def load_lowbit(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         raise ValueError(f"{path / WEIGHTS} is missing or corrupt: {e}") from e
     if model is None:
         model = _skeleton(meta, path)
-    for name, m in meta["modules"].items():
-        new = _quant_module(tensors, name, m, model, path)
+    loaded = {}  # module name -> its QTensor, for the modules tied to it
+    for name, m in sorted(meta["modules"].items(), key=lambda item: isinstance(item[1], dict) and "tied_to" in item[1]):
+        new = _quant_module(tensors, name, m, model, path, loaded)
+        loaded[name] = new.qweight
         set_module(model, name, new)
     rest = {k: v for k, v in tensors.items() if not _belongs_to(k, meta["modules"])}
     try:
         missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     except RuntimeError as e:  # a tensor of the wrong shape
         raise ValueError(f"{path / WEIGHTS} does not fit the model: {e}") from e
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    if hasattr(model, "tie_weights") and not any(isinstance(m, QuantEmbedding) for m in model.modules()):
+        model.tie_weights()  # (a quantized table and its tied head already share one QTensor)
     missing = [k for k in missing if not _belongs_to(k, meta["modules"]) and not _is_tied(model, k)]
     if missing:
         raise ValueError(f"{path / WEIGHTS}: tensor {missing[0]!r} is missing ({len(missing)} in all)")
@@ -189,22 +200,27 @@ def load_lowbit(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     return model.eval()
 
 
-def _quant_module(tensors: dict, name: str, m, model: nn.Module, path: Path) -> nn.Module:
-    """The QuantLinear (or LLMInt8Linear) that lowbit.json's modules[name] describes."""
-    from ..nn import LLMInt8Linear, QuantLinear
+def _quant_module(tensors: dict, name: str, m, model: nn.Module, path: Path, loaded: dict) -> nn.Module:
+    """The QuantLinear, LLMInt8Linear or QuantEmbedding that lowbit.json's modules[name] describes;
+    `loaded` holds the QTensors of modules already built, for a module tied to one of them."""
+    from ..nn import LLMInt8Linear, QuantEmbedding, QuantLinear
 
     f, at = path / META, f"modules[{name!r}]"
+    check.field(f, at, m, dict)
     if not name or not all(part.isidentifier() or part.isdigit() for part in name.split(".")):
         raise ValueError(f"{f}: {at} is not a module name")
     try:
         model.get_submodule(name)
     except AttributeError as e:
         raise ValueError(f"{f}: {at}: the model built from the config has no module {name!r}") from e
-    q = qtensor_from_tensors(tensors, f"{name}.qweight", m, str(path / WEIGHTS), str(f), at)
+    q = _module_qtensor(tensors, name, m, loaded, path)
     if len(q.shape) != 2:
         raise ValueError(f"{f}: {at}.shape must be [out, in], got {list(q.shape)}")
-    act = check.scheme(f, f"{at}.act_scheme", m["act_scheme"]) if m.get("act_scheme") is not None else None
     dtype = check.dtype(f, f"{at}.dtype", m.get("dtype", "float32"))
+    if m.get("kind") == "embedding":
+        padding = check.field(f, f"{at}.padding_idx", m.get("padding_idx"), int, allow_none=True)
+        return QuantEmbedding(q, padding, dtype=dtype)
+    act = check.scheme(f, f"{at}.act_scheme", m["act_scheme"]) if m.get("act_scheme") is not None else None
     threshold = check.field(f, f"{at}.outlier_threshold", m.get("outlier_threshold"), (int, float), allow_none=True)
     bias = tensors.get(f"{name}.bias")
     if bias is not None:
@@ -216,6 +232,17 @@ def _quant_module(tensors: dict, name: str, m, model: nn.Module, path: Path) -> 
             act_zero=tensors.get(f"{name}.act_zero"), dtype=dtype, **kw)
     except ValueError as e:
         raise ValueError(f"{f}: {at}: {e}") from e
+
+
+def _module_qtensor(tensors: dict, name: str, m: dict, loaded: dict, path: Path) -> QTensor:
+    """The QTensor of module `name`: its own tensors, or the one of the module it is tied to."""
+    f, at = path / META, f"modules[{name!r}]"
+    tied = check.field(f, f"{at}.tied_to", m.get("tied_to"), str, allow_none=True)
+    if tied is None:
+        return qtensor_from_tensors(tensors, f"{name}.qweight", m, str(path / WEIGHTS), str(f), at)
+    if tied not in loaded:
+        raise ValueError(f"{f}: {at} is tied to {tied!r}, which holds no quantized tensor")
+    return loaded[tied]
 
 
 def _belongs_to(key: str, modules: dict) -> bool:

@@ -1,6 +1,8 @@
 """lowbit.quantize(model, recipe): quantize a torch model in place.
 
-1. pick the Linear-like modules the recipe covers (include/exclude/overrides);
+1. pick the Linear-like modules the recipe covers (include/exclude/overrides), and quantize
+   the embedding table and output layer when the recipe gives them schemes (embeddings.py),
+   first, so calibration sees the model's quantized embeddings;
 2. static activation recipes: run the calibration batches through the model
    with an observer on each selected module's input, then fix the ranges;
 3. replace each module with a QuantLinear holding the method's QTensor.
@@ -17,6 +19,7 @@ from ..core.observers import make_observer
 from ..methods import get_method, method_needs, parse_method
 from ..methods import rtn as rtn_method
 from ..nn import LLMInt8Linear, QuantLinear
+from .embeddings import quantize_embeddings
 from .recipe import Recipe, get_recipe
 from .transforms import apply_transforms
 from .sequential import LayerReport, layer_loss, run_sequential
@@ -60,6 +63,7 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
     """
     recipe = get_recipe(recipe, method)
     targets = plan(model, recipe)
+    quantize_embeddings(model, recipe, taken=set(targets))
     # Transforms change what the layers see: observe activations after them, on the quantized model.
     observe_late = bool(recipe.observer) and any(parse_method(r.method)[0] for r in targets.values())
     act_ranges = _calibrate(model, targets, calibration, progress) if recipe.observer and not observe_late else {}

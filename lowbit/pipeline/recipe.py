@@ -7,6 +7,12 @@ modules a pattern matches, applied in order:
 
     Recipe(weights=Scheme("uint4", PerGroup(64), symmetric=False, range="minmax"), method="hqq",
            overrides=(Override("*down_proj", weights=Scheme("int8", PerChannel())),))
+
+The input embedding table and the output layer (lm_head) are not Linear layers of the blocks:
+`embeddings` and `output` give them their own schemes (round to nearest; None keeps them in
+full precision). When the two are tied, one quantized tensor serves both:
+
+    Recipe(weights=..., embeddings=Scheme("int8", PerChannel(0), scale_format="fp16"))
 """
 from __future__ import annotations
 
@@ -46,6 +52,8 @@ class Recipe:
     outlier_threshold: float | None = None  # LLM.int8(): |x| >= this runs the column in full precision
     # keyword options of the methods in the chain, e.g. {"gptq": {"damp": 0.05}, "smoothquant": {"alpha": 0.8}}
     method_options: dict = dataclasses.field(default_factory=dict, hash=False)
+    embeddings: Scheme | None = None  # input embedding table (rows looked up); None: full precision
+    output: Scheme | None = None  # output layer (lm_head); tied to the embeddings: one tensor for both
 
     def __post_init__(self):
         from ..methods import check_method_options, get_method
@@ -65,6 +73,8 @@ class Recipe:
         for o in self.overrides:
             if o.method:
                 get_method(o.method)
+        for which in ("embeddings", "output"):
+            _check_row_scheme(which, getattr(self, which))
 
     def replace(self, **kw) -> "Recipe":
         return dataclasses.replace(self, **kw)
@@ -89,6 +99,8 @@ class Recipe:
             "outlier_threshold": self.outlier_threshold, "method_options": self.method_options,
             "weights": self.weights.to_dict(),
             "activations": self.activations.to_dict() if self.activations else None,
+            "embeddings": self.embeddings.to_dict() if self.embeddings else None,
+            "output": self.output.to_dict() if self.output else None,
             "include": list(self.include), "exclude": list(self.exclude),
             "overrides": [{"pattern": o.pattern, "method": o.method, "skip": o.skip,
                            "weights": o.weights.to_dict() if o.weights else None,
@@ -110,7 +122,8 @@ class Recipe:
                    activations=scheme(d.get("activations")), observer=d.get("observer"),
                    include=tuple(d.get("include", ("*",))), exclude=tuple(d.get("exclude", DEFAULT_EXCLUDE)),
                    overrides=overrides, name=d.get("name"), outlier_threshold=d.get("outlier_threshold"),
-                   method_options=d.get("method_options") or {})
+                   method_options=d.get("method_options") or {}, embeddings=scheme(d.get("embeddings")),
+                   output=scheme(d.get("output")))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -118,6 +131,16 @@ class Recipe:
     @classmethod
     def from_json(cls, text: str) -> "Recipe":
         return cls.from_dict(json.loads(text))
+
+
+def _check_row_scheme(field: str, s: Scheme | None) -> None:
+    """Embedding tables are read a few rows at a time: each row needs its own scales."""
+    g = getattr(s, "granularity", None)
+    if s is None or isinstance(g, (PerTensor, PerToken)) or (isinstance(g, PerChannel) and g.axis in (0, -2)) \
+            or (isinstance(g, PerGroup) and g.axis in (-1, 1)):
+        return
+    raise ValueError(f"{field}={s.format}/{g}: an embedding table [vocab, dim] needs scales per row: use "
+                     "PerChannel(0), PerGroup(size) along the row (axis -1), or PerTensor()")
 
 
 def _affine(fmt: str, group: int) -> Scheme:
