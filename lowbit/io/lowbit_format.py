@@ -195,12 +195,14 @@ def _quant_module(tensors: dict, name: str, m, model: nn.Module, path: Path) -> 
     if not name or not all(part.isidentifier() or part.isdigit() for part in name.split(".")):
         raise ValueError(f"{f}: {at} is not a module name")
     try:
-        model.get_submodule(name)
+        target = model.get_submodule(name)
     except AttributeError as e:
         raise ValueError(f"{f}: {at}: the model built from the config has no module {name!r}") from e
+    shape = check.shape(f, f"{at}.shape", check.field(f, at, m, dict).get("shape"))
+    if shape != _weight_shape(target):  # checked before the tensors: the likelier mistake
+        raise ValueError(f"{f}: {at}.shape is {list(shape)} but the model's {name} is a "
+                         f"{type(target).__name__} with weight [out, in] = {list(_weight_shape(target) or [])}")
     q = qtensor_from_tensors(tensors, f"{name}.qweight", m, str(path / WEIGHTS), str(f), at)
-    if len(q.shape) != 2:
-        raise ValueError(f"{f}: {at}.shape must be [out, in], got {list(q.shape)}")
     act = check.scheme(f, f"{at}.act_scheme", m["act_scheme"]) if m.get("act_scheme") is not None else None
     dtype = check.dtype(f, f"{at}.dtype", m.get("dtype", "float32"))
     threshold = check.field(f, f"{at}.outlier_threshold", m.get("outlier_threshold"), (int, float), allow_none=True)
@@ -214,6 +216,17 @@ def _quant_module(tensors: dict, name: str, m, model: nn.Module, path: Path) -> 
             act_zero=tensors.get(f"{name}.act_zero"), dtype=dtype, **kw)
     except ValueError as e:
         raise ValueError(f"{f}: {at}: {e}") from e
+
+
+def _weight_shape(m: nn.Module) -> tuple[int, ...] | None:
+    """[out, in] of the layer a quantized module replaces (None: it has no 2-D weight)."""
+    from ..nn import QuantLinear
+    from ..pipeline.walk import linear_weight
+
+    if isinstance(m, QuantLinear):
+        return tuple(m.qweight.shape)
+    w = getattr(m, "weight", None)
+    return tuple(linear_weight(m).shape) if isinstance(w, torch.Tensor) and w.dim() == 2 else None
 
 
 def _belongs_to(key: str, modules: dict) -> bool:
