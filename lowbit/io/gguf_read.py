@@ -1,4 +1,7 @@
-"""Read tensors from a GGUF file as float32 torch tensors (dequantized by gguf-py)."""
+"""Read tensors from a GGUF file as float32 torch tensors (dequantized by gguf-py).
+
+A GGUF file is data from outside: any file, truncated, corrupt or with impossible sizes,
+gives a ValueError naming the file (tests/test_io_fuzz.py), never another exception."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,9 +29,13 @@ def read_gguf_tensors(path: str | Path, names=None) -> dict[str, torch.Tensor]:
     for t in reader.tensors:
         if wanted is not None and t.name not in wanted:
             continue
-        arr = dequantize(t.data, t.tensor_type)
-        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists the fastest dimension first
-        out[t.name] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(shape))
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+            shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists the fastest dimension first
+            # a copy: the reader's arrays are read-only views of the memory-mapped file
+            out[t.name] = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
+        except Exception as e:  # gguf-py and numpy raise several kinds on inconsistent tensors
+            raise ValueError(f"{path}: tensor {t.name!r} is corrupt ({type(e).__name__}: {e})") from e
     if wanted is not None and wanted - set(out):
         raise ValueError(f"{path} has no tensor named {sorted(wanted - set(out))[0]!r}")
     return out

@@ -56,7 +56,7 @@ def shape(where, name: str, v) -> tuple[int, ...]:
 
 
 def dtype(where, name: str, v) -> torch.dtype:
-    if v not in DTYPES:
+    if not isinstance(v, str) or v not in DTYPES:
         raise ValueError(f"{where}: field {name} is {str(v)[:40]!r}; a lowbit checkpoint holds one of "
                          f"{', '.join(DTYPES)}")
     return DTYPES[v]

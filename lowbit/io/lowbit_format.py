@@ -210,12 +210,15 @@ def _quant_module(tensors: dict, name: str, m, model: nn.Module, path: Path, loa
     if not name or not all(part.isidentifier() or part.isdigit() for part in name.split(".")):
         raise ValueError(f"{f}: {at} is not a module name")
     try:
-        model.get_submodule(name)
+        target = model.get_submodule(name)
     except AttributeError as e:
         raise ValueError(f"{f}: {at}: the model built from the config has no module {name!r}") from e
+    if m.get("tied_to") is None:  # a tied module borrows a tensor checked already
+        shape = check.shape(f, f"{at}.shape", m.get("shape"))
+        if shape != _weight_shape(target):  # checked before the tensors: the likelier mistake
+            raise ValueError(f"{f}: {at}.shape is {list(shape)} but the model's {name} is a "
+                             f"{type(target).__name__} with weight [out, in] = {list(_weight_shape(target) or [])}")
     q = _module_qtensor(tensors, name, m, loaded, path)
-    if len(q.shape) != 2:
-        raise ValueError(f"{f}: {at}.shape must be [out, in], got {list(q.shape)}")
     dtype = check.dtype(f, f"{at}.dtype", m.get("dtype", "float32"))
     if m.get("kind") == "embedding":
         padding = check.field(f, f"{at}.padding_idx", m.get("padding_idx"), int, allow_none=True)
@@ -245,6 +248,17 @@ def _module_qtensor(tensors: dict, name: str, m: dict, loaded: dict, path: Path)
     return loaded[tied]
 
 
+def _weight_shape(m: nn.Module) -> tuple[int, ...] | None:
+    """[out, in] of the layer a quantized module replaces (None: it has no 2-D weight)."""
+    from ..nn import QuantEmbedding, QuantLinear
+    from ..pipeline.walk import linear_weight
+
+    if isinstance(m, (QuantLinear, QuantEmbedding)):
+        return tuple(m.qweight.shape)
+    w = getattr(m, "weight", None)
+    return tuple(linear_weight(m).shape) if isinstance(w, torch.Tensor) and w.dim() == 2 else None
+
+
 def _belongs_to(key: str, modules: dict) -> bool:
     return any(key.startswith(f"{n}.qweight") or key in (f"{n}.bias", f"{n}.act_scale", f"{n}.act_zero")
                for n in modules)
@@ -270,7 +284,7 @@ def _skeleton(meta: dict, path: Path) -> nn.Module:
     model_type = check.field(f, "model.config.model_type", cfg.pop("model_type", None), str)
     try:
         config = transformers.AutoConfig.for_model(model_type, **cfg)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except Exception as e:  # transformers validates config fields with several exception kinds
         raise ValueError(f"{f}: field model.config is not a valid {model_type!r} config: {e}") from e
     if not isinstance(config, cls.config_class):
         raise ValueError(f"{f}: field model.class {cls.__name__} does not take a {model_type!r} config")
@@ -281,5 +295,5 @@ def _skeleton(meta: dict, path: Path) -> nn.Module:
     try:
         with no_init_weights():
             return cls(config)
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as e:
+    except Exception as e:  # as above: any field value can reach the model's constructor
         raise ValueError(f"{f}: field model.config cannot build a {cls.__name__}: {e}") from e
