@@ -73,3 +73,22 @@ def test_text_too_short_and_unknown_recipe(smollm2_2layers):
 def test_cli_compare_refuses_a_bad_recipe_before_loading(capsys):
     assert main(["compare", "no-such-model", "--recipes", "w8,w5"]) == 2
     assert "unknown recipe 'w5'" in capsys.readouterr().err
+
+
+class _CharTokenizer:
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 100 for c in text]}
+
+
+def test_generation_speed_short_warmup_without_future_warning():
+    from conftest import tiny_transformer
+    from lowbit.eval import generation_speed
+
+    model = tiny_transformer("qwen2", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        s = generation_speed(model, _CharTokenizer(), prompt_tokens=8, new_tokens=3, runs=1, warmup_tokens=1,
+                             progress=False)
+    assert s.new_tokens == 3 and s.decode_tokens_per_s > 0
+    with pytest.raises(ValueError, match="warmup_tokens"):
+        generation_speed(model, _CharTokenizer(), prompt_tokens=8, new_tokens=3, warmup_tokens=0, progress=False)
