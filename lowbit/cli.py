@@ -187,17 +187,21 @@ def cmd_eval(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .analysis import compare_recipes, format_table
+    from .analysis import compare_recipes, format_table, parse_specs
     from .io import load_model
+    from .pipeline import get_recipe
 
+    specs = parse_specs(args.recipes)
+    for name, method in specs:  # a bad name fails before the model loads
+        get_recipe(name, method)
     model, tok = load_model(args.model)
-    recipes = [(r.partition(":")[0], r.partition(":")[2] or None) for r in args.recipes.split(",")]
-    rows = compare_recipes(model, tok, _text(args.text), recipes, window=args.window, windows=args.windows,
-                           calibration_windows=args.calibration_windows, speed=not args.no_speed)
-    print(format_table(rows))
+    cmp = compare_recipes(model, tok, _text(args.text), specs, window=args.window, windows=args.windows,
+                          calibration_windows=args.calibration_windows, speed=not args.no_speed)
+    print(format_table(cmp))
 
 
-MAIN_RECIPES = "w8,w8a8-dynamic,fp8,nf4,w4g64,w4g64:hqq,mxfp4,nvfp4"
+# w4g64 twice: round to nearest, and `auto` (AWQ scales then GPTQ), what `lowbit quantize` does by default
+MAIN_RECIPES = "w8,w8a8-dynamic,fp8,nf4,w4g64:rtn,w4g64:auto,w4g64:hqq,mxfp4,nvfp4"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,11 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     pf.add_argument("name", nargs="?", help="a format name, e.g. fp8_e4m3")
     pf.add_argument("--value", type=float, action="append", help="a value to round (repeatable)")
 
-    def common(sp):
+    def common(sp, calibration_windows=32):
         sp.add_argument("--text", help="a UTF-8 text file (default: Python's own documentation text)")
         sp.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
-        sp.add_argument("--calibration-windows", type=int, default=32,
-                        help="calibration windows for static activations and gptq/awq/smoothquant (default 32)")
+        sp.add_argument("--calibration-windows", type=int, default=calibration_windows,
+                        help="calibration windows for static activations and gptq/awq/smoothquant "
+                             f"(default {calibration_windows})")
 
     pq = sub.add_parser("quantize", help="quantize a model and save it")
     pq.add_argument("model", help="smollm2-135m, minilm-l6, a Hugging Face folder or a .gguf file")
@@ -234,10 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     common(pe)
     pc = sub.add_parser("compare", help="quantize with several recipes and print one comparison table")
     pc.add_argument("model", nargs="?", default="smollm2-135m")
-    pc.add_argument("--recipes", default=MAIN_RECIPES, help=f"comma list, recipe[:method] (default {MAIN_RECIPES})")
-    pc.add_argument("--windows", type=int, default=16, help="evaluation windows (default 16)")
+    pc.add_argument("--recipes", default=MAIN_RECIPES,
+                    help=f"comma list, recipe[:method]; without a method, the recipe's own (round to nearest); "
+                         f":auto as lowbit quantize picks (default {MAIN_RECIPES})")
+    pc.add_argument("--windows", type=int, default=16, help="evaluation windows, from the text's start (default 16)")
     pc.add_argument("--no-speed", action="store_true", help="skip the decode speed measurement")
-    common(pc)
+    common(pc, calibration_windows=8)  # read after the evaluated windows; 8 keep the main job short
     args = p.parse_args(argv)
     try:
         if args.command == "formats":

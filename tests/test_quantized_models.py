@@ -7,8 +7,8 @@ import torch
 import lowbit
 from lowbit.eval import model_size
 from lowbit.io import load_model
-from lowbit.nn import QuantLinear
-from lowbit.pipeline import RECIPES
+from lowbit.nn import QuantEmbedding, QuantLinear
+from lowbit.pipeline import RECIPES, get_recipe
 
 from conftest import tiny_transformer
 
@@ -30,8 +30,12 @@ def test_every_recipe_on_truncated_smollm2(smollm2_2l, ids, recipe, method):
     model, _ = smollm2_2l
     q = copy.deepcopy(model)
     lowbit.quantize(q, recipe, calibration=[ids[:, :48], ids[:, 48:]], method=method, progress=False)
-    n_q = sum(isinstance(m, QuantLinear) for m in q.modules())
-    assert n_q == 14  # 7 projections x 2 layers; embeddings and the tied lm_head stay
+    n_q = sum(isinstance(m, QuantLinear) for n, m in q.named_modules() if ".layers." in n)
+    assert n_q == 14  # 7 projections x 2 layers
+    # the tied embedding table and lm_head: one QTensor when the recipe quantizes them, else full precision
+    table = get_recipe(recipe, method).embeddings
+    assert getattr(q.lm_head, "qweight", None) is getattr(q.model.embed_tokens, "qweight", None)
+    assert isinstance(q.lm_head, QuantLinear if table else torch.nn.Linear)
     with torch.no_grad():
         ref, out = model(ids).logits, q(ids).logits
     agree = (ref.argmax(-1) == out.argmax(-1)).float().mean().item()
@@ -65,14 +69,14 @@ def test_size_report_matches_the_bytes_held(smollm2_2l):
     held = {}
     for m in q.modules():
         tensors = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
-        if isinstance(m, QuantLinear):
+        if isinstance(m, (QuantLinear, QuantEmbedding)):  # the tied table's QTensor: one storage, once
             qt = m.qweight
             tensors += [t for t in (qt.codes, qt.scales, qt.zeros) if t is not None]
         for t in tensors:
             held[(t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())] = t.numel() * t.element_size()
     assert model_size(q).bytes == sum(held.values())
     linears = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n)
-    qbytes = sum(m.qweight.nbytes for m in q.modules() if isinstance(m, QuantLinear))
+    qbytes = sum(m.qweight.nbytes for n, m in q.named_modules() if isinstance(m, QuantLinear) and ".layers." in n)
     assert qbytes == linears // 2 + (linears // 64) * 2 * 2  # 4-bit codes + fp16 scale and zero per 64
 
 

@@ -1,9 +1,13 @@
 """The main job: quantize one model with several recipes and compare each with full precision.
 
-For causal LMs: perplexity, its change, KL(fp || quantized) and top-1 agreement
-on the evaluation text, size and decode speed. The full-precision model runs
-once (its predictions are kept in a Reference); each recipe quantizes a fresh
-copy of the model.
+For causal LMs: perplexity, its change, KL(fp || quantized) and top-1 agreement on the
+evaluation windows, size and decode speed. The full-precision model runs once (its
+predictions are kept in a Reference); each recipe quantizes a fresh copy of the model.
+Recipes that calibrate (static activations, gptq/awq/smoothquant, `:auto` for low-bit
+weights) read the windows that follow the evaluated ones, never an evaluated token.
+
+    cmp = compare_recipes(model, tok, text, ["w8", "w4g64:rtn", "w4g64:auto"])
+    print(format_table(cmp))
 """
 from __future__ import annotations
 
@@ -12,16 +16,19 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
-from ..eval import Reference, evaluate, generation_speed, model_size, token_ids
-from ..pipeline import get_recipe, quantize
+from ..eval import Reference, evaluate, generation_speed, linear_bits_per_weight, model_size, token_ids
+from ..methods import method_needs
+from ..pipeline import Recipe, get_recipe, quantize
 
 
 @dataclass(frozen=True)
 class CompareRow:
-    recipe: str
-    method: str
-    bits_per_weight: float  # over the quantized Linear layers
+    recipe: str  # as asked: "w4g64:auto"
+    method: str  # the chain that ran: "awq+gptq"
+    embeddings: str  # how the embedding table / output layer are stored: "int8/ch", "fp32"
+    bits_per_weight: float  # over the quantized layers of the blocks
     size_mb: float  # whole model, embeddings included
     ppl: float
     delta_ppl_pct: float
@@ -29,60 +36,136 @@ class CompareRow:
     top1: float
     decode_tok_s: float
     quantize_s: float
+    calibrated: bool
 
 
-def compare_recipes(model, tokenizer, text: str, recipes: list[tuple[str, str | None]], *, window: int = 512,
-                    windows: int = 16, calibration_windows: int = 8, speed: bool = True,
-                    progress: bool = True) -> list[CompareRow]:
-    """Rows for full precision then each (recipe name, method or None) on `text`.
+@dataclass(frozen=True)
+class Comparison:
+    rows: list[CompareRow]
+    window: int
+    windows: int  # evaluated: windows 0 .. windows-1
+    calibration_windows: int  # read by calibrated rows: the windows right after the evaluated ones
+    text_tokens: int
+    decode_tokens: int  # timed greedy decode steps per row (0: not measured)
 
-    The first `windows` windows of `text` are evaluated; static-activation recipes calibrate
-    on the `calibration_windows` windows that follow them, never on evaluated tokens.
+
+def parse_specs(specs: "str | list") -> list[tuple[str, str | None]]:
+    """"w8,w4g64:auto" -> [("w8", None), ("w4g64", "auto")] (a list of such pairs passes through)."""
+    if isinstance(specs, str):
+        specs = [s.strip() for s in specs.split(",") if s.strip()]
+    out = []
+    for s in specs:
+        if isinstance(s, str):
+            name, _, method = s.partition(":")
+            s = (name, method or None)
+        out.append(s)
+    if not out:
+        raise ValueError("recipes: give at least one recipe, e.g. w8,w4g64:auto")
+    return out
+
+
+def _spec(name: str, method: str | None) -> str:
+    return f"{name}:{method}" if method else name
+
+
+def _calibrates(recipe: Recipe) -> bool:
+    return bool(recipe.observer) or bool(method_needs(recipe.method))
+
+
+def compare_recipes(model, tokenizer, text: str, recipes: "str | list", *, window: int = 512,
+                    windows: int = 16, calibration_windows: int = 8, batch_size: int = 4, speed: bool = True,
+                    decode_tokens: int = 16, progress: bool = True) -> Comparison:
+    """Full precision, then each recipe (a "name[:method]" spec or a (name, method) pair), on `text`.
+
+    Windows 0..windows-1 of `text` are evaluated, `batch_size` at a time; calibrated recipes read
+    windows windows..windows+calibration_windows-1. Decode speed: `decode_tokens` greedy steps
+    after a 32-token prompt and a 2-step warm-up (0 or speed=False: not measured).
     """
+    specs = parse_specs(recipes)
+    resolved = [get_recipe(name, method) for name, method in specs]  # bad names fail before any work
     ids = token_ids(tokenizer, text)
-    need = (windows + calibration_windows) * window
+    calibrated = any(_calibrates(r) for r in resolved)
+    need = (windows + (calibration_windows if calibrated else 0)) * window
     if len(ids) < need:
-        raise ValueError(f"the text has {len(ids)} tokens; {windows} + {calibration_windows} windows of {window} "
-                         f"need {need}: give a longer text or fewer windows")
-    ref = Reference.capture(model, ids[: windows * window], window=window, max_windows=windows, progress=progress)
+        raise ValueError(f"the text has {len(ids)} tokens; {windows} evaluated windows of {window}"
+                         + (f" + {calibration_windows} calibration windows" if calibrated else "")
+                         + f" need {need}: give a longer text or fewer windows")
+    decode_tokens = decode_tokens if speed else 0
+    bar = tqdm(total=len(specs) + 1, desc="compare", unit="model", disable=not progress, position=0)
+
+    def step(label: str) -> None:
+        bar.set_description(f"compare [{label}]")
+        bar.refresh()
+
+    step("fp32 reference")
+    ref = Reference.capture(model, ids[: windows * window], window=window, max_windows=windows,
+                            batch_size=batch_size, progress=progress)
     calib = [ids[(windows + i) * window:(windows + i + 1) * window][None] for i in range(calibration_windows)]
-    rows = [_row("fp32", "-", model, evaluate(model, ref, progress=progress), tokenizer, speed, 0.0)]
-    for name, method in recipes:
-        recipe = get_recipe(name, method)
+    rows = [_row("fp32", "-", model, evaluate(model, ref, batch_size=batch_size, progress=progress), tokenizer,
+                 decode_tokens, 0.0, False, progress)]
+    bar.update()
+    for (name, method), recipe in zip(specs, resolved):
+        spec = _spec(name, method)
+        step(f"{spec}: {recipe.method}")
         q = copy.deepcopy(model)
         t = time.perf_counter()
-        quantize(q, recipe, calibration=calib, progress=progress)
+        quantize(q, recipe, calibration=calib if _calibrates(recipe) else None, progress=progress)
         took = time.perf_counter() - t
-        rows.append(_row(name, recipe.method, q, evaluate(q, ref, progress=progress), tokenizer, speed, took))
+        rows.append(_row(spec, recipe.method, q, evaluate(q, ref, batch_size=batch_size, progress=progress),
+                         tokenizer, decode_tokens, took, _calibrates(recipe), progress))
         del q
-    return rows
+        bar.update()
+    bar.close()
+    return Comparison(rows, window, windows, calibration_windows if calibrated else 0, len(ids), decode_tokens)
 
 
-def _row(name, method, model, report, tokenizer, speed, took) -> CompareRow:
-    size = model_size(model)
-    linear_bpw = _linear_bits_per_weight(model)
-    tok_s = generation_speed(model, tokenizer, prompt_tokens=64, new_tokens=16, runs=2).decode_tokens_per_s if speed else float("nan")
-    return CompareRow(name, method, linear_bpw, size.bytes / 1e6, report.ppl, report.delta_ppl_pct, report.kl,
-                      report.top1_agreement, tok_s, took)
+def _row(name, method, model, report, tokenizer, decode_tokens, took, calibrated, progress) -> CompareRow:
+    tok_s = float("nan")
+    if decode_tokens:
+        tok_s = generation_speed(model, tokenizer, prompt_tokens=32, new_tokens=decode_tokens, runs=1,
+                                 warmup_tokens=2, progress=progress).decode_tokens_per_s
+    return CompareRow(name, method, _embedding_label(model), linear_bits_per_weight(model),
+                      model_size(model).bytes / 1e6, report.ppl, report.delta_ppl_pct, report.kl,
+                      report.top1_agreement, tok_s, took, calibrated)
 
 
-def _linear_bits_per_weight(model) -> float:
-    nbytes = numel = 0
-    for m in model.modules():
-        if hasattr(m, "quantized_nbytes"):
-            nbytes += m.qweight.nbytes
-            numel += m.qweight.numel
-    if numel == 0:  # full precision: the Linear weights' own dtype
-        ws = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        return 8.0 * ws[0].element_size() if ws else float("nan")
-    return 8.0 * nbytes / numel
+def _embedding_label(model) -> str:
+    """How the input embedding table and the output layer are stored, e.g. "int8/ch" or "fp32"."""
+    def label(m):
+        q = getattr(m, "qweight", None)
+        if q is None:
+            w = getattr(m, "weight", None)
+            return str(w.dtype).removeprefix("torch.").replace("float", "fp") if isinstance(w, torch.Tensor) else "-"
+        s, g = q.scheme, q.scheme.granularity
+        kind = {"PerChannel": "ch", "PerTensor": "t", "PerToken": "tok"}.get(type(g).__name__)
+        return s.name or f"{s.format}/{kind or 'g' + str(getattr(g, 'size', '?'))}"
+
+    parts = []
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        m = getattr(model, get, lambda: None)()
+        if m is not None and label(m) not in parts:
+            parts.append(label(m))
+    return "+".join(parts) or "-"
 
 
-def format_table(rows: list[CompareRow]) -> str:
-    head = (f"{'recipe':<14} {'method':<6} {'bits/w':>6} {'size MB':>8} {'ppl':>8} {'Δppl':>8} {'KL':>7} "
-            f"{'top-1':>6} {'tok/s':>6} {'quant s':>7}")
+def format_table(cmp: Comparison) -> str:
+    """The table, then what was evaluated, what calibrated on which windows, and how speed was timed."""
+    head = (f"{'recipe':<14} {'method':<11} {'emb/out':<8} {'bits/w':>6} {'size MB':>8} {'ppl':>8} {'Δppl':>8} "
+            f"{'KL':>7} {'top-1':>6} {'tok/s':>6} {'quant s':>7}")
     lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r.recipe:<14} {r.method:<6} {r.bits_per_weight:>6.2f} {r.size_mb:>8.1f} {r.ppl:>8.3f} "
-                     f"{r.delta_ppl_pct:>+7.2f}% {r.kl:>7.4f} {r.top1:>6.3f} {r.decode_tok_s:>6.1f} {r.quantize_s:>7.1f}")
+    for r in cmp.rows:
+        lines.append(f"{r.recipe:<14} {r.method:<11} {r.embeddings:<8} {r.bits_per_weight:>6.2f} {r.size_mb:>8.1f} "
+                     f"{r.ppl:>8.3f} {r.delta_ppl_pct:>+7.2f}% {r.kl:>7.4f} {r.top1:>6.3f} {r.decode_tok_s:>6.1f} "
+                     f"{r.quantize_s:>7.1f}")
+    w, n = cmp.window, cmp.windows
+    lines.append(f"evaluated: windows 0-{n - 1} of {w} tokens (tokens 0-{n * w - 1} of {cmp.text_tokens}).")
+    cal = [r.recipe for r in cmp.rows if r.calibrated]
+    if cal:
+        c = cmp.calibration_windows
+        lines.append(f"calibration ({', '.join(cal)}): windows {n}-{n + c - 1} (tokens {n * w}-{(n + c) * w - 1}), "
+                     f"{c} windows, none of them evaluated.")
+    lines.append("bits/w: the blocks' quantized layers; size: the whole model; emb/out: the embedding table and "
+                 "output layer (one tensor when tied).")
+    lines.append(f"tok/s: {cmp.decode_tokens} greedy decode steps after a 32-token prompt and a 2-step warm-up, "
+                 "batch 1." if cmp.decode_tokens else "tok/s: not measured.")
     return "\n".join(lines)

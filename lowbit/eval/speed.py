@@ -1,6 +1,7 @@
 """Generation speed: prefill and greedy decode tokens per second with a KV cache."""
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from dataclasses import dataclass
@@ -30,22 +31,35 @@ def _prompt(tokenizer, text: str | None, prompt_tokens: int) -> torch.Tensor:
     return torch.tensor(ids[:prompt_tokens])[None]                                 # [1, prompt_tokens]
 
 
+def _cache_name(model) -> str:
+    """The KV-cache argument and output field: `cache` in transformers 5.2x (`past_key_values`,
+    its old name, now raises a FutureWarning), `past_key_values` before."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _run(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    name = _cache_name(model)
     t0 = time.perf_counter()
     out = model(input_ids=prompt, use_cache=True)
     t1 = time.perf_counter()
-    cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)   # [1, 1]
+    cache, nxt = getattr(out, name), out.logits[:, -1].argmax(-1, keepdim=True)   # [1, 1]
     for _ in range(new_tokens):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        out = model(input_ids=nxt, use_cache=True, **{name: cache})
+        cache, nxt = getattr(out, name), out.logits[:, -1].argmax(-1, keepdim=True)
     _ = nxt.item()  # wait for an asynchronous device
     return t1 - t0, time.perf_counter() - t1
 
 
 @torch.inference_mode()
 def generation_speed(model, tokenizer, *, prompt_tokens: int = 128, new_tokens: int = 32,
-                     runs: int = 3, text: str | None = None, progress: bool = True) -> GenerationSpeed:
-    """Median prefill and decode throughput of greedy generation, batch 1, after one warm-up run.
+                     runs: int = 3, text: str | None = None, progress: bool = True,
+                     warmup_tokens: int | None = None) -> GenerationSpeed:
+    """Median prefill and decode throughput of greedy generation, batch 1, after one warm-up run
+    (of `warmup_tokens` decode steps; default new_tokens: a few already load every kernel and cache).
 
     The prompt is the first `prompt_tokens` tokens of `text` (default: a repeated English
     sentence; speed does not depend on the words); decoding feeds
@@ -57,8 +71,11 @@ def generation_speed(model, tokenizer, *, prompt_tokens: int = 128, new_tokens: 
                          f"{prompt_tokens}, {new_tokens}, {runs}")
     device = next(model.parameters(), torch.empty(0)).device
     prompt = _prompt(tokenizer, text, prompt_tokens).to(device)
-    times = [_run(model, prompt, new_tokens) for _ in tqdm(range(runs + 1), desc="speed", unit="run",
-                                                             disable=not progress)][1:]
+    warmup = new_tokens if warmup_tokens is None else warmup_tokens
+    if warmup < 1:
+        raise ValueError(f"generation_speed: warmup_tokens must be >= 1, got {warmup}")
+    times = [_run(model, prompt, warmup if i == 0 else new_tokens)
+             for i in tqdm(range(runs + 1), desc="speed", unit="run", disable=not progress)][1:]
     prefill = statistics.median(t for t, _ in times)
     decode = statistics.median(t for _, t in times)
     return GenerationSpeed(prefill_tokens_per_s=prompt_tokens / prefill, decode_tokens_per_s=new_tokens / decode,

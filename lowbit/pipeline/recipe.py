@@ -171,6 +171,14 @@ RECIPES: dict[str, Recipe] = {
     "llm-int8": Recipe(_W8, activations=_A8_TOKEN, outlier_threshold=6.0, name="llm-int8"),
 }
 
+# The integer weight recipes of 4 bits and fewer store the embedding table and the output layer
+# too (one tensor when tied), in int8 groups of 32 with fp16 scales: llama.cpp's Q8_0 layout,
+# 8.5 bits. Measured against fp32, int8 per row and int6: docs/benchmarks.md, "Embeddings and
+# the output layer".
+EMBEDDINGS_8BIT = Scheme("int8", PerGroup(32), scale_format="fp16")
+for _name in ("w4g128", "w4g64", "w4g32", "w4g64-sym", "w3g64", "w2g64"):
+    RECIPES[_name] = RECIPES[_name].replace(embeddings=EMBEDDINGS_8BIT, output=EMBEDDINGS_8BIT)
+
 
 def get_recipe(name: "str | Recipe", method: str | None = None) -> Recipe:
     """A named recipe (see RECIPES), or a Recipe; `method` overrides its method ("auto": auto_method)."""
