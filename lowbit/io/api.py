@@ -7,7 +7,7 @@ from torch import nn
 
 from .lowbit_format import load_lowbit, save_lowbit
 
-SAVE_FORMATS = ("lowbit",)
+SAVE_FORMATS = ("lowbit", "compressed-tensors")
 
 
 def save(model: nn.Module, path: str | Path, format: str = "lowbit", *, tokenizer=None,
@@ -17,6 +17,10 @@ def save(model: nn.Module, path: str | Path, format: str = "lowbit", *, tokenize
     if format not in SAVE_FORMATS:
         raise ValueError(f"format={format!r}: this lowbit writes {', '.join(SAVE_FORMATS)} "
                          "(GGUF and compressed-tensors export are planned)")
+    if format == "compressed-tensors":
+        from .compressed_tensors import save_compressed_tensors
+
+        return save_compressed_tensors(model, path, tokenizer=tokenizer)
     return save_lowbit(model, path, tokenizer=tokenizer, source=source)
 
 
