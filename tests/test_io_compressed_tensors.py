@@ -192,3 +192,25 @@ def test_mixed_schemes_target_modules_by_name(tmp_path):
     hf = tf.AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         assert (hf(ids).logits - ref).abs().max() <= 1e-5
+
+
+W4_INT_ZERO = AFFINE_INT_ZERO
+
+
+@pytest.mark.parametrize("recipe", ["w4g64-sym", "w4-int-zero", "w8", "fp8", "w8a8-dynamic", "w8a8-static", "nvfp4"])
+def test_lowbit_reads_its_compressed_tensors_export(tmp_path, recipe):
+    """lowbit.load of an exported folder gives back the same weights (NVFP4: the global scale is stored as
+    a reciprocal, so scales may move by an ulp) and the same logits."""
+    r = W4_INT_ZERO if recipe == "w4-int-zero" else get_recipe(recipe, "rtn")
+    model = quantize(tiny_transformer("qwen2", 2), r, calibration=[torch.randint(0, 100, (1, 16))], progress=False)
+    out, _ = _export(model, tmp_path)
+    back = lowbit.load(out)
+    theirs, ours = _linears(back), _linears(model)
+    assert theirs.keys() == ours.keys()
+    for name, m in ours.items():
+        a, b = theirs[name].qweight.dequantize(), m.qweight.dequantize()
+        assert torch.equal(a, b) if recipe != "nvfp4" else torch.allclose(a, b, rtol=2**-22, atol=0), name
+        assert (theirs[name].act_scheme is None) == (m.act_scheme is None)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (back(ids).logits - model(ids).logits).abs().max() <= 1e-5

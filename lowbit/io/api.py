@@ -25,5 +25,10 @@ def save(model: nn.Module, path: str | Path, format: str = "lowbit", *, tokenize
 
 
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild a quantized model saved by lowbit.save (see load_lowbit)."""
+    """Rebuild a quantized model saved by lowbit.save (see load_lowbit), or read a Hugging Face folder
+    quantized by another tool (compressed-tensors, GPTQ, AWQ; see hf_quantized)."""
+    from .hf_quantized import load_hf_quantized, quant_method
+
+    if model is None and not (Path(path) / "lowbit.json").exists() and quant_method(Path(path)):
+        return load_hf_quantized(path)
     return load_lowbit(path, model=model)

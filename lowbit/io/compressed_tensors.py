@@ -272,3 +272,62 @@ def _write_folder(path: Path, tensors: dict, cfg: dict, model, tokenizer, save_f
             tokenizer.save_pretrained(str(tmp))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))  # last: marks a whole save
     return path
+
+
+# -- read -----------------------------------------------------------------------
+def ct_module(t: dict[str, torch.Tensor], fmt: str, scheme, where: str) -> dict:
+    """One quantized Linear's tensors (local names) in compressed-tensors layout `fmt` ->
+    {"qweight": QTensor, "act_scheme": Scheme | None, "act_scale": tensor | None}."""
+    from ..core import Scheme
+    from .gptq_awq import int_qtensor, unpack_int32_rows
+
+    w, a = scheme.weights, scheme.input_activations
+    strategy = w.strategy if isinstance(w.strategy, str) else w.strategy.value
+    act, act_scale = None, None
+    if a is not None:
+        a_strategy = a.strategy if isinstance(a.strategy, str) else a.strategy.value
+        if a.type != "int" or a.num_bits != 8 or not a.symmetric or a_strategy not in ("token", "tensor"):
+            raise ValueError(f"{where}: input activations {a.type}{a.num_bits} ({a_strategy}) are not read by lowbit "
+                             "(symmetric int8 per token or per tensor)")
+        act = Scheme("int8", PerToken() if a_strategy == "token" else PerTensor())
+        act_scale = None if a.dynamic else _need(t, "input_scale", where).float().reshape(())
+    gran = {"group": lambda: PerGroup(w.group_size), "channel": lambda: PerChannel(0), "tensor": PerTensor}
+    if fmt == "pack-quantized":
+        if strategy not in ("group", "channel"):
+            raise ValueError(f"{where}: pack-quantized strategy {strategy!r} is not read (group, channel)")
+        rows, cols = (int(v) for v in _need(t, "weight_shape", where))
+        b, scale = w.num_bits, _need(t, "weight_scale", where)
+        u = unpack_int32_rows(_need(t, "weight_packed", where), b, cols)
+        if w.symmetric:
+            z = torch.full(scale.shape, 2 ** (b - 1), dtype=torch.int16)
+        else:
+            z = unpack_int32_rows(_need(t, "weight_zero_point", where).t(), b, rows).t().to(torch.int16)
+        q = int_qtensor(u, z, scale, b, w.group_size if strategy == "group" else None)
+    elif fmt in ("int-quantized", "naive-quantized", "float-quantized") and strategy in gran:
+        weight, scale = _need(t, "weight", where), _need(t, "weight_scale", where)
+        fmt_name = {torch.int8: "int8", torch.float8_e4m3fn: "fp8_e4m3"}.get(weight.dtype)
+        if fmt_name is None or not w.symmetric:
+            raise ValueError(f"{where}.weight: {weight.dtype} ({'symmetric' if w.symmetric else 'affine'}) is not "
+                             "read by lowbit (symmetric int8 or float8_e4m3fn)")
+        g = gran[strategy]()
+        scheme_ = Scheme(fmt_name, g, scale_format={v: k for k, v in _SCALE_DTYPES.items()}[scale.dtype])
+        stats = scale.reshape(-1) if not isinstance(g, PerGroup) else scale
+        q = QTensor(weight.contiguous().view(torch.uint8).reshape(-1), tuple(weight.shape), scheme_,
+                    scales=stats.reshape(()) if isinstance(g, PerTensor) else stats.contiguous())
+    elif fmt == "nvfp4-pack-quantized":
+        from ..core.scheme import SCHEMES
+
+        packed, scale = _need(t, "weight_packed", where), _need(t, "weight_scale", where)
+        q = QTensor(packed.contiguous().reshape(-1), (packed.shape[0], packed.shape[1] * 2), SCHEMES["nvfp4"],
+                    scales=scale.contiguous().view(torch.uint8),
+                    tensor_scale=(1.0 / _need(t, "weight_global_scale", where).float()).reshape(()))
+    else:
+        raise ValueError(f"{where}: compressed-tensors format {fmt!r} ({strategy}) is not read by lowbit "
+                         "(pack-quantized, int-quantized, float-quantized, nvfp4-pack-quantized)")
+    return {"qweight": q, "act_scheme": act, "act_scale": act_scale}
+
+
+def _need(t: dict, key: str, where: str) -> torch.Tensor:
+    if key not in t:
+        raise ValueError(f"{where}.{key}: tensor is missing")
+    return t[key]
