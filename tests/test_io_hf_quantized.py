@@ -31,9 +31,9 @@ def pack_words(values: np.ndarray, bits: int, axis: int, order=None) -> torch.Te
     return torch.from_numpy(np.moveaxis(out.astype(np.uint32).view(np.int32), 0, axis).copy())
 
 
-def _codes(rng, model, bits, group, zero_lo):
-    """Per Linear of the blocks: codes q [K, N], zero points z [G, N], scales s [G, N] (fp16), and
-    the expected weight W [N, K] in float64."""
+def _codes(rng, model, bits, group, zero_lo, act_order=False):
+    """Per Linear of the blocks: codes q [K, N], zero points z [G, N], scales s [G, N] (fp16), the
+    expected weight W [N, K] in float64, and g_idx [K] (the group of each input)."""
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and name.startswith("model.layers"):
@@ -43,9 +43,19 @@ def _codes(rng, model, bits, group, zero_lo):
             z = rng.integers(zero_lo, 2**bits, (G, N))
             s = torch.from_numpy(rng.uniform(0.001, 0.02, (G, N))).half()
             g = np.arange(K) // group
+            if act_order:  # GPTQ's desc_act: the i-th input in activation order joins group i // group
+                g = np.empty(K, dtype=np.int64)
+                g[rng.permutation(K)] = np.arange(K) // group
             W = (s.double().numpy()[g] * (q - z[g])).T
-            out[name] = (q, z, s, torch.from_numpy(W))
+            out[name] = (q, z, s, torch.from_numpy(W), torch.from_numpy(g).to(torch.int32))
     return out
+
+
+def v1_words(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """GPTQModel's v2 -> v1 zero points: each packed word minus one per field, modulo 2^32."""
+    ones = sum(1 << (i * bits) for i in range(32 // bits))
+    return torch.from_numpy(((words.numpy().view(np.uint32).astype(np.int64) - ones) % 2**32)
+                            .astype(np.uint32).view(np.int32))
 
 
 def _write(folder, model, quant, per_module):
@@ -63,40 +73,49 @@ def _write(folder, model, quant, per_module):
 def _check(folder, model, codes):
     back = lowbit.load(folder)
     layers = dict(back.named_modules())
-    for name, (*_, W) in codes.items():
-        assert isinstance(layers[name], QuantLinear)
-        assert torch.equal(layers[name].qweight.dequantize().double(), W), name  # fp16 x small ints: exact
+    for name, (_, _, _, W, _) in codes.items():
+        w = layers[name].qweight.dequantize() if isinstance(layers[name], QuantLinear) else layers[name].weight
+        assert torch.equal(w.double(), W), name  # fp16 scales x small ints: exact in float32
     ref = tiny_transformer("qwen2", 2)
-    ref.load_state_dict({**model.state_dict(), **{f"{n}.weight": c[-1].float() for n, c in codes.items()}})
+    ref.load_state_dict({**model.state_dict(), **{f"{n}.weight": c[3].float() for n, c in codes.items()}})
     ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (back(ids).logits - ref(ids).logits).abs().max() <= 1e-5
     return back
 
 
-@pytest.mark.parametrize("fmt,bits,sym", [("gptq", 4, False), ("gptq_v2", 4, False), ("gptq", 4, True),
-                                          ("gptq", 8, False), ("gptq_v2", 2, False)])
-def test_gptq_checkpoint_loads_exactly(tmp_path, fmt, bits, sym):
+def _sym(codes, bits, group):
+    """GPTQ sym=True: every zero point is 2^(b-1)."""
+    mid = 2 ** (bits - 1)
+    return {n: (q, np.full_like(z, mid), s, torch.from_numpy((s.double().numpy()[g.long().numpy()] * (q - mid)).T), g)
+            for n, (q, z, s, _, g) in codes.items()}
+
+
+@pytest.mark.parametrize("fmt,bits,sym,act_order", [("gptq", 4, False, False), ("gptq_v2", 4, False, False),
+                                                    ("gptq", 4, True, False), ("gptq", 8, False, False),
+                                                    ("gptq_v2", 2, False, False), ("gptq", 4, False, True)])
+def test_gptq_checkpoint_loads_exactly(tmp_path, fmt, bits, sym, act_order):
+    """Zero points of 0 included: in v1 they borrow from the next field of their word."""
     rng = np.random.default_rng(bits)
     model = tiny_transformer("qwen2", 2)
     group = 32
-    codes = _codes(rng, model, bits, group, zero_lo=1 if fmt == "gptq" else 0)
-    if sym:  # GPTQ sym=True: every zero point is 2^(b-1)
-        codes = {n: (q, np.full_like(z, 2 ** (bits - 1)), s,
-                     torch.from_numpy((s.double().numpy()[np.arange(q.shape[0]) // group]
-                                       * (q - 2 ** (bits - 1))).T)) for n, (q, z, s, _) in codes.items()}
-    stored_zero = (lambda z: z - 1) if fmt == "gptq" else (lambda z: z)
-    per_module = {n: {"qweight": pack_words(q, bits, 0), "qzeros": pack_words(stored_zero(z), bits, 1),
-                      "scales": s, "g_idx": torch.arange(q.shape[0], dtype=torch.int32) // group}
-                  for n, (q, z, s, _) in codes.items()}
+    codes = _codes(rng, model, bits, group, zero_lo=0, act_order=act_order)
+    if sym:
+        codes = _sym(codes, bits, group)
+    stored = (lambda w: v1_words(w, bits)) if fmt == "gptq" else (lambda w: w)
+    per_module = {n: {"qweight": pack_words(q, bits, 0), "qzeros": stored(pack_words(z, bits, 1)),
+                      "scales": s, "g_idx": g} for n, (q, z, s, _, g) in codes.items()}
     for n, m in model.named_modules():
         if n in per_module and m.bias is not None:
             per_module[n]["bias"] = m.bias.detach()
     _write(tmp_path / "m", model, {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": False,
                                    "sym": sym, "checkpoint_format": fmt}, per_module)
     back = _check(tmp_path / "m", model, codes)
-    if sym:
-        assert back.model.layers[0].mlp.up_proj.qweight.scheme.symmetric
+    layer = back.model.layers[0].mlp.up_proj
+    if act_order:  # groups are not runs of inputs: exact float weights in a plain Linear
+        assert type(layer) is torch.nn.Linear
+    else:
+        assert isinstance(layer, QuantLinear) and layer.qweight.scheme.symmetric == sym
 
 
 def test_awq_checkpoint_loads_exactly(tmp_path):
@@ -104,7 +123,7 @@ def test_awq_checkpoint_loads_exactly(tmp_path):
     model = tiny_transformer("qwen2", 2)
     codes = _codes(rng, model, 4, 32, zero_lo=0)
     per_module = {n: {"qweight": pack_words(q, 4, 1, AWQ_ORDER), "qzeros": pack_words(z, 4, 1, AWQ_ORDER),
-                      "scales": s} for n, (q, z, s, _) in codes.items()}
+                      "scales": s} for n, (q, z, s, _, _) in codes.items()}
     for n, m in model.named_modules():
         if n in per_module and m.bias is not None:
             per_module[n]["bias"] = m.bias.detach()
@@ -120,11 +139,9 @@ def test_gptq_reexports_to_compressed_tensors_for_transformers(tmp_path):
 
     rng = np.random.default_rng(3)
     model = tiny_transformer("qwen2", 2)
-    codes = _codes(rng, model, 4, 32, zero_lo=8)
-    codes = {n: (q, np.full_like(z, 8), s, torch.from_numpy((s.double().numpy()[np.arange(q.shape[0]) // 32]
-                                                              * (q - 8)).T)) for n, (q, z, s, _) in codes.items()}
-    per_module = {n: {"qweight": pack_words(q, 4, 0), "qzeros": pack_words(z - 1, 4, 1), "scales": s}
-                  for n, (q, z, s, _) in codes.items()}
+    codes = _sym(_codes(rng, model, 4, 32, zero_lo=0), 4, 32)
+    per_module = {n: {"qweight": pack_words(q, 4, 0), "qzeros": v1_words(pack_words(z, 4, 1), 4), "scales": s}
+                  for n, (q, z, s, _, _) in codes.items()}
     for n, m in model.named_modules():
         if n in per_module and m.bias is not None:
             per_module[n]["bias"] = m.bias.detach()
@@ -137,15 +154,15 @@ def test_gptq_reexports_to_compressed_tensors_for_transformers(tmp_path):
         assert (hf(ids).logits - back(ids).logits).abs().max() <= 1e-5
     mods = dict(hf.named_modules())
     for n, c in codes.items():
-        assert torch.equal(mods[n].weight.double(), c[-1]), n
+        assert torch.equal(mods[n].weight.double(), c[3]), n
 
 
 def _gptq_folder(tmp_path):
     rng = np.random.default_rng(11)
     model = tiny_transformer("qwen2", 1)
-    codes = _codes(rng, model, 4, 32, zero_lo=1)
-    per_module = {n: {"qweight": pack_words(q, 4, 0), "qzeros": pack_words(z - 1, 4, 1), "scales": s}
-                  for n, (q, z, s, _) in codes.items()}
+    codes = _codes(rng, model, 4, 32, zero_lo=0)
+    per_module = {n: {"qweight": pack_words(q, 4, 0), "qzeros": v1_words(pack_words(z, 4, 1), 4), "scales": s}
+                  for n, (q, z, s, _, _) in codes.items()}
     for n, m in model.named_modules():
         if n in per_module and m.bias is not None:
             per_module[n]["bias"] = m.bias.detach()
@@ -188,8 +205,8 @@ def test_bad_checkpoints_name_the_file_and_tensor(tmp_path):
     rewrite(lambda d: d.update({"model.norm.weight": torch.ones(3)}))
     with pytest.raises(ValueError, match=r"tensor 'model.norm.weight' has shape \(3,\)"):
         lowbit.load(folder)
-    rewrite(lambda d: d.update({"model.layers.0.mlp.up_proj.g_idx": torch.arange(64, dtype=torch.int32).flip(0)}))
-    with pytest.raises(ValueError, match="g_idx: act-order"):
+    rewrite(lambda d: d.update({"model.layers.0.mlp.up_proj.g_idx": torch.arange(64, dtype=torch.int32)}))
+    with pytest.raises(ValueError, match=r"up_proj.g_idx: group indices must lie in \[0, 2\)"):
         lowbit.load(folder)
     cfg = json.loads((folder / "config.json").read_text())
     cfg["quantization_config"]["quant_method"] = "bitsandbytes"

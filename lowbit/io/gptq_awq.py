@@ -6,8 +6,12 @@ GPTQ (AutoGPTQ / GPTQModel, Linear [out, in] with in_features K, out_features N,
     scales   fp16  [G, N]
     g_idx    int32 [K]             the group of each input column (arange(K) // group_size unless act-order)
     w[n, k] = scales[g, n] * (q[k, n] - z[g, n]),  g = g_idx[k]
-  checkpoint_format "gptq" (v1, the default) stores z - 1 and readers add 1 (a stored 2^b - 1 reads as
-  2^b, as in AutoGPTQ); "gptq_v2" stores z.
+  checkpoint_format "gptq_v2" stores z; "gptq" (v1, the default) stores each packed qzeros word minus
+  0x11111111 (4 bits; one 1 per field), and GPTQModel reads it back by adding that word, carries and
+  all: so a zero point of 0, which borrows from its neighbour in v1, still round-trips. lowbit reads v1
+  the same way. (AutoGPTQ added 1 per field instead, which reads such a field as 2^b.)
+  Act-order (desc_act) checkpoints, whose g_idx is not arange(K) // group_size, have groups that are not
+  contiguous runs of inputs: gptq_weight returns their dequantized float32 weight instead of a QTensor.
 AWQ (AutoAWQ GEMM, always 4 bits): qweight int32 [K, N / 8] packed along the output: nibble i of word j
 holds output 8j + AWQ_ORDER[i]; qzeros int32 [K / group, N / 8] the same; scales fp16 [K / group, N];
     w[n, k] = scales[k // group, n] * (q[k, n] - z[k // group, n])   (no offset on z).
@@ -56,8 +60,10 @@ def _scale_format(s: torch.Tensor) -> str:
     return names[s.dtype]
 
 
-def gptq_qtensor(t: dict[str, torch.Tensor], bits: int, group_size: int, v1: bool, where: str) -> QTensor:
-    """t: qweight, qzeros, scales (g_idx optional) of one GPTQ Linear -> QTensor [N, K]."""
+def gptq_weight(t: dict[str, torch.Tensor], bits: int, group_size: int, v1: bool,
+                where: str) -> QTensor | torch.Tensor:
+    """t: qweight, qzeros, scales (g_idx optional) of one GPTQ Linear -> QTensor [N, K], or for act-order
+    groups the dequantized float32 weight [N, K]."""
     qweight, qzeros, scales = (_take(t, k, where) for k in ("qweight", "qzeros", "scales"))
     pack = 32 // bits
     K, N = qweight.shape[0] * pack, qweight.shape[1]
@@ -68,14 +74,23 @@ def gptq_qtensor(t: dict[str, torch.Tensor], bits: int, group_size: int, v1: boo
     g_idx = t.get("g_idx")
     if g_idx is not None:
         _expect(where, "g_idx", g_idx, (K,), None)
-        if not torch.equal(g_idx.long(), torch.arange(K) // group):
-            raise ValueError(f"{where}.g_idx: act-order (desc_act) groups are not contiguous; lowbit reads "
-                             "GPTQ checkpoints whose g_idx is arange(in) // group_size (static_groups or no desc_act)")
+        if bool((g_idx < 0).any()) or bool((g_idx >= G).any()):
+            raise ValueError(f"{where}.g_idx: group indices must lie in [0, {G})")
     q = unpack_int32_rows(qweight.t(), bits, K)  # [N, K]
-    z = unpack_int32_rows(qzeros, bits, N).t().to(torch.int16)  # [N, G]
     if v1:
-        z = z + 1
+        qzeros = _add_words(qzeros, sum(1 << (i * bits) for i in range(32 // bits)))
+    z = unpack_int32_rows(qzeros, bits, N).t().to(torch.int16)  # [N, G]
+    if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(K) // group):
+        g = g_idx.long()
+        return (q.to(torch.int16) - z[:, g]).float() * scales.t().float()[:, g]
     return int_qtensor(q, z, scales.t(), bits, group if group_size > 0 else None)
+
+
+def _add_words(words: torch.Tensor, c: int) -> torch.Tensor:
+    """int32 words + c modulo 2^32 (GPTQModel's v1 -> v2 zero-point conversion)."""
+    w = (words.long() & 0xFFFFFFFF) + c
+    w = w & 0xFFFFFFFF
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
 
 
 def awq_qtensor(t: dict[str, torch.Tensor], group_size: int, where: str) -> QTensor:

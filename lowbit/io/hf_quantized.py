@@ -46,11 +46,17 @@ def load_hf_quantized(path: str | Path) -> nn.Module:
         local = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
         old = layers[name]
         got = build(local, where)
-        q = got["qweight"]
-        if q.shape != (old.out_features, old.in_features):
-            raise ValueError(f"{where}: weight shape {q.shape} does not match the model's "
+        q = got.get("qweight")
+        shape = tuple(q.shape if q is not None else got["weight"].shape)
+        if shape != (old.out_features, old.in_features):
+            raise ValueError(f"{where}: weight shape {shape} does not match the model's "
                              f"[{old.out_features}, {old.in_features}] (config.json)")
         bias = local.get("bias")
+        if q is None:  # act-order GPTQ: exact float weights in a plain Linear
+            new = nn.Linear(old.in_features, old.out_features, bias=bias is not None)
+            new.weight.data, new.bias = got["weight"], (nn.Parameter(bias.float()) if bias is not None else None)
+            set_module(model, name, new)
+            continue
         set_module(model, name, QuantLinear(q, bias, act_scheme=got.get("act_scheme"),
                                             act_scale=got.get("act_scale"), dtype=torch.float32))
     rest = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] not in quantized}
@@ -62,7 +68,7 @@ def _quantized_modules(method: str, qcfg: dict, tensors: dict, layers: dict, pat
     """name -> builder(local tensors, where) -> {"qweight": QTensor, ...}."""
     if method == "compressed-tensors":
         return _ct_modules(qcfg, layers, path)
-    from .gptq_awq import awq_qtensor, gptq_qtensor
+    from .gptq_awq import awq_qtensor, gptq_weight
 
     names = [k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")]
     for n in names:
@@ -77,7 +83,10 @@ def _quantized_modules(method: str, qcfg: dict, tensors: dict, layers: dict, pat
         fmt = qcfg.get("checkpoint_format", "gptq")
         if fmt not in ("gptq", "gptq_v2"):
             raise ValueError(f"{path / 'config.json'}: GPTQ checkpoint_format {fmt!r}: lowbit reads gptq and gptq_v2")
-        return {n: (lambda t, w: {"qweight": gptq_qtensor(t, bits, group, fmt == "gptq", w)}) for n in names}
+        def gptq(t, w):
+            got = gptq_weight(t, bits, group, fmt == "gptq", w)
+            return {"weight": got} if isinstance(got, torch.Tensor) else {"qweight": got}
+        return {n: gptq for n in names}
     version = str(qcfg.get("version", "gemm")).lower()
     if bits != 4 or version != "gemm" or not qcfg.get("zero_point", True):
         raise ValueError(f"{path / 'config.json'}: AWQ bits={bits} version={version!r}: lowbit reads 4-bit GEMM "
