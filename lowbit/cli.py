@@ -137,7 +137,7 @@ def cmd_quantize(args) -> None:
     quantize(model, recipe, calibration=calib, calibration_dtype=args.calibration_dtype)
     if hasattr(model, "lowbit_calibration"):
         print(model.lowbit_calibration.summary())
-    out = save(model, out, tokenizer=tok, source=str(args.model))
+    out = save(model, out, format=args.format, tokenizer=tok, source=str(args.model))
     print(f"saved {recipe.name or 'custom'} ({recipe.method}) to {out}")
 
 
@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="dtype of the calibration forwards (default auto: bf16 where the CPU has native bf16)")
     pq.add_argument("--out", required=True, help="output folder")
     pq.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
+    pq.add_argument("--format", default="lowbit", help="lowbit (default) or compressed-tensors (for transformers "
+                    "and vLLM; needs an int, fp8 or nvfp4 recipe such as w4g64-sym, w8, fp8, w8a8-dynamic, nvfp4)")
     common(pq)
     pe = sub.add_parser("eval", help="perplexity, KL and top-1 agreement of a (quantized) model")
     pe.add_argument("model", help="a folder written by `lowbit quantize`, or a model as for quantize")

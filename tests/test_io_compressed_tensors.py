@@ -1,0 +1,216 @@
+"""compressed-tensors export, checked by the readers people use: compressed-tensors' own unpacking
+and transformers' AutoModelForCausalLM.from_pretrained on CPU."""
+import copy
+import json
+
+import pytest
+import torch
+import transformers as tf
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+import lowbit
+from lowbit.core import Scheme
+from lowbit.core.granularity import PerChannel, PerGroup
+from lowbit.io.compressed_tensors import pack_int32_rows
+from lowbit.nn import QuantLinear
+from lowbit.pipeline import Recipe, get_recipe, quantize
+
+from conftest import tiny_transformer
+
+AFFINE_INT_ZERO = Recipe(Scheme("uint4", PerGroup(32), symmetric=False, range="minmax", scale_format="fp16",
+                                integer_zero=True), name="w4g32-int-zero")
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("cols", [32, 40, 96, 7])
+def test_packing_matches_compressed_tensors_unpack(bits, cols, gen):
+    rows = 5
+    u = torch.randint(0, 2**bits, (rows, cols), generator=gen, dtype=torch.uint8)
+    packed = pack_int32_rows(u, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (rows, -(-cols * bits // 32))
+    back = unpack_from_int32(packed, bits, torch.Size([rows, cols]))  # signed: u - 2^(bits-1)
+    assert torch.equal(back.to(torch.int32) + 2 ** (bits - 1), u.to(torch.int32))
+
+
+def _export(model, tmp_path, tok=None):
+    out = lowbit.save(model, tmp_path / "ct", format="compressed-tensors", tokenizer=tok)
+    return out, json.loads((out / "config.json").read_text())
+
+
+def _linears(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _hf_weights(hf, names):
+    mods = dict(hf.named_modules())
+    return {n: mods[n].weight.detach().float() for n in names}
+
+
+# Weight-only symmetric int and fp8: the reader rebuilds w = q * s from the same integer (or fp8) codes
+# and scales widened to float32, the product lowbit's dequantize computes, so the weights are equal bit
+# for bit and the logits equal up to float32 summation order (measured: 0.0).
+@pytest.mark.parametrize("recipe", ["w4g64-sym", "w8", "fp8", "w4-channel"])
+def test_transformers_loads_weight_only_exactly(tmp_path, recipe):
+    r = (Recipe(Scheme("int4", PerChannel(0), scale_format="bf16"), name="w4-channel") if recipe == "w4-channel"
+         else get_recipe(recipe, "rtn"))
+    model = quantize(tiny_transformer("qwen2", 2), r, progress=False)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    out, cfg = _export(model, tmp_path)
+    assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+    hf = tf.AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        got = hf(ids).logits  # the first forward decompresses the packed weights
+    ours = _linears(model)
+    for name, w in _hf_weights(hf, ours).items():
+        assert torch.equal(w, ours[name].qweight.dequantize()), name
+    assert (got - ref).abs().max() <= 1e-5
+
+
+def test_smollm2_w4_exact_in_transformers(tmp_path, smollm2_2layers):
+    model, tok = smollm2_2layers
+    model = quantize(copy.deepcopy(model), get_recipe("w4g64-sym", "rtn"), progress=False)
+    ids = tok("The quick brown fox jumps over the lazy dog, and then it", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model(ids).logits
+    out, cfg = _export(model, tmp_path, tok)
+    assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"] == model.config.rope_parameters["rope_theta"]
+    assert cfg["quantization_config"]["ignore"] == ["lm_head"]
+    assert cfg["quantization_config"]["format"] == "pack-quantized"
+    hf = tf.AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        got = hf(ids).logits
+    assert (got - ref).abs().max() <= 1e-4  # logits of order 20: float32 summation order only
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert tf.AutoTokenizer.from_pretrained(out)("fox").input_ids == tok("fox").input_ids
+
+
+def test_affine_pack_quantized_loads_with_dequantize(tmp_path):
+    """The known trap (llm-compressor #1618): transformers' default path lays out the packed zero
+    points unpacked and refuses the checkpoint; dequantize=True loads it. It dequantizes in the
+    scales' dtype (fp16 here), so its weights are lowbit's rounded once to fp16."""
+    model = quantize(tiny_transformer("qwen2", 2), AFFINE_INT_ZERO, progress=False)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    out, cfg = _export(model, tmp_path)
+    assert cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] is False
+    with pytest.raises(RuntimeError, match="mismatch"):
+        tf.AutoModelForCausalLM.from_pretrained(out)
+    hf = tf.AutoModelForCausalLM.from_pretrained(out, quantization_config=tf.CompressedTensorsConfig(dequantize=True))
+    ours = _linears(model)
+    for name, w in _hf_weights(hf, ours).items():
+        assert torch.equal(w, ours[name].qweight.dequantize().half().float()), name
+    with torch.no_grad():
+        got = hf(ids).logits
+    assert (got - ref).abs().max() <= 2e-3 * ref.abs().max()  # fp16 weights: relative error <= 2^-11 each
+
+
+def test_nvfp4_loads_with_dequantize(tmp_path):
+    """NVFP4 (weights only): compressed-tensors decompresses to bf16, which the default path then feeds to
+    a float32 model (a dtype error), so it loads with dequantize=True (or dtype=torch.bfloat16)."""
+    model = quantize(tiny_transformer("qwen2", 2), get_recipe("nvfp4", "rtn"), progress=False)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids).logits
+    out, cfg = _export(model, tmp_path)
+    assert cfg["quantization_config"]["format"] == "nvfp4-pack-quantized"
+    hf = tf.AutoModelForCausalLM.from_pretrained(out, quantization_config=tf.CompressedTensorsConfig(dequantize=True))
+    ours = _linears(model)
+    for name, w in _hf_weights(hf, ours).items():
+        exact = ours[name].qweight.dequantize()
+        assert torch.allclose(w, exact, rtol=2**-8, atol=0), name  # bf16 rounding of the same values
+    with torch.no_grad():
+        got = hf(ids).logits
+    assert (got - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+def _fake_quant_inputs(model, divisor):
+    """Hooks that quantize every Linear input per token, symmetric int8, scale absmax / divisor."""
+    def hook(_, args):
+        x = args[0]
+        s = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / divisor
+        return (torch.round(x / s).clamp(-128, 127) * s,)
+    return [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Linear)
+            and m is not model.lm_head]
+
+
+def test_w8a8_dynamic_matches_with_the_readers_activation_scale(tmp_path):
+    """transformers (compressed-tensors on CPU) quantizes activations with scale absmax / 127.5, lowbit
+    (like vLLM's int8 kernel) with absmax / 127: the exported weights are exact, and a float reference
+    with each rule's fake quantization reproduces each side."""
+    model = quantize(tiny_transformer("qwen2", 2), get_recipe("w8a8-dynamic", "rtn"), progress=False)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model(ids).logits
+    out, cfg = _export(model, tmp_path)
+    acts = cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"]
+    assert acts["dynamic"] is True and acts["strategy"] == "token" and cfg["quantization_config"]["format"] == "int-quantized"
+    hf = tf.AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        theirs = hf(ids).logits
+    ref = tiny_transformer("qwen2", 2)
+    ref.load_state_dict({**ref.state_dict(), **{f"{n}.weight": m.qweight.dequantize() for n, m in _linears(model).items()}})
+    results = {}
+    for divisor in (127.0, 127.5):
+        hooks = _fake_quant_inputs(ref, divisor)
+        with torch.no_grad():
+            results[divisor] = ref(ids).logits
+        for h in hooks:
+            h.remove()
+    assert (theirs - results[127.5]).abs().max() <= 1e-5
+    assert (ours - results[127.0]).abs().max() <= 1e-4  # integer matmul vs float: rounding only
+    assert (theirs - ours).abs().max() <= 2e-2 * ours.abs().max()
+
+
+def test_unexportable_schemes_name_the_module(tmp_path):
+    model = quantize(tiny_transformer("qwen2", 1), get_recipe("w4g64", "rtn"), progress=False)  # real zero points
+    with pytest.raises(ValueError, match="model.layers.0.self_attn.q_proj.*integer_zero"):
+        lowbit.save(model, tmp_path / "a", format="compressed-tensors")
+    model = quantize(tiny_transformer("qwen2", 1), get_recipe("nf4", "rtn"), progress=False)
+    with pytest.raises(ValueError, match="q_proj.*codebook"):
+        lowbit.save(model, tmp_path / "b", format="compressed-tensors")
+    model = quantize(tiny_transformer("qwen2", 1), Recipe(Scheme("int4", PerGroup(48))), progress=False)
+    with pytest.raises(ValueError, match="group size 48 does not divide"):
+        lowbit.save(model, tmp_path / "c", format="compressed-tensors")
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_mixed_schemes_target_modules_by_name(tmp_path):
+    from lowbit.pipeline.recipe import Override
+
+    r = Recipe(Scheme("int4", PerGroup(32), scale_format="fp16"),
+               overrides=(Override("*down_proj", weights=Scheme("int8", PerChannel(0))),))
+    model = quantize(tiny_transformer("qwen2", 2), r, progress=False)
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(ids).logits
+    out, cfg = _export(model, tmp_path)
+    groups = cfg["quantization_config"]["config_groups"]
+    assert len(groups) == 2 and any("model.layers.1.mlp.down_proj" in g["targets"] for g in groups.values())
+    hf = tf.AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert (hf(ids).logits - ref).abs().max() <= 1e-5
+
+
+W4_INT_ZERO = AFFINE_INT_ZERO
+
+
+@pytest.mark.parametrize("recipe", ["w4g64-sym", "w4-int-zero", "w8", "fp8", "w8a8-dynamic", "w8a8-static", "nvfp4"])
+def test_lowbit_reads_its_compressed_tensors_export(tmp_path, recipe):
+    """lowbit.load of an exported folder gives back the same weights (NVFP4: the global scale is stored as
+    a reciprocal, so scales may move by an ulp) and the same logits."""
+    r = W4_INT_ZERO if recipe == "w4-int-zero" else get_recipe(recipe, "rtn")
+    model = quantize(tiny_transformer("qwen2", 2), r, calibration=[torch.randint(0, 100, (1, 16))], progress=False)
+    out, _ = _export(model, tmp_path)
+    back = lowbit.load(out)
+    theirs, ours = _linears(back), _linears(model)
+    assert theirs.keys() == ours.keys()
+    for name, m in ours.items():
+        a, b = theirs[name].qweight.dequantize(), m.qweight.dequantize()
+        assert torch.equal(a, b) if recipe != "nvfp4" else torch.allclose(a, b, rtol=2**-22, atol=0), name
+        assert (theirs[name].act_scheme is None) == (m.act_scheme is None)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (back(ids).logits - model(ids).logits).abs().max() <= 1e-5
