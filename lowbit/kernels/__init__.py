@@ -7,6 +7,9 @@ a kernel returns None where it does not apply and the caller runs the reference.
                      (numba; None when numba is not installed)
     gptq_int_block   GPTQ's column loop over one block on an integer grid, rows in
                      parallel (numba; tests/test_gptq.py pins it to the torch loop)
+    qmatmul          x @ W^T straight from a QTensor's packed codes (C++ AVX-512, built at
+                     first use; QuantLinear's fast path; tests/test_qmatmul.py pins it to
+                     float64 dequantize-then-matmul)
 """
 from __future__ import annotations
 
