@@ -6,6 +6,9 @@ returns None where it does not apply and the caller runs the reference.
     quantize_rows    a whole tensor -> packed codes, scales, zeros in one pass (numba)
     gptq_int_block   GPTQ's column loop over one block on an integer grid, rows in
                      parallel (numba; tests/test_gptq.py pins it to the torch loop)
+    qmatmul          x @ W^T straight from a QTensor's packed codes (C++ AVX-512, built at
+                     first use; QuantLinear's fast path; tests/test_qmatmul.py pins it to
+                     float64 dequantize-then-matmul)
 
 numba is a required dependency (pyproject.toml). The numba modules are imported on
 first use, not with lowbit, because importing them costs about 1.5 s.

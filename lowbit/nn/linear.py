@@ -1,6 +1,8 @@
 """QuantLinear: an nn.Linear whose weight is a QTensor.
 
-Weight-only schemes dequantize and run a float matmul in the input's dtype.
+Weight-only schemes run kernels/qmatmul.py's kernels on the packed codes where they
+apply (CPU, AVX-512, covered schemes, no gradients wanted); otherwise, and as the
+reference, they dequantize and run a float matmul in the input's dtype.
 W8A8 (int8 weights per output channel, int8 activations per token or per
 tensor) runs an integer matmul (torch._int_mm, int32 accumulation) and
 rescales:  y = (q_x @ q_w^T) * s_x * s_w^T + b.  Other activation schemes
@@ -24,6 +26,8 @@ from torch import nn
 from ..core import QTensor, Scheme
 from ..core.activations import fake_quant_int, int8_per_token, int8_static
 from ..core.granularity import PerChannel, PerTensor, PerToken
+from ..kernels import qmatmul
+from .kernel_plan import plan
 
 
 class QuantLinear(nn.Module):
@@ -78,7 +82,12 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._int8 is not None:
             return self._forward_int8(x)
-        if self.act_scheme is not None:
+        if self.act_scheme is None:  # weight-only: the packed-code kernels where they apply
+            self._plan = plan(self.qweight, getattr(self, "_plan", None))
+            y = qmatmul.linear(x, self._plan, self.bias)
+            if y is not None:
+                return y
+        else:
             x = fake_quant_int(x, self.act_scheme.bits, self.act_scale, self.act_zero)
         # under autocast F.linear would cast the weight again: dequantize straight to its dtype
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype

@@ -1,0 +1,419 @@
+// y = x @ W^T straight from lowbit's packed weight codes (QTensor layout, read as stored).
+//
+// W [N, K] is a QTensor whose codes are packed LSB first in row-major order (core/packing.py),
+// so row r starts at byte r*K*bits/8 and element k of a 4-bit row sits in the low nibble of
+// byte k/2 when k is even, the high nibble when odd. Scales and zero points are [N, G] with
+// G = ceil(K / group): a group size that does not divide K leaves a shorter last group.
+//
+//   decoder TABLE4   any 4-bit format: a 16-entry float table (int4, uint4, nf4, fp4_e2m1)
+//           INT8     int8 codes (two's complement bytes)
+//           UINT8    uint8 codes
+//           FP8_E4M3 fp8 e4m3 codes, widened exactly through fp16 (value = fp16(...) * 256)
+//           FP8_E5M2 fp8 e5m2 codes (the top byte of an fp16)
+//
+//   value(k) = (decode(code_k) - z_j) * s_j for k in group j  (z_j = 0 when symmetric)
+//   y[m, r]  = sum_j s_j * (sum_{k in j} decode(code_k) x[m,k]) - sum_j s_j z_j sum_{k in j} x[m,k]
+//
+// Sums run in float32 with FMA, one group at a time, so the error is that of a float32 dot
+// product (tests/test_qmatmul.py states the bound against float64). The AVX-512 code is
+// compiled for that target only (pragma below) and runs only when the CPU reports
+// AVX-512 F/BW/VL/DQ; otherwise available() is false and lowbit runs its torch path.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+enum Decoder : int64_t { TABLE4 = 0, INT8 = 1, UINT8 = 2, FP8_E4M3 = 3, FP8_E5M2 = 4 };
+enum ScaleType : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+
+int scale_type(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return F32;
+    case at::kHalf: return F16;
+    case at::kBFloat16: return BF16;
+    default: TORCH_CHECK(false, "lowbit qmatmul: scales and zero points must be float32, float16 or bfloat16");
+  }
+  return F32;
+}
+
+// Codes bytes per row, and the bytes element k starts in.
+inline int64_t row_bytes(int64_t decoder, int64_t K) { return decoder == TABLE4 ? K / 2 : K; }
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")
+
+// Loops over the template constants R and MB are unrolled so the accumulators stay in registers.
+#define UNROLL _Pragma("GCC unroll 16")
+
+inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t b = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+inline float load_scalar(const void* p, int type, int64_t i) {
+  if (type == F32) return static_cast<const float*>(p)[i];
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  return type == F16 ? f16_to_f32(h) : bf16_to_f32(h);
+}
+
+template <int ST>
+inline float scale_at(const void* p, int64_t i) {
+  if (ST == F32) return static_cast<const float*>(p)[i];
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  return ST == F16 ? f16_to_f32(h) : bf16_to_f32(h);
+}
+
+// Up to 16 consecutive scales (the lanes in mask) as float32; the other lanes are 0.
+template <int ST>
+inline __m512 scales16(const void* p, int64_t i, __mmask16 mask) {
+  if (ST == F32) return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(p) + i);
+  const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(p) + i);
+  if (ST == F16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// fp8 byte -> the fp16 pattern whose value is the fp8 value (e5m2), or the fp8 value / 256 (e4m3).
+template <int D>
+inline __m256i fp8_to_f16_bits(__m256i v) {
+  if (D == FP8_E5M2) return _mm256_slli_epi16(v, 8);
+  const __m256i mag = _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7F)), 7);
+  const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x80)), 8);
+  return _mm256_or_si256(mag, sign);
+}
+
+// 32 codes of one row starting at element k0 (a multiple of 32) -> two vectors of 16 values.
+// TABLE4 gives the even elements in w0 and the odd ones in w1 (x is de-interleaved to match);
+// the byte formats give elements k0..k0+15 and k0+16..k0+31.
+template <int D>
+inline void decode32(const uint8_t* row, int64_t k0, __m512 table, __m512& w0, __m512& w1) {
+  if (D == TABLE4) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k0 / 2)));
+    w0 = _mm512_permutexvar_ps(v, table);  // uses the low 4 bits of each index: the low nibble
+    w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+  } else {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k0));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k0 + 16));
+    if (D == INT8) {
+      w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a));
+      w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+    } else if (D == UINT8) {
+      w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(a));
+      w1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+    } else {
+      w0 = _mm512_cvtph_ps(fp8_to_f16_bits<D>(_mm256_cvtepu8_epi16(a)));
+      w1 = _mm512_cvtph_ps(fp8_to_f16_bits<D>(_mm256_cvtepu8_epi16(b)));
+    }
+  }
+}
+
+// One code (any k) -> its decoded value, for the tail that is not a multiple of 32.
+template <int D>
+inline float decode1(const uint8_t* row, int64_t k, const float* table) {
+  if (D == TABLE4) return table[(row[k / 2] >> (4 * (k & 1))) & 15];
+  const uint8_t b = row[k];
+  if (D == INT8) return float(int8_t(b));
+  if (D == UINT8) return float(b);
+  const uint16_t h = uint16_t(D == FP8_E5M2 ? b << 8 : ((b & 0x7F) << 7) | ((b & 0x80) << 8));
+  return f16_to_f32(h);
+}
+
+struct Args {
+  const uint8_t* codes;
+  int64_t rb;  // bytes per row
+  const void* scales;
+  int st;
+  const void* zeros;  // nullptr when symmetric
+  int zt;
+  int64_t G, g, K, N;
+  const float* table;
+  float smul;  // folded into every scale (256 for fp8 e4m3, else 1)
+};
+
+// R rows x MB tokens: y[m, r0 + r] for r < R, m < MB. xd: [MB, K] (de-interleaved for TABLE4),
+// x: [MB, K] as given (for the tail), gsum: [MB, G] group sums of x (affine only).
+// One token sums each group apart and scales the sum (acc); several tokens scale the decoded
+// weights once and share them, so the R x MB accumulators are all the registers they need.
+// sum_j s_j z_j gsum[m, j] for one row (the affine term), 16 groups at a time.
+template <int ST, int MB>
+inline void zero_term(const Args& a, int64_t row, const float* gsum, float* corr) {
+  __m512 c[MB];
+  UNROLL for (int m = 0; m < MB; ++m) c[m] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < a.G; j += 16) {
+    const __mmask16 mask = a.G - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (a.G - j)) - 1);
+    const __m512 sz = _mm512_mul_ps(scales16<ST>(a.scales, row * a.G + j, mask),
+                                    scales16<ST>(a.zeros, row * a.G + j, mask));
+    UNROLL for (int m = 0; m < MB; ++m) c[m] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mask, gsum + m * a.G + j), c[m]);
+  }
+  UNROLL for (int m = 0; m < MB; ++m) corr[m] = _mm512_reduce_add_ps(c[m]) * a.smul;
+}
+
+template <int D, int ST, int R, int MB>
+void rows_kernel(const Args& a, int64_t r0, const float* xd, const float* x, const float* gsum, float* y) {
+  constexpr bool SCALED = MB > 1;
+  const __m512 table = _mm512_loadu_ps(a.table);
+  const int64_t K = a.K, K32 = K & ~int64_t(31);
+  const uint8_t* rows[R];
+  UNROLL for (int r = 0; r < R; ++r) rows[r] = a.codes + (r0 + r) * a.rb;
+  __m512 tot[R][MB];
+  float tail[R][MB], corr[R][MB];  // the ragged end; the affine term
+  UNROLL for (int r = 0; r < R; ++r)
+    UNROLL for (int m = 0; m < MB; ++m) tot[r][m] = _mm512_setzero_ps(), tail[r][m] = 0.f, corr[r][m] = 0.f;
+  for (int64_t j = 0; j < a.G; ++j) {
+    float s[R];
+    __m512 sv[R], acc[R][MB];
+    UNROLL for (int r = 0; r < R; ++r) {
+      s[r] = scale_at<ST>(a.scales, (r0 + r) * a.G + j) * a.smul;
+      sv[r] = _mm512_set1_ps(s[r]);
+      UNROLL for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+    }
+    const int64_t kend = std::min(K32, (j + 1) * a.g);
+    for (int64_t k0 = j * a.g; k0 < kend; k0 += 32) {
+      __m512 w0[R], w1[R];
+      UNROLL for (int r = 0; r < R; ++r) {
+        decode32<D>(rows[r], k0, table, w0[r], w1[r]);
+        if (SCALED) w0[r] = _mm512_mul_ps(w0[r], sv[r]), w1[r] = _mm512_mul_ps(w1[r], sv[r]);
+      }
+      // x is read from L1 at each use: holding MB tokens of it in registers would spill
+      UNROLL for (int m = 0; m < MB; ++m) {
+        const __m512 x0 = _mm512_loadu_ps(xd + m * K + k0), x1 = _mm512_loadu_ps(xd + m * K + k0 + 16);
+        UNROLL for (int r = 0; r < R; ++r) {
+          __m512& t = SCALED ? tot[r][m] : acc[r][m];
+          t = _mm512_fmadd_ps(w0[r], x0, t);
+          t = _mm512_fmadd_ps(w1[r], x1, t);
+        }
+      }
+    }
+    const bool last = j == a.G - 1;
+    UNROLL for (int r = 0; r < R; ++r) {
+      if (!SCALED) UNROLL for (int m = 0; m < MB; ++m) tot[r][m] = _mm512_fmadd_ps(acc[r][m], sv[r], tot[r][m]);
+      if (last && K32 < K) {  // the ragged end of the row: fewer than 32 values
+        UNROLL for (int m = 0; m < MB; ++m) {
+          float t = 0.f;
+          for (int64_t k = K32; k < K; ++k) t += decode1<D>(rows[r], k, a.table) * x[m * K + k];
+          tail[r][m] += s[r] * t;
+        }
+      }
+    }
+  }
+  if (a.zeros) UNROLL for (int r = 0; r < R; ++r) zero_term<ST, MB>(a, r0 + r, gsum, corr[r]);
+  UNROLL for (int r = 0; r < R; ++r)
+    UNROLL for (int m = 0; m < MB; ++m) y[m * a.N + r0 + r] = _mm512_reduce_add_ps(tot[r][m]) + tail[r][m] - corr[r][m];
+}
+
+constexpr int MB_MAX = 4;  // tokens per pass; more tokens take more passes over the rows (in cache)
+
+template <int D, int ST, int R>
+void rows_any_mb(const Args& a, int64_t r0, int64_t M, const float* xd, const float* x, const float* gsum, float* y) {
+  for (int64_t m0 = 0; m0 < M; m0 += MB_MAX) {
+    const float* xd0 = xd + m0 * a.K;
+    const float* x0 = x + m0 * a.K;
+    const float* gs = gsum ? gsum + m0 * a.G : nullptr;
+    float* y0 = y + m0 * a.N;
+    switch (std::min<int64_t>(MB_MAX, M - m0)) {
+      case 1: rows_kernel<D, ST, R, 1>(a, r0, xd0, x0, gs, y0); break;
+      case 2: rows_kernel<D, ST, R, 2>(a, r0, xd0, x0, gs, y0); break;
+      case 3: rows_kernel<D, ST, R, 3>(a, r0, xd0, x0, gs, y0); break;
+      default: rows_kernel<D, ST, R, 4>(a, r0, xd0, x0, gs, y0); break;
+    }
+  }
+}
+
+template <int D, int ST>
+void gemv(const Args& a, int64_t M, const float* xd, const float* x, const float* gsum, float* y) {
+  constexpr int R = 4;  // rows at a time: independent accumulators that hide the FMA latency
+  const int64_t blocks = a.N / R;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (a.K * R * M));  // ~64K MACs
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) rows_any_mb<D, ST, R>(a, b * R, M, xd, x, gsum, y);
+  });
+  for (int64_t r = blocks * R; r < a.N; ++r) rows_any_mb<D, ST, 1>(a, r, M, xd, x, gsum, y);  // N % R rows
+}
+
+// Dequantize rows [r0, r1) to float32 or bfloat16 (round to nearest even), computing
+// (decode - z) * s exactly as QTensor.dequantize does, so the values are bit for bit the same.
+template <int D, bool BF16OUT>
+void dequant_rows(const Args& a, int64_t r0, int64_t r1, void* out) {
+  const __m512 table = _mm512_loadu_ps(a.table);
+  const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  const int64_t K = a.K, K32 = K & ~int64_t(31);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = a.codes + r * a.rb;
+    float* of = static_cast<float*>(out) + r * K;
+    uint16_t* ob = static_cast<uint16_t*>(out) + r * K;
+    auto store16 = [&](int64_t k, __m512 v) {
+      if (BF16OUT) {
+        __m512i b = _mm512_castps_si512(v);  // round to nearest even on the top 16 bits
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+        b = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(ob + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)));
+      } else {
+        _mm512_storeu_ps(of + k, v);
+      }
+    };
+    for (int64_t j = 0; j < a.G; ++j) {
+      const float s = load_scalar(a.scales, a.st, r * a.G + j) * a.smul;
+      const float z = a.zeros ? load_scalar(a.zeros, a.zt, r * a.G + j) : 0.f;
+      const __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z);
+      const int64_t kend = std::min(K32, (j + 1) * a.g);
+      for (int64_t k0 = j * a.g; k0 < kend; k0 += 32) {
+        __m512 w0, w1;
+        decode32<D>(row, k0, table, w0, w1);
+        if (D == TABLE4) {  // even/odd -> natural order
+          const __m512 e = w0;
+          w0 = _mm512_permutex2var_ps(e, lo_idx, w1);
+          w1 = _mm512_permutex2var_ps(e, hi_idx, w1);
+        }
+        if (a.zeros) w0 = _mm512_sub_ps(w0, zv), w1 = _mm512_sub_ps(w1, zv);
+        store16(k0, _mm512_mul_ps(w0, sv));
+        store16(k0 + 16, _mm512_mul_ps(w1, sv));
+      }
+      if (j == a.G - 1)
+        for (int64_t k = K32; k < K; ++k) {
+          const float v = (decode1<D>(row, k, a.table) - z) * s;
+          if (BF16OUT) {
+            uint32_t b;
+            std::memcpy(&b, &v, 4);
+            ob[k] = uint16_t((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
+          } else {
+            of[k] = v;
+          }
+        }
+    }
+  }
+}
+
+template <int D>
+void dequant(const Args& a, bool bf16, void* out) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / a.K);
+  at::parallel_for(0, a.N, grain, [&](int64_t r0, int64_t r1) {
+    if (bf16) dequant_rows<D, true>(a, r0, r1, out);
+    else dequant_rows<D, false>(a, r0, r1, out);
+  });
+}
+
+// x [M, K] -> x with each 32-block's even elements first, then its odd ones (TABLE4's order).
+void deinterleave(const float* x, int64_t M, int64_t K, float* xd) {
+  const int64_t K32 = K & ~int64_t(31);
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k0 = 0; k0 < K32; k0 += 32) {
+      const __m512 a = _mm512_loadu_ps(x + m * K + k0), b = _mm512_loadu_ps(x + m * K + k0 + 16);
+      _mm512_storeu_ps(xd + m * K + k0, _mm512_permutex2var_ps(a, even, b));
+      _mm512_storeu_ps(xd + m * K + k0 + 16, _mm512_permutex2var_ps(a, odd, b));
+    }
+}
+
+#pragma GCC pop_options
+
+Args make_args(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
+               const at::Tensor& table, int64_t N, int64_t K, int64_t group, int64_t decoder, double scale_mul) {
+  TORCH_CHECK(decoder >= TABLE4 && decoder <= FP8_E5M2, "lowbit qmatmul: unknown decoder ", decoder);
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "lowbit qmatmul: codes must be contiguous uint8");
+  TORCH_CHECK(decoder != TABLE4 || K % 2 == 0, "lowbit qmatmul: 4-bit rows need an even K");
+  TORCH_CHECK(codes.numel() >= N * row_bytes(decoder, K), "lowbit qmatmul: codes hold fewer bytes than [N, K] needs");
+  const int64_t G = (K + group - 1) / group;
+  TORCH_CHECK(G == 1 || group % 32 == 0, "lowbit qmatmul: the group size must be a multiple of 32 (or span the row)");
+  TORCH_CHECK(scales.is_contiguous() && scales.numel() == N * G, "lowbit qmatmul: scales must be contiguous [N, G]");
+  TORCH_CHECK(table.scalar_type() == at::kFloat && table.is_contiguous() && table.numel() == 16,
+              "lowbit qmatmul: table must be 16 contiguous float32 values");
+  Args a{codes.data_ptr<uint8_t>(), row_bytes(decoder, K), scales.data_ptr(), scale_type(scales), nullptr, F32,
+         G, G == 1 ? K : group, K, N, table.data_ptr<float>(), float(scale_mul)};
+  if (zeros.has_value()) {
+    TORCH_CHECK(zeros->is_contiguous() && zeros->numel() == N * G, "lowbit qmatmul: zeros must be contiguous [N, G]");
+    TORCH_CHECK(zeros->scalar_type() == scales.scalar_type(), "lowbit qmatmul: zeros must have the scales' dtype");
+    a.zeros = zeros->data_ptr();
+    a.zt = scale_type(*zeros);
+  }
+  return a;
+}
+
+bool available() { return cpu_has_avx512(); }
+
+// x: float32 [M, K] contiguous -> y: float32 [M, N].
+at::Tensor gemv_op(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                const c10::optional<at::Tensor>& zeros, const at::Tensor& table, int64_t N, int64_t group,
+                int64_t decoder, double scale_mul) {
+  TORCH_CHECK(cpu_has_avx512(), "lowbit qmatmul: this CPU lacks AVX-512");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "lowbit qmatmul: x must be contiguous float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  const Args a = make_args(codes, scales, zeros, table, N, K, group, decoder, scale_mul);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  std::vector<float> xd_buf, gsum_buf;
+  const float* xd = xp;
+  if (decoder == TABLE4) {
+    xd_buf.resize(M * K);
+    deinterleave(xp, M, K, xd_buf.data());
+    xd = xd_buf.data();
+  }
+  if (a.zeros) {
+    gsum_buf.assign(M * a.G, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < a.G; ++j)
+        for (int64_t k = j * a.g; k < std::min(K, (j + 1) * a.g); ++k) gsum_buf[m * a.G + j] += xp[m * K + k];
+  }
+  const float* gs = a.zeros ? gsum_buf.data() : nullptr;
+  float* yp = y.data_ptr<float>();
+  TORCH_CHECK(decoder == TABLE4 || a.st == F32, "lowbit qmatmul: 8-bit codes take float32 scales");
+  switch (decoder * 3 + a.st) {
+    case TABLE4 * 3 + F32: gemv<TABLE4, F32>(a, M, xd, xp, gs, yp); break;
+    case TABLE4 * 3 + F16: gemv<TABLE4, F16>(a, M, xd, xp, gs, yp); break;
+    case TABLE4 * 3 + BF16: gemv<TABLE4, BF16>(a, M, xd, xp, gs, yp); break;
+    case INT8 * 3: gemv<INT8, F32>(a, M, xd, xp, gs, yp); break;
+    case UINT8 * 3: gemv<UINT8, F32>(a, M, xd, xp, gs, yp); break;
+    case FP8_E4M3 * 3: gemv<FP8_E4M3, F32>(a, M, xd, xp, gs, yp); break;
+    default: gemv<FP8_E5M2, F32>(a, M, xd, xp, gs, yp); break;
+  }
+  return y;
+}
+
+// -> the dequantized weight [N, K] in float32 or bfloat16.
+at::Tensor dequantize_op(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
+                      const at::Tensor& table, int64_t N, int64_t K, int64_t group, int64_t decoder,
+                      double scale_mul, bool bf16) {
+  TORCH_CHECK(cpu_has_avx512(), "lowbit qmatmul: this CPU lacks AVX-512");
+  const Args a = make_args(codes, scales, zeros, table, N, K, group, decoder, scale_mul);
+  at::Tensor out = at::empty({N, K}, codes.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  void* p = out.data_ptr();
+  switch (decoder) {
+    case TABLE4: dequant<TABLE4>(a, bf16, p); break;
+    case INT8: dequant<INT8>(a, bf16, p); break;
+    case UINT8: dequant<UINT8>(a, bf16, p); break;
+    case FP8_E4M3: dequant<FP8_E4M3>(a, bf16, p); break;
+    default: dequant<FP8_E5M2>(a, bf16, p); break;
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lowbit_qmatmul, m) {
+  m.def("available() -> bool", &available);
+  m.def("gemv(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor table, int N, int group, int decoder, "
+        "float scale_mul) -> Tensor", &gemv_op);
+  m.def("dequantize(Tensor codes, Tensor scales, Tensor? zeros, Tensor table, int N, int K, int group, "
+        "int decoder, float scale_mul, bool bf16) -> Tensor", &dequantize_op);
+}

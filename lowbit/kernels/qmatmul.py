@@ -1,0 +1,153 @@
+"""y = x @ W^T from a QTensor's packed codes, without materializing W (C++ AVX-512 kernels).
+
+The kernels (csrc/qmatmul.cpp) are compiled on first use with torch.utils.cpp_extension
+(g++ and the `ninja` package), cached in torch's extensions directory
+(TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), and used only when the CPU has
+AVX-512 (checked at run time). Where anything is missing, compilation fails, or the weight's
+scheme is not covered, `linear()` returns None and QuantLinear runs its torch path
+(dequantize, then F.linear), which stays the reference. LOWBIT_KERNELS=0 turns them off.
+
+Covered: 2-D weights whose codes are
+    4-bit, any format (int4, uint4, nf4, fp4_e2m1: decoded through a 16-entry table),
+        symmetric or affine, groups that are multiples of 32 along the input axis (the last
+        group may be shorter), per channel or per tensor
+    int8 / uint8, fp8_e4m3 / fp8_e5m2, per channel, per tensor or in such groups
+and scales stored as float32, float16 or bfloat16 (read as stored), or anything else
+scale_values() reads (e8m0, fp8 scales, nf4-dq's double-quantized scales, a tensor scale):
+those are widened to float32 once per weight and kept in the plan.
+
+Routes, by the number of tokens M (rows of x):
+    M <= GEMV_MAX_TOKENS   gemv: reads the codes once for up to 8 tokens at a time, float32 FMA
+    larger M (prefill)     dequantize once per call to bf16 (bf16 input) or float32, then F.linear
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..formats import Format
+
+
+GEMV_MAX_TOKENS = 16
+TABLE4, INT8, UINT8, FP8_E4M3, FP8_E5M2 = range(5)
+
+_SOURCE = Path(__file__).with_name("csrc") / "qmatmul.cpp"
+_build_error: str | None = None
+
+
+@dataclass
+class Plan:
+    """What the kernels read for one weight [N, K]: packed codes (pack_bits_le layout, row
+    major), scales and zeros [N * G] (float32, float16 or bfloat16, the same dtype), a 16-entry
+    table for 4-bit codes. nn/kernel_plan.py makes one from a QTensor."""
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    table: torch.Tensor
+    N: int
+    K: int
+    group: int
+    decoder: int
+    scale_mul: float
+    source: tuple  # the QTensor's tensors this plan reads: a plan is reused only while they are
+    covered: bool = True  # False: no kernel covers this weight (remembered, so not checked again)
+
+
+def decoder(fmt: Format) -> tuple[int | None, torch.Tensor, float]:
+    """-> (decoder id or None where no kernel reads this format's codes, 16-entry table for
+    4-bit codes, factor folded into the scales)."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    name, bits = fmt.name, fmt.bits
+    if bits == 4:
+        return TABLE4, fmt.decode(codes[:16]).float().contiguous(), 1.0
+    no = torch.zeros(16)
+    if bits != 8:
+        return None, no, 1.0
+    # 8-bit formats the kernel widens by instruction: check the format decodes codes that way
+    values = fmt.decode(codes).float()
+    if name == "fp8_e4m3":
+        return FP8_E4M3, no, 256.0  # the kernel widens e4m3 through fp16, which scales by 1/256
+    if name == "fp8_e5m2":
+        return FP8_E5M2, no, 1.0
+    if torch.equal(values, codes.view(torch.int8).float()):
+        return INT8, no, 1.0
+    if torch.equal(values, codes.float()):
+        return UINT8, no, 1.0
+    return None, no, 1.0
+
+
+def linear(x: torch.Tensor, p: Plan | None, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x: [..., K] float32/bf16/fp16 -> y: [..., N] in x's dtype, or None where the kernel does
+    not apply (no plan, a tensor off the CPU, gradients wanted, autocast on)."""
+    if p is None or not p.covered or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    if (torch.is_grad_enabled() and x.requires_grad) or torch.is_autocast_enabled("cpu") or x.shape[-1] != p.K:
+        return None
+    x2 = x.reshape(-1, p.K)
+    if x2.shape[0] <= GEMV_MAX_TOKENS:
+        y = ops().gemv(x2.float().contiguous(), p.codes, p.scales, p.zeros, p.table, p.N, p.group, p.decoder,
+                       p.scale_mul)
+        y = y if x.dtype == torch.float32 else y.to(x.dtype)
+        if bias is not None:
+            y += bias.to(y.dtype)
+    else:
+        w = dequantize(p, torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32)
+        y = F.linear(x2, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return y.reshape(*x.shape[:-1], p.N)
+
+
+def dequantize(p: Plan, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight [N, K] in float32 or bfloat16, the same values as QTensor.dequantize(dtype)."""
+    return ops().dequantize(p.codes, p.scales, p.zeros, p.table, p.N, p.K, p.group, p.decoder, p.scale_mul,
+                            dtype == torch.bfloat16)
+
+
+def backend() -> str:
+    """'c++ avx512 (<extension name>)', or why the kernels are off."""
+    if ops() is not None:
+        return f"c++ avx512 ({_name()})"
+    return _build_error or "off"
+
+
+@functools.cache
+def ops():
+    """torch.ops.lowbit_qmatmul once built and loaded on an AVX-512 CPU, else None."""
+    global _build_error
+    if os.environ.get("LOWBIT_KERNELS", "1") == "0":
+        _build_error = "off (LOWBIT_KERNELS=0)"
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+        _ninja_on_path()
+        logging.getLogger(__name__).info("building or loading the qmatmul kernels (a first build takes a minute)")
+        load(name=_name(), sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+             is_python_module=False, verbose=False)
+    except Exception as e:  # no compiler, no ninja, a failed build: the torch path does the same work
+        _build_error = f"off (build failed: {type(e).__name__}: {str(e)[:200]})"
+        return None
+    lib = torch.ops.lowbit_qmatmul
+    if not lib.available():
+        _build_error = "off (this CPU lacks AVX-512)"
+        return None
+    return lib
+
+
+def _ninja_on_path() -> None:
+    """torch runs `ninja` from PATH; a venv used without activating it has the PyPI package's
+    binary off PATH, so put it there."""
+    if shutil.which("ninja") is None:
+        import ninja  # the PyPI package: its binary lives in ninja.BIN_DIR
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def _name() -> str:
+    # The source's hash in the name: an edited kernel builds afresh instead of reusing the cache.
+    return "lowbit_qmatmul_" + hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]

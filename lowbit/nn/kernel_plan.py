@@ -1,0 +1,74 @@
+"""The qmatmul kernel plan of a QuantLinear's weight: which kernel reads its QTensor, and how.
+
+The plan reads the QTensor's packed codes as stored (no repacking). Scales and zero points
+stored as float32, float16 or bfloat16 are read as stored too; other scale storage (e8m0,
+fp8 scales, nf4-dq's double-quantized scales, a tensor scale) and the 8-bit kernels' scales
+are widened to float32 once, here, and kept by the plan (4 bytes per group).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..core.granularity import PerChannel, PerGroup, PerTensor
+from ..core.qtensor import QTensor
+from ..kernels import qmatmul
+from ..kernels.qmatmul import TABLE4, Plan
+
+_STORED_SCALES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def plan(q: QTensor, cached: Plan | None = None) -> Plan | None:
+    """The kernel plan for q, or None where no kernel covers it (or none is built).
+    `cached` is returned as is while it still describes q (the same tensors)."""
+    source = (q.codes, q.scales, q.zeros, q.tensor_scale)
+    if cached is not None and all(a is b for a, b in zip(cached.source, source)):
+        return cached
+    if qmatmul.ops() is None:
+        return None
+    made = _make_plan(q, source)
+    return made if made is not None else Plan(q.codes, q.codes, None, q.codes, 0, 0, 0, -1, 1.0, source, False)
+
+
+def _make_plan(q: QTensor, source: tuple) -> Plan | None:
+    s = q.scheme
+    if (len(q.shape) != 2 or q.codebook is not None or q.offset is not None or q.codes.device.type != "cpu"
+            or not q.codes.is_contiguous()):
+        return None
+    N, K = q.shape
+    if N == 0 or K == 0 or s.is_learned:
+        return None
+    decoder, table, scale_mul = qmatmul.decoder(s.fmt)
+    if decoder is None or (decoder == TABLE4 and K % 2):
+        return None
+    g = s.granularity
+    if isinstance(g, PerGroup) and g.axis in (-1, 1):
+        group = g.size
+    elif isinstance(g, PerChannel) and g.axis in (0, -2) or isinstance(g, PerTensor):
+        group = K
+    else:
+        return None
+    G = -(-K // group)
+    if G > 1 and group % 32:
+        return None
+    scales, zeros = _scales(q, N, G, wide=decoder != TABLE4)
+    return Plan(q.codes, scales, zeros, table, N, K, group, decoder, scale_mul, source)
+
+
+def _scales(q: QTensor, N: int, G: int, wide: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales and zeros as [N * G], both float32, float16 or bfloat16: the stored tensors
+    themselves where they already are, else float32 values widened once (kept by the plan).
+    wide: float32 whatever is stored (the 8-bit kernels read only float32 scales)."""
+    fmt = q.scheme.scale_format
+    plain = (not wide and not isinstance(q.scales, QTensor) and q.tensor_scale is None and fmt in _STORED_SCALES
+             and q.scales.dtype == _STORED_SCALES[fmt] and (q.zeros is None or q.zeros.dtype == q.scales.dtype))
+    if plain:
+        return _per_row(q.scales, N, G), None if q.zeros is None else _per_row(q.zeros, N, G)
+    zeros = q.zero_values()
+    return _per_row(q.scale_values().float(), N, G), None if zeros is None else _per_row(zeros.float(), N, G)
+
+
+def _per_row(t: torch.Tensor, N: int, G: int) -> torch.Tensor:
+    t = t.reshape(-1)
+    if t.numel() == 1:  # per tensor: one value for every row
+        t = t.expand(N)
+    return t.reshape(N * G).contiguous()

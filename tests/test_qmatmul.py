@@ -1,0 +1,197 @@
+"""The packed-code matmul kernels (kernels/qmatmul.py) against float64 dequantize-then-matmul.
+
+Tolerance, stated once: a float32 dot product of K terms is off from the exact one by at
+most about sqrt(K) * 2^-24 * sum_k |x_k w_k| on random data (K * 2^-24 in the worst case);
+we allow 4 * sqrt(K) * 2^-24 * (|x| @ |W|^T) per output, and check that the torch path the
+kernels replace (dequantize to float32, F.linear) meets the same bound, so the bound is
+neither loose nor stricter than the reference itself. bf16 outputs add their own rounding
+(2^-8 of |y|).
+"""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lowbit
+from lowbit.core import QTensor, Scheme
+from lowbit.core.granularity import PerChannel, PerGroup, PerTensor
+from lowbit.kernels import qmatmul
+from lowbit.nn import QuantLinear
+from lowbit.nn.kernel_plan import plan
+from lowbit.pipeline import RECIPES
+
+SCHEMES = {
+    "w4g32": RECIPES["w4g32"].weights,  # uint4 affine, fp16 scales and zeros
+    "w4g64": RECIPES["w4g64"].weights,
+    "w4g128": RECIPES["w4g128"].weights,
+    "int4-g64-fp32": Scheme("int4", PerGroup(64)),
+    "int4-g128-bf16": Scheme("int4", PerGroup(128), scale_format="bf16"),
+    "int4-g64-fp16-affine-intzero": Scheme("int4", PerGroup(64), symmetric=False, range="minmax",
+                                           scale_format="fp16", integer_zero=True),
+    "nf4": RECIPES["nf4"].weights,
+    "nf4-dq": RECIPES["nf4-dq"].weights,
+    "mxfp4": lowbit.core.SCHEMES["mxfp4"],  # e8m0 scales: widened to float32 once
+    "w8": RECIPES["w8"].weights,
+    "uint8-channel-affine": Scheme("uint8", PerChannel(0), symmetric=False, range="minmax"),
+    "int8-g128": Scheme("int8", PerGroup(128), scale_format="fp16"),
+    "fp8": RECIPES["fp8"].weights,
+    "fp8-tensor": RECIPES["fp8-tensor"].weights,
+    "fp8_e5m2-channel": Scheme("fp8_e5m2", PerChannel(0)),
+}
+# [N, K]: SmolLM2's input widths, ragged last groups (200 = 3*64 + 8, 1000 = 7*128 + 104), N not
+# a multiple of the kernel's 4 rows; the full SmolLM2 shapes are in the real-weights test
+SHAPES = [(96, 576), (66, 1536), (37, 200), (64, 1000)]
+
+
+def bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """4 sqrt(K) 2^-24 (|x| @ |W|^T), in float64."""
+    return 4 * math.sqrt(w.shape[1]) * 2.0 ** -24 * (x.double().abs() @ w.double().abs().T)
+
+
+def check(y: torch.Tensor, x: torch.Tensor, q: QTensor, bias=None):
+    w = q.dequantize()
+    ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+    tol = bound(x, w) + (2.0 ** -8 * ref.abs() if y.dtype == torch.bfloat16 else 0)
+    err = (y.double() - ref).abs()
+    assert (err <= tol + 1e-30).all(), f"max error {err.max():.3g}, allowed {tol.flatten()[err.argmax()]:.3g}"
+    torch_path = F.linear(x.float(), w, None if bias is None else bias.float()).double()
+    assert ((torch_path - ref).abs() <= bound(x, w) + 1e-30).all(), "the bound is stricter than the torch path"
+
+
+def test_the_kernels_build_and_run_here():
+    assert qmatmul.ops() is not None, qmatmul.backend()  # CI runs on the same kind of AVX-512 CPU
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", SCHEMES)
+def test_gemv_matches_float64_on_random_weights(name, shape, gen):
+    N, K = shape
+    scheme = SCHEMES[name]
+    w = torch.randn(N, K, generator=gen) * torch.rand(N, 1, generator=gen)  # rows of different scale
+    q = lowbit.core.quantize(w, scheme)
+    p = plan(q)
+    assert p is not None and p.covered, f"{name} {shape} should have a kernel"
+    for M in (1, 2, 5, 16):
+        x = torch.randn(M, K, generator=gen)
+        check(qmatmul.linear(x, p), x, q)
+
+
+@pytest.mark.parametrize("name", ["w4g64", "nf4", "nf4-dq", "w8", "fp8"])
+def test_kernels_match_float64_on_smollm2_weights(name, smollm2_weights, gen):
+    for w in smollm2_weights.values():
+        q = lowbit.core.quantize(w, SCHEMES[name])
+        p = plan(q)
+        x = torch.randn(3, w.shape[1], generator=gen)
+        for rows in (x[:1], x):
+            check(qmatmul.linear(rows, p), rows, q)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_and_bias(dtype, gen):
+    w, bias = torch.randn(96, 320, generator=gen), torch.randn(96, generator=gen)
+    q = lowbit.core.quantize(w, SCHEMES["w4g64"])
+    x = torch.randn(4, 2, 320, generator=gen).to(dtype)  # batch dims are kept
+    y = qmatmul.linear(x, plan(q), bias)
+    assert y.dtype == dtype and y.shape == (4, 2, 96)
+    ref = F.linear(x.double(), q.dequantize().double(), bias.double())
+    assert torch.allclose(y.double(), ref, rtol=2 ** -7, atol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["w4g64", "int4-g64-fp32", "nf4-dq", "w8", "uint8-channel-affine", "fp8",
+                                  "fp8_e5m2-channel", "mxfp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_kernel_is_bit_exact(name, dtype, gen):
+    w = torch.randn(70, 1000, generator=gen)
+    q = lowbit.core.quantize(w, SCHEMES[name])
+    assert torch.equal(qmatmul.dequantize(plan(q), dtype), q.dequantize(dtype))
+
+
+def test_prefill_route_matches(gen):
+    w = torch.randn(256, 576, generator=gen)
+    q = lowbit.core.quantize(w, SCHEMES["w4g64"])
+    x = torch.randn(100, 576, generator=gen)
+    check(qmatmul.linear(x, plan(q)), x, q)
+    xb = x.bfloat16()  # bf16 prefill: the bf16 matmul of the exactly dequantized bf16 weight
+    assert torch.equal(qmatmul.linear(xb, plan(q)), F.linear(xb, q.dequantize(torch.bfloat16)))
+
+
+def test_schemes_without_a_kernel_get_none(gen):
+    w = torch.randn(32, 96, generator=gen)
+    for scheme in [Scheme("int3", PerGroup(32)), Scheme("int4", PerGroup(16)), Scheme("nf4", PerChannel(1)),
+                   Scheme("kmeans4", PerChannel(0))]:
+        p = plan(lowbit.core.quantize(w, scheme))
+        assert p is not None and not p.covered
+        assert qmatmul.linear(torch.randn(1, 96), p) is None
+
+
+def test_gradients_and_autocast_take_the_torch_path(gen):
+    q = lowbit.core.quantize(torch.randn(64, 128, generator=gen), SCHEMES["w4g64"])
+    p = plan(q)
+    x = torch.randn(2, 128, generator=gen, requires_grad=True)
+    assert qmatmul.linear(x, p) is None
+    with torch.no_grad():
+        assert qmatmul.linear(x, p) is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert qmatmul.linear(x.detach(), p) is None
+
+
+def test_a_failed_build_falls_back(monkeypatch):
+    import torch.utils.cpp_extension as ext
+
+    def broken(*a, **k):
+        raise RuntimeError("Error building extension")
+
+    monkeypatch.setattr(ext, "load", broken)
+    assert qmatmul.ops.__wrapped__() is None
+    assert "build failed" in qmatmul._build_error
+    monkeypatch.setenv("LOWBIT_KERNELS", "0")
+    assert qmatmul.ops.__wrapped__() is None
+
+
+def _forbid_dequantize(monkeypatch):
+    def no(*a, **k):
+        raise AssertionError("the torch path ran: QTensor.dequantize was called")
+    monkeypatch.setattr(QTensor, "dequantize", no)
+
+
+def test_quantlinear_uses_the_kernel_and_keeps_its_plan(monkeypatch, gen):
+    lin = torch.nn.Linear(576, 192)
+    q = lowbit.core.quantize(lin.weight.detach(), SCHEMES["nf4"])
+    layer = QuantLinear.from_linear(lin, q)
+    x = torch.randn(1, 3, 576, generator=gen)
+    with torch.inference_mode():
+        ref = F.linear(x, q.dequantize(), lin.bias.detach())
+        _forbid_dequantize(monkeypatch)
+        y = layer(x)
+        first = layer._plan
+        layer(x)
+    assert layer._plan is first and first.covered
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_on_quantized_smollm2_uses_the_kernels(smollm2_2layers, monkeypatch):
+    model, tok = smollm2_2layers
+    ids = tok("The tower is 324 metres tall, about the same height as", return_tensors="pt").input_ids
+    q = lowbit.quantize(copy.deepcopy(model), "w4g64", progress=False)
+    with torch.inference_mode():
+        want = q(ids).logits  # kernels for the few-token steps, dequantize-free prefill
+    calls = []
+    real = qmatmul.linear
+
+    def spy(x, p, bias=None):
+        y = real(x, p, bias)
+        calls.append(y is not None)
+        return y
+
+    monkeypatch.setattr(qmatmul, "linear", spy)
+    with torch.inference_mode():
+        out = q.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 4 and calls and all(calls)
+    monkeypatch.setattr(qmatmul, "linear", lambda *a, **k: None)  # the torch path, for reference
+    with torch.inference_mode():
+        ref = q(ids).logits
+        ref_out = q.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.allclose(want, ref, atol=2e-3, rtol=1e-3)
+    assert torch.equal(out, ref_out)
