@@ -33,7 +33,8 @@ def test_checkpoints_are_byte_identical_across_runs_and_processes(tmp_path):
     save_all(tmp_path / "a")
     save_all(tmp_path / "b")
     env = dict(os.environ, PYTHONHASHSEED="12345")
-    code = f"import sys; sys.path[:0] = [{str(TESTS)!r}]; from test_io_deterministic import save_all; save_all(sys.argv[1])"
+    code = (f"import sys; sys.path[:0] = [{str(TESTS)!r}]; "
+            "from test_io_deterministic import save_all; save_all(sys.argv[1])")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "c")], check=True, env=env, cwd=TESTS.parent,
                    timeout=600)
     for method in METHODS:

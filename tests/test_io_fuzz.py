@@ -128,7 +128,8 @@ def test_damaged_lowbit_json(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda m: m["model"].update({"class": "AutoTokenizer"}), "model.class 'AutoTokenizer' is not a transformers model"),
+    (lambda m: m["model"].update({"class": "AutoTokenizer"}),
+     "model.class 'AutoTokenizer' is not a transformers model"),
     (lambda m: m["model"].update({"class": "PretrainedConfig"}), "model.class .* is not a transformers model"),
     (lambda m: m["model"].update({"class": "__import__"}), "model.class .* is not a transformers model"),
     (lambda m: m["model"].update({"class": 3}), "field model.class must be str"),
@@ -139,7 +140,8 @@ def test_damaged_lowbit_json(checkpoint, tmp_path):
     (lambda m: m.update({"recipe": "w4"}), "field recipe must be dict or null"),
     (lambda m: next(iter(m["modules"].values())).update({"dtype": "load"}), r"\.dtype is 'load'"),
     (lambda m: next(iter(m["modules"].values())).update({"dtype": "int8"}), r"\.dtype is 'int8'.*float32"),
-    (lambda m: next(iter(m["modules"].values())).update({"shape": [2**62, 64]}), r"shape is \[4611686018427387904, 64\] but"),
+    (lambda m: next(iter(m["modules"].values())).update({"shape": [2**62, 64]}),
+     r"shape is \[4611686018427387904, 64\] but"),
     (lambda m: next(iter(m["modules"].values())).update({"shape": [-1, 64]}), "shape must be a list of non-negative"),
     (lambda m: next(iter(m["modules"].values()))["scheme"].update({"format": 5}), "scheme is not a valid scheme"),
     (lambda m: next(iter(m["modules"].values()))["scheme"]["granularity"].update({"size": "64"}),
@@ -150,7 +152,8 @@ def test_damaged_lowbit_json(checkpoint, tmp_path):
     (lambda m: m["modules"].update({"model.norm": next(iter(m["modules"].values()))}),
      r"modules\['model.norm'\].shape is \[64, 64\] but the model's model.norm is a Qwen2RMSNorm"),
     (lambda m: m["modules"].update({"model.layers.0.mlp.up_proj": m["modules"]["model.layers.0.mlp.down_proj"]}),
-     r"shape is \[64, 128\] but the model's model.layers.0.mlp.up_proj is a Linear with weight \[out, in\] = \[128, 64\]"),
+     r"shape is \[64, 128\] but the model's model.layers.0.mlp.up_proj is a Linear "
+     r"with weight \[out, in\] = \[128, 64\]"),
 ])
 def test_lowbit_json_fields_are_checked(tmp_path, edit, match):
     model = tiny_transformer("qwen2", 1)
@@ -230,11 +233,14 @@ def test_damaged_gguf(tiny_gguf, tmp_path):
     assert seen == {"ok", "error"}
 
 
+UP = "model.layers.0.mlp.up_proj.qweight"
+
+
 @pytest.mark.parametrize("key, change, match", [
-    ("model.layers.0.mlp.up_proj.qweight.scales", lambda t: t.float(), r"is float32 \[128, 1\], expected float16 \[128, 1\]"),
-    ("model.layers.0.mlp.up_proj.qweight.zeros", lambda t: t[:64], r"is float16 \[64, 1\], expected float16 \[128, 1\]"),
-    ("model.layers.0.mlp.up_proj.qweight.codes", lambda t: t.view(torch.int8), r"codes' is int8 \[4096\], expected uint8"),
-    ("model.layers.0.mlp.up_proj.qweight.codes", lambda t: t[1:], r"codes' is uint8 \[4095\], expected uint8 \[4096\]"),
+    (f"{UP}.scales", lambda t: t.float(), r"is float32 \[128, 1\], expected float16 \[128, 1\]"),
+    (f"{UP}.zeros", lambda t: t[:64], r"is float16 \[64, 1\], expected float16 \[128, 1\]"),
+    (f"{UP}.codes", lambda t: t.view(torch.int8), r"codes' is int8 \[4096\], expected uint8"),
+    (f"{UP}.codes", lambda t: t[1:], r"codes' is uint8 \[4095\], expected uint8 \[4096\]"),
 ])
 def test_tensor_dtypes_and_shapes_are_checked(tmp_path, key, change, match):
     from safetensors.torch import load_file, save_file

@@ -13,6 +13,7 @@ by the next save of the same path.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -83,7 +84,7 @@ def recover(path: Path, is_whole: Callable[[Path], bool]) -> bool:
     the previous checkpoint back to `path`. True when it did."""
     if path.exists() or path.is_symlink():
         return False
-    for old in sorted(path.parent.glob(f".{path.name}.old-*")):
+    for old in sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*")):
         if old.is_dir() and is_whole(old):
             os.rename(old, path)
             fsync(path.parent)
@@ -93,7 +94,7 @@ def recover(path: Path, is_whole: Callable[[Path], bool]) -> bool:
 
 def _remove_dead_leftovers(path: Path) -> None:
     """Temporary and set-aside folders of saves to `path` whose process is gone."""
-    for p in path.parent.glob(f".{path.name}.*-*"):
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*-*"):
         kind, _, rest = p.name[len(path.name) + 2:].partition("-")
         pid = rest.split("-")[0]
         if kind in ("tmp", "old") and pid.isdigit() and p.is_dir() and not _alive(int(pid)):

@@ -127,7 +127,6 @@ def _model_meta(model: nn.Module) -> dict:
     return {"class": type(model).__name__, "config": config.to_dict()}
 
 
-
 # -- load ---------------------------------------------------------------------
 def read_meta(path: str | Path) -> dict:
     """lowbit.json of checkpoint folder `path`, its top-level fields checked (the module entries
