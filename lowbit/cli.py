@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     pc.add_argument("--recipes", default=MAIN_RECIPES,
                     help=f"comma list, recipe[:method]; without a method, the recipe's own (round to nearest); "
                          f":auto as lowbit quantize picks (default {MAIN_RECIPES})")
-    pc.add_argument("--windows", type=int, default=16, help="evaluation windows, from the text's start (default 16)")
+    pc.add_argument("--windows", type=int, default=8,
+                    help="evaluation windows, from the text's start (default 8)")
     pc.add_argument("--no-speed", action="store_true", help="skip the decode speed measurement")
     common(pc, calibration_windows=8)  # read after the evaluated windows; 8 keep the main job short
     args = p.parse_args(argv)

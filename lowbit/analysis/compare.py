@@ -73,7 +73,7 @@ def _calibrates(recipe: Recipe) -> bool:
 
 
 def compare_recipes(model, tokenizer, text: str, recipes: "str | list", *, window: int = 512,
-                    windows: int = 16, calibration_windows: int = 8, batch_size: int = 4, speed: bool = True,
+                    windows: int = 8, calibration_windows: int = 8, batch_size: int = 4, speed: bool = True,
                     decode_tokens: int = 16, progress: bool = True) -> Comparison:
     """Full precision, then each recipe (a "name[:method]" spec or a (name, method) pair), on `text`.
 
