@@ -79,11 +79,14 @@ def _method_options(items: list[str], base: dict) -> dict:
 
 
 def cmd_quantize(args) -> None:
+    from .cli_gguf import cmd_quantize_gguf, wants_gguf
     from .eval import token_ids
     from .io import load_model, save
     from .methods import method_needs
     from .pipeline import get_recipe, quantize
 
+    if wants_gguf(args):  # --out x.gguf: llama.cpp file types, a separate path
+        return cmd_quantize_gguf(args)
     recipe = get_recipe(args.recipe, args.method)  # fail on a bad name before loading anything
     if args.method_option:
         recipe = recipe.replace(method_options=_method_options(args.method_option, recipe.method_options))
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                          "smoothquant.alpha=0.8 (repeatable; saved in the recipe)")
     pq.add_argument("--calibration-dtype", default="auto", choices=("auto", "bf16", "fp32"),
                     help="dtype of the calibration forwards (default auto: bf16 where the CPU has native bf16)")
-    pq.add_argument("--out", required=True, help="output folder")
+    pq.add_argument("--out", required=True, help="output folder, or a .gguf file (--recipe q8_0, q4_0, q4_k_m, ...)")
     common(pq)
     pe = sub.add_parser("eval", help="perplexity, KL and top-1 agreement of a (quantized) model")
     pe.add_argument("model", help="a folder written by `lowbit quantize`, or a model as for quantize")

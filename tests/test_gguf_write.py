@@ -128,3 +128,17 @@ def test_tokenizer_source_must_match_the_vocabulary(tmp_path):
     with pytest.raises(ValueError, match="source="):
         lowbit.save(model, tmp_path / "m.gguf")
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_quantize_writes_a_gguf(small, tmp_path, capsys):
+    from lowbit.cli import main
+
+    src = lowbit.save(small, tmp_path / "src.gguf", recipe="f32", source="smollm2-135m")
+    out = tmp_path / "q.gguf"
+    assert main(["quantize", str(src), "--recipe", "q4_0", "--method", "rtn", "--out", str(out)]) == 0
+    assert "saved q4_0 (rtn)" in capsys.readouterr().out
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert types["blk.1.ffn_up.weight"] == "Q4_0" and types["token_embd.weight"] == "Q8_0"
+    assert main(["quantize", str(src), "--recipe", "q4_0", "--method", "gptq", "--out", str(out)]) == 2
+    assert main(["quantize", str(src), "--recipe", "q4_x", "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "unknown GGUF recipe 'q4_x'" in capsys.readouterr().err
