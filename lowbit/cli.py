@@ -115,11 +115,14 @@ def text_digest(text: str) -> str:
 
 
 def cmd_quantize(args) -> None:
+    from .cli_gguf import cmd_quantize_gguf, wants_gguf
     from .eval import token_ids
     from .io import load_model, save
     from .methods import method_needs
     from .pipeline import get_recipe, quantize
 
+    if wants_gguf(args):  # --out x.gguf: llama.cpp file types, a separate path
+        return cmd_quantize_gguf(args)
     recipe = get_recipe(args.recipe, args.method)  # fail on a bad name before loading anything
     if args.method_option:
         recipe = recipe.replace(method_options=_method_options(args.method_option, recipe.method_options))
@@ -229,10 +232,11 @@ def main(argv: list[str] | None = None) -> int:
                          "smoothquant.alpha=0.8 (repeatable; saved in the recipe)")
     pq.add_argument("--calibration-dtype", default="auto", choices=("auto", "bf16", "fp32"),
                     help="dtype of the calibration forwards (default auto: bf16 where the CPU has native bf16)")
-    pq.add_argument("--out", required=True, help="output folder")
+    pq.add_argument("--out", required=True, help="output folder, or a .gguf file (--recipe q8_0, q4_0, q4_k_m, ...)")
     pq.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
     pq.add_argument("--format", default="lowbit", help="lowbit (default) or compressed-tensors (for transformers "
-                    "and vLLM; needs an int, fp8 or nvfp4 recipe such as w4g64-sym, w8, fp8, w8a8-dynamic, nvfp4)")
+                    "and vLLM; needs an int, fp8 or nvfp4 recipe such as w4g64-sym, w8, fp8, w8a8-dynamic, nvfp4); "
+                    "an --out ending in .gguf writes GGUF")
     common(pq)
     pe = sub.add_parser("eval", help="perplexity, KL and top-1 agreement of a (quantized) model")
     pe.add_argument("model", help="a folder written by `lowbit quantize`, or a model as for quantize")

@@ -30,6 +30,17 @@ def wikitext_excerpt(split: str = "test") -> str:
     return (DATA / "wikitext-2" / f"{split}-excerpt.txt").read_text(encoding="utf-8")
 
 
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """gguf-py's reader over SmolLM2's source GGUF (written by llama.cpp's quantizer as Q4_1); parsed once
+    (seconds: 49k tokens)."""
+    import gguf
+
+    from lowbit.io import builtin_model_path
+
+    return gguf.GGUFReader(str(builtin_model_path("smollm2-135m")))
+
+
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(1234)

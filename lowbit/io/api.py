@@ -7,28 +7,52 @@ from torch import nn
 
 from .lowbit_format import load_lowbit, save_lowbit
 
-SAVE_FORMATS = ("lowbit", "compressed-tensors")
+SAVE_FORMATS = ("lowbit", "gguf", "compressed-tensors")
 
 
-def save(model: nn.Module, path: str | Path, format: str = "lowbit", *, tokenizer=None,
-         source: str | None = None) -> Path:
+def save(model: nn.Module, path: str | Path, format: str | None = None, *, tokenizer=None,
+         source: str | None = None, recipe: str | None = None) -> Path:
     """Write a model quantized by lowbit.quantize. `source` (e.g. "smollm2-135m") is recorded so
-    `lowbit eval` can compare with the full-precision model later."""
+    `lowbit eval` can compare with the full-precision model later.
+
+    format: "lowbit" (a folder) or "gguf" (one file for llama.cpp); default from the suffix (.gguf).
+    GGUF: `recipe` is a llama.cpp file type (f16 by default, q8_0, q4_0, q4_k_m, ...; see
+    lowbit.io.gguf_mixtures), weights are rounded to nearest in its blocks, and the tokenizer is
+    copied from the GGUF file given as `source` (or the one the model was loaded from).
+        lowbit.save(model, "smollm2-q8_0.gguf", recipe="q8_0", source="smollm2-135m")
+    """
+    if format is None:
+        format = "gguf" if Path(path).suffix == ".gguf" else "lowbit"
     if format not in SAVE_FORMATS:
         raise ValueError(f"format={format!r}: this lowbit writes {', '.join(SAVE_FORMATS)} "
-                         "(GGUF and compressed-tensors export are planned)")
+                         "(give format=None to choose by the path's suffix)")
     if format == "compressed-tensors":
         from .compressed_tensors import save_compressed_tensors
 
         return save_compressed_tensors(model, path, tokenizer=tokenizer)
+    if format == "gguf":
+        from .gguf_write import save_gguf
+
+        return save_gguf(model, path, recipe or "f16", tokenizer=tokenizer, source=source)
+    if recipe is not None:
+        raise ValueError("save(recipe=...) chooses GGUF tensor types; a lowbit checkpoint keeps the recipe "
+                         "the model was quantized with (lowbit.quantize)")
     return save_lowbit(model, path, tokenizer=tokenizer, source=source)
 
 
 def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild a quantized model saved by lowbit.save (see load_lowbit), or read a Hugging Face folder
-    quantized by another tool (compressed-tensors, GPTQ, AWQ; see hf_quantized)."""
+    """Rebuild a quantized model saved by lowbit.save (see load_lowbit); a .gguf file loads as a
+    transformers model with dequantized float32 weights (see gguf_read.load_gguf); a Hugging Face
+    folder quantized by another tool (compressed-tensors, GPTQ, AWQ) loads into QuantLinear layers
+    (see hf_quantized)."""
     from .hf_quantized import load_hf_quantized, quant_method
 
+    if Path(path).suffix == ".gguf":
+        from .gguf_read import load_gguf
+
+        if model is not None:
+            raise ValueError("lowbit.load: a .gguf file builds its own model; do not pass model=")
+        return load_gguf(path)
     if model is None and not (Path(path) / "lowbit.json").exists() and quant_method(Path(path)):
         return load_hf_quantized(path)
     return load_lowbit(path, model=model)

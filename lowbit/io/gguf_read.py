@@ -1,7 +1,12 @@
-"""Read tensors from a GGUF file as float32 torch tensors (dequantized by gguf-py).
+"""Read GGUF files: tensors as float32 torch tensors, or a whole transformers model.
 
-A GGUF file is data from outside: any file, truncated, corrupt or with impossible sizes,
-gives a ValueError naming the file (tests/test_io_fuzz.py), never another exception."""
+    w = read_gguf_tensors("model.gguf", ["blk.0.attn_q.weight"])   # GGUF names and layout
+    model = load_gguf("model.gguf")                                 # transformers names, q/k un-permuted
+
+Blocks are decoded by lowbit.core.ggml_blocks; types lowbit has no decoder for go through gguf-py.
+A GGUF file is data from outside: any file, truncated, corrupt or with impossible sizes, gives a
+ValueError naming the file (tests/test_io_fuzz.py), never another exception.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,33 +14,122 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.ggml_blocks import type_by_id
+from .gguf_file import GGUFFile, TensorInfo, parse_gguf, tensor_bytes
 
-def read_gguf_tensors(path: str | Path, names=None) -> dict[str, torch.Tensor]:
-    """{name: float32 tensor in PyTorch layout ([out, in] for weights)}; `names` filters by exact name."""
+
+def _dequantize(f: GGUFFile, info: TensorInfo) -> np.ndarray:
+    t = type_by_id(info.type_id)
+    if t is not None:
+        data = tensor_bytes(f, info, t.block_size, t.type_size)
+        return t.dequantize(np.ascontiguousarray(data).reshape(-1, t.type_size)).reshape(info.shape)
     try:
         import gguf
         from gguf.quants import dequantize
     except ImportError as e:  # optional dependency
-        raise ValueError("reading GGUF needs the 'gguf' package: pip install 'lowbit[models]'") from e
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"GGUF file {path} does not exist")
+        raise ValueError(f"{f.path}: tensor {info.name!r} has GGML type {info.type_id}, which lowbit reads "
+                         "through the 'gguf' package: pip install 'lowbit[models]'") from e
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # gguf-py raises several kinds on bad files
-        raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
-    wanted = None if names is None else set(names)
-    out = {}
-    for t in reader.tensors:
-        if wanted is not None and t.name not in wanted:
-            continue
-        try:
-            arr = dequantize(t.data, t.tensor_type)
-            shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists the fastest dimension first
-            # a copy: the reader's arrays are read-only views of the memory-mapped file
-            out[t.name] = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
-        except Exception as e:  # gguf-py and numpy raise several kinds on inconsistent tensors
-            raise ValueError(f"{path}: tensor {t.name!r} is corrupt ({type(e).__name__}: {e})") from e
-    if wanted is not None and wanted - set(out):
-        raise ValueError(f"{path} has no tensor named {sorted(wanted - set(out))[0]!r}")
-    return out
+        qt = gguf.GGMLQuantizationType(info.type_id)
+    except ValueError as e:
+        raise ValueError(f"{f.path}: tensor {info.name!r} has unknown GGML type {info.type_id}") from e
+    block, size = gguf.GGML_QUANT_SIZES[qt]
+    data = np.ascontiguousarray(tensor_bytes(f, info, block, size))
+    return dequantize(data, qt).reshape(info.shape)
+
+
+def read_gguf_tensors(path: str | Path, names=None) -> dict[str, torch.Tensor]:
+    """{name: float32 tensor in PyTorch layout ([out, in] for weights)}; `names` filters by exact name."""
+    f = parse_gguf(path)
+    wanted = list(f.tensors) if names is None else list(names)
+    missing = [n for n in wanted if n not in f.tensors]
+    if missing:
+        raise ValueError(f"{f.path} has no tensor named {missing[0]!r}")
+    return {n: _tensor(_dequantize(f, f.tensors[n])) for n in wanted}
+
+
+def _tensor(w: np.ndarray) -> torch.Tensor:
+    """float32 torch tensor that owns its memory (F32 tensors arrive as views of the read-only file map)."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    return torch.from_numpy(w if w.flags.writeable else w.copy())
+
+
+def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of gguf_write.permute_rows: interleaved rotary pairs back to (first half, second half)."""
+    d = w.shape[0] // n_head
+    return w.reshape(n_head, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _config(f: GGUFFile):
+    import transformers as tf
+
+    from .gguf_write import ARCHS
+
+    a = f.meta.get("general.architecture")
+    model_type = next((k for k, v in ARCHS.items() if v.gguf == a), None)
+    if model_type is None:
+        raise ValueError(f"{f.path}: architecture {a!r} is not one lowbit builds a model for "
+                         f"({', '.join(sorted({v.gguf for v in ARCHS.values()}))}); read_gguf_tensors reads its tensors")
+
+    def get(key, default=None):
+        if f"{a}.{key}" not in f.meta and default is None:
+            raise ValueError(f"{f.path}: metadata {a}.{key} is missing")
+        return f.meta.get(f"{a}.{key}", default)
+
+    n_head = get("attention.head_count")
+    vocab = get("vocab_size", len(f.meta.get("tokenizer.ggml.tokens", [])) or None)
+    kw = dict(vocab_size=vocab, hidden_size=get("embedding_length"), intermediate_size=get("feed_forward_length"),
+              num_hidden_layers=get("block_count"), num_attention_heads=n_head,
+              num_key_value_heads=get("attention.head_count_kv", n_head),
+              max_position_embeddings=get("context_length"), rms_norm_eps=get("attention.layer_norm_rms_epsilon"),
+              rope_theta=get("rope.freq_base", 10000.0), tie_word_embeddings="output.weight" not in f.tensors,
+              bos_token_id=f.meta.get("tokenizer.ggml.bos_token_id"),
+              eos_token_id=f.meta.get("tokenizer.ggml.eos_token_id"),
+              pad_token_id=f.meta.get("tokenizer.ggml.padding_token_id"))
+    if model_type == "llama":
+        kw["head_dim"] = get("attention.key_length", kw["hidden_size"] // n_head)
+        cls = tf.LlamaForCausalLM
+        config = tf.LlamaConfig(**kw)
+    else:
+        cls = tf.Qwen2ForCausalLM
+        config = tf.Qwen2Config(**kw)
+    return cls, config, ARCHS[model_type]
+
+
+def load_gguf(path: str | Path):
+    """A transformers model (eval mode, float32, dequantized) from a GGUF file of a Llama-family model;
+    lowbit.load_model(path) also builds its tokenizer (through transformers, slower)."""
+    from .gguf_write import gguf_name
+
+    f = parse_gguf(path)
+    cls, config, arch = _config(f)
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        model = cls(config)
+    by_gguf = {gguf_name(k)[0]: k for k in model.state_dict() if not k.endswith("rotary_emb.inv_freq")}
+    if config.tie_word_embeddings:
+        by_gguf.pop("output.weight", None)
+    state = {}
+    for name, info in f.tensors.items():
+        if name not in by_gguf:
+            raise ValueError(f"{f.path}: tensor {name!r} does not belong to a {arch.gguf} model")
+        key = by_gguf.pop(name)
+        expected = tuple(model.get_parameter(key).shape)
+        if info.shape != expected:
+            raise ValueError(f"{f.path}: tensor {name!r} has shape {info.shape}, the config says {expected}")
+        w = _dequantize(f, info)
+        if arch.permute_qk and ".attn_q." in name:
+            w = unpermute_rows(w, config.num_attention_heads)
+        elif arch.permute_qk and ".attn_k." in name:
+            w = unpermute_rows(w, config.num_key_value_heads)
+        state[key] = _tensor(w)
+    if by_gguf:
+        raise ValueError(f"{f.path}: tensor {sorted(by_gguf)[0]!r} is missing ({len(by_gguf)} in all)")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.lowbit_gguf_source = str(f.path)
+    return model.eval()

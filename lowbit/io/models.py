@@ -89,6 +89,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path} could not be loaded as a GGUF model by transformers: {e}") from e
     _fix_gguf_pre_tokenizer(tokenizer, path)
+    model.lowbit_gguf_source = str(path)  # GGUF export copies the tokenizer from here
     return model.eval(), tokenizer
 
 

@@ -1,0 +1,234 @@
+"""Write a transformers decoder (Llama family: SmolLM2, Llama, Qwen2) as a GGUF file for llama.cpp.
+
+    save_gguf(model, "model.gguf", "q4_k_m", tokenizer=tok, source="smollm2-135m")
+
+The container is written by the `gguf` package (GGUFWriter); the blocks come from
+lowbit.core.ggml_blocks; which tensor gets which type follows llama.cpp's quantizer
+(gguf_mixtures). The tokenizer is copied from a GGUF source (the `tokenizer.*` keys as they are).
+Written to a temporary file beside the target and renamed into place, so a failed save leaves nothing.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.ggml_blocks import get_type, quantize_rows
+from .gguf_mixtures import file_type
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How one transformers model_type maps to llama.cpp: its GGUF architecture name and whether
+    attn_q / attn_k rows are permuted (llama.cpp's llama graph expects rotary pairs (i, i + d/2)
+    interleaved as (2i, 2i + 1); transformers' GGUF reader undoes the same permutation)."""
+    gguf: str
+    permute_qk: bool
+
+
+ARCHS = {"llama": Arch("llama", True), "mistral": Arch("llama", True), "qwen2": Arch("qwen2", False)}
+
+# transformers parameter name -> GGUF tensor name ({i}: block index)
+_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight"}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def gguf_name(hf_name: str) -> tuple[str, int]:
+    """("model.layers.3.mlp.up_proj.weight") -> ("blk.3.ffn_up.weight", 3); layer -1 outside the blocks."""
+    if hf_name in _TOP:
+        return _TOP[hf_name], -1
+    m = _LAYER_RE.fullmatch(hf_name)
+    if m and m.group(2) in _LAYER:
+        return f"blk.{m.group(1)}.{_LAYER[m.group(2)]}", int(m.group(1))
+    raise ValueError(f"tensor {hf_name!r} has no GGUF name in lowbit's table for this architecture")
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """w: [n_head * d, in] -> same shape, rows of each head reordered from (first half, second half)
+    to interleaved pairs, as llama.cpp's converter does for q/k of Llama models."""
+    d = w.shape[0] // n_head
+    return w.reshape(n_head, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter as a float tensor; QuantLinear layers give their dequantized weight."""
+    from ..nn import QuantLinear
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            out[f"{name}.weight"] = m.qweight.dequantize().float()
+            if m.bias is not None:
+                out[f"{name}.bias"] = m.bias.detach().float()
+    for key, t in model.state_dict().items():
+        if ".qweight." in key or key.endswith((".act_scale", ".act_zero")) or key in out:
+            continue
+        out[key] = t.detach().float()
+    return out
+
+
+def _config(model: nn.Module):
+    config = getattr(model, "config", None)
+    arch = ARCHS.get(getattr(config, "model_type", None))
+    if arch is None:
+        raise ValueError(f"GGUF export knows the architectures {', '.join(ARCHS)}; this model is "
+                         f"{getattr(config, 'model_type', type(model).__name__)!r}")
+    return config, arch
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    kind = params.get("rope_type", "default") if params else getattr(config, "rope_scaling", None)
+    if kind not in (None, "default"):
+        raise ValueError(f"GGUF export: rope scaling {kind!r} is not supported yet (only plain RoPE)")
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _hparams(w, config, arch: Arch) -> None:
+    a = arch.gguf
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    w.add_uint32(f"{a}.context_length", config.max_position_embeddings)
+    w.add_uint32(f"{a}.embedding_length", config.hidden_size)
+    w.add_uint32(f"{a}.feed_forward_length", config.intermediate_size)
+    w.add_uint32(f"{a}.block_count", config.num_hidden_layers)
+    w.add_uint32(f"{a}.attention.head_count", config.num_attention_heads)
+    w.add_uint32(f"{a}.attention.head_count_kv", config.num_key_value_heads)
+    w.add_float32(f"{a}.rope.freq_base", _rope_theta(config))
+    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", config.rms_norm_eps)
+    w.add_uint32(f"{a}.vocab_size", config.vocab_size)
+    w.add_uint32(f"{a}.rope.dimension_count", head_dim)
+    if head_dim * config.num_attention_heads != config.hidden_size:
+        w.add_uint32(f"{a}.attention.key_length", head_dim)
+        w.add_uint32(f"{a}.attention.value_length", head_dim)
+
+
+_COPIED_GENERAL = ("general.name", "general.organization", "general.finetune", "general.basename",
+                   "general.size_label", "general.license", "general.languages")
+
+
+def _copy_fields(w, source: Path, vocab_size: int) -> None:
+    """Copy tokenizer.* (vocabulary, merges, special tokens, chat template) and descriptive general.*
+    keys from a GGUF file, with their value types."""
+    fields = _source_fields(str(source), source.stat().st_mtime_ns)
+    n_tokens = len(fields["tokenizer.ggml.tokens"][0]) if "tokenizer.ggml.tokens" in fields else 0
+    if not n_tokens:
+        raise ValueError(f"tokenizer source {source} has no tokenizer.ggml.tokens")
+    if n_tokens != vocab_size:
+        raise ValueError(f"tokenizer source {source} has {n_tokens} tokens, the model {vocab_size}")
+    for key, (value, vtype, sub) in fields.items():
+        w.add_key_value(key, value, vtype, sub_type=sub)
+
+
+@functools.lru_cache(maxsize=4)
+def _source_fields(source: str, mtime_ns: int) -> dict:
+    """{key: (value, value type, array item type)}; cached: gguf-py takes seconds to parse 49k tokens."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(source)
+    except Exception as e:  # gguf-py raises several kinds on bad files
+        raise ValueError(f"tokenizer source {source} is not a readable GGUF file: {e}") from e
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.") or key in _COPIED_GENERAL:
+            vtype = field.types[0]
+            out[key] = (field.contents(), vtype, field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    return out
+
+
+def tokenizer_source(model: nn.Module, source: str | Path | None) -> Path:
+    """The GGUF file whose tokenizer is copied: `source` (a .gguf path or built-in alias), else the file
+    the model was loaded from."""
+    from .builtin import BUILTIN, builtin_model_path
+
+    src = source if source is not None else getattr(model, "lowbit_gguf_source", None)
+    if isinstance(src, str) and src in BUILTIN:
+        src = builtin_model_path(src)
+    if src is None or Path(src).suffix != ".gguf" or not Path(src).is_file():
+        raise ValueError(f"GGUF export copies the tokenizer from a GGUF file: pass source=<a .gguf path or "
+                         f"built-in model> (got {src!r}); converting tokenizer.json is not supported yet")
+    return Path(src)
+
+
+def gguf_tensors(model: nn.Module, recipe: str):
+    """Yield (gguf name, uint8 blocks [rows, bytes], GGML type name, shape) in file order."""
+    config, arch = _config(model)
+    ft = file_type(recipe)
+    state = float_state(model)
+    tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in state
+    if tied:
+        state.pop("lm_head.weight", None)
+    n_layer = config.num_hidden_layers
+    n_gqa = config.num_attention_heads // config.num_key_value_heads
+    for key, t in state.items():
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        name, layer = gguf_name(key)
+        w = t.numpy()
+        if arch.permute_qk and name.endswith(("attn_q.weight", "attn_q.bias")):
+            w = permute_rows(w, config.num_attention_heads)
+        elif arch.permute_qk and name.endswith(("attn_k.weight", "attn_k.bias")):
+            w = permute_rows(w, config.num_key_value_heads)
+        kind = (ft.tensor_type(name, ne0=w.shape[-1], layer=layer, n_layer=n_layer, n_gqa=n_gqa,
+                               has_output=not tied)
+                if ft.quantizes(name, w.ndim) else "f32")
+        rows = w.reshape(-1, w.shape[-1])
+        try:
+            data = quantize_rows(rows, kind)
+        except ValueError as e:
+            raise ValueError(f"tensor {name!r} ({key}, shape {tuple(w.shape)}): {e}") from e
+        yield name, data, kind, tuple(w.shape)
+
+
+def save_gguf(model: nn.Module, path: str | Path, recipe: str = "f16", *, tokenizer=None,
+              source: str | Path | None = None) -> Path:
+    """Write `model` to GGUF file `path` with llama.cpp file type `recipe` (f32, f16, bf16, q8_0, q4_0,
+    q4_1, q5_0, q5_1, ...), quantizing each weight by round to nearest; atomically."""
+    import gguf
+
+    path = Path(path)
+    config, arch = _config(model)
+    ft = file_type(recipe)
+    src = tokenizer_source(model, source)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, arch.gguf)
+        _hparams(w, config, arch)
+        w.add_file_type(ft.ftype)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _copy_fields(w, src, config.vocab_size)
+        for name, data, kind, shape in gguf_tensors(model, recipe):
+            # GGUFWriter turns a uint8 array's byte shape back into the value shape (and reverses it)
+            w.add_tensor(name, data.reshape(*shape[:-1], data.shape[-1]),
+                         raw_dtype=gguf.GGMLQuantizationType(get_type(kind).id))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    except ValueError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise ValueError(f"writing {path}: {e}") from e
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
