@@ -169,10 +169,10 @@ def test_sequential_runner_on_other_architectures(arch):
     assert ((out - ref).norm() / ref.norm()) < 0.02
 
 
-@pytest.mark.skipif(kernels._gptq_columns() is None, reason="numba is not installed")
 @pytest.mark.parametrize("name", ["w4g64", "w4g64-sym", "w3g64", "w4g128", "w8"])
 @pytest.mark.parametrize("static_groups", [False, True])
 def test_numba_column_loop_equals_the_torch_loop(name, static_groups, gen):
+    assert kernels._gptq_columns() is not None  # numba is a required dependency
     # ragged shapes (200 = 64 * 3 + 8) and a block size that does not divide them
     scheme = RECIPES[name].weights
     x = correlated_inputs(1024, 200, gen)
