@@ -44,10 +44,11 @@ def test_a_cast_sets_the_compute_dtype_and_keeps_the_qtensor(quantized, cast, dt
         assert m.bias is None or m.bias.dtype == dtype
     x = torch.randn(3, 64).to(dtype)
     fc1 = quantized.fc1
-    if fc1._int8 is None:  # weight-only: the float matmul in the input's dtype
-        assert torch.equal(fc1(x), F.linear(x, fc1.qweight.dequantize(dtype), fc1.bias))
-    else:
-        assert fc1(x).dtype == dtype
+    y = fc1(x)
+    assert y.dtype == dtype
+    if fc1._int8 is None:  # weight-only (packed-code kernel or dequantize + matmul): the float64 product
+        ref = F.linear(x.double(), fc1.qweight.dequantize(torch.float64), fc1.bias.double())
+        torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2)  # one rounding to fp16/bf16
 
 
 def test_a_move_on_the_cpu_keeps_the_compute_dtype(quantized):
@@ -74,5 +75,5 @@ def test_cast_then_save_and_reload_is_bit_identical(quantized, tmp_path):
 @pytest.mark.parametrize("device", ["meta", torch.device("meta")])
 def test_a_move_off_the_cpu_is_a_clear_error(quantized, device):
     model = copy.deepcopy(quantized)
-    with pytest.raises(ValueError, match="QuantLinear runs on the CPU only; cannot move it to meta"):
+    with pytest.raises(ValueError, match="(QuantLinear|QuantEmbedding) runs on the CPU only; cannot move it to meta"):
         model.to(device)

@@ -3,7 +3,8 @@
 A lookup dequantizes only the rows it needs (QTensor.rows): the table's scheme must give each
 row its own codes and scales (per row, per tensor, or groups along the row), which is how
 llama.cpp stores token embeddings too. The same QTensor can serve a tied output layer
-(QuantLinear over the table [vocab, dim]): one tensor, stored and counted once.
+(QuantLinear over the table [vocab, dim]): one tensor, stored and counted once. Casts and
+moves behave as for QuantLinear (nn/base.py).
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import torch
 from torch import nn
 
 from ..core import QTensor
+from .base import QuantModule
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(QuantModule):
     def __init__(self, qweight: QTensor, padding_idx: int | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
         if not qweight.rows_are_independent():

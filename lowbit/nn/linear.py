@@ -10,7 +10,7 @@ fake-quantize the input, then run the weight-only path.
 
 Devices and dtypes: lowbit runs quantized layers on the CPU (the unpacking, the
 numba kernels and every test are CPU code). `module.to(...)`, `.half()`,
-`.bfloat16()`, `.float()` go through `_apply` below: a dtype cast sets the
+`.bfloat16()`, `.float()` go through QuantModule._apply (nn/base.py): a dtype cast sets the
 layer's compute dtype (what `.weight` returns) and casts the bias, while the
 QTensor stays exactly as stored (integer codes; scales and zero points in their
 scale format), so a cast never changes the quantized weights or the saved file.
@@ -27,10 +27,11 @@ from ..core import QTensor, Scheme
 from ..core.activations import fake_quant_int, int8_per_token, int8_static
 from ..core.granularity import PerChannel, PerTensor, PerToken
 from ..kernels import qmatmul
+from .base import QuantModule
 from .kernel_plan import plan
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(QuantModule):
     def __init__(self, qweight: QTensor, bias: torch.Tensor | None = None, act_scheme: Scheme | None = None,
                  act_scale: torch.Tensor | None = None, act_zero: torch.Tensor | None = None,
                  dtype: torch.dtype = torch.float32):
@@ -45,18 +46,6 @@ class QuantLinear(nn.Module):
         self.register_buffer("act_zero", act_zero)
         self.dtype = dtype
         self._int8 = self._int8_weight() if act_scheme is not None else None
-
-    def _apply(self, fn, recurse=True):
-        # Module.to/.half/.cuda reach tensors through _apply; the QTensor is not a buffer
-        # (its layout is the file format), so this layer checks what `fn` does on two probes.
-        f32, f16 = fn(torch.zeros(1)), fn(torch.zeros(1, dtype=torch.float16))
-        if f32.device.type != "cpu":
-            raise ValueError(f"QuantLinear runs on the CPU only; cannot move it to {f32.device}: "
-                             "keep the quantized model on the CPU")
-        out = super()._apply(fn, recurse)
-        if f32.dtype == f16.dtype and f32.dtype.is_floating_point:  # a cast (.half(), .to(dtype)), not a move
-            self.dtype = f32.dtype
-        return out
 
     @classmethod
     def from_linear(cls, linear: nn.Module, qweight: QTensor, **kw) -> "QuantLinear":
