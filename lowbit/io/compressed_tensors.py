@@ -182,7 +182,9 @@ def _scale_tensor(q: QTensor) -> torch.Tensor:
 def save_compressed_tensors(model: nn.Module, path: str | Path, tokenizer=None) -> Path:
     """Write a model quantized by lowbit.quantize as a compressed-tensors folder (config.json with its
     quantization_config, model.safetensors, tokenizer), atomically. Every QuantLinear must map onto a
-    compressed-tensors layout (see ct_scheme); other modules are written as they are.
+    compressed-tensors layout (see ct_scheme); other modules are written as they are. A quantized
+    embedding table (and an output layer tied to it) is written dense with the exact values lowbit
+    uses: transformers has no quantized embedding layer.
 
         >>> lowbit.save(model, "out/", format="compressed-tensors", tokenizer=tok)
     """
@@ -198,11 +200,18 @@ def save_compressed_tensors(model: nn.Module, path: str | Path, tokenizer=None) 
                          "are Hugging Face folders; save with format='lowbit'")
     tensors: dict[str, torch.Tensor] = {}
     groups: dict[str, tuple[str, dict, list[str]]] = {}  # scheme key -> (format, scheme, module names)
+    tables, dense_heads = {}, []  # id(QTensor) of quantized embedding tables; Linears tied to one
     for name, m in model.named_modules():
         if isinstance(m, QuantEmbedding):
-            raise ValueError(f"module {name!r}: quantized embeddings are not exported to compressed-tensors "
-                             "(transformers loads Linear layers only); quantize with embeddings=None")
+            # transformers loads quantized Linear layers only: the table goes dense, holding exactly
+            # the values lowbit looks up, so the logits still match lowbit's model
+            tensors[f"{name}.weight"] = m.weight.detach()
+            tables[id(m.qweight)] = name
+            continue
         if not isinstance(m, QuantLinear):
+            continue
+        if id(m.qweight) in tables:  # a head tied to the table: transformers ties it again on load
+            dense_heads.append(name)
             continue
         if isinstance(m, LLMInt8Linear):
             raise ValueError(f"module {name!r}: LLM.int8() (outlier columns in full precision) has no "
@@ -220,7 +229,7 @@ def save_compressed_tensors(model: nn.Module, path: str | Path, tokenizer=None) 
         raise ValueError("the model has no QuantLinear: quantize it with lowbit.quantize before exporting")
     quantized = {n for _, _, names in groups.values() for n in names}
     _add_plain_tensors(model, quantized, tensors)
-    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized] + dense_heads
     single = len(groups) == 1
     config_groups = {f"group_{i}": QuantizationScheme(targets=["Linear"] if single else names, format=fmt,
                                                       **scheme)
