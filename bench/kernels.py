@@ -158,14 +158,15 @@ def bandwidth(rounds: int) -> None:
         print(f"| {k} | {nbytes / 1e6:.1f} | {t[k] * 1e3:.3f} | {gbs:.1f} | {gbs / copy_gbs:.2f} |")
 
 
-def decode(new_tokens: int, runs: int) -> None:
+def decode(new_tokens: int, runs: int, which: list[str], before: bool) -> None:
     from lowbit.eval import generation_speed
     from lowbit.io import load_model
 
     model, tok = load_model("smollm2-135m")
-    models = {"bf16": copy.deepcopy(model).to(torch.bfloat16), "fp32": model}
-    for r in ("w8", "w4g64", "nf4"):
-        models[r] = lowbit.quantize(copy.deepcopy(model), r, progress=False)
+    models = {}
+    for k in which:
+        models[k] = (copy.deepcopy(model).to(torch.bfloat16) if k == "bf16" else model if k == "fp32"
+                     else lowbit.quantize(copy.deepcopy(model), k, progress=False))
 
     def speed(m, new_tokens=new_tokens, runs=runs):
         return generation_speed(m, tok, prompt_tokens=128, new_tokens=new_tokens, runs=runs, progress=False)
@@ -177,7 +178,7 @@ def decode(new_tokens: int, runs: int) -> None:
         s = speed(m)
         bf = bf or (s.decode_tokens_per_s if k == "bf16" else None)
         before = "-"
-        if k in ("w8", "w4g64", "nf4"):
+        if before and k not in ("fp32", "bf16"):
             with torch_path():  # slow: fewer tokens, one timed run
                 before = f"{speed(m, new_tokens=8, runs=1).decode_tokens_per_s:.1f}"
         ratio = f"{s.decode_tokens_per_s / bf:.2f}" if bf else "-"
@@ -195,6 +196,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3, help="timed generation runs per model (median)")
     ap.add_argument("--skip-matmul", action="store_true")
+    ap.add_argument("--models", default="bf16,fp32,w8,w4g64,nf4", help="decode: bf16, fp32 and recipe names")
+    ap.add_argument("--skip-torch-path", action="store_true", help="decode: skip the slow torch-path runs")
     a = ap.parse_args()
     if a.clock == "cpu" and a.threads != 1:
         ap.error("--clock cpu counts only the calling thread: use it with --threads 1")
@@ -208,7 +211,7 @@ def main() -> None:
             technology(a.rounds)
             bandwidth(a.rounds)
     if not a.skip_decode:
-        decode(a.new_tokens, runs=a.runs)
+        decode(a.new_tokens, a.runs, a.models.split(","), not a.skip_torch_path)
 
 
 if __name__ == "__main__":
