@@ -158,7 +158,7 @@ def bandwidth(rounds: int) -> None:
         print(f"| {k} | {nbytes / 1e6:.1f} | {t[k] * 1e3:.3f} | {gbs:.1f} | {gbs / copy_gbs:.2f} |")
 
 
-def decode(new_tokens: int, runs: int, which: list[str], before: bool) -> None:
+def decode(new_tokens: int, runs: int, which: list[str], with_torch_path: bool) -> None:
     from lowbit.eval import generation_speed
     from lowbit.io import load_model
 
@@ -178,7 +178,7 @@ def decode(new_tokens: int, runs: int, which: list[str], before: bool) -> None:
         s = speed(m)
         bf = bf or (s.decode_tokens_per_s if k == "bf16" else None)
         before = "-"
-        if before and k not in ("fp32", "bf16"):
+        if with_torch_path and k not in ("fp32", "bf16"):
             with torch_path():  # slow: fewer tokens, one timed run
                 before = f"{speed(m, new_tokens=8, runs=1).decode_tokens_per_s:.1f}"
         ratio = f"{s.decode_tokens_per_s / bf:.2f}" if bf else "-"
