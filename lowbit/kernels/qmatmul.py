@@ -18,7 +18,8 @@ those are widened to float32 once per weight and kept in the plan.
 
 Routes, by the number of tokens M (rows of x):
     M <= GEMV_MAX_TOKENS   gemv: reads the codes once for up to 8 tokens at a time, float32 FMA
-    larger M (prefill)     dequantize once per call to bf16 (bf16 input) or float32, then F.linear
+    larger M (prefill)     dequantize once per call to bf16 (bf16 input) or float32, into a
+                           reused per-thread buffer, then F.linear
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,7 @@ TABLE4, INT8, UINT8, FP8_E4M3, FP8_E5M2 = range(5)
 
 _SOURCE = Path(__file__).with_name("csrc") / "qmatmul.cpp"
 _build_error: str | None = None
+_SCRATCH = threading.local()
 
 
 @dataclass
@@ -99,15 +102,28 @@ def linear(x: torch.Tensor, p: Plan | None, bias: torch.Tensor | None = None) ->
         if bias is not None:
             y += bias.to(y.dtype)
     else:
-        w = dequantize(p, torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32)
+        dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+        w = dequantize(p, dtype, _scratch(p.N * p.K, dtype).view(p.N, p.K))
         y = F.linear(x2, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
     return y.reshape(*x.shape[:-1], p.N)
 
 
-def dequantize(p: Plan, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The weight [N, K] in float32 or bfloat16, the same values as QTensor.dequantize(dtype)."""
-    return ops().dequantize(p.codes, p.scales, p.zeros, p.table, p.N, p.K, p.group, p.decoder, p.scale_mul,
-                            dtype == torch.bfloat16)
+def dequantize(p: Plan, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight [N, K] in float32 or bfloat16, the same values as QTensor.dequantize(dtype),
+    written into `out` when given (contiguous, that dtype and shape)."""
+    out = torch.empty(p.N, p.K, dtype=dtype) if out is None else out
+    ops().dequantize(p.codes, p.scales, p.zeros, p.table, p.N, p.K, p.group, p.decoder, p.scale_mul, out)
+    return out
+
+
+def _scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reused per-thread buffer of n elements: a fresh 32 MB tensor per prefill call costs
+    as much in page faults as the dequantization itself. Holds the largest weight seen."""
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < n:
+        buf = bufs[dtype] = torch.empty(n, dtype=dtype)
+    return buf[:n]
 
 
 def backend() -> str:

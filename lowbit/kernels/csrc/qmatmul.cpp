@@ -390,13 +390,15 @@ at::Tensor gemv_op(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   return y;
 }
 
-// -> the dequantized weight [N, K] in float32 or bfloat16.
-at::Tensor dequantize_op(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
-                      const at::Tensor& table, int64_t N, int64_t K, int64_t group, int64_t decoder,
-                      double scale_mul, bool bf16) {
+// out [N, K] float32 or bfloat16 <- the dequantized weight.
+void dequantize_op(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
+                   const at::Tensor& table, int64_t N, int64_t K, int64_t group, int64_t decoder, double scale_mul,
+                   const at::Tensor& out) {
   TORCH_CHECK(cpu_has_avx512(), "lowbit qmatmul: this CPU lacks AVX-512");
   const Args a = make_args(codes, scales, zeros, table, N, K, group, decoder, scale_mul);
-  at::Tensor out = at::empty({N, K}, codes.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
+  TORCH_CHECK((bf16 || out.scalar_type() == at::kFloat) && out.is_contiguous() && out.numel() == N * K,
+              "lowbit qmatmul: out must be a contiguous float32 or bfloat16 [N, K]");
   void* p = out.data_ptr();
   switch (decoder) {
     case TABLE4: dequant<TABLE4>(a, bf16, p); break;
@@ -405,7 +407,6 @@ at::Tensor dequantize_op(const at::Tensor& codes, const at::Tensor& scales, cons
     case FP8_E4M3: dequant<FP8_E4M3>(a, bf16, p); break;
     default: dequant<FP8_E5M2>(a, bf16, p); break;
   }
-  return out;
 }
 
 }  // namespace
@@ -415,5 +416,5 @@ TORCH_LIBRARY(lowbit_qmatmul, m) {
   m.def("gemv(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor table, int N, int group, int decoder, "
         "float scale_mul) -> Tensor", &gemv_op);
   m.def("dequantize(Tensor codes, Tensor scales, Tensor? zeros, Tensor table, int N, int K, int group, "
-        "int decoder, float scale_mul, bool bf16) -> Tensor", &dequantize_op);
+        "int decoder, float scale_mul, Tensor(a!) out) -> ()", &dequantize_op);
 }
