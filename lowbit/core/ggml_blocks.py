@@ -18,6 +18,8 @@ from typing import Callable
 
 import numpy as np
 
+from .ggml_kquants import _d_q4_k, _d_q5_k, _d_q6_k, _q_q4_k, _q_q5_k, _q_q6_k
+
 F32 = np.float32
 
 
@@ -184,12 +186,10 @@ GGML_TYPES: dict[str, GGMLType] = {t.name: t for t in (
     GGMLType("q4_1", 3, 32, 20, _q_q4_1, _d_q4_1),
     GGMLType("q5_0", 6, 32, 22, _q_q5_0, _d_q5_0),
     GGMLType("q5_1", 7, 32, 24, _q_q5_1, _d_q5_1),
+    GGMLType("q4_k", 12, 256, 144, _q_q4_k, _d_q4_k),
+    GGMLType("q5_k", 13, 256, 176, _q_q5_k, _d_q5_k),
+    GGMLType("q6_k", 14, 256, 210, _q_q6_k, _d_q6_k),
 )}
-
-
-def register(t: GGMLType) -> None:
-    """Add a type from a sibling module (the K-quants), keeping this table the one place types live."""
-    GGML_TYPES[t.name] = t
 
 
 def get_type(name: str) -> GGMLType:
