@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowbit.core.ggml_blocks import type_by_id  # noqa: E402
 from lowbit.io import load, load_model, save, wikitext2  # noqa: E402
-from lowbit.io.gguf_file import parse_gguf  # noqa: E402
+from lowbit.io.gguf_file import parse_gguf, tensor_bytes  # noqa: E402
 
 FTYPE_NAMES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1",
                "q5_0": "Q5_0", "q5_1": "Q5_1", "q2_k": "Q2_K", "q3_k_s": "Q3_K_S", "q3_k_m": "Q3_K_M",
@@ -42,11 +42,11 @@ def bins() -> Path:
     return b
 
 
-def run(cmd: list, timeout=1200) -> str:
+def run(cmd: list, timeout=1200, stdout_only=False) -> str:
     p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
     if p.returncode:
         raise RuntimeError(f"{cmd[0]} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    return p.stdout + p.stderr
+    return p.stdout if stdout_only else p.stdout + p.stderr
 
 
 def llama_ppl(b: Path, gguf: Path, text_file: Path, chunks: int, threads: int) -> float:
@@ -81,7 +81,6 @@ def same_tensors(ours: Path, theirs: Path) -> list[str]:
         if tb is None or tb.type_id != ta.type_id or t is None:
             bad.append(f"{name} ({ta.type_id} vs {tb.type_id if tb else None})")
             continue
-        from lowbit.io.gguf_file import tensor_bytes
         if not np.array_equal(tensor_bytes(a, ta, t.block_size, t.type_size),
                               tensor_bytes(b, tb, t.block_size, t.type_size)):
             bad.append(name)
@@ -112,8 +111,8 @@ def main() -> int:
                                                 source="smollm2-135m")
         t_save = time.time() - t0
         gen = run([b / "llama-cli", "-m", ours, "-p", "The capital of France is", "-n", 16, "-no-cnv", "--temp", 0,
-                   "-t", args.threads, "--no-warmup"])
-        said = gen.split("The capital of France is", 1)[-1].split("llama_perf")[0].strip().replace("\n", " ")[:60]
+                   "-t", args.threads, "--no-warmup"], stdout_only=True)  # stdout: the prompt and the generated text
+        said = gen.split("The capital of France is", 1)[-1].strip().replace("\n", " ")[:60]
         mismatch = []
         if recipe != "f32":
             ref = work / f"llama-quantize-{recipe}.gguf"

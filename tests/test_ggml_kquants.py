@@ -1,4 +1,4 @@
-"""K-quant blocks (Q4_K, Q5_K, Q6_K): byte-equal to llama.cpp's llama-quantize (no imatrix).
+"""K-quant blocks (Q4_K, Q5_K, Q6_K) and IQ4_NL: byte-equal to llama.cpp's llama-quantize (no imatrix).
 
 The golden files are llama-quantize's bytes (llama.cpp commit pinned in bench/llama_cpp.sh) for the first
 16 rows of a SmolLM2-135M ffn_down weight, quantized from an F32 GGUF written by lowbit; bench/gguf_check.py
@@ -18,20 +18,24 @@ from lowbit.io import builtin_model_path, read_gguf_tensors
 from reference.ggml_kquants_ref import make_qkx2_quants as make_qkx2_quants_ref
 
 GOLDEN = Path(__file__).parent / "golden"
-CASES = [("q4_k", 3), ("q5_k", 3), ("q6_k", 0)]  # (type, layer): ffn_down of that block in a q4_k_m/q5_k_m/q6_k file
+# (type, tensor): from llama-quantize's q4_k_m, q5_k_m, q6_k and iq4_nl files
+CASES = [("q4_k", "blk.3.ffn_down"), ("q5_k", "blk.3.ffn_down"), ("q6_k", "blk.0.ffn_down"),
+         ("iq4_nl", "blk.0.attn_q")]
 
 
-@pytest.mark.parametrize("kind,layer", CASES)
-def test_bytes_equal_llama_quantize_on_smollm2(kind, layer):
-    name = f"blk.{layer}.ffn_down.weight"
+@pytest.mark.parametrize("kind,tensor", CASES)
+def test_bytes_equal_llama_quantize_on_smollm2(kind, tensor):
+    name = f"{tensor}.weight"
     w = read_gguf_tensors(builtin_model_path("smollm2-135m"), [name])[name][:16].numpy()
-    golden = np.fromfile(GOLDEN / f"{kind}_smollm2_blk{layer}_ffn_down_rows0-15.bin", dtype=np.uint8).reshape(16, -1)
+    # rows as stored in GGUF (attn_q permuted): the F32 file llama-quantize read holds the same rows
+    golden = np.fromfile(GOLDEN / f"{kind}_smollm2_{tensor.replace('.', '', 1).replace('.', '_')}_rows0-15.bin",
+                         dtype=np.uint8).reshape(16, -1)
     ours = quantize_rows(w, kind)
     assert ours.shape == golden.shape
     assert np.array_equal(ours, golden), f"{(ours != golden).any(axis=1).sum()} rows differ"
 
 
-@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k", "iq4_nl"])
 def test_decoding_equals_gguf_py_and_error_is_small(kind):
     rng = np.random.default_rng(3)
     w = (rng.standard_normal((6, 512)) * rng.uniform(1e-3, 10, (6, 1))).astype(np.float32)
@@ -41,7 +45,7 @@ def test_decoding_equals_gguf_py_and_error_is_small(kind):
     ours = dequantize_rows(data, kind, 512)
     ref = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind.upper()]).reshape(w.shape)
     assert np.array_equal(ours, ref)
-    bits = {"q4_k": 4, "q5_k": 5, "q6_k": 6}[kind]
+    bits = {"q4_k": 4, "q5_k": 5, "q6_k": 6, "iq4_nl": 3.5}[kind]  # iq4_nl: non-uniform levels, widest gap 23/240
     rel = np.abs(ours - w).max(axis=1) / np.abs(w).max(axis=1).clip(1e-30)
     assert (rel[1:] < 2.0 ** (1 - bits)).all(), rel  # within a step or so of a 2**bits grid
     assert (ours[0, :256] == 0).all()
