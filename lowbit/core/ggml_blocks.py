@@ -244,7 +244,13 @@ GGML_TYPES: dict[str, GGMLType] = {t.name: t for t in (
 )}
 
 
+NOT_YET = ("q2_k", "q3_k")  # llama.cpp types lowbit reads (through gguf-py) but cannot write yet
+
+
 def get_type(name: str) -> GGMLType:
+    if name in NOT_YET:
+        raise ValueError(f"GGML type {name!r}: lowbit has no quantizer for it yet (it reads it); "
+                         "choose a recipe without it, e.g. q3_k_m, q3_k_l, q4_k_m")
     if name not in GGML_TYPES:
         raise ValueError(f"unknown GGML type {name!r}; known: {', '.join(GGML_TYPES)}")
     return GGML_TYPES[name]
