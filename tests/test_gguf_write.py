@@ -99,6 +99,12 @@ def test_suffix_picks_the_format_and_lowbit_rejects_a_gguf_recipe(small, tmp_pat
     assert not list(tmp_path.iterdir())
 
 
+def test_a_type_without_quantizer_names_the_tensor(small, tmp_path):
+    with pytest.raises(ValueError, match=r"m.gguf: tensor 'blk.0.ffn_down.weight'.*'q3_k': lowbit has no quantizer"):
+        lowbit.save(small, tmp_path / "m.gguf", recipe="q2_k", source="smollm2-135m")
+    assert not list(tmp_path.iterdir())
+
+
 def test_unknown_architecture_is_named(tmp_path):
     from conftest import tiny_transformer
 

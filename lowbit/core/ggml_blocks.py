@@ -18,6 +18,8 @@ from typing import Callable
 
 import numpy as np
 
+from .ggml_kquants import _d_q4_k, _d_q5_k, _d_q6_k, _q_q4_k, _q_q5_k, _q_q6_k
+
 F32 = np.float32
 
 
@@ -175,6 +177,57 @@ def _d_q5_1(b):
     return _f16_values(b[:, :2]) * q.astype(F32) + _f16_values(b[:, 2:4])
 
 
+# IQ4_NL: 16 non-uniform levels (ggml kvalues_iq4nl), one fp16 scale per 32 values
+IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=F32)
+
+
+def _nearest_level(v: np.ndarray) -> np.ndarray:
+    """ggml best_index_int8: index of the nearest IQ4_NL level, the upper one on ties."""
+    mu = np.clip(np.searchsorted(IQ4NL_VALUES, v, side="right"), 1, 15)
+    lower = (v - IQ4NL_VALUES[mu - 1]) < (IQ4NL_VALUES[mu] - v)
+    return np.where(lower, mu - 1, mu).astype(np.uint8)
+
+
+def _level_sums(x, w, idx):
+    q = IQ4NL_VALUES[idx]
+    wq = w * q
+    sumqx, sumq2 = np.zeros(len(x), F32), np.zeros(len(x), F32)
+    for j in range(x.shape[1]):  # ggml's order: element by element
+        sumqx = sumqx + wq[:, j] * x[:, j]
+        sumq2 = sumq2 + wq[:, j] * q[:, j]
+    return sumqx, sumq2
+
+
+def _q_iq4_nl(x):
+    """ggml quantize_iq4_nl without importance weights (ntry 7): weights x**2, a search over 15 scales
+    around max/127 refit by least squares, then every value snapped to the nearest level."""
+    w = x * x
+    mx = _signed_absmax(x)[:, 0]
+    zero = np.abs(mx) < F32(1e-15)
+    mx = np.where(zero, F32(1), mx)
+    d = (-mx / IQ4NL_VALUES[0]).astype(F32)
+    sumqx, sumq2 = _level_sums(x, w, _nearest_level((F32(1) / d)[:, None] * x))
+    with np.errstate(divide="ignore", invalid="ignore"):  # all-zero blocks: d is set to 0 below
+        d = (sumqx / sumq2).astype(F32)
+    best = d * sumqx
+    for itry in range(-7, 8):
+        iscale = ((F32(itry) + IQ4NL_VALUES[0]) / mx).astype(F32)
+        sumqx, sumq2 = _level_sums(x, w, _nearest_level(iscale[:, None] * x))
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = np.where(better, sumqx / sumq2, d).astype(F32)
+        best = np.where(better, d * sumqx, best)
+    d = np.where(zero, F32(0), d)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
+    L = _nearest_level(inv[:, None] * x)
+    return np.concatenate([_f16_bytes(d[:, None]), _pack_nibbles(L)], axis=1)
+
+
+def _d_iq4_nl(b):
+    return _f16_values(b[:, :2]) * IQ4NL_VALUES[_unpack_nibbles(b[:, 2:])]
+
+
 GGML_TYPES: dict[str, GGMLType] = {t.name: t for t in (
     GGMLType("f32", 0, 1, 4, _q_f32, _d_f32),
     GGMLType("f16", 1, 1, 2, _q_f16, _d_f16),
@@ -184,15 +237,20 @@ GGML_TYPES: dict[str, GGMLType] = {t.name: t for t in (
     GGMLType("q4_1", 3, 32, 20, _q_q4_1, _d_q4_1),
     GGMLType("q5_0", 6, 32, 22, _q_q5_0, _d_q5_0),
     GGMLType("q5_1", 7, 32, 24, _q_q5_1, _d_q5_1),
+    GGMLType("iq4_nl", 20, 32, 18, _q_iq4_nl, _d_iq4_nl),
+    GGMLType("q4_k", 12, 256, 144, _q_q4_k, _d_q4_k),
+    GGMLType("q5_k", 13, 256, 176, _q_q5_k, _d_q5_k),
+    GGMLType("q6_k", 14, 256, 210, _q_q6_k, _d_q6_k),
 )}
 
 
-def register(t: GGMLType) -> None:
-    """Add a type from a sibling module (the K-quants), keeping this table the one place types live."""
-    GGML_TYPES[t.name] = t
+NOT_YET = ("q2_k", "q3_k")  # llama.cpp types lowbit reads (through gguf-py) but cannot write yet
 
 
 def get_type(name: str) -> GGMLType:
+    if name in NOT_YET:
+        raise ValueError(f"GGML type {name!r}: lowbit has no quantizer for it yet (it reads it); "
+                         "choose a recipe without it, e.g. q3_k_m, q3_k_l, q4_k_m")
     if name not in GGML_TYPES:
         raise ValueError(f"unknown GGML type {name!r}; known: {', '.join(GGML_TYPES)}")
     return GGML_TYPES[name]

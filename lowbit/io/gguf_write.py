@@ -224,6 +224,9 @@ def save_gguf(model: nn.Module, path: str | Path, recipe: str = "f16", *, tokeni
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a saved model is an ordinary file
         os.replace(tmp, path)
     except ValueError as e:
         Path(tmp).unlink(missing_ok=True)
