@@ -190,7 +190,10 @@ def cmd_eval(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .analysis import compare_recipes, format_table, parse_specs
+    from tqdm import tqdm
+
+    from .analysis import compare_recipes, parse_specs
+    from .analysis.compare import format_row, table_footer, table_head
     from .io import load_model
     from .pipeline import get_recipe
 
@@ -198,9 +201,11 @@ def cmd_compare(args) -> None:
     for name, method in specs:  # a bad name fails before the model loads
         get_recipe(name, method)
     model, tok = load_model(args.model)
+    tqdm.write(table_head(), file=sys.stdout)  # each row as it is done, above the progress bars
     cmp = compare_recipes(model, tok, _text(args.text), specs, window=args.window, windows=args.windows,
-                          calibration_windows=args.calibration_windows, speed=not args.no_speed)
-    print(format_table(cmp))
+                          calibration_windows=args.calibration_windows, speed=not args.no_speed,
+                          on_row=lambda r: tqdm.write(format_row(r), file=sys.stdout))
+    print(table_footer(cmp))
 
 
 # w4g64 twice: round to nearest, and `auto` (AWQ scales then GPTQ), what `lowbit quantize` does by default

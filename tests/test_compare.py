@@ -27,7 +27,7 @@ def test_parse_specs():
 
 def test_rows_name_methods_and_calibrate_after_the_evaluated_windows(smollm2_2layers, text, monkeypatch, capsys):
     model, tok = smollm2_2layers
-    seen = []
+    seen, streamed = [], []
     real = compare_mod.quantize
 
     def spy(q, recipe, calibration=None, **kw):
@@ -38,10 +38,11 @@ def test_rows_name_methods_and_calibrate_after_the_evaluated_windows(smollm2_2la
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # transformers' past_key_values rename: none left
         cmp = compare_recipes(model, tok, text, "w4g64:rtn,w4g64:auto", window=64, windows=3,
-                              calibration_windows=2, batch_size=2, decode_tokens=2, progress=True)
+                              calibration_windows=2, batch_size=2, decode_tokens=2, progress=True,
+                              on_row=streamed.append)
     bars = capsys.readouterr().err
     assert "compare [w4g64:auto: awq+gptq]" in bars and "compare [w4g64:rtn: rtn]" in bars
-    assert [r.recipe for r in cmp.rows] == ["fp32", "w4g64:rtn", "w4g64:auto"]
+    assert [r.recipe for r in cmp.rows] == ["fp32", "w4g64:rtn", "w4g64:auto"] and streamed == cmp.rows
     assert [r.method for r in cmp.rows] == ["-", "rtn", "awq+gptq"]
     assert [r.calibrated for r in cmp.rows] == [False, False, True]
     fp = cmp.rows[0]

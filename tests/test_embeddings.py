@@ -111,8 +111,8 @@ def test_tied_table_is_one_qtensor_saved_once_and_reloaded_exactly(smollm2_2laye
 
 def test_size_drops_by_the_table_and_counts_it_once(smollm2_2layers):
     model, _ = smollm2_2layers
-    plain = lowbit.quantize(copy.deepcopy(model), get_recipe("w4g64", "rtn").replace(embeddings=None, output=None),
-                            progress=False)
+    fp_table = get_recipe("w4g64", "rtn").replace(embeddings=None, output=None)
+    plain = lowbit.quantize(copy.deepcopy(model), fp_table, progress=False)
     tied = _tied_w4(model)
     table = tied.model.embed_tokens.qweight
     before, after = model_size(plain), model_size(tied)
@@ -122,6 +122,10 @@ def test_size_drops_by_the_table_and_counts_it_once(smollm2_2layers):
     assert before.bytes - after.bytes == vocab * dim * 4 - table.nbytes
     assert after.lm_head_tied and after.lm_head_bytes == 0 and after.weights == before.weights
     assert linear_bits_per_weight(tied) == linear_bits_per_weight(plain) == 4.5
+    # the shipped w4g64 stores the table as int8 groups of 32 (8.5 bits), one QTensor for table and head
+    default = lowbit.quantize(copy.deepcopy(model), get_recipe("w4g64", "rtn"), progress=False)
+    assert model_size(default).embedding_bytes == vocab * dim + (vocab * dim // 32) * 2
+    assert default.lm_head.qweight is default.model.embed_tokens.qweight
 
 
 def test_untied_embeddings_and_head_take_their_own_schemes(tmp_path):

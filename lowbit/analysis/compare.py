@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -74,12 +75,14 @@ def _calibrates(recipe: Recipe) -> bool:
 
 def compare_recipes(model, tokenizer, text: str, recipes: "str | list", *, window: int = 512,
                     windows: int = 8, calibration_windows: int = 8, batch_size: int = 4, speed: bool = True,
-                    decode_tokens: int = 16, progress: bool = True) -> Comparison:
+                    decode_tokens: int = 16, progress: bool = True,
+                    on_row: "Callable[[CompareRow], None] | None" = None) -> Comparison:
     """Full precision, then each recipe (a "name[:method]" spec or a (name, method) pair), on `text`.
 
     Windows 0..windows-1 of `text` are evaluated, `batch_size` at a time; calibrated recipes read
     windows windows..windows+calibration_windows-1. Decode speed: `decode_tokens` greedy steps
     after a 32-token prompt and a 2-step warm-up (0 or speed=False: not measured).
+    on_row(row) is called as each row is done (the CLI prints it then).
     """
     specs = parse_specs(recipes)
     resolved = [get_recipe(name, method) for name, method in specs]  # bad names fail before any work
@@ -101,9 +104,16 @@ def compare_recipes(model, tokenizer, text: str, recipes: "str | list", *, windo
     ref = Reference.capture(model, ids[: windows * window], window=window, max_windows=windows,
                             batch_size=batch_size, progress=progress)
     calib = [ids[(windows + i) * window:(windows + i + 1) * window][None] for i in range(calibration_windows)]
-    rows = [_row("fp32", "-", model, evaluate(model, ref, batch_size=batch_size, progress=progress), tokenizer,
-                 decode_tokens, 0.0, False, progress)]
-    bar.update()
+    rows = []
+
+    def done(row: CompareRow) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+        bar.update()
+
+    done(_row("fp32", "-", model, evaluate(model, ref, batch_size=batch_size, progress=progress), tokenizer,
+              decode_tokens, 0.0, False, progress))
     for (name, method), recipe in zip(specs, resolved):
         spec = _spec(name, method)
         step(f"{spec}: {recipe.method}")
@@ -111,10 +121,9 @@ def compare_recipes(model, tokenizer, text: str, recipes: "str | list", *, windo
         t = time.perf_counter()
         quantize(q, recipe, calibration=calib if _calibrates(recipe) else None, progress=progress)
         took = time.perf_counter() - t
-        rows.append(_row(spec, recipe.method, q, evaluate(q, ref, batch_size=batch_size, progress=progress),
-                         tokenizer, decode_tokens, took, _calibrates(recipe), progress))
+        done(_row(spec, recipe.method, q, evaluate(q, ref, batch_size=batch_size, progress=progress),
+                  tokenizer, decode_tokens, took, _calibrates(recipe), progress))
         del q
-        bar.update()
     bar.close()
     return Comparison(rows, window, windows, calibration_windows if calibrated else 0, len(ids), decode_tokens)
 
@@ -148,15 +157,26 @@ def _embedding_label(model) -> str:
     return "+".join(parts) or "-"
 
 
-def format_table(cmp: Comparison) -> str:
-    """The table, then what was evaluated, what calibrated on which windows, and how speed was timed."""
+def table_head() -> str:
     head = (f"{'recipe':<14} {'method':<11} {'emb/out':<8} {'bits/w':>6} {'size MB':>8} {'ppl':>8} {'Δppl':>8} "
             f"{'KL':>7} {'top-1':>6} {'tok/s':>6} {'quant s':>7}")
-    lines = [head, "-" * len(head)]
-    for r in cmp.rows:
-        lines.append(f"{r.recipe:<14} {r.method:<11} {r.embeddings:<8} {r.bits_per_weight:>6.2f} {r.size_mb:>8.1f} "
-                     f"{r.ppl:>8.3f} {r.delta_ppl_pct:>+7.2f}% {r.kl:>7.4f} {r.top1:>6.3f} {r.decode_tok_s:>6.1f} "
-                     f"{r.quantize_s:>7.1f}")
+    return head + "\n" + "-" * len(head)
+
+
+def format_row(r: CompareRow) -> str:
+    return (f"{r.recipe:<14} {r.method:<11} {r.embeddings:<8} {r.bits_per_weight:>6.2f} {r.size_mb:>8.1f} "
+            f"{r.ppl:>8.3f} {r.delta_ppl_pct:>+7.2f}% {r.kl:>7.4f} {r.top1:>6.3f} {r.decode_tok_s:>6.1f} "
+            f"{r.quantize_s:>7.1f}")
+
+
+def format_table(cmp: Comparison) -> str:
+    """The table, then what was evaluated, what calibrated on which windows, and how speed was timed."""
+    return "\n".join([table_head(), *map(format_row, cmp.rows), table_footer(cmp)])
+
+
+def table_footer(cmp: Comparison) -> str:
+    """What was evaluated, which windows calibrated which rows, how speed was timed."""
+    lines = []
     w, n = cmp.window, cmp.windows
     lines.append(f"evaluated: windows 0-{n - 1} of {w} tokens (tokens 0-{n * w - 1} of {cmp.text_tokens}).")
     cal = [r.recipe for r in cmp.rows if r.calibrated]
