@@ -197,11 +197,15 @@ def test_mixed_schemes_target_modules_by_name(tmp_path):
 W4_INT_ZERO = AFFINE_INT_ZERO
 
 
-@pytest.mark.parametrize("recipe", ["w4g64-sym", "w4-int-zero", "w8", "fp8", "w8a8-dynamic", "w8a8-static", "nvfp4"])
+@pytest.mark.parametrize("recipe", ["w4g64-sym", "w4-int-zero", "w8", "fp8", "fp8-block", "w8a8-dynamic",
+                                    "w8a8-static", "nvfp4"])
 def test_lowbit_reads_its_compressed_tensors_export(tmp_path, recipe):
     """lowbit.load of an exported folder gives back the same weights (NVFP4: the global scale is stored as
     a reciprocal, so scales may move by an ulp) and the same logits."""
-    r = W4_INT_ZERO if recipe == "w4-int-zero" else get_recipe(recipe, "rtn")
+    from lowbit.core.granularity import PerBlock
+
+    r = {"w4-int-zero": W4_INT_ZERO, "fp8-block": Recipe(Scheme("fp8_e4m3", PerBlock(32, 32)))}.get(recipe) \
+        or get_recipe(recipe, "rtn")
     model = quantize(tiny_transformer("qwen2", 2), r, calibration=[torch.randint(0, 100, (1, 16))], progress=False)
     out, _ = _export(model, tmp_path)
     back = lowbit.load(out)

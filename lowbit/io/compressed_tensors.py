@@ -90,6 +90,8 @@ def ct_scheme(q: QTensor, act_scheme=None, act_scale=None, act_zero=None, where:
         if s.bits != 8 or not s.symmetric:
             raise refuse("quantized activations are exported with symmetric int8 weights (W8A8) only")
         return "int-quantized", _with_acts(weights, act_scheme, act_scale, act_zero, refuse)
+    if weights["strategy"] not in ("group", "channel"):
+        raise refuse("pack-quantized weights are written in groups along the input or per output channel")
     if s.bits not in PACK_BITS:
         raise refuse(f"pack-quantized is written for {PACK_BITS} bits, not {s.bits}: other widths are packed "
                      "differently by older compressed-tensors and vLLM releases")
@@ -299,7 +301,8 @@ def ct_module(t: dict[str, torch.Tensor], fmt: str, scheme, where: str) -> dict:
                              "(symmetric int8 per token or per tensor)")
         act = Scheme("int8", PerToken() if a_strategy == "token" else PerTensor())
         act_scale = None if a.dynamic else _need(t, "input_scale", where).float().reshape(())
-    gran = {"group": lambda: PerGroup(w.group_size), "channel": lambda: PerChannel(0), "tensor": PerTensor}
+    gran = {"group": lambda: PerGroup(w.group_size), "channel": lambda: PerChannel(0), "tensor": PerTensor,
+            "block": lambda: PerBlock(*w.block_structure)}
     if fmt == "pack-quantized":
         if strategy not in ("group", "channel"):
             raise ValueError(f"{where}: pack-quantized strategy {strategy!r} is not read (group, channel)")
@@ -325,7 +328,7 @@ def ct_module(t: dict[str, torch.Tensor], fmt: str, scheme, where: str) -> dict:
                              "read by lowbit (symmetric int8 or float8_e4m3fn)")
         g = gran[strategy]()
         scheme_ = Scheme(fmt_name, g, scale_format=_scale_name(scale))
-        stats = scale.reshape(-1) if not isinstance(g, PerGroup) else scale
+        stats = scale if isinstance(g, (PerGroup, PerBlock)) else scale.reshape(-1)
         q = QTensor(weight.contiguous().view(torch.uint8).reshape(-1), tuple(weight.shape), scheme_,
                     scales=stats.reshape(()) if isinstance(g, PerTensor) else stats.contiguous())
     elif fmt == "nvfp4-pack-quantized":
