@@ -198,11 +198,15 @@ def test_mixed_schemes_target_modules_by_name(tmp_path):
 W4_INT_ZERO = AFFINE_INT_ZERO
 
 
-@pytest.mark.parametrize("recipe", ["w4g64-sym", "w4-int-zero", "w8", "fp8", "w8a8-dynamic", "w8a8-static", "nvfp4"])
+@pytest.mark.parametrize("recipe", ["w4g64-sym", "w4-int-zero", "w8", "fp8", "fp8-block", "w8a8-dynamic",
+                                    "w8a8-static", "nvfp4"])
 def test_lowbit_reads_its_compressed_tensors_export(tmp_path, recipe):
     """lowbit.load of an exported folder gives back the same weights (NVFP4: the global scale is stored as
     a reciprocal, so scales may move by an ulp) and the same logits."""
-    r = W4_INT_ZERO if recipe == "w4-int-zero" else get_recipe(recipe, "rtn").replace(embeddings=None, output=None)
+    from lowbit.core.granularity import PerBlock
+
+    r = {"w4-int-zero": W4_INT_ZERO, "fp8-block": Recipe(Scheme("fp8_e4m3", PerBlock(32, 32)))}.get(recipe) \
+        or get_recipe(recipe, "rtn").replace(embeddings=None, output=None)
     model = quantize(tiny_transformer("qwen2", 2), r, calibration=[torch.randint(0, 100, (1, 16))], progress=False)
     out, _ = _export(model, tmp_path)
     back = lowbit.load(out)
@@ -229,3 +233,28 @@ def test_a_quantized_embedding_table_is_written_dense_with_the_values_lowbit_use
     ids = tok("The tied table is written dense.", return_tensors="pt").input_ids
     with torch.no_grad():
         assert (hf(ids).logits - model(ids).logits).abs().max() <= 1e-3
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape,group", [((5, 36), None), ((13, 64), 32), ((9, 96), 32)])
+def test_pack_quantized_tensors_decompress_in_compressed_tensors(bits, symmetric, shape, group, gen):
+    """compressed-tensors' own decompressor rebuilds lowbit's weight from the exported tensors, rows that
+    end inside a word and zero-point columns that do included; lowbit reads them back code for code."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    from lowbit.io.compressed_tensors import ct_module, ct_scheme, weight_tensors
+
+    g = PerGroup(group) if group else PerChannel(0)
+    scheme = (Scheme(f"int{bits}", g, scale_format="fp16") if symmetric else
+              Scheme(f"uint{bits}", g, symmetric=False, range="minmax", scale_format="fp16", integer_zero=True))
+    q = lowbit.quantize_tensor(torch.randn(shape, generator=gen), scheme)
+    fmt, fields = ct_scheme(q, where="w")
+    assert fmt == "pack-quantized"
+    ct = QuantizationScheme(targets=["Linear"], **fields)
+    tensors = weight_tensors(q, fmt)
+    w = BaseCompressor.get_value_from_registry(fmt).decompress(dict(tensors), ct)["weight"]
+    assert torch.equal(w.float(), q.dequantize().half().float())  # it multiplies in the scales' dtype
+    back = ct_module(tensors, fmt, ct, "w")["qweight"]
+    assert torch.equal(back.dequantize(), q.dequantize())

@@ -35,6 +35,7 @@ from ..core import QTensor
 from ..core.granularity import PerBlock, PerChannel, PerGroup, PerTensor, PerToken
 from ..core.packing import pack_bits_le
 from .atomic import staged_dir
+from .gptq_awq import sign_bits
 
 QUANT_METHOD = "compressed-tensors"
 WEIGHTS = "model.safetensors"
@@ -89,6 +90,8 @@ def ct_scheme(q: QTensor, act_scheme=None, act_scale=None, act_zero=None, where:
         if s.bits != 8 or not s.symmetric:
             raise refuse("quantized activations are exported with symmetric int8 weights (W8A8) only")
         return "int-quantized", _with_acts(weights, act_scheme, act_scale, act_zero, refuse)
+    if weights["strategy"] not in ("group", "channel"):
+        raise refuse("pack-quantized weights are written in groups along the input or per output channel")
     if s.bits not in PACK_BITS:
         raise refuse(f"pack-quantized is written for {PACK_BITS} bits, not {s.bits}: other widths are packed "
                      "differently by older compressed-tensors and vLLM releases")
@@ -153,13 +156,20 @@ def weight_tensors(q: QTensor, fmt: str) -> dict[str, torch.Tensor]:
     scale = _scale_tensor(q)
     if fmt == "float-quantized":
         return {"weight": q.codes.view(torch.float8_e4m3fn).reshape(rows, cols).clone(), "weight_scale": scale}
-    ints = s.fmt.decode_integers(q.unpack_codes())  # int32 [out, in], on the format's own grid
+    if fmt == "int-quantized":  # int8 codes are the two's-complement bytes
+        return {"weight": q.codes.view(torch.int8).reshape(rows, cols).clone(), "weight_scale": scale}
     shift = 0 if s.fmt.is_signed else 2 ** (s.bits - 1)  # lowbit uint grid -> the signed grid
-    if fmt == "int-quantized":
-        return {"weight": ints.to(torch.int8), "weight_scale": scale}
     offset = 2 ** (s.bits - 1)
-    out = {"weight_packed": pack_int32_rows((ints - shift + offset).to(torch.uint8), s.bits),
-           "weight_scale": scale, "weight_shape": torch.tensor([rows, cols], dtype=torch.int64)}
+    if (cols * s.bits) % 32 == 0:
+        # Rows fill whole words, so the stream is lowbit's own packing: stored q + 2^(b-1) is a signed
+        # code with its sign bit flipped, and an unsigned code as it is.
+        flip = sign_bits(s.bits) if s.fmt.is_signed else 0
+        packed = (q.codes ^ flip).view(torch.int32).reshape(rows, -1)
+    else:
+        ints = s.fmt.decode_integers(q.unpack_codes())  # int32 [out, in], on the format's own grid
+        packed = pack_int32_rows((ints - shift + offset).to(torch.uint8), s.bits)
+    out = {"weight_packed": packed, "weight_scale": scale,
+           "weight_shape": torch.tensor([rows, cols], dtype=torch.int64)}
     if not s.symmetric:
         z = q.zero_values().reshape(scale.shape)  # integers (integer_zero), on lowbit's grid
         zq = (z.round().to(torch.int32) - shift + offset).to(torch.uint8)
@@ -288,7 +298,7 @@ def ct_module(t: dict[str, torch.Tensor], fmt: str, scheme, where: str) -> dict:
     """One quantized Linear's tensors (local names) in compressed-tensors layout `fmt` ->
     {"qweight": QTensor, "act_scheme": Scheme | None, "act_scale": tensor | None}."""
     from ..core import Scheme
-    from .gptq_awq import int_qtensor, unpack_int32_rows
+    from .gptq_awq import int_qtensor, row_bytes, unpack_int32_rows
 
     w, a = scheme.weights, scheme.input_activations
     strategy = w.strategy if isinstance(w.strategy, str) else w.strategy.value
@@ -300,18 +310,25 @@ def ct_module(t: dict[str, torch.Tensor], fmt: str, scheme, where: str) -> dict:
                              "(symmetric int8 per token or per tensor)")
         act = Scheme("int8", PerToken() if a_strategy == "token" else PerTensor())
         act_scale = None if a.dynamic else _need(t, "input_scale", where).float().reshape(())
-    gran = {"group": lambda: PerGroup(w.group_size), "channel": lambda: PerChannel(0), "tensor": PerTensor}
+    gran = {"group": lambda: PerGroup(w.group_size), "channel": lambda: PerChannel(0), "tensor": PerTensor,
+            "block": lambda: PerBlock(*w.block_structure)}
     if fmt == "pack-quantized":
         if strategy not in ("group", "channel"):
             raise ValueError(f"{where}: pack-quantized strategy {strategy!r} is not read (group, channel)")
         rows, cols = (int(v) for v in _need(t, "weight_shape", where))
-        b, scale = w.num_bits, _need(t, "weight_scale", where)
-        u = unpack_int32_rows(_need(t, "weight_packed", where), b, cols)
+        b, scale, packed = w.num_bits, _need(t, "weight_scale", where), _need(t, "weight_packed", where)
+        group = w.group_size if strategy == "group" else None
+        _shape(where, "weight_packed", packed, (rows, -(-cols * b // 32)), torch.int32)
+        _shape(where, "weight_scale", scale, (rows, cols // group if group else 1), None)
         if w.symmetric:
             z = torch.full(scale.shape, 2 ** (b - 1), dtype=torch.int16)
         else:
-            z = unpack_int32_rows(_need(t, "weight_zero_point", where).t(), b, rows).t().to(torch.int16)
-        q = int_qtensor(u, z, scale, b, w.group_size if strategy == "group" else None)
+            zp = _need(t, "weight_zero_point", where)
+            _shape(where, "weight_zero_point", zp, (-(-rows * b // 32), scale.shape[1]), torch.int32)
+            z = unpack_int32_rows(zp.t(), b, rows).t().to(torch.int16)  # stored zp + 2^(b-1): lowbit's uint grid
+        # stored q + 2^(b-1) is lowbit's unsigned code; rows that fill whole words are already its stream
+        u = row_bytes(packed) if (cols * b) % 32 == 0 else pack_bits_le(unpack_int32_rows(packed, b, cols), b)
+        q = int_qtensor(u, (rows, cols), z, scale, b, group)
     elif fmt in ("int-quantized", "naive-quantized", "float-quantized") and strategy in gran:
         weight, scale = _need(t, "weight", where), _need(t, "weight_scale", where)
         fmt_name = {torch.int8: "int8", torch.float8_e4m3fn: "fp8_e4m3"}.get(weight.dtype)
@@ -319,8 +336,8 @@ def ct_module(t: dict[str, torch.Tensor], fmt: str, scheme, where: str) -> dict:
             raise ValueError(f"{where}.weight: {weight.dtype} ({'symmetric' if w.symmetric else 'affine'}) is not "
                              "read by lowbit (symmetric int8 or float8_e4m3fn)")
         g = gran[strategy]()
-        scheme_ = Scheme(fmt_name, g, scale_format={v: k for k, v in _SCALE_DTYPES.items()}[scale.dtype])
-        stats = scale.reshape(-1) if not isinstance(g, PerGroup) else scale
+        scheme_ = Scheme(fmt_name, g, scale_format=_scale_name(scale))
+        stats = scale if isinstance(g, (PerGroup, PerBlock)) else scale.reshape(-1)
         q = QTensor(weight.contiguous().view(torch.uint8).reshape(-1), tuple(weight.shape), scheme_,
                     scales=stats.reshape(()) if isinstance(g, PerTensor) else stats.contiguous())
     elif fmt == "nvfp4-pack-quantized":
@@ -334,6 +351,19 @@ def ct_module(t: dict[str, torch.Tensor], fmt: str, scheme, where: str) -> dict:
         raise ValueError(f"{where}: compressed-tensors format {fmt!r} ({strategy}) is not read by lowbit "
                          "(pack-quantized, int-quantized, float-quantized, nvfp4-pack-quantized)")
     return {"qweight": q, "act_scheme": act, "act_scale": act_scale}
+
+
+def _scale_name(scale: torch.Tensor) -> str:
+    names = {v: k for k, v in _SCALE_DTYPES.items()}
+    if scale.dtype not in names:
+        raise ValueError(f"weight_scale of dtype {scale.dtype}: expected float32, float16 or bfloat16")
+    return names[scale.dtype]
+
+
+def _shape(where: str, key: str, t: torch.Tensor, shape: tuple, dtype) -> None:
+    if tuple(t.shape) != tuple(shape) or (dtype is not None and t.dtype != dtype):
+        raise ValueError(f"{where}.{key}: shape {tuple(t.shape)} {t.dtype}, expected {tuple(shape)}"
+                         + (f" {dtype}" if dtype is not None else ""))
 
 
 def _need(t: dict, key: str, where: str) -> torch.Tensor:

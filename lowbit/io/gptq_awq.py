@@ -36,21 +36,31 @@ def unpack_int32_rows(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return unpack_bits_le(stream[:, :need].reshape(-1), bits, rows * need * 8 // bits).reshape(rows, -1)[:, :n]
 
 
-def int_qtensor(q: torch.Tensor, z: torch.Tensor, s: torch.Tensor, bits: int, group: int | None) -> QTensor:
-    """Unsigned codes q: [N, K], integer zero points z and scales s: [N, G] (float16) ->
-    QTensor with w = (q - z) * s: symmetric int when every z is 2^(b-1) (GPTQ sym=True), else affine."""
+def int_qtensor(u: torch.Tensor, shape: tuple[int, int], z: torch.Tensor, s: torch.Tensor, bits: int,
+                group: int | None) -> QTensor:
+    """Unsigned codes u packed as pack_bits_le packs them (flat uint8, row-major [N, K]), integer zero
+    points z and scales s: [N, G] (float) -> QTensor with w = (u - z) * s: symmetric int when every z is
+    2^(b-1) (GPTQ sym=True; the codes then only flip their sign bits), else affine."""
     g = PerGroup(group) if group is not None else PerChannel(0)
-    mid = 2 ** (bits - 1)
     s = s.contiguous() if group is not None else s.reshape(-1).contiguous()
     z = z if group is not None else z.reshape(-1)
-    if bool((z == mid).all()):
+    if bool((z == 2 ** (bits - 1)).all()):
         scheme = Scheme(f"int{bits}", g, scale_format=_scale_format(s))
-        codes = (q.to(torch.int16) - mid).to(torch.int8).view(torch.uint8) & (2**bits - 1)
-        return QTensor(pack_bits_le(codes.contiguous(), bits), tuple(q.shape), scheme, scales=s)
+        return QTensor(u ^ sign_bits(bits), tuple(shape), scheme, scales=s)
     scheme = Scheme(f"uint{bits}", g, symmetric=False, range="minmax", scale_format=_scale_format(s),
                     integer_zero=True)
-    return QTensor(pack_bits_le(q.contiguous(), bits), tuple(q.shape), scheme, scales=s,
-                   zeros=z.to(s.dtype).contiguous())
+    return QTensor(u, tuple(shape), scheme, scales=s, zeros=z.to(s.dtype).contiguous())
+
+
+def sign_bits(bits: int) -> int:
+    """A byte with the top bit of each `bits`-wide field set (0x88 for 4 bits): u - 2^(b-1) in two's
+    complement is u with that bit flipped."""
+    return sum(1 << (i + bits - 1) for i in range(0, 8, bits))
+
+
+def row_bytes(words: torch.Tensor) -> torch.Tensor:
+    """int32 [rows, W] whose rows are whole bit streams -> their bytes, flat uint8 (little-endian)."""
+    return words.contiguous().view(torch.uint8).reshape(-1)
 
 
 def _scale_format(s: torch.Tensor) -> str:
@@ -65,6 +75,7 @@ def gptq_weight(t: dict[str, torch.Tensor], bits: int, group_size: int, v1: bool
     """t: qweight, qzeros, scales (g_idx optional) of one GPTQ Linear -> QTensor [N, K], or for act-order
     groups the dequantized float32 weight [N, K]."""
     qweight, qzeros, scales = (_take(t, k, where) for k in ("qweight", "qzeros", "scales"))
+    _expect(where, "qweight", qweight, tuple(qweight.shape), torch.int32)  # pack_dtype other than int32: not read
     pack = 32 // bits
     K, N = qweight.shape[0] * pack, qweight.shape[1]
     group = group_size if group_size > 0 else K
@@ -76,14 +87,15 @@ def gptq_weight(t: dict[str, torch.Tensor], bits: int, group_size: int, v1: bool
         _expect(where, "g_idx", g_idx, (K,), None)
         if bool((g_idx < 0).any()) or bool((g_idx >= G).any()):
             raise ValueError(f"{where}.g_idx: group indices must lie in [0, {G})")
-    q = unpack_int32_rows(qweight.t(), bits, K)  # [N, K]
     if v1:
         qzeros = _add_words(qzeros, sum(1 << (i * bits) for i in range(32 // bits)))
     z = unpack_int32_rows(qzeros, bits, N).t().to(torch.int16)  # [N, G]
     if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(K) // group):
         g = g_idx.long()
+        q = unpack_int32_rows(qweight.t(), bits, K)  # [N, K]
         return (q.to(torch.int16) - z[:, g]).float() * scales.t().float()[:, g]
-    return int_qtensor(q, z, scales.t(), bits, group if group_size > 0 else None)
+    # each output's K codes, packed down the input, are one LSB-first stream: lowbit's row layout
+    return int_qtensor(row_bytes(qweight.t()), (N, K), z, scales.t(), bits, group if group_size > 0 else None)
 
 
 def _add_words(words: torch.Tensor, c: int) -> torch.Tensor:
@@ -96,6 +108,7 @@ def _add_words(words: torch.Tensor, c: int) -> torch.Tensor:
 def awq_qtensor(t: dict[str, torch.Tensor], group_size: int, where: str) -> QTensor:
     """t: qweight, qzeros, scales of one AutoAWQ GEMM Linear -> QTensor [N, K]."""
     qweight, qzeros, scales = (_take(t, k, where) for k in ("qweight", "qzeros", "scales"))
+    _expect(where, "qweight", qweight, tuple(qweight.shape), torch.int32)
     K, N = qweight.shape[0], qweight.shape[1] * 8
     G = -(-K // group_size)
     _expect(where, "scales", scales, (G, N), None)
@@ -104,7 +117,7 @@ def awq_qtensor(t: dict[str, torch.Tensor], group_size: int, where: str) -> QTen
     cols = (torch.arange(N) // 8) * 8 + inverse.repeat(N // 8)  # stream position of each output column
     q = unpack_int32_rows(qweight, 4, N)[:, cols].t()  # [N, K]
     z = unpack_int32_rows(qzeros, 4, N)[:, cols].t().to(torch.int16)  # [N, G]
-    return int_qtensor(q, z, scales.t(), 4, group_size)
+    return int_qtensor(pack_bits_le(q.contiguous(), 4), (N, K), z, scales.t(), 4, group_size)
 
 
 def _take(t: dict, key: str, where: str) -> torch.Tensor:
