@@ -41,8 +41,10 @@ def test_moving_average_is_the_exponential_average_of_batch_ranges(gen):
         assert o.range(False) == pytest.approx((min(lo, 0.0), max(hi, 0.0)), rel=1e-12)
         a = max(abs(lo), abs(hi))
         assert o.range(True) == pytest.approx((-a, a), rel=1e-12)
-    with pytest.raises(ValueError, match="saw no data"):
+    with pytest.raises(ValueError, match="MovingAverageObserver saw no data"):
         make_observer("moving_average").range(True)
+    default = observed("moving_average", data[:2])  # momentum 0.01 unless told
+    assert default.range(False)[1] == pytest.approx(0.99 * float(data[0].max()) + 0.01 * float(data[1].max()))
 
 
 def test_minmax_is_the_running_min_and_max(gen):
@@ -55,6 +57,11 @@ def test_minmax_is_the_running_min_and_max(gen):
     pos = make_observer("minmax")
     pos.update(torch.tensor([2.0, 3.0]))
     assert pos.range(False) == (0.0, 3.0)  # zero stays representable
+    const = make_observer("minmax")
+    const.update(torch.full((4,), -3.0))  # one value seen: lo == hi is data, not emptiness
+    assert const.range(True) == (-3.0, 3.0) and const.range(False) == (-3.0, 0.0)
+    with pytest.raises(ValueError, match="MinMaxObserver saw no data"):
+        make_observer("minmax").range(False)
 
 
 @pytest.mark.parametrize("kind", ["gauss", "heavy", "relu"])
