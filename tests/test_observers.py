@@ -130,3 +130,21 @@ def test_unknown_observer_and_empty_histogram():
     for kind in OBSERVERS:
         with pytest.raises(ValueError, match="saw no data"):
             make_observer(kind).range(True)
+
+
+@pytest.mark.parametrize("levels", [256, 16])
+def test_mse_rule_written_out(levels, gen):
+    # the rule the observer documents, one candidate at a time: clip at k bin widths, k = bins/16 ..
+    # bins in steps of bins/256; expected error per bin: step^2 / 12 inside the clip, (centre - t)^2
+    # outside, weighted by the bin's count; the first least wins
+    o = observed("mse", batches("heavy", gen))
+    h, w = o.hist_abs.numpy(), o.max_abs / o.bins
+    centres = (np.arange(o.bins) + 0.5) * w
+    best, best_t = np.inf, None
+    for k in range(128, 2049, 8):
+        t = k * w
+        step = t / (levels // 2 - 1)
+        err = float(np.sum(h * np.where(centres <= t, step**2 / 12, (centres - t) ** 2)))
+        if err < best:
+            best, best_t = err, t
+    assert o.range(True, levels)[1] == pytest.approx(best_t, rel=1e-12)
