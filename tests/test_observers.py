@@ -132,19 +132,34 @@ def test_unknown_observer_and_empty_histogram():
             make_observer(kind).range(True)
 
 
-@pytest.mark.parametrize("levels", [256, 16])
-def test_mse_rule_written_out(levels, gen):
-    # the rule the observer documents, one candidate at a time: clip at k bin widths, k = bins/16 ..
-    # bins in steps of bins/256; expected error per bin: step^2 / 12 inside the clip, (centre - t)^2
-    # outside, weighted by the bin's count; the first least wins
-    o = observed("mse", batches("heavy", gen))
-    h, w = o.hist_abs.numpy(), o.max_abs / o.bins
-    centres = (np.arange(o.bins) + 0.5) * w
+def mse_rule(h: np.ndarray, width: float, levels: int) -> float:
+    """The rule the observer documents, one candidate at a time: clip at k bin widths, k = bins/16 ..
+    bins in steps of bins/256; expected error per bin: step^2 / 12 inside the clip, (centre - t)^2
+    outside, weighted by the bin's count; the first least wins."""
+    bins = len(h)
+    centres = (np.arange(bins) + 0.5) * width
     best, best_t = np.inf, None
-    for k in range(128, 2049, 8):
-        t = k * w
-        step = t / (levels // 2 - 1)
+    for k in range(bins // 16, bins + 1, bins // 256):
+        t = k * width
+        step = t / (levels // 2 - 1 if levels > 2 else 1)
         err = float(np.sum(h * np.where(centres <= t, step**2 / 12, (centres - t) ** 2)))
         if err < best:
             best, best_t = err, t
-    assert o.range(True, levels)[1] == pytest.approx(best_t, rel=1e-12)
+    return best_t
+
+
+@pytest.mark.parametrize("levels", [256, 16, 4])
+def test_mse_rule_written_out(levels, gen):
+    o = observed("mse", batches("heavy", gen))
+    assert o.range(True, levels)[1] == pytest.approx(mse_rule(o.hist_abs.numpy(), o.max_abs / o.bins, levels),
+                                                     rel=1e-12)
+    # a spike in one bin: where the clip lands depends on the bin's centre, to half a bin
+    for b, want in [(799, 792.0), (800, 800.0)]:
+        spike = HistogramObserver("mse")
+        spike.update(torch.tensor([-2048.0, 2048.0]))
+        spike.hist_abs.zero_()
+        spike.hist_abs[b] = 1000.0
+        t = spike.range(True, levels)[1]
+        assert t == pytest.approx(mse_rule(spike.hist_abs.numpy(), 1.0, levels), rel=1e-12)
+        if levels == 4:
+            assert t == want  # the candidate just below the spike's centre: (c - t)^2 beats (t / 1)^2 / 12
