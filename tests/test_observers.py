@@ -112,7 +112,8 @@ def test_mse_clip_is_as_good_as_a_brute_force_search(kind, levels, gen):
         assert real_mse(x, t, levels) < 0.9 * real_mse(x, top, levels)
 
 
-@pytest.mark.parametrize("levels", [256, 16])
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # log(0), 0/0 are handled, not warned about
+@pytest.mark.parametrize("levels", [256, 16, 4])
 @pytest.mark.parametrize("kind", ["gauss", "heavy", "relu"])
 def test_entropy_is_tensorrts_kl_calibration(kind, levels, gen):
     data = batches(kind, gen)
@@ -139,7 +140,7 @@ def mse_rule(h: np.ndarray, width: float, levels: int) -> float:
     bins = len(h)
     centres = (np.arange(bins) + 0.5) * width
     best, best_t = np.inf, None
-    for k in range(bins // 16, bins + 1, bins // 256):
+    for k in range(bins // 16, bins + 1, max(1, bins // 256)):
         t = k * width
         step = t / (levels // 2 - 1 if levels > 2 else 1)
         err = float(np.sum(h * np.where(centres <= t, step**2 / 12, (centres - t) ** 2)))
@@ -163,3 +164,37 @@ def test_mse_rule_written_out(levels, gen):
         assert t == pytest.approx(mse_rule(spike.hist_abs.numpy(), 1.0, levels), rel=1e-12)
         if levels == 4:
             assert t == want  # the candidate just below the spike's centre: (c - t)^2 beats (t / 1)^2 / 12
+
+
+def test_histogram_edge_cases(gen):
+    # re-binning moves each old bin's count to the new bin holding its centre
+    for grow in (2.0, 1.0001):
+        o = HistogramObserver()  # the default rule is percentile
+        x = torch.rand(5000, generator=gen)
+        x[0] = 1.0
+        o.update(x)
+        old = o.hist_abs.numpy().copy()
+        o.update(torch.tensor([grow]))
+        idx = np.minimum(((np.arange(2048) + 0.5) / 2048 / grow * 2048).astype(int), 2047)
+        want = np.bincount(idx, weights=old, minlength=2048)
+        want[2047] += 1
+        assert np.array_equal(o.hist_abs.numpy(), want), grow
+        assert o.range(True)[1] <= o.max_abs
+    one = HistogramObserver("percentile", percentile=50.0)
+    one.update(torch.tensor([1.0]))
+    one.update(torch.tensor([-2.0]))
+    assert one.hist_abs[1023] == 1 and one.hist_abs[2047] == 1
+    assert one.range(True) == (-1024 / 2048 * 2.0, 1024 / 2048 * 2.0)
+    # one value seen is data, not emptiness; an all-negative input keeps zero as the top of the range
+    const = make_observer("percentile")
+    const.update(torch.full((8,), -0.5))
+    assert const.range(True) == (-0.5, 0.5) and const.range(False) == (-0.5, 0.0)
+    # fewer bins: every candidate bin; as many bins as quantized levels: nothing to search, no clip
+    small = HistogramObserver("mse", bins=256)
+    for b in batches("heavy", gen):
+        small.update(b)
+    assert small.range(True, 16)[1] == pytest.approx(mse_rule(small.hist_abs.numpy(), small.max_abs / 256, 16),
+                                                     rel=1e-12)
+    tiny = HistogramObserver("entropy", bins=128)
+    tiny.update(batches("heavy", gen)[0])
+    assert tiny.range(True, 256) == (-tiny.max_abs, tiny.max_abs)
