@@ -151,11 +151,13 @@ def test_per_tensor_and_clipped_ranges_equal_the_reference(kernel, gen):
     x = outlier_inputs(256, 64, gen, dead=(9,))
     st_ = hessian_of(x)
     w = torch.randn(8, 64, generator=gen) * 0.05
-    tensor = Scheme("int8", PerTensor(), symmetric=True, range="absmax")
-    q = gptq(w, tensor, stats=st_, block_size=32, fallback_to_rtn=False, kernel=kernel)
-    Q, S, _ = gptq_reference(w, st_.hessian, tensor, block_size=32, act_order=True)
-    assert torch.equal(tensor.fmt.decode(q.unpack_codes()).reshape(w.shape), Q)
-    assert torch.equal(q.dequantize(), Q * S[0, 0])
+    for tensor in (Scheme("int8", PerTensor(), symmetric=True, range="absmax"),
+                   Scheme("uint4", PerTensor(), symmetric=False, range="minmax"),
+                   Scheme("uint4", PerChannel(-2), symmetric=False, range="minmax")):
+        q = gptq(w, tensor, stats=st_, block_size=32, fallback_to_rtn=False, kernel=kernel)
+        Q, S, Z = gptq_reference(w, st_.hessian, tensor, block_size=32, act_order=True)
+        assert torch.equal(tensor.fmt.decode(q.unpack_codes()).reshape(w.shape), Q)
+        assert torch.equal(q.dequantize(), (Q - Z[:, :1]) * S[:, :1])
     # clip=True: static ranges fitted on AWQ's clipped weights, the solve on the unclipped ones
     scheme = SCHEMES["uint4-affine"](PerGroup(32))
     w0 = w.clone()

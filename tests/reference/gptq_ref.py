@@ -48,7 +48,7 @@ def group_params(W: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.T
     s = p.scale_values().float().reshape(-1, 1).expand(R, 1) if isinstance(scheme.granularity, PerTensor) \
         else p.scale_values().float().reshape(R, -1)
     z = p.zero_values()
-    return s, (torch.zeros_like(s) if z is None else z.float().reshape(s.shape))
+    return s, (torch.zeros_like(s) if z is None else z.float().reshape(-1, s.shape[1]).expand(s.shape))
 
 
 def gptq_reference(w: torch.Tensor, H: torch.Tensor, scheme: Scheme, *, damp: float = 0.01,
@@ -62,7 +62,7 @@ def gptq_reference(w: torch.Tensor, H: torch.Tensor, scheme: Scheme, *, damp: fl
         raise ValueError("the reference handles plain integer grids only")
     R, C = w.shape
     g = scheme.granularity
-    gs = g.size if isinstance(g, PerGroup) else C
+    gs = g.size if isinstance(g, PerGroup) else C  # one scale per row (channel) or per tensor
     assert isinstance(g, (PerGroup, PerChannel, PerTensor))
     static = act_order or static_groups or not isinstance(g, PerGroup)
     if not static and block_size % gs:
