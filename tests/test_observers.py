@@ -193,8 +193,14 @@ def test_histogram_edge_cases(gen):
     small = HistogramObserver("mse", bins=256)
     for b in batches("heavy", gen):
         small.update(b)
-    assert small.range(True, 16)[1] == pytest.approx(mse_rule(small.hist_abs.numpy(), small.max_abs / 256, 16),
-                                                     rel=1e-12)
+    for levels in (16, 4, 256):
+        assert small.range(True, levels)[1] == pytest.approx(
+            mse_rule(small.hist_abs.numpy(), small.max_abs / 256, levels), rel=1e-12)
+    spike = HistogramObserver("mse", bins=256)
+    spike.update(torch.tensor([256.0]))
+    spike.hist_abs.zero_()
+    spike.hist_abs[101] = 10.0
+    assert spike.range(True, 4)[1] == 101.0  # every bin is a candidate below 512 bins
     tiny = HistogramObserver("entropy", bins=128)
     tiny.update(batches("heavy", gen)[0])
     assert tiny.range(True, 256) == (-tiny.max_abs, tiny.max_abs)
