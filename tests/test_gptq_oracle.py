@@ -211,3 +211,16 @@ def test_bad_calls_say_what_to_do(gen):
     with pytest.raises(ValueError, match=r"^the Hessian is not positive definite even with strong dampening; "
                                          r"check the calibration data \(NaN or too few tokens\?\)$"):
         gptq(w, scheme, stats=bad)
+
+
+def test_dampening_escalates_tenfold_from_the_given_damp(gen):
+    # H with a slightly negative eigenvalue (-5e-4 of mean(diag H)): damp 1e-4 fails, so the retry
+    # uses 10 x 1e-4 = 1e-3, the answer the paper's algorithm gives with damp=1e-3
+    x = torch.randn(16, 48, generator=gen)
+    H = 2 * x.T @ x / 16
+    H -= 5e-4 * float(H.diagonal().mean()) / (1 - 5e-4) * torch.eye(48)
+    w = torch.randn(8, 48, generator=gen)
+    scheme = SCHEMES["uint4-affine"](PerGroup(16))
+    q = gptq(w, scheme, stats=SimpleNamespace(hessian=H), damp=1e-4, act_order=False, fallback_to_rtn=False)
+    Q, _, _ = gptq_reference(w, H, scheme, damp=1e-3, act_order=False)
+    assert torch.equal(scheme.fmt.decode(q.unpack_codes()).reshape(w.shape), Q)
