@@ -111,3 +111,17 @@ def test_awq_clip_equals_a_brute_force_search_and_helps(name, gen):
     torch.testing.assert_close(clipped, awq_clip_brute_force(w, x, scheme, 32), rtol=1e-6, atol=0)
     loss = lambda wh: layer_loss(w, wh, st.hessian)  # noqa: E731
     assert loss(quantize(clipped, scheme).dequantize()) < 0.95 * loss(quantize(w, scheme).dequantize())
+
+
+def test_awq_clip_per_channel_and_unsupported_layouts(gen):
+    from lowbit.core import PerChannel, Scheme
+
+    x = heavy_channels(gen, n=256, d=48)
+    st = stats_of(x)
+    w = torch.randn(6, 48, generator=gen) * 0.05
+    w[:, 3] *= 8
+    scheme = Scheme("uint4", PerChannel(0), symmetric=False, range="minmax")
+    torch.testing.assert_close(awq_clip(w, scheme, st), awq_clip_brute_force(w, x, scheme, 48), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match=r"^awq clipping handles group, channel and tensor granularity, not "
+                                         r"PerGroup\(size=16, axis=0\)$"):
+        awq_clip(w, Scheme("int4", PerGroup(16, axis=0)), st)

@@ -51,6 +51,9 @@ def gptq(w: torch.Tensor, scheme: Scheme, *, stats, damp: float = 0.01, block_si
     R, C = w.shape
     if H.shape != (C, C):
         raise ValueError(f"Hessian of shape {tuple(H.shape)} does not match a weight with {C} input columns")
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError("the Hessian has NaN or Inf entries: the calibration activations overflowed or were "
+                         "not finite; check the calibration data (or calibrate in float32)")
     gs = _group_size(scheme, C)
     W = w.detach().float().clone()
     dead = H.diagonal() == 0  # inputs that were always zero: their weights cannot matter

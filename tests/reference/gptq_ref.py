@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from lowbit.core import Scheme, fit_params
-from lowbit.core.granularity import PerChannel, PerGroup
+from lowbit.core.granularity import PerChannel, PerGroup, PerTensor
 from lowbit.formats import IntFormat
 
 
@@ -45,22 +45,25 @@ def group_params(W: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.T
     """W: [R, n] -> float32 scales and zero points [R, groups] (zeros 0 for a symmetric grid)."""
     p = fit_params(W, scheme)
     R = W.shape[0]
-    s = p.scale_values().float().reshape(R, -1)
+    s = p.scale_values().float().reshape(-1, 1).expand(R, 1) if isinstance(scheme.granularity, PerTensor) \
+        else p.scale_values().float().reshape(R, -1)
     z = p.zero_values()
-    return s, (torch.zeros_like(s) if z is None else z.float().reshape(R, -1))
+    return s, (torch.zeros_like(s) if z is None else z.float().reshape(-1, s.shape[1]).expand(s.shape))
 
 
 def gptq_reference(w: torch.Tensor, H: torch.Tensor, scheme: Scheme, *, damp: float = 0.01,
-                   block_size: int = 128, act_order: bool = False, static_groups: bool = False):
+                   block_size: int = 128, act_order: bool = False, static_groups: bool = False,
+                   fit_on: torch.Tensor | None = None):
     """w: [R, C], H: [C, C] -> (integer levels q: [R, C] float32, scales [R, groups],
-    zero points [R, groups]); w_hat = (q - z[:, j // g]) * s[:, j // g]."""
+    zero points [R, groups]); w_hat = (q - z[:, j // g]) * s[:, j // g].
+    fit_on: [R, C] weights to fit static group parameters on (default: w, dead inputs zeroed)."""
     fmt = scheme.fmt
     if not isinstance(fmt, IntFormat) or fmt.step != 1.0:
         raise ValueError("the reference handles plain integer grids only")
     R, C = w.shape
     g = scheme.granularity
-    gs = g.size if isinstance(g, PerGroup) else C
-    assert isinstance(g, (PerGroup, PerChannel))
+    gs = g.size if isinstance(g, PerGroup) else C  # one scale per row (channel) or per tensor
+    assert isinstance(g, (PerGroup, PerChannel, PerTensor))
     static = act_order or static_groups or not isinstance(g, PerGroup)
     if not static and block_size % gs:
         raise ValueError("dynamic groups: block_size must be a multiple of the group size")
@@ -76,7 +79,7 @@ def gptq_reference(w: torch.Tensor, H: torch.Tensor, scheme: Scheme, *, damp: fl
     S = torch.zeros(R, ngroups)
     Z = torch.zeros(R, ngroups)
     if static:
-        S, Z = group_params(W, scheme)
+        S, Z = group_params(W if fit_on is None else fit_on, scheme)
 
     order = np.argsort(-np.diag(H.double().numpy()), kind="stable") if act_order else np.arange(C)
     U = torch.from_numpy(inverse_hessian_factor(Hd[np.ix_(order, order)], damp)).float()
