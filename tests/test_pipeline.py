@@ -115,9 +115,9 @@ def test_bad_recipes_and_modules(toy):
 def test_method_options_round_trip_and_reach_the_methods(toy):
     r = get_recipe("w4g64", "hqq").replace(method_options={"hqq": {"iters": 0}, "gptq": {"damp": 0.05}})
     assert Recipe.from_json(r.to_json()) == r
-    # hqq with no iterations and no least-squares steps is round to nearest: the options arrived
+    # hqq with no iterations from RTN's own zero point is round to nearest: the options arrived
     x = toy.fc1.weight.detach().clone()
-    q = quantize(copy.deepcopy(toy), r.replace(method_options={"hqq": {"iters": 0, "ls_steps": 0}}),
+    q = quantize(copy.deepcopy(toy), r.replace(method_options={"hqq": {"iters": 0, "round_zero": False}}),
                  progress=False)
     assert torch.equal(q.fc1.qweight.dequantize(), quantize_tensor(x, r.weights).dequantize())
     for bad, word in (({"gptqq": {}}, "unknown method"), ({"gptq": {"dampp": 1}}, "no option 'dampp'"),

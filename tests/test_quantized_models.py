@@ -47,7 +47,7 @@ def test_every_recipe_on_truncated_smollm2(smollm2_2l, ids, recipe, method):
 
 def test_hqq_beats_rtn_on_every_layer(smollm2_2l):
     model, _ = smollm2_2l
-    scheme = RECIPES["w4g64"].weights
+    scheme = lowbit.pipeline.get_recipe("w4g64", "hqq").weights  # float zeros, output-axis groups
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and "layers" in name:
             w = m.weight.detach()
