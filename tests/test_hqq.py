@@ -76,10 +76,13 @@ def test_stored_scales_and_zeros_are_the_ones_encoded_with(gen):
             assert torch.equal(q.zeros.float(), q.zeros.float().half().float())
 
 
-def test_the_loop_follows_the_reference_and_keeps_each_groups_best(gen):
+@pytest.mark.parametrize("magnitude", [1.0, 30.0])
+def test_the_loop_follows_the_reference_and_keeps_each_groups_best(gen, magnitude):
     """Every group's zero point is one the float64 reference loop visits (or RTN's own),
-    and it is the one among those with the lowest mean |W - W_r|."""
-    w = heavy_tailed(gen, (32, 128))
+    and it is the one among those with the lowest mean |W - W_r|. At magnitude 30 the errors
+    pass the shrinkage threshold |d|^(lp-1)/beta, so the shrunk residual We is not zero and the
+    zero update's use of it (W - We) is pinned too."""
+    w = heavy_tailed(gen, (32, 128)) * magnitude
     scheme = affine(4, 64)
     iters = 12
     q = hqq(w, scheme, iters=iters)
@@ -137,6 +140,8 @@ def test_options_are_checked():
     for kw in ({"iters": -1}, {"lp": 0.0}, {"lp": 1.5}, {"beta": 0.0}, {"kappa": 0.5}):
         with pytest.raises(ValueError, match="hqq options"):
             hqq(w, affine(), **kw)
+    for kw in ({"lp": 1.0}, {"beta": 0.5}, {"kappa": 1.0}):  # the edges of the allowed ranges
+        hqq(w, affine(), **kw)
     with pytest.raises(ValueError, match="affine integer"):
         hqq(w, Scheme("int4", PerGroup(64)))
     with pytest.raises(ValueError, match="affine integer"):
