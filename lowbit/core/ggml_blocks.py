@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from .ggml_kquants import _d_q4_k, _d_q5_k, _d_q6_k, _q_q4_k, _q_q5_k, _q_q6_k
+from .ggml_kquants import BlockFit, _d_q4_k, _d_q5_k, _d_q6_k, _fit_q4_k, _fit_q5_k, _fit_q6_k
 
 F32 = np.float32
 
@@ -26,17 +26,25 @@ F32 = np.float32
 @dataclass(frozen=True)
 class GGMLType:
     """quantize: blocks [n_blocks, block_size] float32 -> [n_blocks, type_size] uint8; dequantize: the inverse map
-    back to float32 values. quantize is None where lowbit has no quantizer for the type."""
+    back to float32 values. fit: blocks -> BlockFit (parameters and round-to-nearest codes, apart, so a solver
+    such as GPTQ can choose the codes on the type's grid); None for the float types, which have no grid."""
     name: str
     id: int
     block_size: int
     type_size: int
-    quantize: Callable[[np.ndarray], np.ndarray] | None
     dequantize: Callable[[np.ndarray], np.ndarray]
+    fit: Callable[[np.ndarray], BlockFit] | None = None
+    encode: Callable[[np.ndarray], np.ndarray] | None = None  # float types: values -> bytes
 
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.type_size / self.block_size
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        if self.encode is not None:
+            return self.encode(x)
+        f = self.fit(x)
+        return f.pack(f.codes)
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -123,41 +131,55 @@ def _d_bf16(b):
 
 
 # -- 32-value blocks: q8_0, q4_0, q4_1, q5_0, q5_1 -----------------------------------------------------
-def _q_q8_0(x):
+def _levels(lo: int, hi: int) -> np.ndarray:
+    return np.arange(lo, hi + 1, dtype=F32)
+
+
+def _f16_round(d: np.ndarray) -> np.ndarray:
+    """The float32 value of d as the block stores it (fp16)."""
+    return d.astype(np.float16).astype(F32)
+
+
+def _fit_q8_0(x):
     d = (np.abs(x).max(axis=1, keepdims=True) / F32(127)).astype(F32)
-    q = round_half_away(x * _inverse(d)).astype(np.int8)
-    return np.concatenate([_f16_bytes(d), q.view(np.uint8)], axis=1)
+    q = round_half_away(x * _inverse(d)).astype(np.int16)
+    return BlockFit(_f16_round(d), np.zeros_like(d), _levels(-128, 127), 32, (q + 128).astype(np.uint8),
+                    lambda L: np.concatenate([_f16_bytes(d), (L.astype(np.int16) - 128).astype(np.int8).view(np.uint8)],
+                                             axis=1))
 
 
 def _d_q8_0(b):
     return _f16_values(b[:, :2]) * b[:, 2:].view(np.int8).astype(F32)
 
 
-def _q_q4_0(x):
+def _fit_q4_0(x):
     d = (_signed_absmax(x) / F32(-8)).astype(F32)
     q = _trunc_u8(x * _inverse(d) + F32(8.5), 15)
-    return np.concatenate([_f16_bytes(d), _pack_nibbles(q)], axis=1)
+    return BlockFit(_f16_round(d), np.zeros_like(d), _levels(-8, 7), 32, q,
+                    lambda L: np.concatenate([_f16_bytes(d), _pack_nibbles(L)], axis=1))
 
 
 def _d_q4_0(b):
     return _f16_values(b[:, :2]) * (_unpack_nibbles(b[:, 2:]).astype(F32) - F32(8))
 
 
-def _q_q4_1(x):
+def _fit_q4_1(x):
     lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
     d = ((hi - lo) / F32(15)).astype(F32)
     q = _trunc_u8((x - lo) * _inverse(d) + F32(0.5), 15)
-    return np.concatenate([_f16_bytes(d), _f16_bytes(lo), _pack_nibbles(q)], axis=1)
+    return BlockFit(_f16_round(d), _f16_round(lo), _levels(0, 15), 32, q,
+                    lambda L: np.concatenate([_f16_bytes(d), _f16_bytes(lo), _pack_nibbles(L)], axis=1))
 
 
 def _d_q4_1(b):
     return _f16_values(b[:, :2]) * _unpack_nibbles(b[:, 4:]).astype(F32) + _f16_values(b[:, 2:4])
 
 
-def _q_q5_0(x):
+def _fit_q5_0(x):
     d = (_signed_absmax(x) / F32(-16)).astype(F32)
     q = _trunc_u8(x * _inverse(d) + F32(16.5), 31)
-    return np.concatenate([_f16_bytes(d), _pack_fifth_bits(q), _pack_nibbles(q & 0x0F)], axis=1)
+    return BlockFit(_f16_round(d), np.zeros_like(d), _levels(-16, 15), 32, q,
+                    lambda L: np.concatenate([_f16_bytes(d), _pack_fifth_bits(L), _pack_nibbles(L & 0x0F)], axis=1))
 
 
 def _d_q5_0(b):
@@ -165,11 +187,13 @@ def _d_q5_0(b):
     return _f16_values(b[:, :2]) * (q.astype(F32) - F32(16))
 
 
-def _q_q5_1(x):
+def _fit_q5_1(x):
     lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
     d = ((hi - lo) / F32(31)).astype(F32)
     q = _trunc_u8((x - lo) * _inverse(d) + F32(0.5), 31)
-    return np.concatenate([_f16_bytes(d), _f16_bytes(lo), _pack_fifth_bits(q), _pack_nibbles(q & 0x0F)], axis=1)
+    return BlockFit(_f16_round(d), _f16_round(lo), _levels(0, 31), 32, q,
+                    lambda L: np.concatenate([_f16_bytes(d), _f16_bytes(lo), _pack_fifth_bits(L),
+                                              _pack_nibbles(L & 0x0F)], axis=1))
 
 
 def _d_q5_1(b):
@@ -198,7 +222,7 @@ def _level_sums(x, w, idx):
     return sumqx, sumq2
 
 
-def _q_iq4_nl(x):
+def _fit_iq4_nl(x):
     """ggml quantize_iq4_nl without importance weights (ntry 7): weights x**2, a search over 15 scales
     around max/127 refit by least squares, then every value snapped to the nearest level."""
     w = x * x
@@ -221,7 +245,9 @@ def _q_iq4_nl(x):
     with np.errstate(divide="ignore"):
         inv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
     L = _nearest_level(inv[:, None] * x)
-    return np.concatenate([_f16_bytes(d[:, None]), _pack_nibbles(L)], axis=1)
+    d = d[:, None]
+    return BlockFit(_f16_round(d), np.zeros_like(d), IQ4NL_VALUES, 32, L,
+                    lambda L: np.concatenate([_f16_bytes(d), _pack_nibbles(L)], axis=1))
 
 
 def _d_iq4_nl(b):
@@ -229,18 +255,18 @@ def _d_iq4_nl(b):
 
 
 GGML_TYPES: dict[str, GGMLType] = {t.name: t for t in (
-    GGMLType("f32", 0, 1, 4, _q_f32, _d_f32),
-    GGMLType("f16", 1, 1, 2, _q_f16, _d_f16),
-    GGMLType("bf16", 30, 1, 2, _q_bf16, _d_bf16),
-    GGMLType("q8_0", 8, 32, 34, _q_q8_0, _d_q8_0),
-    GGMLType("q4_0", 2, 32, 18, _q_q4_0, _d_q4_0),
-    GGMLType("q4_1", 3, 32, 20, _q_q4_1, _d_q4_1),
-    GGMLType("q5_0", 6, 32, 22, _q_q5_0, _d_q5_0),
-    GGMLType("q5_1", 7, 32, 24, _q_q5_1, _d_q5_1),
-    GGMLType("iq4_nl", 20, 32, 18, _q_iq4_nl, _d_iq4_nl),
-    GGMLType("q4_k", 12, 256, 144, _q_q4_k, _d_q4_k),
-    GGMLType("q5_k", 13, 256, 176, _q_q5_k, _d_q5_k),
-    GGMLType("q6_k", 14, 256, 210, _q_q6_k, _d_q6_k),
+    GGMLType("f32", 0, 1, 4, _d_f32, encode=_q_f32),
+    GGMLType("f16", 1, 1, 2, _d_f16, encode=_q_f16),
+    GGMLType("bf16", 30, 1, 2, _d_bf16, encode=_q_bf16),
+    GGMLType("q8_0", 8, 32, 34, _d_q8_0, _fit_q8_0),
+    GGMLType("q4_0", 2, 32, 18, _d_q4_0, _fit_q4_0),
+    GGMLType("q4_1", 3, 32, 20, _d_q4_1, _fit_q4_1),
+    GGMLType("q5_0", 6, 32, 22, _d_q5_0, _fit_q5_0),
+    GGMLType("q5_1", 7, 32, 24, _d_q5_1, _fit_q5_1),
+    GGMLType("iq4_nl", 20, 32, 18, _d_iq4_nl, _fit_iq4_nl),
+    GGMLType("q4_k", 12, 256, 144, _d_q4_k, _fit_q4_k),
+    GGMLType("q5_k", 13, 256, 176, _d_q5_k, _fit_q5_k),
+    GGMLType("q6_k", 14, 256, 210, _d_q6_k, _fit_q6_k),
 )}
 
 
@@ -263,8 +289,6 @@ def type_by_id(type_id: int) -> GGMLType | None:
 def quantize_rows(w: np.ndarray, type_name: str) -> np.ndarray:
     """w: [rows, n] (any float dtype) -> [rows, n // block_size * type_size] uint8 blocks."""
     t = get_type(type_name)
-    if t.quantize is None:
-        raise ValueError(f"GGML type {type_name!r}: lowbit reads it but has no quantizer for it")
     w = np.ascontiguousarray(w, dtype=F32)
     rows, n = w.reshape(-1, w.shape[-1]).shape if w.ndim else (1, 1)
     if n % t.block_size:

@@ -6,11 +6,29 @@ does), so the chosen scales and codes equal llama-quantize's byte for byte.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 
 F32 = np.float32
 QK_K = 256
 GROUP_MAX_EPS = F32(1e-15)
+
+
+@dataclass
+class BlockFit:
+    """A GGML type's parameters for n blocks, apart from the codes, so a solver (GPTQ) can pick codes on the
+    type's own grid: the value at position i of block b is scale[b, s] * levels[code] + offset[b, s] with
+    sub-block s = i // sub. scale/offset are float32 as dequantization computes them (fp16 d times the
+    block's integer sub-scale); pack(codes) gives the stored blocks for any codes, and pack(codes) with
+    the round-to-nearest codes is the type's reference quantization."""
+    scale: np.ndarray  # [n, block_size // sub] float32
+    offset: np.ndarray  # [n, block_size // sub] float32
+    levels: np.ndarray  # [k] float32, ascending: the value of each code before scaling
+    sub: int
+    codes: np.ndarray  # [n, block_size] uint8: indices into levels, round to nearest's choice
+    pack: Callable[[np.ndarray], np.ndarray]  # codes [n, block_size] -> [n, type_size] uint8
 
 
 def nearest_int(v: np.ndarray) -> np.ndarray:
@@ -69,8 +87,8 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return scale, L
 
 
-def _q_q6_k(x: np.ndarray) -> np.ndarray:
-    """[n, 256] -> [n, 210]: ql (128: low 4 bits), qh (64: high 2 bits), 16 int8 scales, fp16 d."""
+def _fit_q6_k(x: np.ndarray) -> BlockFit:
+    """[n, 256] -> blocks of [n, 210]: ql (128: low 4 bits), qh (64: high 2 bits), 16 int8 scales, fp16 d."""
     n = len(x)
     sub = x.reshape(n * 16, 16)
     scales, L = make_qx_quants(sub, 32)
@@ -87,11 +105,16 @@ def _q_q6_k(x: np.ndarray) -> np.ndarray:
     L = np.where((d != 0)[:, :, None], requant, L).reshape(n, 256)
     L = np.where(empty[:, None], 0, L).astype(np.uint8)
     sc = np.where(empty[:, None], 0, sc)
-    q = L.reshape(n, 2, 4, 32)  # [block, half of 128, quarter of 32, l]
-    ql = np.concatenate([q[:, :, 0] & 0xF | (q[:, :, 2] & 0xF) << 4, q[:, :, 1] & 0xF | (q[:, :, 3] & 0xF) << 4], axis=2)
-    qh = (q[:, :, 0] >> 4) | (q[:, :, 1] >> 4) << 2 | (q[:, :, 2] >> 4) << 4 | (q[:, :, 3] >> 4) << 6
-    return np.concatenate([ql.reshape(n, 128), qh.reshape(n, 64), sc.view(np.uint8),
-                           d16.view(np.uint8).reshape(n, 2)], axis=1)
+    scale = d16.astype(F32)[:, None] * sc.astype(F32)
+
+    def pack(L):
+        q = L.reshape(n, 2, 4, 32)  # [block, half of 128, quarter of 32, l]
+        ql = np.concatenate([q[:, :, 0] & 0xF | (q[:, :, 2] & 0xF) << 4,
+                             q[:, :, 1] & 0xF | (q[:, :, 3] & 0xF) << 4], axis=2)
+        qh = (q[:, :, 0] >> 4) | (q[:, :, 1] >> 4) << 2 | (q[:, :, 2] >> 4) << 4 | (q[:, :, 3] >> 4) << 6
+        return np.concatenate([ql.reshape(n, 128), qh.reshape(n, 64), sc.view(np.uint8),
+                               d16.view(np.uint8).reshape(n, 2)], axis=1)
+    return BlockFit(scale, np.zeros_like(scale), np.arange(-32, 32, dtype=F32), 16, L, pack)
 
 
 def _d_q6_k(b: np.ndarray) -> np.ndarray:
@@ -203,12 +226,20 @@ def _f16_pair(d16, dmin16) -> np.ndarray:
     return np.stack([d16, dmin16], axis=1).view(np.uint8).reshape(len(d16), 4)
 
 
-def _q_q4_k(x: np.ndarray) -> np.ndarray:
-    """[n, 256] -> [n, 144]: d, dmin (fp16), 12 bytes of scales/mins, 128 bytes of 4-bit codes."""
-    d16, dmin16, ls, lm, L = _k4_scales(x, 15, -1.0, 20)
-    q = L.reshape(len(x), 4, 2, 32)  # 64-value chunks: low nibble = first 32, high = next 32
-    qs = (q[:, :, 0] | q[:, :, 1] << 4).reshape(len(x), 128)
-    return np.concatenate([_f16_pair(d16, dmin16), _pack_k4_scales(ls, lm), qs], axis=1)
+def _k4_fit(d16, dmin16, ls, lm, L, nmax: int, pack_codes) -> BlockFit:
+    head = np.concatenate([_f16_pair(d16, dmin16), _pack_k4_scales(ls, lm)], axis=1)
+    scale = d16.astype(F32)[:, None] * ls.astype(F32)
+    offset = -(dmin16.astype(F32)[:, None] * lm.astype(F32))
+    return BlockFit(scale, offset, np.arange(nmax + 1, dtype=F32), 32, L,
+                    lambda L: np.concatenate([head, pack_codes(L)], axis=1))
+
+
+def _fit_q4_k(x: np.ndarray) -> BlockFit:
+    """[n, 256] -> blocks of [n, 144]: d, dmin (fp16), 12 bytes of scales/mins, 128 bytes of 4-bit codes."""
+    def pack_codes(L):
+        q = L.reshape(len(L), 4, 2, 32)  # 64-value chunks: low nibble = first 32, high = next 32
+        return (q[:, :, 0] | q[:, :, 1] << 4).reshape(len(L), 128)
+    return _k4_fit(*_k4_scales(x, 15, -1.0, 20), 15, pack_codes)
 
 
 def _d_q4_k(b: np.ndarray) -> np.ndarray:
@@ -220,16 +251,17 @@ def _d_q4_k(b: np.ndarray) -> np.ndarray:
     return ((dd[:, :1] * ls)[:, :, None] * q - (dd[:, 1:] * lm)[:, :, None]).reshape(n, 256)
 
 
-def _q_q5_k(x: np.ndarray) -> np.ndarray:
-    """[n, 256] -> [n, 176]: d, dmin, 12 bytes of scales/mins, 32 bytes of 5th bits, 128 of low nibbles."""
-    d16, dmin16, ls, lm, L = _k4_scales(x, 31, -0.5, 15)
-    q = L.reshape(len(x), 4, 2, 32)
-    qs = ((q[:, :, 0] & 0xF) | (q[:, :, 1] & 0xF) << 4).reshape(len(x), 128)
-    hi = (q >> 4).astype(np.uint8)  # [n, chunk, half, 32]: bit (2*chunk + half) of qh[j]
-    qh = np.zeros((len(x), 32), np.uint8)
-    for c in range(4):
-        qh |= hi[:, c, 0] << (2 * c) | hi[:, c, 1] << (2 * c + 1)
-    return np.concatenate([_f16_pair(d16, dmin16), _pack_k4_scales(ls, lm), qh, qs], axis=1)
+def _fit_q5_k(x: np.ndarray) -> BlockFit:
+    """[n, 256] -> blocks of [n, 176]: d, dmin, 12 bytes of scales/mins, 32 bytes of 5th bits, 128 of low nibbles."""
+    def pack_codes(L):
+        q = L.reshape(len(L), 4, 2, 32)
+        qs = ((q[:, :, 0] & 0xF) | (q[:, :, 1] & 0xF) << 4).reshape(len(L), 128)
+        hi = (q >> 4).astype(np.uint8)  # [n, chunk, half, 32]: bit (2*chunk + half) of qh[j]
+        qh = np.zeros((len(L), 32), np.uint8)
+        for c in range(4):
+            qh |= hi[:, c, 0] << (2 * c) | hi[:, c, 1] << (2 * c + 1)
+        return np.concatenate([qh, qs], axis=1)
+    return _k4_fit(*_k4_scales(x, 31, -0.5, 15), 31, pack_codes)
 
 
 def _d_q5_k(b: np.ndarray) -> np.ndarray:
