@@ -33,7 +33,7 @@ def save(model: nn.Module, path: str | Path, format: str | None = None, *, token
     if format == "gguf":
         from .gguf_write import save_gguf
 
-        return save_gguf(model, path, recipe or "f16", tokenizer=tokenizer, source=source)
+        return save_gguf(model, path, recipe or getattr(model, "lowbit_gguf_recipe", None) or "f16", tokenizer=tokenizer, source=source)
     if recipe is not None:
         raise ValueError("save(recipe=...) chooses GGUF tensor types; a lowbit checkpoint keeps the recipe "
                          "the model was quantized with (lowbit.quantize)")

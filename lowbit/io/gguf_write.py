@@ -13,6 +13,7 @@ import functools
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.ggml_blocks import get_type, quantize_rows
+from ..core.ggml_blocks import dequantize_rows, get_type, quantize_rows
 from .gguf_mixtures import file_type
 
 
@@ -84,7 +85,7 @@ def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _config(model: nn.Module):
+def model_arch(model: nn.Module):
     config = getattr(model, "config", None)
     arch = ARCHS.get(getattr(config, "model_type", None))
     if arch is None:
@@ -169,9 +170,10 @@ def tokenizer_source(model: nn.Module, source: str | Path | None) -> Path:
 
 def gguf_tensors(model: nn.Module, recipe: str):
     """Yield (gguf name, uint8 blocks [rows, bytes], GGML type name, shape) in file order."""
-    config, arch = _config(model)
+    config, arch = model_arch(model)
     ft = file_type(recipe)
     state = float_state(model)
+    solved = getattr(model, "lowbit_gguf_blocks", None) or {}
     tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in state
     if tied:
         state.pop("lm_head.weight", None)
@@ -190,11 +192,34 @@ def gguf_tensors(model: nn.Module, recipe: str):
                                has_output=not tied)
                 if ft.quantizes(name, w.ndim) else "f32")
         rows = w.reshape(-1, w.shape[-1])
-        try:
-            data = quantize_rows(rows, kind)
-        except ValueError as e:
-            raise ValueError(f"tensor {name!r} ({key}, shape {tuple(w.shape)}): {e}") from e
+        data = solved.get(key)
+        data = _solved_blocks(key, data, kind, t, name) if data is not None else None
+        if data is not None:
+            if arch.permute_qk and name.endswith("attn_q.weight"):
+                data = permute_rows(data, config.num_attention_heads)
+            elif arch.permute_qk and name.endswith("attn_k.weight"):
+                data = permute_rows(data, config.num_key_value_heads)
+        else:
+            try:
+                data = quantize_rows(rows, kind)
+            except ValueError as e:
+                raise ValueError(f"tensor {name!r} ({key}, shape {tuple(w.shape)}): {e}") from e
         yield name, data, kind, tuple(w.shape)
+
+
+def _solved_blocks(key: str, solved: tuple, kind: str, t: torch.Tensor, name: str):
+    """The blocks a calibrated solve left for `key` (pipeline/gguf_calibrated.py), if they still hold:
+    the same GGML type as this file gives the tensor, and decoding to the layer's current weights."""
+    solved_kind, data = solved
+    if solved_kind != kind:
+        warnings.warn(f"tensor {name!r}: calibrated as {solved_kind} but this file type gives it {kind}; "
+                      "written by round to nearest", stacklevel=3)
+        return None
+    if not torch.equal(torch.from_numpy(dequantize_rows(data, kind, t.shape[-1])), t.reshape(-1, t.shape[-1])):
+        warnings.warn(f"tensor {name!r}: the weights changed after the calibrated solve; written by round to "
+                      "nearest", stacklevel=3)
+        return None
+    return data
 
 
 def save_gguf(model: nn.Module, path: str | Path, recipe: str = "f16", *, tokenizer=None,
@@ -204,7 +229,7 @@ def save_gguf(model: nn.Module, path: str | Path, recipe: str = "f16", *, tokeni
     import gguf
 
     path = Path(path)
-    config, arch = _config(model)
+    config, arch = model_arch(model)
     ft = file_type(recipe)
     src = tokenizer_source(model, source)
     path.parent.mkdir(parents=True, exist_ok=True)

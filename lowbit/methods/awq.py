@@ -31,13 +31,20 @@ def awq_scales(weights: list[torch.Tensor], stats, scheme: Scheme, *, grid: int 
     for i in range(grid):
         s = xm.pow(i / grid)
         s = s / (s.max() * s.min()).sqrt()
-        loss = sum(_loss(w, quantize(w * s, scheme).dequantize() / s, H) for w in weights)
+        loss = sum(_loss(w, fake_quantize(w * s, scheme) / s, H) for w in weights)
         if best_loss is None or loss < best_loss:
             best_loss, best = loss, s
     return best
 
 
 awq_scales.needs = ("hessian", "absmean")
+
+
+def fake_quantize(w: torch.Tensor, scheme) -> torch.Tensor:
+    """Round trip through the scheme's grid; a scheme with its own `roundtrip` (a GGML block type,
+    pipeline/gguf_calibrated.py) rounds itself."""
+    rt = getattr(scheme, "roundtrip", None)
+    return rt(w) if rt is not None else quantize(w, scheme).dequantize()
 
 
 def awq_clip(w: torch.Tensor, scheme: Scheme, stats) -> torch.Tensor:

@@ -1,0 +1,101 @@
+"""Calibrated codes in llama.cpp's blocks: AWQ scales folded into the weights, then GPTQ on each
+tensor's own GGML type, block by block through the sequential runner.
+
+    quantize_gguf(model, "q4_k_m", calibration)      # every Linear of the blocks gets its llama.cpp type
+    lowbit.save(model, "model.gguf")                  # writes the solved blocks as they are
+
+Which type each Linear gets is llama.cpp's choice for the file type (io/gguf_mixtures.py), so the
+file has the same tensor types and size as `llama-quantize` of the same type. The model keeps
+float nn.Linear layers whose weights are exactly the dequantized blocks (what the next block's
+calibration and lowbit's own evaluation see); the blocks themselves wait in
+`model.lowbit_gguf_blocks` ({parameter name: (GGML type, uint8 blocks [out, bytes])}) for the
+writer, which checks they still decode to the layer's weights. Embeddings, norms and the output
+layer are written by the writer as usual (round to nearest).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.ggml_blocks import dequantize_rows, quantize_rows
+from ..io.gguf_mixtures import file_type
+from ..io.gguf_write import gguf_name, model_arch
+from ..methods import parse_method
+from ..methods.gptq_ggml import gptq_ggml
+from .quantize import _batches
+from .sequential import LayerReport, layer_loss, run_sequential
+from .transforms import apply_transforms
+from .walk import is_linear, linear_weight
+
+FLOAT_TYPES = ("f32", "f16", "bf16")
+METHODS = ("awq+gptq", "gptq", "awq")
+
+
+@dataclass(frozen=True)
+class GGMLScheme:
+    """A GGML block type where the transforms expect a Scheme: AWQ's scale search rounds with it."""
+    type: str
+
+    def roundtrip(self, w: torch.Tensor) -> torch.Tensor:
+        rows = w.detach().float().numpy()
+        return torch.from_numpy(dequantize_rows(quantize_rows(rows, self.type), self.type, w.shape[1]))
+
+
+def tensor_types(model: nn.Module, recipe: str) -> dict[str, str]:
+    """{Linear module name: the GGML type llama.cpp's quantizer gives its weight} for the quantized ones."""
+    config, _ = model_arch(model)
+    ft = file_type(recipe)
+    tied = getattr(config, "tie_word_embeddings", False)
+    n_gqa = config.num_attention_heads // config.num_key_value_heads
+    out = {}
+    for name, m in model.named_modules():
+        if not is_linear(m) or name == "lm_head":
+            continue
+        gname, layer = gguf_name(f"{name}.weight")
+        t = ft.tensor_type(gname, ne0=m.in_features, layer=layer, n_layer=config.num_hidden_layers, n_gqa=n_gqa,
+                           has_output=not tied)
+        if t not in FLOAT_TYPES:
+            out[name] = t
+    return out
+
+
+def quantize_gguf(model: nn.Module, recipe: str, calibration: Iterable, *, method: str = "awq+gptq",
+                  damp: float = 0.01, act_order: bool = True, progress: bool = True, batch_size: int = 8,
+                  calibration_dtype: "torch.dtype | str" = "auto") -> nn.Module:
+    """Solve every Linear of `model`'s blocks on its llama.cpp type for file type `recipe`, in place."""
+    if method not in METHODS:
+        raise ValueError(f"calibrated GGUF method {method!r}: choose {', '.join(METHODS)} (or rtn: save directly)")
+    types = tensor_types(model, recipe)
+    transforms, solver = parse_method(method)
+    blocks: dict[str, tuple[str, np.ndarray]] = {}
+
+    def quantize_layer(name: str, stats) -> LayerReport:
+        t = types[name]
+        w = linear_weight(model.get_submodule(name))
+        wf = w.detach().float()
+        rtn = quantize_rows(wf.numpy(), t)
+        data = gptq_ggml(wf, t, stats=stats, damp=damp, act_order=act_order) if solver == "gptq" else rtn
+        deq = torch.from_numpy(dequantize_rows(data, t, wf.shape[1]))
+        with torch.no_grad():
+            w.copy_(deq.to(w.dtype))
+        blocks[f"{name}.weight"] = (t, data)
+        H = stats.hessian
+        return LayerReport(name, f"{method} ({t})", layer_loss(wf, deq, H),
+                           layer_loss(wf, torch.from_numpy(dequantize_rows(rtn, t, wf.shape[1])), H))
+
+    def transform(block, local, stats, producers, sample, where):
+        head = where + "."
+        apply_transforms(block, local, {n: transforms for n in local}, {n: GGMLScheme(types[head + n]) for n in local},
+                         stats, producers, sample, where, solvers={n: "gptq" for n in local})
+
+    report = run_sequential(model, list(types), _batches(calibration, batch_size), quantize_layer, hessian=True,
+                            magnitudes="awq" in transforms, transform=transform if transforms else None,
+                            compute_dtype=calibration_dtype, progress=progress)
+    model.lowbit_calibration = report
+    model.lowbit_gguf_blocks = blocks
+    model.lowbit_gguf_recipe = recipe
+    return model

@@ -1,0 +1,141 @@
+"""Calibrated codes in GGML blocks: GPTQ on each type's own grid (methods/gptq_ggml.py) and the
+AWQ + GPTQ pipeline that leaves llama.cpp-readable blocks for the GGUF writer."""
+import copy
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+from lowbit.core.ggml_blocks import GGML_TYPES, dequantize_rows, quantize_rows
+from lowbit.io.gguf_file import parse_gguf, tensor_bytes
+from lowbit.methods.gptq_ggml import gptq_ggml
+from lowbit.pipeline.gguf_calibrated import quantize_gguf, tensor_types
+
+from conftest import wikitext_excerpt
+
+GRID_TYPES = [t.name for t in GGML_TYPES.values() if t.fit is not None]
+
+
+class Stats:
+    def __init__(self, X):
+        self.hessian = 2 * X.T @ X / len(X)
+        self.cache = {}
+
+
+def correlated_inputs(n: int, dim: int, gen) -> torch.Tensor:
+    """Activations with a few large channels and correlated directions, as LLM layers see."""
+    mix = torch.randn(dim, dim, generator=gen) / dim ** 0.5 + torch.eye(dim)
+    X = torch.randn(n, dim, generator=gen) @ mix
+    X[:, torch.randperm(dim, generator=gen)[:4]] *= 8
+    return X
+
+
+@pytest.mark.parametrize("name", GRID_TYPES)
+def test_fit_grid_describes_the_packed_blocks(name, gen):
+    """scale * levels[codes] + offset is what gguf-py decodes from pack(codes), for the reference codes
+    and for arbitrary codes on the grid."""
+    t = GGML_TYPES[name]
+    x = (torch.randn(24, t.block_size, generator=gen) * torch.rand(24, 1, generator=gen)).numpy()
+    f = t.fit(x)
+    assert np.array_equal(f.pack(f.codes), t.quantize(x))
+    rng = np.random.default_rng(0)
+    for codes in (f.codes, rng.integers(0, len(f.levels), size=f.codes.shape).astype(np.uint8)):
+        want = np.repeat(f.scale, f.sub, axis=1) * f.levels[codes] + np.repeat(f.offset, f.sub, axis=1)
+        got = gguf.quants.dequantize(f.pack(codes), gguf.GGMLQuantizationType(t.id)).reshape(want.shape)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q5_1", "q8_0", "iq4_nl", "q4_k", "q6_k"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_round_to_nearest_on_the_layer_loss(name, act_order, gen):
+    t = GGML_TYPES[name]
+    dim = 2 * max(t.block_size, 128)
+    X = correlated_inputs(2048, dim, gen)
+    w = torch.randn(48, dim, generator=gen) * 0.05
+    st = Stats(X)
+    data = gptq_ggml(w, name, stats=st, act_order=act_order, fallback_to_rtn=False)
+    rtn = quantize_rows(w.numpy(), name)
+    assert data.shape == rtn.shape and data.dtype == np.uint8
+
+    def out_err(blocks):  # || (W - Q) X^T ||^2, in float64 from gguf-py's decoding
+        q = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType(t.id)).reshape(w.shape)
+        return float(((w.double() - torch.from_numpy(q).double()) @ X.double().T).pow(2).sum())
+    assert out_err(data) < 0.9 * out_err(rtn)
+
+
+def test_gptq_refuses_what_it_cannot_solve(gen):
+    st = Stats(torch.randn(64, 64, generator=gen))
+    with pytest.raises(ValueError, match="float type"):
+        gptq_ggml(torch.randn(4, 64), "f16", stats=st)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        gptq_ggml(torch.randn(4, 64), "q4_k", stats=st)
+    with pytest.raises(ValueError, match="Hessian"):
+        gptq_ggml(torch.randn(4, 64), "q4_0", stats=object())
+
+
+def _windows(tok, split, n, length=128):
+    ids = tok(wikitext_excerpt(split), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    return [ids[i * length:(i + 1) * length][None] for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def calibrated(smollm2_2layers):
+    model, tok = smollm2_2layers
+    m = quantize_gguf(copy.deepcopy(model), "q4_0", _windows(tok, "valid", 8), progress=False)
+    return model, m, tok
+
+
+def test_calibrated_file_has_llama_cpps_types_and_the_solved_bytes(calibrated, tmp_path):
+    model, m, tok = calibrated
+    path = lowbit.save(m, tmp_path / "cal.gguf", source="smollm2-135m")  # the recipe comes from the model
+    f = parse_gguf(path)
+    assert f.meta["general.file_type"] == 2  # q4_0
+    types = tensor_types(model, "q4_0")
+    assert set(types.values()) == {"q4_0"} and len(types) == 14
+    back = lowbit.load(path)
+    for name, (kind, blocks) in m.lowbit_gguf_blocks.items():
+        assert kind == types[name.removesuffix(".weight")]
+        # the file holds the solved blocks (rows permuted for attn_q/attn_k), which decode to the layer
+        assert torch.equal(back.get_parameter(name), m.get_parameter(name))
+    rtn_path = lowbit.save(model, tmp_path / "rtn.gguf", recipe="q4_0", source="smollm2-135m")
+    g, r = parse_gguf(path), parse_gguf(rtn_path)
+    assert path.stat().st_size == rtn_path.stat().st_size  # same types, same size
+    tq = GGML_TYPES["q4_0"]
+    t_emb = GGML_TYPES["q8_0"]
+    same = np.array_equal(tensor_bytes(g, g.tensors["token_embd.weight"], t_emb.block_size, t_emb.type_size),
+                          tensor_bytes(r, r.tensors["token_embd.weight"], t_emb.block_size, t_emb.type_size))
+    assert same  # the embedding is written by round to nearest on both sides
+    assert not np.array_equal(tensor_bytes(g, g.tensors["blk.0.ffn_up.weight"], tq.block_size, tq.type_size),
+                              tensor_bytes(r, r.tensors["blk.0.ffn_up.weight"], tq.block_size, tq.type_size))
+
+
+def test_calibrated_codes_track_the_model_better_than_round_to_nearest(calibrated):
+    """On held-out text (test split; calibration used valid), the calibrated q4_0 model's next-token
+    distributions are closer to the float model's than round to nearest's in the same blocks."""
+    model, m, tok = calibrated
+    rtn = copy.deepcopy(model)
+    for name in m.lowbit_gguf_blocks:
+        p = rtn.get_parameter(name)
+        with torch.no_grad():
+            p.copy_(torch.from_numpy(dequantize_rows(quantize_rows(p.detach().numpy(), "q4_0"), "q4_0", p.shape[1])))
+    x = torch.cat(_windows(tok, "test", 4))
+    with torch.no_grad():
+        ref = torch.log_softmax(model(x).logits.double(), -1)
+        kl = {k: float((ref.exp() * (ref - torch.log_softmax(mm(x).logits.double(), -1))).sum(-1).mean())
+              for k, mm in (("gptq", m), ("rtn", rtn))}
+    assert kl["gptq"] < 0.8 * kl["rtn"], kl
+    losses = [(r.loss, r.rtn_loss) for r in m.lowbit_calibration.layers]
+    assert len(losses) == 14 and all(a <= b for a, b in losses)
+
+
+def test_changed_weights_fall_back_to_round_to_nearest(calibrated, tmp_path):
+    _, m, _ = calibrated
+    m2 = copy.deepcopy(m)
+    with torch.no_grad():
+        m2.get_parameter("model.layers.0.mlp.up_proj.weight").mul_(1.5)
+    with pytest.warns(UserWarning, match="changed after the calibrated solve"):
+        lowbit.save(m2, tmp_path / "x.gguf", source="smollm2-135m")
+    with pytest.warns(UserWarning, match="calibrated as q4_0"):
+        lowbit.save(m, tmp_path / "y.gguf", recipe="q8_0", source="smollm2-135m")
