@@ -6,7 +6,6 @@ tokenizer reader (what lowbit.load and other tools build from our file), and lla
 """
 import copy
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -186,9 +185,60 @@ LLAMA_TOKENIZE = Path("/tmp/llama.cpp/build/bin/llama-tokenize")
 
 @pytest.mark.skipif(not LLAMA_TOKENIZE.is_file(), reason="llama.cpp's llama-tokenize is not built here")
 def test_llama_cpp_tokenizes_the_written_file_like_transformers(written, smollm2_tok):
-    for s in SENTENCES[:-1]:
-        out = subprocess.run([str(LLAMA_TOKENIZE), "-m", str(written), "-p", s, "--ids", "--log-disable",
-                              "--no-bos"], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr[-2000:]
-        ids = json.loads(out.stdout.strip().splitlines()[-1])
-        assert ids == smollm2_tok.encode(s, add_special_tokens=False), s
+    for s in SENTENCES[:-1]:  # llama-tokenize reads an empty -p as no prompt
+        assert _llama_tokenize(written, s, bos=False) == smollm2_tok.encode(s, add_special_tokens=False), s
+
+
+def _spm_bpe_tokenizer(n_merged: int = 800):
+    """A Llama-2-shaped tokenizer (BPE over "▁"-prefixed text with <0xNN> byte fallback), trained here on
+    the wikitext excerpt: no Llama 2 tokenizer ships with the test data."""
+    from conftest import wikitext_excerpt
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    trainer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    trainer.normalizer = normalizer
+    trainer.train_from_iterator(wikitext_excerpt().splitlines(),
+                                trainers.BpeTrainer(vocab_size=n_merged, limit_alphabet=100, show_progress=False))
+    trained = json.loads(trainer.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for piece in sorted(trained["vocab"], key=trained["vocab"].get):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizer
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_byte_fallback_bpe_is_written_as_llama(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = _spm_bpe_tokenizer()
+    path = lowbit.save(_tiny_llama(len(tok)), tmp_path / "spm.gguf", recipe="f32", tokenizer=tok)
+    meta = parse_gguf(path).meta
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is True
+    assert meta["tokenizer.ggml.add_bos_token"] is True and meta["tokenizer.ggml.add_eos_token"] is False
+    assert meta["tokenizer.ggml.token_type"][:4] == [2, 3, 3, 6] and meta["tokenizer.ggml.tokens"][3 + 0x41] == "<0x41>"
+    assert "tokenizer.ggml.merges" not in meta  # llama.cpp's SPM tokenizer merges by score, as its converter writes
+    # transformers rebuilds the merges from our scores. (It also handles leading spaces its own way, a
+    # reader difference, so the sentence starting with spaces is left to llama.cpp below.)
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name, local_files_only=True)
+    for s in SENTENCES:
+        if not s.startswith(" "):
+            assert back.encode(s) == tok.encode(s), s
+    if LLAMA_TOKENIZE.is_file():
+        for s in SENTENCES[:-1]:
+            assert _llama_tokenize(path, s, bos=True) == tok.encode(s), s
+
+
+def _llama_tokenize(path: Path, text: str, bos: bool) -> list[int]:
+    out = subprocess.run([str(LLAMA_TOKENIZE), "-m", str(path), "-p", text, "--ids", "--log-disable"]
+                         + ([] if bos else ["--no-bos"]), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

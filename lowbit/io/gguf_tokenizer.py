@@ -155,7 +155,8 @@ def _spm_bpe(tj: dict, vocab_size: int) -> dict[str, tuple]:
             types.append(NORMAL)
         # llama.cpp merges the adjacent pair whose result has the highest score: minus the merge rank
         # reproduces the BPE merge order; tokens no merge makes (characters, bytes, specials) score 0
-        scores.append(-1000.0 if types[-1] in (USER_DEFINED, UNUSED) else -float(rank.get(t, 0)))
+        scores.append(-float(rank.get(t, 0)) if types[-1] == NORMAL else -1000.0 if types[-1] in (USER_DEFINED, UNUSED)
+                      else 0.0)
     return {
         "tokenizer.ggml.model": ("llama", _STRING, None),
         "tokenizer.ggml.pre": ("default", _STRING, None),
