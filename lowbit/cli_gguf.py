@@ -25,5 +25,5 @@ def cmd_quantize_gguf(args) -> None:
     else:
         model, tok = load_model(args.model)
     out = save(model, args.out, format="gguf", recipe=args.recipe, tokenizer=tok,
-               source=getattr(model, "lowbit_gguf_source", None) or str(args.model))
+               source=getattr(model, "lowbit_gguf_source", None))  # no GGUF source: tok is converted
     print(f"saved {args.recipe} (rtn) to {out} ({out.stat().st_size / 1e6:.1f} MB)")

@@ -4,7 +4,8 @@
 
 The container is written by the `gguf` package (GGUFWriter); the blocks come from
 lowbit.core.ggml_blocks; which tensor gets which type follows llama.cpp's quantizer
-(gguf_mixtures). The tokenizer is copied from a GGUF source (the `tokenizer.*` keys as they are).
+(gguf_mixtures). The tokenizer is copied from a GGUF source (the `tokenizer.*` keys as they are), or,
+for a model with no GGUF source, converted from the transformers tokenizer (gguf_tokenizer).
 Written to a temporary file beside the target and renamed into place, so a failed save leaves nothing.
 """
 from __future__ import annotations
@@ -124,17 +125,28 @@ _COPIED_GENERAL = ("general.name", "general.organization", "general.finetune", "
                    "general.size_label", "general.license", "general.languages")
 
 
-def _copy_fields(w, source: Path, vocab_size: int) -> None:
-    """Copy tokenizer.* (vocabulary, merges, special tokens, chat template) and descriptive general.*
-    keys from a GGUF file, with their value types."""
-    fields = _source_fields(str(source), source.stat().st_mtime_ns)
+def tokenizer_metadata(model: nn.Module, tokenizer, source: str | Path | None,
+                       vocab_size: int) -> dict[str, tuple]:
+    """{key: (value, value type, array item type)} for the tokenizer.* keys: copied (with the descriptive
+    general.* keys) from a GGUF source when there is one, else converted from `tokenizer`."""
+    src = tokenizer_source(model, source)
+    if src is not None:
+        fields = _source_fields(str(src), src.stat().st_mtime_ns)
+        what = f"tokenizer source {src}"
+    elif tokenizer is not None:
+        from .gguf_tokenizer import tokenizer_fields
+
+        fields = tokenizer_fields(tokenizer, vocab_size)
+        what = "the tokenizer"
+    else:
+        raise ValueError("GGUF export needs a tokenizer: pass tokenizer=<the transformers tokenizer> (converted), "
+                         "or source=<a .gguf path or built-in model> to copy one from a GGUF file")
     n_tokens = len(fields["tokenizer.ggml.tokens"][0]) if "tokenizer.ggml.tokens" in fields else 0
     if not n_tokens:
-        raise ValueError(f"tokenizer source {source} has no tokenizer.ggml.tokens")
+        raise ValueError(f"{what} has no tokenizer.ggml.tokens")
     if n_tokens != vocab_size:
-        raise ValueError(f"tokenizer source {source} has {n_tokens} tokens, the model {vocab_size}")
-    for key, (value, vtype, sub) in fields.items():
-        w.add_key_value(key, value, vtype, sub_type=sub)
+        raise ValueError(f"{what} has {n_tokens} tokens, the model {vocab_size}")
+    return fields
 
 
 @functools.lru_cache(maxsize=4)
@@ -154,17 +166,19 @@ def _source_fields(source: str, mtime_ns: int) -> dict:
     return out
 
 
-def tokenizer_source(model: nn.Module, source: str | Path | None) -> Path:
+def tokenizer_source(model: nn.Module, source: str | Path | None) -> Path | None:
     """The GGUF file whose tokenizer is copied: `source` (a .gguf path or built-in alias), else the file
-    the model was loaded from."""
+    the model was loaded from; None when there is neither (the tokenizer is then converted)."""
     from .builtin import BUILTIN, builtin_model_path
 
     src = source if source is not None else getattr(model, "lowbit_gguf_source", None)
+    if src is None:
+        return None
     if isinstance(src, str) and src in BUILTIN:
         src = builtin_model_path(src)
-    if src is None or Path(src).suffix != ".gguf" or not Path(src).is_file():
-        raise ValueError(f"GGUF export copies the tokenizer from a GGUF file: pass source=<a .gguf path or "
-                         f"built-in model> (got {src!r}); converting tokenizer.json is not supported yet")
+    if Path(src).suffix != ".gguf" or not Path(src).is_file():
+        raise ValueError(f"GGUF export copies the tokenizer from source={src!r}, which is not a .gguf file; "
+                         "pass a .gguf path or built-in model, or leave source out to convert tokenizer=")
     return Path(src)
 
 
@@ -231,7 +245,7 @@ def save_gguf(model: nn.Module, path: str | Path, recipe: str = "f16", *, tokeni
     path = Path(path)
     config, arch = model_arch(model)
     ft = file_type(recipe)
-    src = tokenizer_source(model, source)
+    tok_fields = tokenizer_metadata(model, tokenizer, source, config.vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
@@ -240,7 +254,8 @@ def save_gguf(model: nn.Module, path: str | Path, recipe: str = "f16", *, tokeni
         _hparams(w, config, arch)
         w.add_file_type(ft.ftype)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _copy_fields(w, src, config.vocab_size)
+        for key, (value, vtype, sub) in tok_fields.items():
+            w.add_key_value(key, value, vtype, sub_type=sub)
         for name, data, kind, shape in gguf_tensors(model, recipe):
             # GGUFWriter turns a uint8 array's byte shape back into the value shape (and reverses it)
             w.add_tensor(name, data.reshape(*shape[:-1], data.shape[-1]),
