@@ -1,29 +1,65 @@
-"""`lowbit quantize SRC --recipe q4_0 --out model.gguf`: the GGUF path of the quantize command.
+"""`lowbit quantize SRC --recipe q4_k_m --out model.gguf`: the GGUF path of the quantize command.
 
-Kept apart from cli.py so the lowbit-checkpoint path stays as it is. Round to nearest in llama.cpp's
-blocks (calibrated GGUF codes are not written yet: --method auto means rtn here).
+Kept apart from cli.py so the lowbit-checkpoint path stays as it is. --method rtn rounds to nearest
+in llama.cpp's blocks (byte for byte llama-quantize's output); auto (default) runs AWQ + GPTQ on
+each tensor's own type, calibrated on --text (pipeline/gguf_calibrated.py), for every quantized
+file type but q8_0 (8 bits: round to nearest is already within 0.3% of float).
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+CALIBRATED = ("awq+gptq", "gptq", "awq")
 
 
 def wants_gguf(args) -> bool:
     return Path(args.out).suffix == ".gguf"
 
 
-def cmd_quantize_gguf(args) -> None:
-    from .io import load, load_model, save
+def gguf_method(recipe: str, method: str) -> str:
     from .io.gguf_mixtures import file_type
 
-    file_type(args.recipe)  # fail on a bad name before loading anything
-    if args.method not in ("auto", "rtn") or args.method_option:
-        raise ValueError(f"--method {args.method}: GGUF export rounds to nearest in llama.cpp's blocks today; "
-                         "use --method rtn (calibrated GGUF codes are planned)")
-    if str(args.model).endswith(".gguf"):  # our reader: no tokenizer to build, it is copied from the file
+    ft = file_type(recipe)  # fail on a bad name before loading anything
+    if method == "auto":
+        return "rtn" if ft.default in ("f32", "f16", "bf16", "q8_0") else "awq+gptq"
+    if method != "rtn" and method not in CALIBRATED:
+        raise ValueError(f"--method {method}: GGUF files take rtn, auto, {', '.join(CALIBRATED)}")
+    return method
+
+
+def cmd_quantize_gguf(args) -> None:
+    from .cli import _text, calibration_split, check_out
+    from .eval import token_ids
+    from .io import load, load_model, save
+
+    method = gguf_method(args.recipe, args.method)
+    options = _gptq_options(args.method_option, method)
+    out = check_out(args.out, args.force)
+    if str(args.model).endswith(".gguf") and method == "rtn":  # our reader; the tokenizer is copied from the file
         model, tok = load(args.model), None
     else:
         model, tok = load_model(args.model)
-    out = save(model, args.out, format="gguf", recipe=args.recipe, tokenizer=tok,
+    if method != "rtn":
+        from .pipeline.gguf_calibrated import quantize_gguf
+
+        calib, where = calibration_split(token_ids(tok, _text(args.text)), args.window, args.calibration_windows)
+        print(f"calibrating {method} on windows {where['first_window']}-{where['first_window'] + where['windows'] - 1}"
+              f" of {args.window} tokens (the end of {args.text or 'the default text'})")
+        quantize_gguf(model, args.recipe, calib, method=method, calibration_dtype=args.calibration_dtype, **options)
+        print(model.lowbit_calibration.summary())
+    out = save(model, out, format="gguf", recipe=args.recipe, tokenizer=tok,
                source=getattr(model, "lowbit_gguf_source", None))  # no GGUF source: tok is converted
-    print(f"saved {args.recipe} (rtn) to {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    print(f"saved {args.recipe} ({method}) to {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
+def _gptq_options(items: list[str] | None, method: str) -> dict:
+    """--method-option gptq.damp=0.05 / gptq.act_order=false for the calibrated GGUF solve."""
+    from .cli import _method_options
+
+    opts = _method_options(items or [], {}) if items else {}
+    if opts and method == "rtn":
+        raise ValueError("--method-option: rtn GGUF export has no options")
+    unknown = [f"{m}.{k}" for m, kw in opts.items() for k in kw if m != "gptq" or k not in ("damp", "act_order")]
+    if unknown:
+        raise ValueError(f"--method-option {unknown[0]}: calibrated GGUF export takes gptq.damp and gptq.act_order")
+    return opts.get("gptq", {})

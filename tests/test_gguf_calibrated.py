@@ -139,3 +139,22 @@ def test_changed_weights_fall_back_to_round_to_nearest(calibrated, tmp_path):
         lowbit.save(m2, tmp_path / "x.gguf", source="smollm2-135m")
     with pytest.warns(UserWarning, match="calibrated as q4_0"):
         lowbit.save(m, tmp_path / "y.gguf", recipe="q8_0", source="smollm2-135m")
+
+
+def test_cli_writes_calibrated_codes_by_default(smollm2_2layers, tmp_path, capsys):
+    from lowbit.cli import main
+
+    model, _ = smollm2_2layers
+    src = lowbit.save(model, tmp_path / "src.gguf", recipe="f32", source="smollm2-135m")
+    out = tmp_path / "q.gguf"
+    assert main(["quantize", str(src), "--recipe", "q4_0", "--out", str(out), "--calibration-windows", "4",
+                 "--window", "64", "--method-option", "gptq.damp=0.02"]) == 0
+    said = capsys.readouterr().out
+    assert "calibrating awq+gptq" in said and "saved q4_0 (awq+gptq)" in said
+    rtn = lowbit.save(model, tmp_path / "rtn.gguf", recipe="q4_0", source="smollm2-135m")
+    a, b = lowbit.load(out), lowbit.load(rtn)
+    w = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(a.get_parameter(w), b.get_parameter(w))
+    assert main(["quantize", str(src), "--recipe", "q4_0", "--out", str(tmp_path / "z.gguf"),
+                 "--method-option", "awq.grid=3"]) == 2
+    assert "takes gptq.damp and gptq.act_order" in capsys.readouterr().err
