@@ -363,3 +363,15 @@ def test_pack_quantized_tensors_decompress_in_compressed_tensors(bits, symmetric
     assert torch.equal(w.float(), q.dequantize().half().float())  # it multiplies in the scales' dtype
     back = ct_module(tensors, fmt, ct, "w")["qweight"]
     assert torch.equal(back.dequantize(), q.dequantize())
+
+
+def test_load_puts_back_a_folder_an_interrupted_save_left_aside(tmp_path):
+    model = quantize(tiny_transformer("qwen2", 1), get_recipe("fp8-dynamic"), progress=False)
+    out, _ = _export(model, tmp_path)
+    aside = out.with_name(f".{out.name}.old-{2**22 + 9}")  # a save stopped between its two renames
+    out.rename(aside)
+    back = lowbit.load(out)
+    assert out.is_dir() and not aside.exists()
+    assert back.model.layers[0].mlp.up_proj.act_scheme == model.model.layers[0].mlp.up_proj.act_scheme
+    lowbit.save(model, tmp_path / "lb")  # lowbit's own format keeps the fp8 activation scheme too
+    assert lowbit.load(tmp_path / "lb").model.layers[0].mlp.up_proj.act_scheme.format == "fp8_e4m3"
