@@ -228,8 +228,9 @@ def get_recipe(name: "str | Recipe", method: str | None = None) -> Recipe:
 
 def auto_method(r: Recipe) -> str:
     """The best chain measured for the recipe's kind (docs/benchmarks.md, reference protocol):
-    W8A8 -> SmoothQuant (+0.61%); fp8 activations (fp8-dynamic) -> round to nearest; weights of 6 bits or fewer -> AWQ scales then GPTQ (w4g64
-    +5.86%, against GPTQ +13.2%, AWQ +11.3%, RTN +38.7%); 8-bit weights -> round to nearest
+    W8A8 -> SmoothQuant (+0.61%); fp8 activations (fp8-dynamic) -> round to nearest (no chain measured);
+    weights of 6 bits or fewer -> AWQ scales then GPTQ (w4g64 +5.86%, against GPTQ +13.2%, AWQ +11.3%,
+    RTN +38.7%); 8-bit weights -> round to nearest
     (already +0.12%). All but the last need calibration data."""
     if r.activations is not None and r.activations.fmt.kind == "int":
         return "smoothquant"
