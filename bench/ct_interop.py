@@ -1,7 +1,7 @@
 """compressed-tensors export of SmolLM2-135M, read back by transformers (the engine people use) and by
 lowbit.load: per recipe, how it loads and how far its logits are from lowbit's own quantized model.
 
-    OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python bench/ct_interop.py [--tokens 512]
+    OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python bench/ct_interop.py [--tokens 512] [--recipes fp8-dynamic,...]
 
 Round to nearest (the codes do not depend on the method); logits over the first --tokens tokens of
 wikitext-2 test (tests/data excerpt). Prints one markdown table.
@@ -16,14 +16,18 @@ from pathlib import Path
 
 import torch
 
-RECIPES = ("w4g64-sym", "w4g64-int-zero", "w8", "fp8", "w8a8-dynamic", "nvfp4")
+RECIPES = ("w4g64-sym", "w4g64-int-zero", "w8", "fp8", "w8a8-dynamic", "fp8-dynamic", "nvfp4",
+           "w4g64-sym+w8-down")
 
 
 def recipe(name: str):
     from lowbit.core import Scheme
     from lowbit.core.granularity import PerGroup
-    from lowbit.pipeline import Recipe, get_recipe
+    from lowbit.pipeline import Override, Recipe, get_recipe
 
+    if name == "w4g64-sym+w8-down":  # two config groups: int4 groups of 64, int8 per channel for down_proj
+        return get_recipe("w4g64-sym", "rtn").replace(
+            overrides=(Override("*down_proj", weights=get_recipe("w8").weights),), name=name)
     if name == "w4g64-int-zero":  # affine with integer zero points: GPTQ/AWQ's convention
         return Recipe(Scheme("uint4", PerGroup(64), symmetric=False, range="minmax", scale_format="fp16",
                              integer_zero=True), name=name)
@@ -39,12 +43,13 @@ def main() -> None:
 
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--recipes", default=",".join(RECIPES), help="comma list (default: all)")
     args = p.parse_args()
     base, tok = load_model("smollm2-135m")
     text = (Path(__file__).resolve().parents[1] / "tests/data/wikitext-2/test-excerpt.txt").read_text()
     ids = tok(text, return_tensors="pt").input_ids[:, : args.tokens]
     rows = []
-    for name in RECIPES:
+    for name in args.recipes.split(","):
         model = quantize(copy.deepcopy(base), recipe(name), progress=False)
         with torch.no_grad():
             ref = model(ids).logits

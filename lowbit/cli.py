@@ -161,14 +161,21 @@ def check_disjoint(calibrated: dict | None, text: str, window: int, windows: int
 def cmd_eval(args) -> None:
     from .eval import Reference, evaluate, model_size, perplexity, token_ids
     from .io import load, load_model
+    from .io.api import recover_folder
+    from .io.hf_quantized import quant_method
     from .io.lowbit_format import read_meta
     from .io.models import load_tokenizer
 
     path = Path(args.model)
+    recover_folder(path)  # a save interrupted between its renames left the folder aside
     if (path / "lowbit.json").is_file():
         meta = read_meta(path)
         model, tok = load(path), load_tokenizer(path)
         source, calibrated = args.reference or meta.get("source"), meta.get("calibration_text")
+    elif path.is_dir() and quant_method(path):  # GPTQ / AWQ / compressed-tensors of other tools: lowbit's reader
+        print(f"reading {path} ({quant_method(path)}) with lowbit.load")
+        model, tok = load(path), load_tokenizer(path)
+        source, calibrated = args.reference, None
     else:
         model, tok = load_model(args.model)
         source, calibrated = args.reference, None
@@ -240,11 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     pq.add_argument("--out", required=True, help="output folder, or a .gguf file (--recipe q8_0, q4_0, q4_k_m, ...)")
     pq.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
     pq.add_argument("--format", default="lowbit", help="lowbit (default) or compressed-tensors (for transformers "
-                    "and vLLM; needs an int, fp8 or nvfp4 recipe such as w4g64-sym, w8, fp8, w8a8-dynamic, nvfp4); "
+                    "and vLLM; needs an int, fp8 or nvfp4 recipe such as w4g64-sym, w8, fp8, w8a8-dynamic, "
+                    "fp8-dynamic, nvfp4); "
                     "an --out ending in .gguf writes GGUF")
     common(pq)
     pe = sub.add_parser("eval", help="perplexity, KL and top-1 agreement of a (quantized) model")
-    pe.add_argument("model", help="a folder written by `lowbit quantize`, or a model as for quantize")
+    pe.add_argument("model", help="a folder written by `lowbit quantize`, a GPTQ / AWQ / compressed-tensors "
+                    "folder of another tool (read with lowbit.load), or a model as for quantize")
     pe.add_argument("--reference", help="full-precision model to compare with (default: the saved source)")
     pe.add_argument("--windows", type=int, default=16, help="evaluation windows (default 16)")
     common(pe)

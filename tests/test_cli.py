@@ -118,3 +118,57 @@ def test_calibration_and_evaluation_windows_are_disjoint():
     with pytest.raises(ValueError, match="calibrated on tokens 448-640"):
         check_disjoint(where, "some text", 64, 8)
     assert "another text" in check_disjoint(where, "other text", 64, 10)
+
+
+def test_eval_reads_another_tools_gptq_folder_with_lowbit_load(smollm2_2layers, tmp_path, capsys):
+    """`lowbit eval` of a GPTQ folder (written here with an obvious packer: 4 bits, groups of 64, v1 zero
+    points) goes through lowbit.load, whose weights are (q - z) * s: its perplexity is the one of a float
+    model holding those weights. transformers alone would need GPTQModel to read the folder. A folder that
+    an interrupted save left aside (.NAME.old-PID) is put back first."""
+    import copy
+    import json
+
+    import numpy as np
+    from safetensors.torch import save_file
+    from test_io_hf_quantized import pack_words, v1_words
+
+    from lowbit.eval import perplexity, token_ids
+
+    model, tok = smollm2_2layers
+    ref = copy.deepcopy(model)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to the table
+    for name, m in ref.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.startswith("model.layers"):
+            w = m.weight.detach().double().numpy().T.reshape(-1, 64, m.out_features)  # [groups, 64, out]
+            lo, hi = np.minimum(w.min(1), 0), np.maximum(w.max(1), 0)
+            s = torch.from_numpy((hi - lo) / 15).half()
+            z = np.clip(np.round(-lo / s.double().numpy()), 0, 15).astype(np.int64)
+            q = np.clip(np.round(w / s.double().numpy()[:, None] + z[:, None]), 0, 15).astype(np.int64)
+            W = ((q - z[:, None]) * s.double().numpy()[:, None]).reshape(-1, m.out_features).T
+            m.weight.data = torch.from_numpy(W).float()
+            del state[f"{name}.weight"]
+            state.update({f"{name}.qweight": pack_words(q.reshape(-1, m.out_features), 4, 0),
+                          f"{name}.qzeros": v1_words(pack_words(z, 4, 1), 4), f"{name}.scales": s,
+                          f"{name}.g_idx": torch.arange(m.in_features, dtype=torch.int32) // 64})
+    folder = tmp_path / "gptq"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": False,
+                                  "sym": False, "checkpoint_format": "gptq"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    tok.save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"The river number {i} runs past the old mill and into the sea." for i in range(60)))
+    ids = token_ids(tok, text.read_text())
+    expected = perplexity(ref, ids, window=64, max_windows=2)
+
+    aside = tmp_path / f".gptq.old-{2**22 + 7}"  # as a save stopped between its two renames leaves it
+    folder.rename(aside)
+    assert main(["eval", str(folder), "--windows", "2", "--text", str(text), "--window", "64"]) == 0
+    said = capsys.readouterr().out
+    assert folder.is_dir() and not aside.exists()
+    assert "(gptq) with lowbit.load" in said
+    assert f"ppl {expected.ppl:.3f} over {expected.tokens} tokens" in said

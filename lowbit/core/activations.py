@@ -43,3 +43,17 @@ def fake_quant_int(x: torch.Tensor, bits: int, scale: torch.Tensor | None = None
         return (torch.round(x.float() / scale).clamp_(-qmax - 1, qmax) * scale).to(x.dtype)
     q = torch.round(x.float() / scale + zero).clamp_(0, 2**bits - 1)
     return ((q - zero) * scale).to(x.dtype)
+
+
+FP8_E4M3_MAX = 448.0
+
+
+def fake_quant_fp8_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize x to fp8_e4m3 with one scale per token (row of the last dimension):
+    scale = absmax / 448, x / scale rounded to the nearest fp8 value (torch's cast, ties to even),
+    times the scale. The rule of llm-compressor's FP8_DYNAMIC scheme: compressed-tensors' CPU
+    fake quantization and vLLM's dynamic per-token fp8 kernel divide by the same 448."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+    q = (x.float() / scale).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return (q.float() * scale).to(x.dtype)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from torch import nn
 
+from . import atomic
 from .lowbit_format import load_lowbit, save_lowbit
 
 SAVE_FORMATS = ("lowbit", "gguf", "compressed-tensors")
@@ -47,6 +48,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     (see hf_quantized)."""
     from .hf_quantized import load_hf_quantized, quant_method
 
+    recover_folder(path)
     if Path(path).suffix == ".gguf":
         from .gguf_read import load_gguf
 
@@ -56,3 +58,14 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     if model is None and not (Path(path) / "lowbit.json").exists() and quant_method(Path(path)):
         return load_hf_quantized(path)
     return load_lowbit(path, model=model)
+
+
+def recover_folder(path: str | Path) -> bool:
+    """Put back a checkpoint folder that a save stopped between its two renames left aside (lowbit's own
+    or a compressed-tensors folder; see atomic.recover). True when it did."""
+    return atomic.recover(Path(path), _whole_folder)
+
+
+def _whole_folder(folder: Path) -> bool:
+    # each writer writes its marker last: lowbit.json (lowbit), config.json (compressed-tensors)
+    return (folder / "lowbit.json").is_file() or (folder / "config.json").is_file()

@@ -12,7 +12,8 @@ Per quantized Linear `name`, the tensors each format stores (shapes for a weight
         name.weight_shape       int64 [2]
     int-quantized    int8 weights with int8 activations: name.weight int8 [out, in], weight_scale,
                      and name.input_scale [1] when the activations are static
-    float-quantized  fp8_e4m3 weights: name.weight float8_e4m3fn [out, in], weight_scale
+    float-quantized  fp8_e4m3 weights: name.weight float8_e4m3fn [out, in], weight_scale; with fp8
+                     activations per token, dynamic (FP8_DYNAMIC), nothing more is stored
     nvfp4-pack-quantized
         name.weight_packed      uint8 [out, in / 2], two E2M1 codes a byte, low nibble first
         name.weight_scale       float8_e4m3fn [out, in / 16]
@@ -64,9 +65,12 @@ def ct_scheme(q: QTensor, act_scheme=None, act_scale=None, act_zero=None, where:
                          "and a tensor scale (lowbit's 'nvfp4' scheme)")
         if q.shape[1] % 16:
             raise refuse(f"NVFP4 needs in_features divisible by 16, got {q.shape[1]}")
+        if act_scheme is not None:  # W4A4 needs fp4 activations in groups of 16 and a calibrated global scale
+            raise refuse("NVFP4 is exported with unquantized activations (NVFP4A16): lowbit has no fp4 "
+                         "activation scheme for compressed-tensors' NVFP4 (W4A4) preset")
         weights = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group",
                    "group_size": 16, "dynamic": False}
-        return "nvfp4-pack-quantized", _with_acts(weights, act_scheme, act_scale, act_zero, refuse)
+        return "nvfp4-pack-quantized", {"weights": weights, "input_activations": None}
     if s.tensor_scale:
         raise refuse("a tensor scale is only stored for NVFP4")
     if fmt.kind == "float":
@@ -119,9 +123,16 @@ def _with_acts(weights: dict, act, act_scale, act_zero, refuse) -> dict:
     scheme = {"weights": weights, "input_activations": None}
     if act is None:
         return scheme
+    if weights["type"] == "float":  # llm-compressor's FP8_DYNAMIC: fp8 weights, fp8 activations per token
+        if act.format != "fp8_e4m3" or not isinstance(act.granularity, PerToken) or act_scale is not None:
+            raise refuse(f"activations {act.format}/{type(act.granularity).__name__}: fp8 weights are exported "
+                         "with fp8_e4m3 activations per token, dynamic (the 'fp8-dynamic' recipe)")
+        scheme["input_activations"] = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token",
+                                       "dynamic": True}
+        return scheme
     if act.format != "int8" or not act.symmetric or act_zero is not None:
-        raise refuse(f"activations {act.format} ({'symmetric' if act.symmetric else 'affine'}): only "
-                     "symmetric int8 activations are exported")
+        raise refuse(f"activations {act.format} ({'symmetric' if act.symmetric else 'affine'}): int8 weights "
+                     "are exported with symmetric int8 activations only")
     if isinstance(act.granularity, PerToken) and act_scale is None:
         scheme["input_activations"] = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
                                        "dynamic": True}
@@ -305,11 +316,16 @@ def ct_module(t: dict[str, torch.Tensor], fmt: str, scheme, where: str) -> dict:
     act, act_scale = None, None
     if a is not None:
         a_strategy = a.strategy if isinstance(a.strategy, str) else a.strategy.value
-        if a.type != "int" or a.num_bits != 8 or not a.symmetric or a_strategy not in ("token", "tensor"):
-            raise ValueError(f"{where}: input activations {a.type}{a.num_bits} ({a_strategy}) are not read by lowbit "
-                             "(symmetric int8 per token or per tensor)")
-        act = Scheme("int8", PerToken() if a_strategy == "token" else PerTensor())
-        act_scale = None if a.dynamic else _need(t, "input_scale", where).float().reshape(())
+        a_type = a.type if isinstance(a.type, str) else a.type.value
+        if a_type == "float" and a.num_bits == 8 and a_strategy == "token" and a.dynamic is True:
+            act = Scheme("fp8_e4m3", PerToken())  # FP8_DYNAMIC
+        elif a_type == "int" and a.num_bits == 8 and a.symmetric and a_strategy in ("token", "tensor"):
+            act = Scheme("int8", PerToken() if a_strategy == "token" else PerTensor())
+            act_scale = None if a.dynamic else _need(t, "input_scale", where).float().reshape(())
+        else:
+            raise ValueError(f"{where}: input activations {a_type}{a.num_bits} ({a_strategy}, dynamic={a.dynamic}) "
+                             "are not read by lowbit (symmetric int8 per token or per tensor, fp8 per token "
+                             "dynamic)")
     gran = {"group": lambda: PerGroup(w.group_size), "channel": lambda: PerChannel(0), "tensor": PerTensor,
             "block": lambda: PerBlock(*w.block_structure)}
     if fmt == "pack-quantized":

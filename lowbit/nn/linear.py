@@ -6,7 +6,8 @@ reference, they dequantize and run a float matmul in the input's dtype.
 W8A8 (int8 weights per output channel, int8 activations per token or per
 tensor) runs an integer matmul (torch._int_mm, int32 accumulation) and
 rescales:  y = (q_x @ q_w^T) * s_x * s_w^T + b.  Other activation schemes
-fake-quantize the input, then run the weight-only path.
+fake-quantize the input (integers of any width; fp8_e4m3 per token, dynamic), then run the
+weight-only path.
 
 Devices and dtypes: lowbit runs quantized layers on the CPU (the unpacking, the
 numba kernels and every test are CPU code). `module.to(...)`, `.half()`,
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import QTensor, Scheme
-from ..core.activations import fake_quant_int, int8_per_token, int8_static
+from ..core.activations import fake_quant_fp8_per_token, fake_quant_int, int8_per_token, int8_static
 from ..core.granularity import PerChannel, PerTensor, PerToken
 from ..kernels import qmatmul
 from .base import QuantModule
@@ -41,6 +42,7 @@ class QuantLinear(QuantModule):
         self.out_features, self.in_features = qweight.shape
         self.qweight = qweight
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        _check_act_scheme(act_scheme, act_scale)
         self.act_scheme = act_scheme
         self.register_buffer("act_scale", act_scale)
         self.register_buffer("act_zero", act_zero)
@@ -55,6 +57,7 @@ class QuantLinear(QuantModule):
         """Static activation quantization from now on (ranges calibrated after the weights)."""
         if self.act_scheme is None:
             raise ValueError("this layer has no activation scheme to calibrate")
+        _check_act_scheme(self.act_scheme, scale)
         self.act_scale, self.act_zero = scale, zero
 
     def _int8_weight(self):
@@ -76,6 +79,8 @@ class QuantLinear(QuantModule):
             y = qmatmul.linear(x, self._plan, self.bias)
             if y is not None:
                 return y
+        elif self.act_scheme.fmt.kind == "float":
+            x = fake_quant_fp8_per_token(x)
         else:
             x = fake_quant_int(x, self.act_scheme.bits, self.act_scale, self.act_zero)
         # under autocast F.linear would cast the weight again: dequantize straight to its dtype
@@ -112,6 +117,17 @@ class QuantLinear(QuantModule):
     def extra_repr(self) -> str:
         act = f", act={self.act_scheme.format}/{type(self.act_scheme.granularity).__name__}" if self.act_scheme else ""
         return f"in={self.in_features}, out={self.out_features}, {self.qweight!r}{act}"
+
+
+def _check_act_scheme(a: Scheme | None, scale) -> None:
+    """Activation schemes the forward runs: integers (dynamic per token or calibrated), and fp8_e4m3
+    per token, dynamic (llm-compressor's FP8_DYNAMIC); anything else would be run wrongly."""
+    if a is None or a.fmt.kind == "int":
+        return
+    if a.format != "fp8_e4m3" or not isinstance(a.granularity, PerToken) or scale is not None:
+        raise ValueError(f"activations {a.format}/{type(a.granularity).__name__}"
+                         f"{' (static)' if scale is not None else ''}: float activations are run as fp8_e4m3 "
+                         "per token, dynamic (Scheme('fp8_e4m3', PerToken()), no observer)")
 
 
 def _weight_dtype(linear: nn.Module) -> torch.dtype:

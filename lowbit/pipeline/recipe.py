@@ -70,6 +70,10 @@ class Recipe:
             raise ValueError(f"observer={self.observer!r}: choose one of {', '.join(OBSERVERS)}")
         if self.observer is not None and self.activations is None:
             raise ValueError("an observer calibrates activations: give the recipe an activation scheme")
+        if self.observer is not None and self.activations.fmt.kind != "int":
+            raise ValueError(f"observer={self.observer!r} with {self.activations.format} activations: static "
+                             "activation ranges are calibrated for integer activations only; fp8 activations "
+                             "run dynamic, per token (the 'fp8-dynamic' recipe)")
         for o in self.overrides:
             if o.method:
                 get_method(o.method)
@@ -168,6 +172,8 @@ def solver_scheme(weights: Scheme, solver: str) -> Scheme:
 _W8 = Scheme("int8", PerChannel(0), scale_format="fp32")
 _A8_TOKEN = Scheme("int8", PerToken())
 _A8_TENSOR = Scheme("int8", PerTensor())
+# llm-compressor's FP8_DYNAMIC: fp8 weights per output channel, fp8 activations per token scaled at run time
+_FP8_TOKEN = Scheme("fp8_e4m3", PerToken())
 
 RECIPES: dict[str, Recipe] = {
     "w8": Recipe(_W8, name="w8"),
@@ -181,6 +187,7 @@ RECIPES: dict[str, Recipe] = {
     "nf4-dq": Recipe(SCHEMES["nf4-dq"], name="nf4-dq"),
     "fp8": Recipe(Scheme("fp8_e4m3", PerChannel(0)), name="fp8"),
     "fp8-tensor": Recipe(Scheme("fp8_e4m3", PerTensor()), name="fp8-tensor"),
+    "fp8-dynamic": Recipe(Scheme("fp8_e4m3", PerChannel(0)), activations=_FP8_TOKEN, name="fp8-dynamic"),
     "mxfp4": Recipe(SCHEMES["mxfp4"], name="mxfp4"),
     "mxfp8": Recipe(SCHEMES["mxfp8"], name="mxfp8"),
     "nvfp4": Recipe(SCHEMES["nvfp4"], name="nvfp4"),
@@ -221,9 +228,12 @@ def get_recipe(name: "str | Recipe", method: str | None = None) -> Recipe:
 
 def auto_method(r: Recipe) -> str:
     """The best chain measured for the recipe's kind (docs/benchmarks.md, reference protocol):
-    W8A8 -> SmoothQuant (+0.61%); weights of 6 bits or fewer -> AWQ scales then GPTQ (w4g64
-    +5.86%, against GPTQ +13.2%, AWQ +11.3%, RTN +38.7%); 8-bit weights -> round to nearest
+    W8A8 -> SmoothQuant (+0.61%); fp8 activations (fp8-dynamic) -> round to nearest (no chain measured);
+    weights of 6 bits or fewer -> AWQ scales then GPTQ (w4g64 +5.86%, against GPTQ +13.2%, AWQ +11.3%,
+    RTN +38.7%); 8-bit weights -> round to nearest
     (already +0.12%). All but the last need calibration data."""
-    if r.activations is not None:
+    if r.activations is not None and r.activations.fmt.kind == "int":
         return "smoothquant"
+    if r.activations is not None:  # fp8 activations: no calibrated chain measured for them
+        return "rtn"
     return "awq+gptq" if r.weights.bits <= 6 else "rtn"
