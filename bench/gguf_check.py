@@ -32,7 +32,7 @@ from lowbit.io.gguf_file import parse_gguf, tensor_bytes  # noqa: E402
 FTYPE_NAMES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1",
                "q5_0": "Q5_0", "q5_1": "Q5_1", "q2_k": "Q2_K", "q3_k_s": "Q3_K_S", "q3_k_m": "Q3_K_M",
                "q3_k_l": "Q3_K_L", "q4_k_s": "Q4_K_S", "q4_k_m": "Q4_K_M", "q5_k_s": "Q5_K_S", "q5_k_m": "Q5_K_M",
-               "q6_k": "Q6_K", "iq4_nl": "IQ4_NL"}
+               "q6_k": "Q6_K", "iq4_nl": "IQ4_NL", "q3_k": "Q3_K", "q4_k": "Q4_K", "q5_k": "Q5_K"}
 
 
 def bins() -> Path:

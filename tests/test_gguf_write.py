@@ -99,10 +99,38 @@ def test_suffix_picks_the_format_and_lowbit_rejects_a_gguf_recipe(small, tmp_pat
     assert not list(tmp_path.iterdir())
 
 
-def test_a_type_without_quantizer_names_the_tensor(small, tmp_path):
-    with pytest.raises(ValueError, match=r"m.gguf: tensor 'blk.0.ffn_down.weight'.*'q3_k': lowbit has no quantizer"):
-        lowbit.save(small, tmp_path / "m.gguf", recipe="q2_k", source="smollm2-135m")
-    assert not list(tmp_path.iterdir())
+def test_q2_k_and_q3_k_s_on_256_multiple_rows():
+    """llama_tensor_get_type for rows that fit 256-blocks (a 2048-wide model): q2_k keeps Q2_K for most
+    tensors, raises attn_v (Q4_K when 4+ query heads share a KV head), ffn_down and attn_output to Q3_K."""
+    q2, q3s = FILE_TYPES["q2_k"], FILE_TYPES["q3_k_s"]
+    kw = dict(ne0=2048, layer=7, n_layer=24, has_output=True)
+    for name, gqa3, gqa4 in (("blk.7.attn_q.weight", "q2_k", "q2_k"), ("blk.7.attn_v.weight", "q3_k", "q4_k"),
+                             ("blk.7.ffn_down.weight", "q3_k", "q3_k"), ("blk.7.attn_output.weight", "q3_k", "q3_k"),
+                             ("blk.7.ffn_up.weight", "q2_k", "q2_k"), ("output.weight", "q6_k", "q6_k"),
+                             ("token_embd.weight", "q2_k", "q2_k")):
+        assert (q2.tensor_type(name, n_gqa=3, **kw), q2.tensor_type(name, n_gqa=4, **kw)) == (gqa3, gqa4), name
+        assert q3s.tensor_type(name, n_gqa=4, **kw) == ("q6_k" if name == "output.weight" else "q3_k"), name
+    assert q2.tensor_type("blk.7.attn_q.weight", ne0=576, layer=7, n_layer=24, n_gqa=3) == "iq4_nl"
+
+
+def test_llama_quantize_aliases():
+    """llama-quantize's Q3_K, Q4_K, Q5_K are its _M mixtures (examples/quantize QUANT_OPTIONS)."""
+    for alias in ("q3_k", "q4_k", "q5_k"):
+        assert file_type(alias) is FILE_TYPES[alias + "_m"]
+    with pytest.raises(ValueError, match="known: .*q4_k_m.*q4_k"):
+        file_type("q4_k_x")
+
+
+def test_q2_k_file_reads_back_as_gguf_py_blocks(small, tmp_path):
+    """SmolLM2's 576-wide rows fall back to IQ4_NL (embedding: Q8_0); ffn_down (1536 wide) is Q3_K."""
+    path = lowbit.save(small, tmp_path / "m.gguf", recipe="q2_k", source="smollm2-135m")
+    r = gguf.GGUFReader(path)
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q3_K" and types["blk.1.attn_q.weight"] == "IQ4_NL"
+    assert types["token_embd.weight"] == "Q8_0" and r.fields["general.file_type"].contents() == 10
+    t = next(t for t in r.tensors if t.name == "blk.1.ffn_down.weight")
+    ref = gguf.quants.dequantize(t.data, t.tensor_type)
+    assert np.array_equal(lowbit.load(path).state_dict()["model.layers.1.mlp.down_proj.weight"].numpy(), ref)
 
 
 def test_unknown_architecture_is_named(tmp_path):

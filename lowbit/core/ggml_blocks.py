@@ -18,7 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from .ggml_kquants import BlockFit, _d_q4_k, _d_q5_k, _d_q6_k, _fit_q4_k, _fit_q5_k, _fit_q6_k
+from .ggml_kquants import (BlockFit, _d_q2_k, _d_q3_k, _d_q4_k, _d_q5_k, _d_q6_k, _fit_q2_k, _fit_q3_k, _fit_q4_k,
+                           _fit_q5_k, _fit_q6_k)
 
 F32 = np.float32
 
@@ -264,19 +265,15 @@ GGML_TYPES: dict[str, GGMLType] = {t.name: t for t in (
     GGMLType("q5_0", 6, 32, 22, _d_q5_0, _fit_q5_0),
     GGMLType("q5_1", 7, 32, 24, _d_q5_1, _fit_q5_1),
     GGMLType("iq4_nl", 20, 32, 18, _d_iq4_nl, _fit_iq4_nl),
+    GGMLType("q2_k", 10, 256, 84, _d_q2_k, _fit_q2_k),
+    GGMLType("q3_k", 11, 256, 110, _d_q3_k, _fit_q3_k),
     GGMLType("q4_k", 12, 256, 144, _d_q4_k, _fit_q4_k),
     GGMLType("q5_k", 13, 256, 176, _d_q5_k, _fit_q5_k),
     GGMLType("q6_k", 14, 256, 210, _d_q6_k, _fit_q6_k),
 )}
 
 
-NOT_YET = ("q2_k", "q3_k")  # llama.cpp types lowbit reads (through gguf-py) but cannot write yet
-
-
 def get_type(name: str) -> GGMLType:
-    if name in NOT_YET:
-        raise ValueError(f"GGML type {name!r}: lowbit has no quantizer for it yet (it reads it); "
-                         "choose a recipe without it, e.g. q3_k_m, q3_k_l, q4_k_m")
     if name not in GGML_TYPES:
         raise ValueError(f"unknown GGML type {name!r}; known: {', '.join(GGML_TYPES)}")
     return GGML_TYPES[name]

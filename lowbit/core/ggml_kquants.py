@@ -32,8 +32,12 @@ class BlockFit:
 
 
 def nearest_int(v: np.ndarray) -> np.ndarray:
-    """ggml's nearest_int (the 1.5 * 2**23 trick): round half to even, as np.rint, for |v| < 2**22."""
-    return np.rint(v).astype(np.int32)
+    """ggml's nearest_int: add 1.5 * 2**23 in float32 and read the low 23 bits. That is round half to
+    even (np.rint) for |v| < 2**22; beyond, and for inf, it wraps as the C does (release builds drop the
+    assert), which Q3_K's search can reach when it divides by a tiny positive sum before clamping."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        bits = (np.asarray(v, F32) + F32(12582912)).astype(F32).view(np.int32)
+    return (bits & 0x7FFFFF) - 0x400000
 
 
 def _first_absmax(x: np.ndarray) -> np.ndarray:
@@ -136,9 +140,11 @@ def _seq_sum(terms: np.ndarray) -> np.ndarray:
     return acc
 
 
-def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """Affine codes for rows x: [m, n] with weights w (ggml make_qkx2_quants, squared error): a grid
-    search over 1/scale, each candidate refit by weighted least squares of scale and min.
+def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+                     use_mad: bool = False):
+    """Affine codes for rows x: [m, n] with weights w (ggml make_qkx2_quants): a grid search over
+    1/scale, each candidate refit by weighted least squares of scale and min, kept when its weighted
+    error (squared, or absolute with use_mad as Q2_K asks) is lower.
     Returns (scale [m], min [m] (>= 0, subtracted), codes [m, n] in 0..nmax)."""
     mn = np.minimum(x.min(axis=1), F32(0))
     mx = x.max(axis=1)
@@ -151,7 +157,7 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
 
     def error(scale, lo, L):
         diff = scale[:, None] * L + lo[:, None] - x
-        return _seq_sum(w * (diff * diff))
+        return _seq_sum(w * (np.abs(diff) if use_mad else diff * diff))
 
     iscale = (F32(nmax) / (mx - mn)).astype(F32)
     scale = (F32(1) / iscale).astype(F32)
@@ -273,3 +279,137 @@ def _d_q5_k(b: np.ndarray) -> np.ndarray:
     hi = np.stack([np.stack([(qh >> (2 * c)) & 1, (qh >> (2 * c + 1)) & 1], axis=1) for c in range(4)], axis=1)
     q = (lo | hi << 4).reshape(n, 8, 32).astype(F32)
     return ((dd[:, :1] * ls)[:, :, None] * q - (dd[:, 1:] * lm)[:, :, None]).reshape(n, 256)
+
+
+def _pack_2bit(L: np.ndarray) -> np.ndarray:
+    """[n, 256] codes < 4 -> [n, 64]: byte 32*h + l holds values 128*h + 32*k + l at bits 2k (Q2_K, Q3_K)."""
+    q = L.reshape(len(L), 2, 4, 32).astype(np.uint8)
+    return (q[:, :, 0] | q[:, :, 1] << 2 | q[:, :, 2] << 4 | q[:, :, 3] << 6).reshape(len(L), 64)
+
+
+def _unpack_2bit(qs: np.ndarray) -> np.ndarray:
+    q = qs.reshape(len(qs), 2, 1, 32)
+    return ((q >> np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]) & 3).reshape(len(qs), 256)
+
+
+def _fit_q2_k(x: np.ndarray) -> BlockFit:
+    """[n, 256] -> blocks of [n, 84]: 16 bytes of 4-bit scales (low) and mins (high), 64 bytes of
+    2-bit codes, fp16 d and dmin. Sub-blocks of 16 fit by make_qkx2_quants on weights |x|, absolute error."""
+    n = len(x)
+    sub = x.reshape(n * 16, 16)
+    scales, mins, L = make_qkx2_quants(sub, np.abs(sub), 3, -0.5, F32(0.1), 15, use_mad=True)
+    scales, mins = scales.reshape(n, 16), mins.reshape(n, 16)
+    max_scale = np.maximum(scales.max(axis=1), F32(0))
+    max_min = np.maximum(mins.max(axis=1), F32(0))
+    with np.errstate(divide="ignore"):
+        inv_scale = np.where(max_scale > 0, F32(15) / max_scale, F32(0)).astype(F32)
+        inv_min = np.where(max_min > 0, F32(15) / max_min, F32(0)).astype(F32)
+    # C stores the int in a uint8 and ORs the min's nibble over it (a negative scale would wrap)
+    ls, lm = nearest_int(inv_scale[:, None] * scales), nearest_int(inv_min[:, None] * mins)
+    sc = ((ls | lm << 4) & 0xFF).astype(np.uint8)
+    d16 = (max_scale / F32(15)).astype(np.float16)
+    dmin16 = (max_min / F32(15)).astype(np.float16)
+    scale = d16.astype(F32)[:, None] * (sc & 0xF).astype(F32)
+    dm = dmin16.astype(F32)[:, None] * (sc >> 4).astype(F32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        requant = np.clip(nearest_int((x.reshape(n, 16, 16) + dm[:, :, None]) / scale[:, :, None]), 0, 3)
+    L = np.where((scale != 0)[:, :, None], requant, L.reshape(n, 16, 16)).reshape(n, 256).astype(np.uint8)
+    tail = _f16_pair(d16, dmin16)
+    return BlockFit(scale, -dm, np.arange(4, dtype=F32), 16, L,
+                    lambda L: np.concatenate([sc, _pack_2bit(L), tail], axis=1))
+
+
+def _d_q2_k(b: np.ndarray) -> np.ndarray:
+    n = len(b)
+    sc = b[:, :16]
+    dd = np.ascontiguousarray(b[:, 80:84]).view(np.float16).astype(F32)
+    q = _unpack_2bit(b[:, 16:80]).reshape(n, 16, 16).astype(F32)
+    dl = dd[:, :1] * (sc & 0xF).astype(F32)
+    ml = dd[:, 1:] * (sc >> 4).astype(F32)
+    return (dl[:, :, None] * q - ml[:, :, None]).reshape(n, 256)
+
+
+def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric codes for rows x: [m, n] (ggml make_q3_quants with do_rmse): round at -nmax/max, then up
+    to 5 sweeps that move one code at a time to its least-squares value when that raises sumlx**2/suml2
+    (weights x**2). The sweeps run in C order per row; rows run side by side. A sweep that changes nothing
+    leaves the state as it was, so running all 5 equals C's early exit.
+    Returns (scale [m] float32, codes [m, n] in 0 .. 2*nmax-1; all-zero rows get scale 0, codes 0)."""
+    mx = _first_absmax(x)
+    zero = np.abs(mx[:, 0]) < GROUP_MAX_EPS
+    mx = np.where(zero[:, None], F32(1), mx)
+    w = x * x
+    iscale = (F32(-nmax) / mx).astype(F32)
+    l = np.clip(nearest_int(iscale * x), -nmax, nmax - 1)
+    sumlx, suml2 = _weighted_sums(x, w, l)
+    for _ in range(5):
+        for i in range(x.shape[1]):
+            wx, wi, li = w[:, i] * x[:, i], w[:, i], l[:, i].astype(F32)
+            slx = sumlx - wx * li
+            sl2 = suml2 - wi * li * li
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                new_l = np.clip(nearest_int(x[:, i] * sl2 / slx), -nmax, nmax - 1)
+                nl = new_l.astype(F32)
+                slx = slx + wx * nl
+                sl2 = sl2 + wi * nl * nl
+                take = ((sumlx - wx * li > 0) & (new_l != l[:, i]) & (sl2 > 0)
+                        & (slx * slx * suml2 > sumlx * sumlx * sl2))
+            l[:, i] = np.where(take, new_l, l[:, i])
+            sumlx = np.where(take, slx, sumlx)
+            suml2 = np.where(take, sl2, suml2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(zero, F32(0), sumlx / suml2).astype(F32)
+    return scale, np.where(zero[:, None], 0, l + nmax)
+
+
+def _pack_q3_scales(l: np.ndarray) -> np.ndarray:
+    """[n, 16] 6-bit scales -> [n, 12]: low nibbles of 0..7 and 8..15 share bytes 0..7, the top two bits
+    of scale j sit in byte 8 + j % 4 at bit 2 * (j // 4)."""
+    hi = (l >> 4).reshape(len(l), 4, 4)  # [j // 4, j % 4]
+    top = hi[:, 0] | hi[:, 1] << 2 | hi[:, 2] << 4 | hi[:, 3] << 6
+    return np.concatenate([(l[:, :8] & 0xF) | (l[:, 8:] & 0xF) << 4, top], axis=1).astype(np.uint8)
+
+
+def _unpack_q3_scales(s: np.ndarray) -> np.ndarray:
+    """[n, 12] -> [n, 16] scales as stored, 0..63 (the value is this minus 32)."""
+    low = np.concatenate([s[:, :8] & 0xF, s[:, :8] >> 4], axis=1)
+    top = np.stack([(s[:, 8:12] >> (2 * g)) & 3 for g in range(4)], axis=1).reshape(len(s), 16)
+    return low | top << 4
+
+
+def _fit_q3_k(x: np.ndarray) -> BlockFit:
+    """[n, 256] -> blocks of [n, 110]: hmask (32: bit 3 of the code), qs (64: low 2 bits), 12 bytes of
+    6-bit signed scales (offset by 32), fp16 d. Sub-blocks of 16 fit by make_q3_quants, levels -4..3."""
+    n = len(x)
+    scales, L = make_q3_quants(x.reshape(n * 16, 16), 4)
+    scales, L = scales.reshape(n, 16), L.reshape(n, 16, 16)
+    max_scale = _first_absmax(scales)[:, 0]
+    empty = max_scale == 0
+    with np.errstate(divide="ignore"):
+        iscale = (F32(-32) / np.where(empty, F32(1), max_scale)).astype(F32)
+        d16 = np.where(empty, F32(0), F32(1) / iscale).astype(np.float16)
+    ls = np.clip(nearest_int(iscale[:, None] * scales), -32, 31) + 32
+    ls = np.where(empty[:, None], 0, ls).astype(np.uint8)  # C leaves the scale bytes zeroed
+    scale = d16.astype(F32)[:, None] * (ls.astype(F32) - F32(32))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        requant = np.clip(nearest_int(x.reshape(n, 16, 16) / scale[:, :, None]), -4, 3) + 4
+    L = np.where((scale != 0)[:, :, None], requant, L).reshape(n, 256).astype(np.uint8)
+    tail = np.concatenate([_pack_q3_scales(ls), d16.view(np.uint8).reshape(n, 2)], axis=1)
+
+    def pack(L):
+        high = (L >> 2).reshape(n, 8, 32)  # value j: hmask byte j % 32, bit j // 32
+        hmask = np.zeros((n, 32), np.uint8)
+        for k in range(8):
+            hmask |= (high[:, k] << k).astype(np.uint8)
+        return np.concatenate([hmask, _pack_2bit(L & 3), tail], axis=1)
+    return BlockFit(scale, np.zeros_like(scale), np.arange(-4, 4, dtype=F32), 16, L, pack)
+
+
+def _d_q3_k(b: np.ndarray) -> np.ndarray:
+    n = len(b)
+    hm = b[:, :32]
+    high = np.stack([(hm >> k) & 1 for k in range(8)], axis=1).reshape(n, 256)
+    q = (_unpack_2bit(b[:, 32:96]) | high << 2).astype(F32) - F32(4)
+    d = np.ascontiguousarray(b[:, 108:110]).view(np.float16).astype(F32)
+    dl = d * (_unpack_q3_scales(b[:, 96:108]).astype(F32) - F32(32))
+    return (dl[:, :, None] * q.reshape(n, 16, 16)).reshape(n, 256)

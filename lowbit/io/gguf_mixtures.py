@@ -105,7 +105,13 @@ FILE_TYPES: dict[str, FileType] = {f.name: f for f in (
 )}
 
 
+# llama-quantize's short names (its QUANT_OPTIONS table): each is the _M mixture, same file type id
+ALIASES = {"q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}
+
+
 def file_type(name: str) -> FileType:
-    if name not in FILE_TYPES:
-        raise ValueError(f"unknown GGUF recipe {name!r}; known: {', '.join(FILE_TYPES)}")
-    return FILE_TYPES[name]
+    """The file type for a recipe name or one of llama-quantize's aliases (q4_k is q4_k_m)."""
+    ft = FILE_TYPES.get(ALIASES.get(name, name))
+    if ft is None:
+        raise ValueError(f"unknown GGUF recipe {name!r}; known: {', '.join([*FILE_TYPES, *ALIASES])}")
+    return ft
