@@ -8,7 +8,8 @@
     numba    a plain numba GEMV of the same int4 weight (the technology choice, docs/benchmarks.md)
     bandwidth  weight bytes per call / time, against a warm copy of 256 MiB in the same run
     decode   greedy decode tokens/s of SmolLM2-135M: fp32, bf16, and w8 / w4g64 / nf4 (RTN)
-             with the kernels and with the torch path
+             with the kernels and with the torch path; gguf-q4_0 / gguf-q8_0 (--models): the model
+             written as that GGUF file by lowbit and loaded with lowbit.load(..., keep_quantized=True)
 
     .venv/bin/python bench/kernels.py                 # everything, 2 threads
     .venv/bin/python bench/kernels.py --skip-decode   # matmul, numba and bandwidth only
@@ -19,7 +20,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -166,6 +169,7 @@ def decode(new_tokens: int, runs: int, which: list[str], with_torch_path: bool) 
     models = {}
     for k in which:
         models[k] = (copy.deepcopy(model).to(torch.bfloat16) if k == "bf16" else model if k == "fp32"
+                     else gguf_kept(model, k.removeprefix("gguf-")) if k.startswith("gguf-")
                      else lowbit.quantize(copy.deepcopy(model), k, progress=False))
 
     def speed(m, new_tokens=new_tokens, runs=runs):
@@ -183,6 +187,13 @@ def decode(new_tokens: int, runs: int, which: list[str], with_torch_path: bool) 
                 before = f"{speed(m, new_tokens=8, runs=1).decode_tokens_per_s:.1f}"
         ratio = f"{s.decode_tokens_per_s / bf:.2f}" if bf else "-"
         print(f"| {k} | {s.decode_tokens_per_s:.1f} | {ratio} | {s.prefill_tokens_per_s:.0f} | {before} |", flush=True)
+
+
+def gguf_kept(model, recipe: str):
+    """The model written as a GGUF file of `recipe` and read back with its q4_0/q8_0 layers quantized."""
+    with tempfile.TemporaryDirectory() as d:
+        path = lowbit.save(model, Path(d) / f"model-{recipe}.gguf", recipe=recipe, source="smollm2-135m")
+        return lowbit.load(path, keep_quantized=True)
 
 
 def main() -> None:

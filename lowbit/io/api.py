@@ -41,11 +41,12 @@ def save(model: nn.Module, path: str | Path, format: str | None = None, *, token
     return save_lowbit(model, path, tokenizer=tokenizer, source=source)
 
 
-def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+def load(path: str | Path, model: nn.Module | None = None, *, keep_quantized: bool = False) -> nn.Module:
     """Rebuild a quantized model saved by lowbit.save (see load_lowbit); a .gguf file loads as a
-    transformers model with dequantized float32 weights (see gguf_read.load_gguf); a Hugging Face
-    folder quantized by another tool (compressed-tensors, GPTQ, AWQ) loads into QuantLinear layers
-    (see hf_quantized)."""
+    transformers model with dequantized float32 weights (see gguf_read.load_gguf), or with
+    keep_quantized=True its q4_0 and q8_0 Linear weights as QuantLinear layers (the file's codes
+    and scales, run by lowbit's kernels); a Hugging Face folder quantized by another tool
+    (compressed-tensors, GPTQ, AWQ) loads into QuantLinear layers (see hf_quantized)."""
     from .hf_quantized import load_hf_quantized, quant_method
 
     recover_folder(path)
@@ -54,7 +55,10 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
 
         if model is not None:
             raise ValueError("lowbit.load: a .gguf file builds its own model; do not pass model=")
-        return load_gguf(path)
+        return load_gguf(path, keep_quantized=keep_quantized)
+    if keep_quantized:
+        raise ValueError(f"lowbit.load({str(path)!r}, keep_quantized=True): the option chooses how a .gguf file "
+                         "loads; lowbit and Hugging Face quantized folders always load quantized")
     if model is None and not (Path(path) / "lowbit.json").exists() and quant_method(Path(path)):
         return load_hf_quantized(path)
     return load_lowbit(path, model=model)

@@ -2,6 +2,7 @@
 
     w = read_gguf_tensors("model.gguf", ["blk.0.attn_q.weight"])   # GGUF names and layout
     model = load_gguf("model.gguf")                                 # transformers names, q/k un-permuted
+    model = load_gguf("model.gguf", keep_quantized=True)            # q4_0/q8_0 Linear layers as QuantLinear
 
 Blocks are decoded by lowbit.core.ggml_blocks; types lowbit has no decoder for go through gguf-py.
 A GGUF file is data from outside: any file, truncated, corrupt or with impossible sizes, gives a
@@ -15,7 +16,9 @@ import numpy as np
 import torch
 
 from ..core.ggml_blocks import type_by_id
+from ..nn.linear import QuantLinear
 from .gguf_file import GGUFFile, TensorInfo, parse_gguf, tensor_bytes
+from .gguf_qtensor import SCHEMES, split_blocks, to_qtensor
 
 
 def _dequantize(f: GGUFFile, info: TensorInfo) -> np.ndarray:
@@ -96,9 +99,15 @@ def _config(f: GGUFFile):
     return cls, config, ARCHS[model_type]
 
 
-def load_gguf(path: str | Path):
+def load_gguf(path: str | Path, keep_quantized: bool = False):
     """A transformers model (eval mode, float32, dequantized) from a GGUF file of a Llama-family model;
-    lowbit.load_model(path) also builds its tokenizer (through transformers, slower)."""
+    lowbit.load_model(path) also builds its tokenizer (through transformers, slower).
+
+    keep_quantized: every Linear weight stored as q4_0 or q8_0 becomes a QuantLinear holding the
+    file's codes and scales as a QTensor (int4 or int8, PerGroup(32), fp16 scales; see gguf_qtensor),
+    which runs lowbit's packed-code kernels and dequantizes bit for bit to the float model's weight.
+    Every other type (f32, f16, bf16, q4_1, q5_0, q5_1, the k-quants, i-quants), the embeddings and
+    the norms load as float32, as they do by default."""
     from .gguf_write import gguf_name
 
     f = parse_gguf(path)
@@ -112,7 +121,7 @@ def load_gguf(path: str | Path):
     by_gguf = {gguf_name(k)[0]: k for k in model.state_dict() if not k.endswith("rotary_emb.inv_freq")}
     if config.tie_word_embeddings:
         by_gguf.pop("output.weight", None)
-    state = {}
+    state, kept = {}, {}
     for name, info in f.tensors.items():
         if name not in by_gguf:
             raise ValueError(f"{f.path}: tensor {name!r} does not belong to a {arch.gguf} model")
@@ -120,16 +129,40 @@ def load_gguf(path: str | Path):
         expected = tuple(model.get_parameter(key).shape)
         if info.shape != expected:
             raise ValueError(f"{f.path}: tensor {name!r} has shape {info.shape}, the config says {expected}")
+        n_head = _permuted_heads(name, arch, config)
+        t = _kept_type(model, key, info) if keep_quantized else None
+        if t is not None:
+            codes, scales = split_blocks(tensor_bytes(f, info, t.block_size, t.type_size), t.name, info.shape)
+            if n_head:
+                codes, scales = unpermute_rows(codes, n_head), unpermute_rows(scales, n_head)
+            kept[key.removesuffix(".weight")] = to_qtensor(codes, scales, t.name)
+            continue
         w = _dequantize(f, info)
-        if arch.permute_qk and ".attn_q." in name:
-            w = unpermute_rows(w, config.num_attention_heads)
-        elif arch.permute_qk and ".attn_k." in name:
-            w = unpermute_rows(w, config.num_key_value_heads)
-        state[key] = _tensor(w)
+        state[key] = _tensor(unpermute_rows(w, n_head) if n_head else w)
     if by_gguf:
         raise ValueError(f"{f.path}: tensor {sorted(by_gguf)[0]!r} is missing ({len(by_gguf)} in all)")
     model.load_state_dict(state, strict=False, assign=True)
+    for name, q in kept.items():  # after the state: QuantLinear copies the layer's (loaded) bias
+        model.set_submodule(name, QuantLinear.from_linear(model.get_submodule(name), q))
     if config.tie_word_embeddings:
         model.tie_weights()
     model.lowbit_gguf_source = str(f.path)
     return model.eval()
+
+
+def _permuted_heads(name: str, arch, config) -> int:
+    """The head count to un-permute a GGUF q/k weight's rows by (llama.cpp's converter interleaves
+    rotary pairs for Llama models), 0 for every other tensor."""
+    if arch.permute_qk and ".attn_q." in name:
+        return config.num_attention_heads
+    if arch.permute_qk and ".attn_k." in name:
+        return config.num_key_value_heads
+    return 0
+
+
+def _kept_type(model, key: str, info: TensorInfo):
+    """The GGML type of a Linear layer's weight that gguf_qtensor keeps quantized, else None."""
+    t = type_by_id(info.type_id)
+    if t is None or t.name not in SCHEMES or not key.endswith(".weight") or len(info.shape) != 2:
+        return None
+    return t if isinstance(model.get_submodule(key.removesuffix(".weight")), torch.nn.Linear) else None
