@@ -56,7 +56,7 @@ def main() -> int:
     print("| recipe | MB | bits/weight | llama.cpp (no imatrix) | llama.cpp + imatrix | lowbit " + args.method +
           " | lowbit vs imatrix | lowbit solve s |")
     print("|---|---|---|---|---|---|---|---|")
-    n_params = sum(p.numel() for p in model.parameters() if p is not model.get_output_embeddings().weight)
+    n_params = sum(p.numel() for p in model.parameters())  # a tied output shares the embedding's parameter
     for recipe in args.recipes.split(","):
         ref, ref_im = work / f"llama-{recipe}.gguf", work / f"llama-{recipe}-imatrix.gguf"
         run([b / "llama-quantize", f32, ref, FTYPE_NAMES[recipe], args.threads])

@@ -24,8 +24,12 @@ from .gptq import _inverse_hessian_factor, _shared_factor
 
 
 def gptq_ggml(w: torch.Tensor, type_name: str, *, stats, damp: float = 0.01, block_size: int = 128,
-              act_order: bool = False, fallback_to_rtn: bool = True) -> np.ndarray:
-    """w: [out, in] -> GGML blocks [out, in // block * type_size] uint8 of type `type_name`."""
+              act_order: bool = True, clip: bool = True, fallback_to_rtn: bool = True) -> np.ndarray:
+    """w: [out, in] -> GGML blocks [out, in // block * type_size] uint8 of type `type_name`.
+
+    clip (with act_order's up-front fit): fit each block's parameters on its weights clipped to the
+    ratio of CLIP_RATIOS whose round-to-nearest output error (the block's diagonal block of H) is
+    least, as AWQ clips groups; the solve still targets the unclipped weights."""
     t = get_type(type_name)
     if t.fit is None:
         raise ValueError(f"GGML type {type_name!r} has no grid to solve on (a float type): write it as it is")
@@ -45,7 +49,7 @@ def gptq_ggml(w: torch.Tensor, type_name: str, *, stats, damp: float = 0.01, blo
     W[:, dead] = 0
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(C)
     U = _shared_factor(stats, (damp, act_order), lambda: _inverse_hessian_factor(H[perm][:, perm], dead[perm], damp))
-    grid = _Grid(t, W, static=act_order)
+    grid = _Grid(t, _clipped(W, t, H) if act_order and clip else W, static=act_order)
     W = W[:, perm]
     for i1 in range(0, C, block_size):
         i2 = min(i1 + block_size, C)
@@ -66,6 +70,34 @@ def gptq_ggml(w: torch.Tensor, type_name: str, *, stats, damp: float = 0.01, blo
         return blocks
     rtn = t.quantize(np.ascontiguousarray(w.detach().float().numpy()).reshape(-1, t.block_size)).reshape(R, -1)
     return blocks if _loss(w, blocks, type_name, H) <= _loss(w, rtn, type_name, H) else rtn
+
+
+CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(9))  # 1.0 down to 0.6
+
+
+def _clipped(W: torch.Tensor, t, H: torch.Tensor) -> torch.Tensor:
+    """W with each (row, block) clipped to the ratio of its absolute maximum whose round trip through
+    the type has the least output error d H_bb d^T. Every GGML fit works block by block, so fitting
+    the mixed result gives each block the parameters of its best ratio."""
+    R, C = W.shape
+    bs = t.block_size
+    nb = C // bs
+    Hb = torch.stack([H[b * bs:(b + 1) * bs, b * bs:(b + 1) * bs] for b in range(nb)])  # [nb, bs, bs]
+    amax = W.reshape(R, nb, bs).abs().amax(-1, keepdim=True)
+    best, out = None, W.clone()
+    for r in CLIP_RATIOS:
+        lim = (amax * r).expand(R, nb, bs).reshape(R, C)
+        Wc = torch.maximum(torch.minimum(W, lim), -lim)
+        blocks = t.quantize(np.ascontiguousarray(Wc.numpy()).reshape(-1, bs))
+        d = (W - torch.from_numpy(t.dequantize(blocks)).reshape(R, C)).reshape(R, nb, bs)
+        err = torch.einsum("rbi,bij,rbj->rb", d, Hb, d)
+        if best is None:
+            best = err
+            continue
+        better = err < best
+        best = torch.where(better, err, best)
+        out = torch.where(better.repeat_interleave(bs, dim=1), Wc, out)
+    return out
 
 
 def _loss(w: torch.Tensor, blocks: np.ndarray, type_name: str, H: torch.Tensor) -> float:
