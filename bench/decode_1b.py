@@ -7,7 +7,8 @@ The model: transformers LlamaConfig, hidden 2048, 16 layers, intermediate 8192, 
 weights N(0, 0.02) from a fixed seed: 1.07B parameters, about 4.3 GB in fp32.
 
 Each row: decode tok/s (one [1, 1] step after another with the KV cache, after a prompt of
---prompt-tokens and a warm-up run), the ratio to bf16 PyTorch, and the achieved bandwidth:
+--prompt-tokens and a warm-up run), the ratio to bf16 PyTorch, prefill tok/s (one forward over
+--prefill-tokens), and the achieved bandwidth of the decode steps:
 weight bytes a step reads (every linear layer's weight incl. the output layer; the embedding
 row is left out) / time per token, against a 256 MiB copy measured in the same run.
 
@@ -85,24 +86,38 @@ def build(base: torch.nn.Module, kind: str) -> torch.nn.Module:
 
 
 @torch.inference_mode()
-def decode_speed(model, prompt_tokens: int, new_tokens: int, runs: int) -> tuple[float, float]:
-    """(decode tok/s, prefill tok/s): the best of `runs` after one warm-up run."""
-    g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=g)
+def decode_speed(model, prompt_tokens: int, new_tokens: int, runs: int) -> float:
+    """Decode tok/s: the best of `runs` runs of new_tokens steps after a prompt, after a warm-up run."""
     key = _cache_name(model)  # the KV-cache argument's name in this transformers
-    best_d = best_p = float("inf")
+    best = float("inf")
     for i in range(runs + 1):
-        t0 = CLOCK()
-        out = model(input_ids=prompt, use_cache=True)
-        t1 = CLOCK()
+        out = model(input_ids=_prompt(model, prompt_tokens), use_cache=True)
         cache, nxt = getattr(out, key), out.logits[:, -1].argmax(-1, keepdim=True)
+        t0 = CLOCK()
         for _ in range(new_tokens if i else 2):
             out = model(input_ids=nxt, use_cache=True, **{key: cache})
             cache, nxt = getattr(out, key), out.logits[:, -1].argmax(-1, keepdim=True)
-        t2 = CLOCK()
         if i:
-            best_p, best_d = min(best_p, t1 - t0), min(best_d, (t2 - t1) / new_tokens)
-    return 1 / best_d, prompt_tokens / best_p
+            best = min(best, (CLOCK() - t0) / new_tokens)
+    return 1 / best
+
+
+@torch.inference_mode()
+def prefill_speed(model, tokens: int, runs: int) -> float:
+    """Prefill tok/s: one forward over a prompt of `tokens`, the best of `runs` after a warm-up."""
+    prompt = _prompt(model, tokens)
+    best = float("inf")
+    for i in range(runs + 1):
+        t0 = CLOCK()
+        model(input_ids=prompt, use_cache=True)
+        if i:
+            best = min(best, CLOCK() - t0)
+    return tokens / best
+
+
+def _prompt(model, tokens: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, model.config.vocab_size, (1, tokens), generator=g)
 
 
 def copy_bandwidth() -> float:
@@ -152,7 +167,8 @@ def main() -> None:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     ap.add_argument("--models", default=MODELS, help="fp32, bf16, recipe names, recipe@bf16 (bf16 activations)")
     ap.add_argument("--gguf", default="q4_0,q8_0", help="llama.cpp types to write and run ('' for none)")
-    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--prompt-tokens", type=int, default=16, help="context before the timed decode steps")
+    ap.add_argument("--prefill-tokens", type=int, default=128, help="prompt length of the prefill timing (0: skip)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=2, help="timed decode runs per model (best counts)")
     ap.add_argument("--llama-cpp", default=os.environ.get("LOWBIT_LLAMA_CPP", "/tmp/llama.cpp/build/bin"))
@@ -167,7 +183,8 @@ def main() -> None:
     base = random_llama()
     copy_gbs = copy_bandwidth()
     print(f"copy: {copy_gbs:.1f} GB/s read; {sum(p.numel() for p in base.parameters()) / 1e9:.2f}B parameters\n")
-    print("| 1B Llama, random weights | decode tok/s | vs bf16 | weight MB/token | GB/s | of copy | prefill tok/s |")
+    print(f"| 1B Llama, random weights | decode tok/s | vs bf16 | weight MB/token | GB/s | of copy | "
+          f"prefill tok/s ({a.prefill_tokens}) |")
     print("|---|---|---|---|---|---|---|")
     bf16 = None
 
@@ -181,7 +198,8 @@ def main() -> None:
 
     for kind in a.models.split(","):
         m = build(base, kind)
-        tps, pps = decode_speed(m, a.prompt_tokens, a.new_tokens, a.runs)
+        tps = decode_speed(m, a.prompt_tokens, a.new_tokens, a.runs)
+        pps = prefill_speed(m, a.prefill_tokens, a.runs) if a.prefill_tokens else float("nan")
         name = kind if "@" in kind or kind not in ("fp32", "bf16") else f"{kind} (torch)"
         row(name.replace("@bf16", " (bf16 act)"), tps, weight_bytes(m), f"{pps:.0f}")
         if m is not base:
