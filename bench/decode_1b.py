@@ -14,6 +14,7 @@ row is left out) / time per token, against a 256 MiB copy measured in the same r
 
     PYTHONPATH=. .venv/bin/python bench/decode_1b.py                       # 2 threads, wall clock
     PYTHONPATH=. .venv/bin/python bench/decode_1b.py --threads 1 --clock cpu   # busy machine
+    PYTHONPATH=. .venv/bin/python bench/decode_1b.py --model smollm2-135m      # the same rows for SmolLM2
     LOWBIT_LLAMA_CPP=/tmp/llama.cpp/build/bin ...                          # where llama-bench is
 
 --clock cpu (with --threads 1): PyTorch rows count the calling thread's CPU time; llama.cpp rows
@@ -163,6 +164,7 @@ def llama_bench(bin_dir: Path, path: Path, threads: int, new_tokens: int, cpu_cl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="1b", help="1b (random weights, above) or a lowbit built-in, e.g. smollm2-135m")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     ap.add_argument("--models", default=MODELS, help="fp32, bf16, recipe names, recipe@bf16 (bf16 activations)")
@@ -180,10 +182,16 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     print(f"clock {a.clock}, threads {a.threads}, backend: {qmatmul.backend()}, torch {torch.__version__}, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
-    base = random_llama()
+    if a.model == "1b":
+        base = random_llama()
+    else:  # a lowbit built-in model, loaded in fp32
+        from lowbit.io import load_model
+
+        base = load_model(a.model)[0].eval()  # fp32 (dequantized from its GGUF file)
     copy_gbs = copy_bandwidth()
     print(f"copy: {copy_gbs:.1f} GB/s read; {sum(p.numel() for p in base.parameters()) / 1e9:.2f}B parameters\n")
-    print(f"| 1B Llama, random weights | decode tok/s | vs bf16 | weight MB/token | GB/s | of copy | "
+    title = "1B Llama, random weights" if a.model == "1b" else a.model
+    print(f"| {title} | decode tok/s | vs bf16 | weight MB/token | GB/s | of copy | "
           f"prefill tok/s ({a.prefill_tokens}) |")
     print("|---|---|---|---|---|---|---|")
     bf16 = None
