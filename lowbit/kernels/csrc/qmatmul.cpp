@@ -544,7 +544,8 @@ at::Tensor gemv_bf16_op(const at::Tensor& x, const at::Tensor& codes, const at::
   for (int i = 0; i < 16; ++i) {
     uint32_t b;
     std::memcpy(&b, t + i, 4);
-    TORCH_CHECK(bf16_to_f32(uint16_t(b >> 16)) == t[i], "lowbit qmatmul: the bf16 kernel needs a table bf16 holds exactly");
+    TORCH_CHECK(bf16_to_f32(uint16_t(b >> 16)) == t[i],
+                "lowbit qmatmul: the bf16 kernel needs a table bf16 holds exactly");
   }
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return y;
@@ -554,7 +555,8 @@ at::Tensor gemv_bf16_op(const at::Tensor& x, const at::Tensor& codes, const at::
     gsum_buf.assign(M * a.G, 0.f);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t j = 0; j < a.G; ++j)
-        for (int64_t k = j * a.g; k < std::min(K, (j + 1) * a.g); ++k) gsum_buf[m * a.G + j] += bf16_to_f32(xp[m * K + k]);
+        for (int64_t k = j * a.g; k < std::min(K, (j + 1) * a.g); ++k)
+          gsum_buf[m * a.G + j] += bf16_to_f32(xp[m * K + k]);
   }
   const float* gs = a.zeros ? gsum_buf.data() : nullptr;
   float* yp = y.data_ptr<float>();
