@@ -116,13 +116,11 @@ def linear(x: torch.Tensor, p: Plan | None, bias: torch.Tensor | None = None) ->
         return None
     x2 = x.reshape(-1, p.K)
     if x2.shape[0] <= GEMV_MAX_TOKENS:
-        if p.bf16_gemv and x.dtype == torch.bfloat16:
-            y = ops().gemv_bf16(x2.contiguous(), p.codes, p.scales, p.zeros, p.table, p.N, p.group).to(x.dtype)
-            if bias is not None:
-                y += bias.to(y.dtype)
-            return y.reshape(*x.shape[:-1], p.N)
-        y = ops().gemv(x2.float().contiguous(), p.codes, p.scales, p.zeros, p.table, p.N, p.group, p.decoder,
-                       p.scale_mul)
+        if p.bf16_gemv and x.dtype == torch.bfloat16:  # bf16 products, float32 sums: no widening copy
+            y = ops().gemv_bf16(x2.contiguous(), p.codes, p.scales, p.zeros, p.table, p.N, p.group)
+        else:
+            y = ops().gemv(x2.float().contiguous(), p.codes, p.scales, p.zeros, p.table, p.N, p.group, p.decoder,
+                           p.scale_mul)
         y = y if x.dtype == torch.float32 else y.to(x.dtype)
         if bias is not None:
             y += bias.to(y.dtype)
