@@ -7,9 +7,11 @@
              disturbed by other work)
     numba    a plain numba GEMV of the same int4 weight (the technology choice, docs/benchmarks.md)
     bandwidth  weight bytes per call / time, against a warm copy of 256 MiB in the same run
-    decode   greedy decode tokens/s of SmolLM2-135M: fp32, bf16, and w8 / w4g64 / nf4 (RTN)
-             with the kernels and with the torch path; gguf-q4_0 / gguf-q8_0 (--models): the model
+    decode   greedy decode and prefill tokens/s of SmolLM2-135M: fp32, bf16, and w8 / w4g64 / nf4
+             (RTN) with fp32 activations and with bf16 ones (recipe@bf16: quantized, then
+             .to(bfloat16)), with the kernels and with the torch path; gguf-q4_0 / gguf-q8_0: the model
              written as that GGUF file by lowbit and loaded with lowbit.load(..., keep_quantized=True)
+    (bench/decode_1b.py: the same for a 1B-parameter Llama with random weights, and llama.cpp)
 
     .venv/bin/python bench/kernels.py                 # everything, 2 threads
     .venv/bin/python bench/kernels.py --skip-decode   # matmul, numba and bandwidth only
@@ -84,13 +86,12 @@ def matmul(rounds: int) -> None:
                         rounds if M * K * N < 1e9 else max(2, rounds // 3))
             print(f"| {M}x{K}x{N} | {name} | {t['kernel'] * 1e3:.3f} | {t['bf16'] / t['kernel']:.2f} | "
                   f"{t['fp32'] / t['kernel']:.2f} | {t['torch'] / t['kernel']:.2f} |")
-        for name in ("w4g64",):  # prefill in bf16: dequantize once to bf16, bf16 matmul
-            if M > qmatmul.GEMV_MAX_TOKENS:
-                p = plan(lowbit.core.quantize(w, RECIPES[name].weights))
-                t = fastest({"kernel": lambda: qmatmul.linear(xb, p), "bf16": lambda: F.linear(xb, wb)},
-                            max(2, rounds // 3))
-                print(f"| {M}x{K}x{N} bf16 input | {name} | {t['kernel'] * 1e3:.3f} | {t['bf16'] / t['kernel']:.2f} "
-                      f"| - | - |")
+        for name in ("w4g64", "w4g64-sym"):  # bf16 input: gemv_bf16, or (prefill) the bf16 weight and matmul
+            p = plan(lowbit.core.quantize(w, RECIPES[name].weights))
+            t = fastest({"kernel": lambda: qmatmul.linear(xb, p), "bf16": lambda: F.linear(xb, wb)},
+                        rounds if M * K * N < 1e9 else max(2, rounds // 3))
+            print(f"| {M}x{K}x{N} bf16 input | {name} | {t['kernel'] * 1e3:.3f} | {t['bf16'] / t['kernel']:.2f} "
+                  f"| - | - |")
 
 
 def numba_gemv():
@@ -167,10 +168,13 @@ def decode(new_tokens: int, runs: int, which: list[str], with_torch_path: bool) 
 
     model, tok = load_model("smollm2-135m")
     models = {}
-    for k in which:
+    for k in which:  # recipe@bf16: quantized, then .to(bf16): the same codes, bf16 activations
+        recipe, _, act = k.partition("@")
         models[k] = (copy.deepcopy(model).to(torch.bfloat16) if k == "bf16" else model if k == "fp32"
                      else gguf_kept(model, k.removeprefix("gguf-")) if k.startswith("gguf-")
-                     else lowbit.quantize(copy.deepcopy(model), k, progress=False))
+                     else lowbit.quantize(copy.deepcopy(model), recipe, progress=False))
+        if act == "bf16":
+            models[k] = models[k].to(torch.bfloat16)
 
     def speed(m, new_tokens=new_tokens, runs=runs):
         return generation_speed(m, tok, prompt_tokens=128, new_tokens=new_tokens, runs=runs, progress=False)
@@ -207,7 +211,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3, help="timed generation runs per model (median)")
     ap.add_argument("--skip-matmul", action="store_true")
-    ap.add_argument("--models", default="bf16,fp32,w8,w4g64,nf4", help="decode: bf16, fp32 and recipe names")
+    ap.add_argument("--models", default="bf16,fp32,w8,w4g64,nf4,w8@bf16,w4g64@bf16,nf4@bf16",
+                    help="decode: bf16, fp32, recipe names, recipe@bf16 (quantized, then .to(bfloat16))")
     ap.add_argument("--skip-torch-path", action="store_true", help="decode: skip the slow torch-path runs")
     a = ap.parse_args()
     if a.clock == "cpu" and a.threads != 1:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build llama.cpp from source under /tmp (pinned commit) for checking lowbit's GGUF files with the
-# real engine: llama-cli, llama-perplexity, llama-quantize, llama-imatrix, llama-tokenize.
+# real engine: llama-cli, llama-perplexity, llama-quantize, llama-imatrix, llama-tokenize, llama-bench.
 #
 #   bench/llama_cpp.sh                     # build into /tmp/llama.cpp/build/bin
 #   LOWBIT_LLAMA_CPP=/tmp/llama.cpp/build/bin python bench/gguf_check.py   # the checks
@@ -14,7 +14,7 @@ set -euo pipefail
 COMMIT=c392e5094deaf2d1a7c18683214f007fad3fe42b   # master 2025-02-20 (b4747+1)
 DEST=${LLAMA_CPP_DIR:-/tmp/llama.cpp}
 JOBS=${JOBS:-2}
-TARGETS=(llama-cli llama-perplexity llama-quantize llama-imatrix llama-tokenize)
+TARGETS=(llama-cli llama-perplexity llama-quantize llama-imatrix llama-tokenize llama-bench)
 
 if [ ! -f "$DEST/CMakeLists.txt" ]; then
   mkdir -p "$DEST"

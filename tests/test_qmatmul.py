@@ -195,3 +195,103 @@ def test_generate_on_quantized_smollm2_uses_the_kernels(smollm2_2layers, monkeyp
         ref_out = q.generate(ids, max_new_tokens=4, do_sample=False)
     assert torch.allclose(want, ref, atol=2e-3, rtol=1e-3)
     assert torch.equal(out, ref_out)
+
+
+# bf16 input. gemv_bf16 (4-bit codes whose table bf16 holds exactly) multiplies bf16 codes by the
+# bf16 input exactly and sums in float32, so its float32 output meets the float32 bound against
+# float64 dequantize-then-matmul *of the bf16-rounded input*; linear() then rounds to bf16.
+BF16_TABLE_SCHEMES = ["w4g32", "w4g64", "w4g128", "int4-g64-fp32", "int4-g128-bf16", "int4-g64-fp16-affine-intzero",
+                      "mxfp4"]
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(5, 34), (3, 66)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", BF16_TABLE_SCHEMES)
+def test_bf16_gemv_matches_float64(name, shape, gen):
+    if not qmatmul.has_bf16():
+        pytest.skip("this CPU lacks AVX512-BF16")
+    N, K = shape
+    q = lowbit.core.quantize(torch.randn(N, K, generator=gen) * torch.rand(N, 1, generator=gen), SCHEMES[name])
+    p = plan(q)
+    assert p.bf16_gemv
+    for M in (1, 2, 3, 4, 5, 8, 16):
+        x = torch.randn(M, K, generator=gen).bfloat16()
+        y = qmatmul.ops().gemv_bf16(x, p.codes, p.scales, p.zeros, p.table, p.N, p.group)
+        assert y.dtype == torch.float32
+        check(y, x.float(), q)  # float32 output: the float32 bound, no bf16 allowance
+        check(qmatmul.linear(x, p), x.float(), q)  # bf16 output: + 2^-8 |y|
+
+
+def test_bf16_input_takes_gemv_bf16_only_where_the_table_is_exact(monkeypatch, gen):
+    if not qmatmul.has_bf16():
+        pytest.skip("this CPU lacks AVX512-BF16")
+    w = torch.randn(64, 256, generator=gen)
+    assert not plan(lowbit.core.quantize(w, SCHEMES["nf4"])).bf16_gemv  # nf4's levels are not bf16 values
+    assert not plan(lowbit.core.quantize(w, SCHEMES["w8"])).bf16_gemv
+    calls = []
+    real = qmatmul.ops()
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(qmatmul, "ops", lambda: Spy())
+    x = torch.randn(2, 256, generator=gen).bfloat16()
+    for name, want in (("w4g64", "gemv_bf16"), ("nf4", "gemv")):
+        q = lowbit.core.quantize(w, SCHEMES[name])
+        calls.clear()
+        check(qmatmul.linear(x, plan(q)), x.float(), q)
+        assert calls == [want]
+
+
+def test_bf16_model_runs_the_kernels_on_the_same_codes(smollm2_2layers, monkeypatch):
+    """lowbit.quantize, then .to(bfloat16): the codes stay as stored, every layer runs a kernel
+    with bf16 input, and the logits match the torch path's bf16 forward."""
+    model, tok = smollm2_2layers
+    ids = tok("The tower is 324 metres tall, about the same height as", return_tensors="pt").input_ids
+    q = lowbit.quantize(copy.deepcopy(model), "w4g64", progress=False)
+    codes = {n: m.qweight.codes.clone() for n, m in q.named_modules() if isinstance(m, QuantLinear)}
+    q = q.to(torch.bfloat16)
+    for n, m in q.named_modules():
+        if isinstance(m, QuantLinear):
+            assert m.dtype == torch.bfloat16 and torch.equal(m.qweight.codes, codes[n])
+    calls = []
+    real = qmatmul.linear
+
+    def spy(x, p, bias=None):
+        y = real(x, p, bias)
+        calls.append((x.dtype, y is not None and y.dtype))
+        return y
+
+    monkeypatch.setattr(qmatmul, "linear", spy)
+    with torch.inference_mode():
+        want = q(ids).logits
+        out = q.generate(ids, max_new_tokens=4, do_sample=False)
+    assert calls and all(c == (torch.bfloat16, torch.bfloat16) for c in calls)
+    monkeypatch.setattr(qmatmul, "linear", lambda *a, **k: None)
+    with torch.inference_mode():
+        ref = q(ids).logits
+    assert want.dtype == torch.bfloat16 and out.shape[1] == ids.shape[1] + 4
+    # bf16 activations through two layers: agree to bf16 precision relative to the logits' scale
+    assert (want.float() - ref.float()).abs().max() <= 0.05 * ref.float().abs().max()
+
+
+def test_prefill_bf16_opt_in(monkeypatch, gen):
+    """LOWBIT_PREFILL=bf16: x and W rounded to bf16 (2^-9 relative each), products summed in
+    float32, the result rounded to bf16 (2^-9 |y|) and widened: within
+    2^-7 (|x| @ |W|^T) + 2^-8 |y| + the float32 bound of float64. Off by default."""
+    w = torch.randn(256, 576, generator=gen)
+    q = lowbit.core.quantize(w, SCHEMES["w4g64"])
+    x = torch.randn(100, 576, generator=gen)
+    assert not qmatmul.PREFILL_BF16
+    monkeypatch.setattr(qmatmul, "PREFILL_BF16", True)
+    y = qmatmul.linear(x, plan(q))
+    assert y.dtype == torch.float32
+    wd = q.dequantize()
+    ref = F.linear(x.double(), wd.double())
+    tol = 2.0 ** -7 * (x.double().abs() @ wd.double().abs().T) + 2.0 ** -8 * ref.abs() + bound(x, wd)
+    assert ((y.double() - ref).abs() <= tol).all()
+    assert (y - F.linear(x, wd)).abs().max() > 0  # it did run in bf16
+    monkeypatch.setenv("LOWBIT_PREFILL", "fp16")
+    with pytest.raises(ValueError, match="LOWBIT_PREFILL"):
+        qmatmul._prefill_setting()

@@ -17,9 +17,17 @@ scale_values() reads (e8m0, fp8 scales, nf4-dq's double-quantized scales, a tens
 those are widened to float32 once per weight and kept in the plan.
 
 Routes, by the number of tokens M (rows of x):
-    M <= GEMV_MAX_TOKENS   gemv: reads the codes once for up to 8 tokens at a time, float32 FMA
+    M <= GEMV_MAX_TOKENS   gemv: reads the codes once for up to 4 tokens at a time, float32 FMA;
+                           bf16 input and a 4-bit table bf16 holds exactly (int4, uint4, fp4):
+                           gemv_bf16, AVX512-BF16 dot products (exact products, float32 sums)
+                           where the CPU has them; other bf16/fp16 input is widened to float32
     larger M (prefill)     dequantize once per call to bf16 (bf16 input) or float32, into a
                            reused per-thread buffer, then F.linear
+
+LOWBIT_PREFILL=bf16 (opt-in, default off) runs float32 prefill through the bf16 route too: x and
+W rounded to bf16, bf16 GEMM, result widened back to float32. That changes an fp32 model's
+numerics (about 2^-8 relative per product; tests/test_qmatmul.py states the bound), so it is
+never the default: lowbit's perplexity evaluations of fp32 models stay fp32.
 """
 from __future__ import annotations
 
@@ -43,6 +51,17 @@ TABLE4, INT8, UINT8, FP8_E4M3, FP8_E5M2 = range(5)
 
 _SOURCE = Path(__file__).with_name("csrc") / "qmatmul.cpp"
 _build_error: str | None = None
+
+
+def _prefill_setting() -> bool:
+    v = os.environ.get("LOWBIT_PREFILL", "")
+    if v not in ("", "fp32", "bf16"):
+        raise ValueError(f"LOWBIT_PREFILL={v!r}: expected 'bf16' (float32 prefill through the bf16 GEMM) or "
+                         "'fp32' / unset (the default: prefill in the input's dtype)")
+    return v == "bf16"
+
+
+PREFILL_BF16 = _prefill_setting()  # read once, at import
 _SCRATCH = threading.local()
 
 
@@ -62,6 +81,7 @@ class Plan:
     scale_mul: float
     source: tuple  # the QTensor's tensors this plan reads: a plan is reused only while they are
     covered: bool = True  # False: no kernel covers this weight (remembered, so not checked again)
+    bf16_gemv: bool = False  # bf16 input may take gemv_bf16 (4-bit codes, table exact in bf16, CPU has BF16)
 
 
 def decoder(fmt: Format) -> tuple[int | None, torch.Tensor, float]:
@@ -96,15 +116,20 @@ def linear(x: torch.Tensor, p: Plan | None, bias: torch.Tensor | None = None) ->
         return None
     x2 = x.reshape(-1, p.K)
     if x2.shape[0] <= GEMV_MAX_TOKENS:
-        y = ops().gemv(x2.float().contiguous(), p.codes, p.scales, p.zeros, p.table, p.N, p.group, p.decoder,
-                       p.scale_mul)
+        if p.bf16_gemv and x.dtype == torch.bfloat16:  # bf16 products, float32 sums: no widening copy
+            y = ops().gemv_bf16(x2.contiguous(), p.codes, p.scales, p.zeros, p.table, p.N, p.group)
+        else:
+            y = ops().gemv(x2.float().contiguous(), p.codes, p.scales, p.zeros, p.table, p.N, p.group, p.decoder,
+                           p.scale_mul)
         y = y if x.dtype == torch.float32 else y.to(x.dtype)
         if bias is not None:
             y += bias.to(y.dtype)
     else:
-        dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+        bf16 = x.dtype == torch.bfloat16 or (PREFILL_BF16 and x.dtype == torch.float32)
+        dtype = torch.bfloat16 if bf16 else torch.float32
         w = dequantize(p, dtype, _scratch(p.N * p.K, dtype).view(p.N, p.K))
-        y = F.linear(x2, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        xw = x2.to(dtype) if bf16 else x2
+        y = F.linear(xw, w.to(xw.dtype), None if bias is None else bias.to(xw.dtype)).to(x.dtype)
     return y.reshape(*x.shape[:-1], p.N)
 
 
@@ -126,10 +151,16 @@ def _scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[:n]
 
 
+@functools.cache
+def has_bf16() -> bool:
+    """The kernels are built and this CPU has AVX512-BF16 (gemv_bf16 runs)."""
+    return ops() is not None and ops().available_bf16()
+
+
 def backend() -> str:
     """'c++ avx512 (<extension name>)', or why the kernels are off."""
     if ops() is not None:
-        return f"c++ avx512 ({_name()})"
+        return f"c++ avx512{'+bf16' if has_bf16() else ''} ({_name()})"
     return _build_error or "off"
 
 

@@ -51,7 +51,8 @@ def _make_plan(q: QTensor, source: tuple) -> Plan | None:
     if G > 1 and group % 32:
         return None
     scales, zeros = _scales(q, N, G, wide=decoder != TABLE4)
-    return Plan(q.codes, scales, zeros, table, N, K, group, decoder, scale_mul, source)
+    bf16_gemv = decoder == TABLE4 and qmatmul.has_bf16() and torch.equal(table.bfloat16().float(), table)
+    return Plan(q.codes, scales, zeros, table, N, K, group, decoder, scale_mul, source, bf16_gemv=bf16_gemv)
 
 
 def _scales(q: QTensor, N: int, G: int, wide: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
