@@ -24,12 +24,14 @@ from .gptq import _inverse_hessian_factor, _shared_factor
 
 
 def gptq_ggml(w: torch.Tensor, type_name: str, *, stats, damp: float = 0.01, block_size: int = 128,
-              act_order: bool = True, clip: bool = True, fallback_to_rtn: bool = True) -> np.ndarray:
+              act_order: bool = True, clip: bool = False, fallback_to_rtn: bool = True) -> np.ndarray:
     """w: [out, in] -> GGML blocks [out, in // block * type_size] uint8 of type `type_name`.
 
     clip (with act_order's up-front fit): fit each block's parameters on its weights clipped to the
     ratio of CLIP_RATIOS whose round-to-nearest output error (the block's diagonal block of H) is
-    least, as AWQ clips groups; the solve still targets the unclipped weights."""
+    least, as AWQ clips groups; the solve still targets the unclipped weights. Off by default: on a
+    4-layer SmolLM2 q4_0 it moved the KL to the float model by 0.6% (0.02101 -> 0.02088), within noise,
+    for 9 extra round trips per weight."""
     t = get_type(type_name)
     if t.fit is None:
         raise ValueError(f"GGML type {type_name!r} has no grid to solve on (a float type): write it as it is")
