@@ -40,7 +40,7 @@ def cmd_quantize_gguf(args) -> None:
     else:
         model, tok = load_model(args.model)
     if method != "rtn":
-        from .pipeline.gguf_calibrated import quantize_gguf
+        from .io.gguf_quantize import quantize_gguf
 
         calib, where = calibration_split(token_ids(tok, _text(args.text)), args.window, args.calibration_windows)
         print(f"calibrating {method} on windows {where['first_window']}-{where['first_window'] + where['windows'] - 1}"

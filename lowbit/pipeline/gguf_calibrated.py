@@ -1,11 +1,11 @@
 """Calibrated codes in llama.cpp's blocks: AWQ scales folded into the weights, then GPTQ on each
 tensor's own GGML type, block by block through the sequential runner.
 
-    quantize_gguf(model, "q4_k_m", calibration)      # every Linear of the blocks gets its llama.cpp type
-    lowbit.save(model, "model.gguf")                  # writes the solved blocks as they are
+    solve_ggml(model, {"model.layers.0.mlp.up_proj": "q4_k", ...}, calibration)
 
-Which type each Linear gets is llama.cpp's choice for the file type (io/gguf_mixtures.py), so the
-file has the same tensor types and size as `llama-quantize` of the same type. The model keeps
+io/gguf_quantize.py gives each Linear the type llama.cpp's quantizer picks for a file type
+(quantize_gguf(model, "q4_k_m", calibration)), so the file has the same tensor types and size
+as `llama-quantize` of the same type. The model keeps
 float nn.Linear layers whose weights are exactly the dequantized blocks (what the next block's
 calibration and lowbit's own evaluation see); the blocks themselves wait in
 `model.lowbit_gguf_blocks` ({parameter name: (GGML type, uint8 blocks [out, bytes])}) for the
@@ -22,16 +22,13 @@ import torch
 from torch import nn
 
 from ..core.ggml_blocks import dequantize_rows, quantize_rows
-from ..io.gguf_mixtures import file_type
-from ..io.gguf_write import gguf_name, model_arch
 from ..methods import parse_method
 from ..methods.gptq_ggml import gptq_ggml
 from .quantize import _batches
 from .sequential import LayerReport, layer_loss, run_sequential
 from .transforms import apply_transforms
-from .walk import is_linear, linear_weight
+from .walk import linear_weight
 
-FLOAT_TYPES = ("f32", "f16", "bf16")
 METHODS = ("awq+gptq", "gptq", "awq")
 
 
@@ -45,31 +42,13 @@ class GGMLScheme:
         return torch.from_numpy(dequantize_rows(quantize_rows(rows, self.type), self.type, w.shape[1]))
 
 
-def tensor_types(model: nn.Module, recipe: str) -> dict[str, str]:
-    """{Linear module name: the GGML type llama.cpp's quantizer gives its weight} for the quantized ones."""
-    config, _ = model_arch(model)
-    ft = file_type(recipe)
-    tied = getattr(config, "tie_word_embeddings", False)
-    n_gqa = config.num_attention_heads // config.num_key_value_heads
-    out = {}
-    for name, m in model.named_modules():
-        if not is_linear(m) or name == "lm_head":
-            continue
-        gname, layer = gguf_name(f"{name}.weight")
-        t = ft.tensor_type(gname, ne0=m.in_features, layer=layer, n_layer=config.num_hidden_layers, n_gqa=n_gqa,
-                           has_output=not tied)
-        if t not in FLOAT_TYPES:
-            out[name] = t
-    return out
-
-
-def quantize_gguf(model: nn.Module, recipe: str, calibration: Iterable, *, method: str = "awq+gptq",
-                  damp: float = 0.01, act_order: bool = True, progress: bool = True, batch_size: int = 8,
-                  calibration_dtype: "torch.dtype | str" = "auto") -> nn.Module:
-    """Solve every Linear of `model`'s blocks on its llama.cpp type for file type `recipe`, in place."""
+def solve_ggml(model: nn.Module, types: dict[str, str], calibration: Iterable, *, method: str = "awq+gptq",
+               damp: float = 0.01, act_order: bool = True, progress: bool = True, batch_size: int = 8,
+               calibration_dtype: "torch.dtype | str" = "auto") -> nn.Module:
+    """Solve the Linear layers `types` names ({module name: GGML type}) of `model`'s blocks on their
+    types, in place; the blocks land in model.lowbit_gguf_blocks."""
     if method not in METHODS:
         raise ValueError(f"calibrated GGUF method {method!r}: choose {', '.join(METHODS)} (or rtn: save directly)")
-    types = tensor_types(model, recipe)
     transforms, solver = parse_method(method)
     blocks: dict[str, tuple[str, np.ndarray]] = {}
 
@@ -97,5 +76,4 @@ def quantize_gguf(model: nn.Module, recipe: str, calibration: Iterable, *, metho
                             compute_dtype=calibration_dtype, progress=progress)
     model.lowbit_calibration = report
     model.lowbit_gguf_blocks = blocks
-    model.lowbit_gguf_recipe = recipe
     return model
