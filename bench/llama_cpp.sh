@@ -3,6 +3,8 @@
 # real engine: llama-cli, llama-perplexity, llama-quantize, llama-imatrix, llama-tokenize, llama-bench.
 #
 #   bench/llama_cpp.sh                     # build into /tmp/llama.cpp/build/bin
+#   AVX512=1 bench/llama_cpp.sh            # also AVX-512 (F, VNNI, BF16, VBMI; AMX still off) into build512/bin:
+#                                          # the fair speed reference for lowbit's AVX-512 kernels
 #   LOWBIT_LLAMA_CPP=/tmp/llama.cpp/build/bin python bench/gguf_check.py   # the checks
 #
 # Source: a git checkout of ggerganov/llama.cpp given as LLAMA_CPP_GIT (a bare git dir or clone);
@@ -35,9 +37,15 @@ if [ "$(cat "$DEST/COMMIT" 2>/dev/null)" != "$COMMIT" ]; then
   exit 1
 fi
 
-cmake -S "$DEST" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release \
-  -DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+BUILD=build
+ISA=()
+if [ -n "${AVX512:-}" ]; then
+  BUILD=build512
+  ISA=(-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON)
+fi
+cmake -S "$DEST" -B "$DEST/$BUILD" -DCMAKE_BUILD_TYPE=Release \
+  -DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF "${ISA[@]}" \
   -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF
-nice -n 10 cmake --build "$DEST/build" --config Release -j "$JOBS" --target "${TARGETS[@]}"
-echo "llama.cpp $COMMIT built: $DEST/build/bin"
-ls "$DEST/build/bin"
+nice -n 10 cmake --build "$DEST/$BUILD" --config Release -j "$JOBS" --target "${TARGETS[@]}"
+echo "llama.cpp $COMMIT built: $DEST/$BUILD/bin"
+ls "$DEST/$BUILD/bin"
