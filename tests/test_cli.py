@@ -130,7 +130,7 @@ def test_eval_reads_another_tools_gptq_folder_with_lowbit_load(smollm2_2layers, 
 
     import numpy as np
     from safetensors.torch import save_file
-    from test_io_hf_quantized import pack_words, v1_words
+    from reference.checkpoint_packing import pack_words, v1_words
 
     from lowbit.eval import perplexity, token_ids
 

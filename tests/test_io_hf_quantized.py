@@ -14,21 +14,9 @@ import lowbit
 from lowbit.nn import QuantLinear
 
 from conftest import tiny_transformer
+from reference.checkpoint_packing import pack_words, v1_words
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
-
-
-def pack_words(values: np.ndarray, bits: int, axis: int, order=None) -> torch.Tensor:
-    """Pack unsigned ints along `axis`, 32 // bits per int32 word, value j of a word at bits j*bits
-    (AWQ: slot j holds the value at position order[j] of its run of 8)."""
-    v = np.moveaxis(values.astype(np.int64), axis, 0)
-    per = 32 // bits
-    out = np.zeros((v.shape[0] // per,) + v.shape[1:], dtype=np.int64)
-    for w in range(out.shape[0]):
-        for j in range(per):
-            src = w * per + (order[j] if order else j)
-            out[w] |= v[src] << (j * bits)
-    return torch.from_numpy(np.moveaxis(out.astype(np.uint32).view(np.int32), 0, axis).copy())
 
 
 def _codes(rng, model, bits, group, zero_lo, act_order=False):
@@ -49,13 +37,6 @@ def _codes(rng, model, bits, group, zero_lo, act_order=False):
             W = (s.double().numpy()[g] * (q - z[g])).T
             out[name] = (q, z, s, torch.from_numpy(W), torch.from_numpy(g).to(torch.int32))
     return out
-
-
-def v1_words(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """GPTQModel's v2 -> v1 zero points: each packed word minus one per field, modulo 2^32."""
-    ones = sum(1 << (i * bits) for i in range(32 // bits))
-    return torch.from_numpy(((words.numpy().view(np.uint32).astype(np.int64) - ones) % 2**32)
-                            .astype(np.uint32).view(np.int32))
 
 
 def _write(folder, model, quant, per_module):
