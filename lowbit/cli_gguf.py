@@ -56,7 +56,7 @@ def _gptq_options(items: list[str] | None, method: str) -> dict:
     """--method-option gptq.damp=0.05 / gptq.act_order=false for the calibrated GGUF solve."""
     from .cli import _method_options
 
-    opts = _method_options(items or [], {}) if items else {}
+    opts = _method_options(items or [], {})
     if opts and method == "rtn":
         raise ValueError("--method-option: rtn GGUF export has no options")
     unknown = [f"{m}.{k}" for m, kw in opts.items() for k in kw if m != "gptq" or k not in ("damp", "act_order")]

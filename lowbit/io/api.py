@@ -34,7 +34,8 @@ def save(model: nn.Module, path: str | Path, format: str | None = None, *, token
     if format == "gguf":
         from .gguf_write import save_gguf
 
-        return save_gguf(model, path, recipe or getattr(model, "lowbit_gguf_recipe", None) or "f16", tokenizer=tokenizer, source=source)
+        recipe = recipe or getattr(model, "lowbit_gguf_recipe", None) or "f16"  # quantize_gguf's file type
+        return save_gguf(model, path, recipe, tokenizer=tokenizer, source=source)
     if recipe is not None:
         raise ValueError("save(recipe=...) chooses GGUF tensor types; a lowbit checkpoint keeps the recipe "
                          "the model was quantized with (lowbit.quantize)")

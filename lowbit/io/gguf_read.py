@@ -108,7 +108,7 @@ def load_gguf(path: str | Path, keep_quantized: bool = False):
     which runs lowbit's packed-code kernels and dequantizes bit for bit to the float model's weight.
     Every other type (f32, f16, bf16, q4_1, q5_0, q5_1, the k-quants, i-quants), the embeddings and
     the norms load as float32, as they do by default."""
-    from .gguf_write import gguf_name
+    from .gguf_write import gguf_name, permuted_heads
 
     f = parse_gguf(path)
     cls, config, arch = _config(f)
@@ -129,7 +129,7 @@ def load_gguf(path: str | Path, keep_quantized: bool = False):
         expected = tuple(model.get_parameter(key).shape)
         if info.shape != expected:
             raise ValueError(f"{f.path}: tensor {name!r} has shape {info.shape}, the config says {expected}")
-        n_head = _permuted_heads(name, arch, config)
+        n_head = permuted_heads(name, arch, config)
         t = _kept_type(model, key, info) if keep_quantized else None
         if t is not None:
             codes, scales = split_blocks(tensor_bytes(f, info, t.block_size, t.type_size), t.name, info.shape)
@@ -148,16 +148,6 @@ def load_gguf(path: str | Path, keep_quantized: bool = False):
         model.tie_weights()
     model.lowbit_gguf_source = str(f.path)
     return model.eval()
-
-
-def _permuted_heads(name: str, arch, config) -> int:
-    """The head count to un-permute a GGUF q/k weight's rows by (llama.cpp's converter interleaves
-    rotary pairs for Llama models), 0 for every other tensor."""
-    if arch.permute_qk and ".attn_q." in name:
-        return config.num_attention_heads
-    if arch.permute_qk and ".attn_k." in name:
-        return config.num_key_value_heads
-    return 0
 
 
 def _kept_type(model, key: str, info: TensorInfo):

@@ -69,6 +69,16 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def permuted_heads(name: str, arch: Arch, config) -> int:
+    """The head count by which a GGUF q/k tensor's rows are permuted (llama.cpp's converter interleaves
+    rotary pairs for Llama models), 0 for every other tensor."""
+    if arch.permute_qk and ".attn_q." in name:
+        return config.num_attention_heads
+    if arch.permute_qk and ".attn_k." in name:
+        return config.num_key_value_heads
+    return 0
+
+
 def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter as a float tensor; QuantLinear layers give their dequantized weight."""
     from ..nn import QuantLinear
@@ -197,31 +207,23 @@ def gguf_tensors(model: nn.Module, recipe: str):
         if key.endswith("rotary_emb.inv_freq"):
             continue
         name, layer = gguf_name(key)
-        w = t.numpy()
-        if arch.permute_qk and name.endswith(("attn_q.weight", "attn_q.bias")):
-            w = permute_rows(w, config.num_attention_heads)
-        elif arch.permute_qk and name.endswith(("attn_k.weight", "attn_k.bias")):
-            w = permute_rows(w, config.num_key_value_heads)
+        n_head = permuted_heads(name, arch, config)
+        w = permute_rows(t.numpy(), n_head) if n_head else t.numpy()
         kind = (ft.tensor_type(name, ne0=w.shape[-1], layer=layer, n_layer=n_layer, n_gqa=n_gqa,
                                has_output=not tied)
                 if ft.quantizes(name, w.ndim) else "f32")
-        rows = w.reshape(-1, w.shape[-1])
-        data = solved.get(key)
-        data = _solved_blocks(key, data, kind, t, name) if data is not None else None
-        if data is not None:
-            if arch.permute_qk and name.endswith("attn_q.weight"):
-                data = permute_rows(data, config.num_attention_heads)
-            elif arch.permute_qk and name.endswith("attn_k.weight"):
-                data = permute_rows(data, config.num_key_value_heads)
+        data = _solved_blocks(solved[key], kind, t, name) if key in solved else None
+        if data is not None:  # solved on the layer's own rows: permuted like the weight
+            data = permute_rows(data, n_head) if n_head else data
         else:
             try:
-                data = quantize_rows(rows, kind)
+                data = quantize_rows(w.reshape(-1, w.shape[-1]), kind)
             except ValueError as e:
                 raise ValueError(f"tensor {name!r} ({key}, shape {tuple(w.shape)}): {e}") from e
         yield name, data, kind, tuple(w.shape)
 
 
-def _solved_blocks(key: str, solved: tuple, kind: str, t: torch.Tensor, name: str):
+def _solved_blocks(solved: tuple, kind: str, t: torch.Tensor, name: str):
     """The blocks a calibrated solve left for `key` (pipeline/gguf_calibrated.py), if they still hold:
     the same GGML type as this file gives the tensor, and decoding to the layer's current weights."""
     solved_kind, data = solved

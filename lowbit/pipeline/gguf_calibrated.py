@@ -55,16 +55,19 @@ def solve_ggml(model: nn.Module, types: dict[str, str], calibration: Iterable, *
     def quantize_layer(name: str, stats) -> LayerReport:
         t = types[name]
         w = linear_weight(model.get_submodule(name))
-        wf = w.detach().float()
+        wf, H = w.detach().float(), stats.hessian
         rtn = quantize_rows(wf.numpy(), t)
-        data = gptq_ggml(wf, t, stats=stats, damp=damp, act_order=act_order) if solver == "gptq" else rtn
-        deq = torch.from_numpy(dequantize_rows(data, t, wf.shape[1]))
+        rtn_loss = layer_loss(wf, torch.from_numpy(dequantize_rows(rtn, t, wf.shape[1])), H)
+        data, loss = rtn, rtn_loss
+        if solver == "gptq":  # its never-worse-than-RTN guard is applied here, with the RTN bytes made once
+            solved = gptq_ggml(wf, t, stats=stats, damp=damp, act_order=act_order, fallback_to_rtn=False)
+            solved_loss = layer_loss(wf, torch.from_numpy(dequantize_rows(solved, t, wf.shape[1])), H)
+            if solved_loss <= rtn_loss:
+                data, loss = solved, solved_loss
         with torch.no_grad():
-            w.copy_(deq.to(w.dtype))
+            w.copy_(torch.from_numpy(dequantize_rows(data, t, wf.shape[1])).to(w.dtype))
         blocks[f"{name}.weight"] = (t, data)
-        H = stats.hessian
-        return LayerReport(name, f"{method} ({t})", layer_loss(wf, deq, H),
-                           layer_loss(wf, torch.from_numpy(dequantize_rows(rtn, t, wf.shape[1])), H))
+        return LayerReport(name, f"{method} ({t})", loss, rtn_loss)
 
     def transform(block, local, stats, producers, sample, where):
         head = where + "."
