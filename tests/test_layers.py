@@ -3,7 +3,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "lowbit"
-LEVEL = {"formats": 0, "core": 1, "methods": 2, "nn": 3, "optim": 3, "pipeline": 4, "io": 5, "eval": 5,
+LEVEL = {"formats": 0, "core": 1, "methods": 2, "nn": 3, "optim": 3, "pipeline": 4, "qat": 5, "io": 5, "eval": 5,
          "analysis": 6, "cli": 7}
 # kernels are optional fast paths that core dispatches to; they see formats only
 ALLOWED = {layer: {o for o, lv in LEVEL.items() if lv < level} | {"kernels"} for layer, level in LEVEL.items()}
