@@ -54,16 +54,21 @@ def _hub_offline():
             os.environ["HF_HUB_OFFLINE"] = old
 
 
-def _load_model(source: str | Path, dtype: torch.dtype):
+def model_path(source: str | Path) -> Path:
+    """The file or folder behind a built-in alias (the GGUF for smollm2-135m, the HF folder for
+    minilm-l6), or `source` itself when it exists."""
     if isinstance(source, str) and source in BUILTIN:
         path = builtin_model_path(source)
-        if source == "minilm-l6":
-            path = path / "model"
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise ValueError(f"load_model: {str(source)!r} is neither a built-in model "
-                             f"({', '.join(BUILTIN)}) nor an existing path")
+        return path / "model" if source == "minilm-l6" else path
+    path = Path(source)
+    if not path.exists():
+        raise ValueError(f"load_model: {str(source)!r} is neither a built-in model "
+                         f"({', '.join(BUILTIN)}) nor an existing path")
+    return path
+
+
+def _load_model(source: str | Path, dtype: torch.dtype):
+    path = model_path(source)
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(path, dtype)
     if path.is_dir():
