@@ -213,6 +213,9 @@ def cmd_compare(args) -> None:
                           calibration_windows=args.calibration_windows, speed=not args.no_speed,
                           on_row=lambda r: tqdm.write(format_row(r), file=sys.stdout))
     print(table_footer(cmp))
+    if args.out:
+        from .cli_analysis import save_compare
+        save_compare(args, model, cmp)
 
 
 # w4g64 twice: round to nearest, and `auto` (AWQ scales then GPTQ), what `lowbit quantize` does by default
@@ -225,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     pf = sub.add_parser("formats", help="list number formats, or show how a value is stored in one")
     pf.add_argument("name", nargs="?", help="a format name, e.g. fp8_e4m3")
     pf.add_argument("--value", type=float, action="append", help="a value to round (repeatable)")
+    from .cli_analysis import add_compare_out, add_formats_plot, register
+    add_formats_plot(pf)
 
     def common(sp, calibration_windows=32):
         sp.add_argument("--text", help="a UTF-8 text file (default: Python's own documentation text)")
@@ -266,12 +271,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="evaluation windows, from the text's start (default 8)")
     pc.add_argument("--no-speed", action="store_true", help="skip the decode speed measurement")
     common(pc, calibration_windows=8)  # read after the evaluated windows; 8 keep the main job short
+    add_compare_out(pc)
+    handlers = register(sub)
     args = p.parse_args(argv)
     try:
         if args.command == "formats":
             cmd_formats(args)
         else:
-            {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare}[args.command](args)
+            {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, **handlers}[args.command](args)
     except ValueError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
@@ -282,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_formats(args) -> None:
+    if args.plot:
+        from .cli_analysis import formats_plot
+        return formats_plot(args)
     if args.name is None:
         print(formats_table())
     elif not args.value:
