@@ -40,7 +40,7 @@ def format_profile(name: str, points: int = 2001) -> FormatProfile:
     """
     f = formats.get(name)
     values = f.values.numpy()
-    top = float(np.abs(values).max())
+    top = f.max  # the largest value: what absmax scaling maps a group's absmax onto
     x = np.logspace(-DECADES, 0, points)
     q = f.round(torch.from_numpy(x * top), saturate=True).double().numpy() / top
     return FormatProfile(f.name, values, values[values > 0], float(np.mean(np.abs(values) <= 1.0)), x,
