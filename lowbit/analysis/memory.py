@@ -231,11 +231,12 @@ def _training_row(shapes: ModelShapes, regime: str, lora_rank: int) -> TrainingR
 
 def format_memory(t: MemoryTable) -> str:
     """The table as text: one row per recipe, then the training rows when asked."""
-    gb = 1e9
+    big = max([r.total_bytes for r in t.rows] + [r.total_bytes for r in t.training]) >= 1e9
+    gb, unit = (1e9, "GB") if big else (1e6, "MB")
     lines = [f"{t.source}: {t.params / 1e6:,.1f}M parameters, unquantized tensors in {t.dtype}"
              + (f" (checkpoint headers: {t.checkpoint_params / 1e6:,.1f}M elements)" if t.checkpoint_params else "")]
-    head = (f"{'recipe':<14} {'bits/w':>6} {'weights GB':>10} {'quantized':>10} {'emb/out':>9} {'other':>8} "
-            f"{'KV cache':>9} {'total GB':>9}")
+    head = (f"{'recipe':<14} {'bits/w':>6} {'weights ' + unit:>10} {'quantized':>10} {'emb/out':>9} {'other':>8} "
+            f"{'KV cache':>9} {'total ' + unit:>9}")
     lines += [head, "-" * len(head)]
     for r in t.rows:
         lines.append(f"{r.recipe:<14} {r.bits_per_weight:>6.2f} {r.weights_bytes / gb:>10.4f} "
@@ -243,8 +244,8 @@ def format_memory(t: MemoryTable) -> str:
                      f"{r.kv_cache_bytes / gb:>9.4f} {r.total_bytes / gb:>9.4f}")
     lines.append(t.kv_note)
     if t.training:
-        head = (f"{'training':<10} {'trainable':>10} {'weights GB':>10} {'grads GB':>9} {'optim GB':>9} "
-                f"{'total GB':>9} {'B/param':>7}")
+        head = (f"{'training':<10} {'trainable':>10} {'weights ' + unit:>10} {'grads ' + unit:>9} "
+                f"{'optim ' + unit:>9} {'total ' + unit:>9} {'B/param':>7}")
         lines += ["", head, "-" * len(head)]
         for r in t.training:
             lines.append(f"{r.regime:<10} {r.trainable_params / 1e6:>9.1f}M {r.weights_bytes / gb:>10.4f} "
@@ -253,5 +254,5 @@ def format_memory(t: MemoryTable) -> str:
         lines.append("training: activations not counted; adamw = fp32 weights, grads, Adam m+v; adamw8bit = bf16 "
                      f"weights and grads, 8-bit Adam states (fp32 absmax per {ADAM8_BLOCK}); qlora = {QLORA_BASE} "
                      "base + fp32 LoRA adapters with fp32 grads and Adam on every quantized Linear.")
-    lines.append("GB = 1e9 bytes; bytes counted as lowbit stores each tensor (scales and zero points included).")
+    lines.append(f"{unit} = 1e{9 if big else 6} bytes; bytes counted as lowbit stores each tensor (scales and zero points included).")
     return "\n".join(lines)
