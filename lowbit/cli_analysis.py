@@ -28,8 +28,23 @@ def add_formats_plot(pf) -> None:
     pf.add_argument("--out", default="formats.png", help="PNG for --plot (default formats.png)")
 
 
+def _run_dir(text: str) -> str:
+    """--out RUN_DIR: refused before any work when it is a file or cannot be written."""
+    import argparse
+    import os
+    from pathlib import Path
+
+    p = Path(text)
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; give a folder (new or existing) for the run")
+    parent = next((q for q in (p.absolute(), *p.absolute().parents) if q.exists()), Path("/"))
+    if not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{parent} is not writable")
+    return text
+
+
 def add_compare_out(pc) -> None:
-    pc.add_argument("--out", metavar="RUN_DIR", help="also write RUN_DIR/table.json (the table and the model's "
+    pc.add_argument("--out", metavar="RUN_DIR", type=_run_dir, help="also write RUN_DIR/table.json (the table and the model's "
                     "memory per recipe) for `lowbit report RUN_DIR`")
 
 

@@ -109,3 +109,20 @@ def test_sizes_bad_input_and_cli(capsys):
     assert main(["memory", "8B", "--recipe", "fp32,w4g64", "--context", "8192", "--train", "adamw"]) == 0
     out = capsys.readouterr().out
     assert "32.1210" in out and "2 x 32 layers x 8 KV heads x 128 head dim x 8192 tokens" in out and "16.00" in out
+
+
+def test_saved_checkpoints_hold_the_counted_bytes(tmp_path):
+    """lowbit.save's safetensors tensors add up to the row, less the buffers only held in memory (RoPE)."""
+    import math
+
+    import lowbit
+    from lowbit.analysis.shapes import safetensors_header
+
+    itemsize = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "I32": 4, "I64": 8}
+    model = tiny_transformer("qwen2", 2)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    for name in ("w4g64", "nf4-dq", "nvfp4"):
+        folder = lowbit.save(quantize_model(copy.deepcopy(model), name, progress=False), tmp_path / name)
+        saved = sum(math.prod(shape) * itemsize[dt] for f in sorted(folder.glob("*.safetensors"))
+                    for shape, dt in safetensors_header(f).values())
+        assert saved == weight_row(model_shapes(model), name).weights_bytes - buffers, name

@@ -135,3 +135,10 @@ def test_compare_leaves_a_run_folder_the_report_reads(smollm2_2layers, tmp_path)
     assert table["comparison"]["rows"][0]["decode_tok_s"] is None  # NaN is stored as null
     assert table["memory"]["rows"][1]["weights_bytes"] * 1e-6 == pytest.approx(table["comparison"]["rows"][1]["size_mb"])
     assert write_report(tmp_path).is_file()
+
+
+def test_compare_refuses_a_file_as_run_folder_before_loading(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "no-such-model", "--recipes", "w8", "--out", str(tmp_path / "f")])
+    assert e.value.code == 2 and "is a file" in capsys.readouterr().err

@@ -115,6 +115,8 @@ def _plot_pareto(rows: list[dict]):
         ax.annotate(r["recipe"], (r["size_mb"], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("model size, MB (log)")
+    if max(ppls) > 3 * min(ppls):  # one collapsed recipe would flatten the rest
+        ax.set_yscale("log")
     ax.set_ylabel("perplexity")
     ax.legend()
     ax.grid(alpha=0.3)
