@@ -208,7 +208,8 @@ def _kv_cache(shapes: ModelShapes, context: int, batch: int, kv_dtype: str) -> t
         return 0, "KV cache: none (an encoder, or a model whose attention shape is unknown)"
     n = 2 * shapes.layers * shapes.kv_heads * shapes.head_dim * context * batch * KV_BYTES[kv_dtype]
     return n, (f"KV cache: 2 x {shapes.layers} layers x {shapes.kv_heads} KV heads x {shapes.head_dim} head dim "
-               f"x {context} tokens x batch {batch} x {KV_BYTES[kv_dtype]} B ({kv_dtype}) = {n / 1e9:.3f} GB")
+               f"x {context} tokens x batch {batch} x {KV_BYTES[kv_dtype]} B ({kv_dtype}) = "
+               + (f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.3f} MB"))
 
 
 def _training_row(shapes: ModelShapes, regime: str, lora_rank: int) -> TrainingRow:
