@@ -78,5 +78,8 @@ def save_compare(args, model, cmp) -> None:
     from .analysis import memory_table, save_run
 
     specs = ["fp32", "bf16"] + [r.recipe for r in cmp.rows if r.recipe not in ("fp32", "bf16")]
+    import dataclasses
+
     memory = memory_table(model, specs, context=cmp.window, batch=1)
+    memory = dataclasses.replace(memory, source=f"{args.model} ({memory.source})")
     print(f"wrote {save_run(args.out, str(args.model), cmp, memory)}; `lowbit report {args.out}` draws it")

@@ -102,26 +102,45 @@ def _table_html(cmp: dict) -> str:
     return f"<h2>Headline table</h2><table><tr>{head}</tr>{''.join(body)}</table><p>{html.escape(note)}</p>"
 
 
+OFF_SCALE = 4.0  # rows above this many times the best perplexity are drawn at the top edge
+
+
 def _plot_pareto(rows: list[dict]):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8))
     sizes = [r["size_mb"] for r in rows]
     ppls = [r["ppl"] for r in rows]
+    cap = OFF_SCALE * min(ppls)  # a collapsed recipe (ppl 1e6) would flatten the rest
+    shown = [min(p, cap) for p in ppls]
     front = pareto_front(sizes, ppls)
-    ax.scatter(sizes, ppls, color="tab:blue", zorder=3)
-    ax.plot([sizes[i] for i in front], [ppls[i] for i in front], color="tab:red", marker="o", zorder=2,
-            label="Pareto front")
-    for r in rows:
-        ax.annotate(r["recipe"], (r["size_mb"], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.plot([sizes[i] for i in front], [shown[i] for i in front], color="tab:red", zorder=2, label="Pareto front")
+    for i, r in enumerate(rows):
+        off = ppls[i] > cap
+        ax.scatter([sizes[i]], [shown[i]], marker="^" if off else "o", zorder=3,
+                   color="tab:red" if i in front else "tab:blue")
     ax.set_xscale("log")
-    ax.set_xlabel("model size, MB (log)")
-    if max(ppls) > 3 * min(ppls):  # one collapsed recipe would flatten the rest
-        ax.set_yscale("log")
+    ax.set_ylim(min(ppls) * 0.95, cap * 1.08)
+    _labels(ax, [r["recipe"] + (f" ↑{ppls[i]:.2g}" if ppls[i] > cap else "") for i, r in enumerate(rows)],
+            sizes, shown)
+    ax.set_xlabel("model size, MB (log); ↑: perplexity off the scale")
     ax.set_ylabel("perplexity")
-    ax.legend()
+    ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def _labels(ax, labels: list[str], xs: list[float], ys: list[float]) -> None:
+    """Annotate points, moving a label up while it would overlap one already placed (in pixels)."""
+    ax.figure.canvas.draw()  # fixes the data -> pixel transform
+    placed: list[tuple[float, float, float]] = []  # x, y, width of the labels placed, in pixels
+    for i in sorted(range(len(labels)), key=lambda i: ys[i]):
+        x, y = ax.transData.transform((xs[i], ys[i]))
+        width, dy = 6.5 * len(labels[i]), 3.0
+        while any(abs(y + dy - py) < 11 and x < px + pw and px < x + width for px, py, pw in placed):
+            dy += 11
+        ax.annotate(labels[i], (xs[i], ys[i]), textcoords="offset pixels", xytext=(5, dy), fontsize=8)
+        placed.append((x, y + dy, width))
 
 
 def _plot_layers(layers: list[dict]):
