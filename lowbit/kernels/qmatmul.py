@@ -10,7 +10,9 @@ scheme is not covered, `linear()` returns None and QuantLinear runs its torch pa
 Covered: 2-D weights whose codes are
     4-bit, any format (int4, uint4, nf4, fp4_e2m1: decoded through a 16-entry table),
         symmetric or affine, groups that are multiples of 32 along the input axis (the last
-        group may be shorter), per channel or per tensor
+        group may be shorter) or of 16 (nvfp4), per channel or per tensor
+    any of these formats in groups along the output axis (HQQ's layout; the group size a
+        multiple of 4 rows): x is scaled per row group before the kernel reads the codes
     int8 / uint8, fp8_e4m3 / fp8_e5m2, per channel, per tensor or in such groups
 and scales stored as float32, float16 or bfloat16 (read as stored), or anything else
 scale_values() reads (e8m0, fp8 scales, nf4-dq's double-quantized scales, a tensor scale):
@@ -82,6 +84,11 @@ class Plan:
     source: tuple  # the QTensor's tensors this plan reads: a plan is reused only while they are
     covered: bool = True  # False: no kernel covers this weight (remembered, so not checked again)
     bf16_gemv: bool = False  # bf16 input may take gemv_bf16 (4-bit codes, table exact in bf16, CPU has BF16)
+    # Output-axis groups (HQQ's layout) of row_group rows: scales and zeros [ceil(N / row_group), K]
+    # as float32, applied to x per row group; the kernel reads the codes with unit `scales`.
+    row_group: int = 0
+    col_scales: torch.Tensor | None = None
+    col_zeros: torch.Tensor | None = None
 
 
 def decoder(fmt: Format) -> tuple[int | None, torch.Tensor, float]:
@@ -116,11 +123,13 @@ def linear(x: torch.Tensor, p: Plan | None, bias: torch.Tensor | None = None) ->
         return None
     x2 = x.reshape(-1, p.K)
     if x2.shape[0] <= GEMV_MAX_TOKENS:
-        if p.bf16_gemv and x.dtype == torch.bfloat16:  # bf16 products, float32 sums: no widening copy
+        if p.row_group:
+            y = _gemv_row_groups(x2.float(), p)
+        elif p.bf16_gemv and x.dtype == torch.bfloat16:  # bf16 products, float32 sums: no widening copy
             y = ops().gemv_bf16(x2.contiguous(), p.codes, p.scales, p.zeros, p.table, p.N, p.group)
         else:
             y = ops().gemv(x2.float().contiguous(), p.codes, p.scales, p.zeros, p.table, p.N, p.group, p.decoder,
-                           p.scale_mul)
+                           p.scale_mul, 0)
         y = y if x.dtype == torch.float32 else y.to(x.dtype)
         if bias is not None:
             y += bias.to(y.dtype)
@@ -133,10 +142,32 @@ def linear(x: torch.Tensor, p: Plan | None, bias: torch.Tensor | None = None) ->
     return y.reshape(*x.shape[:-1], p.N)
 
 
+def _gemv_row_groups(x: torch.Tensor, p: Plan) -> torch.Tensor:
+    """x [M, K] float32 @ W^T for output-axis groups: y[:, r] = q_r . (s_g x) - (z_g s_g) . x, g = r // rg
+    (csrc/qmatmul.cpp, top)."""
+    xs = (p.col_scales[:, None, :] * x[None]).reshape(-1, p.K)  # [groups * M, K]
+    y = ops().gemv(xs, p.codes, p.scales, None, p.table, p.N, p.group, p.decoder, p.scale_mul, p.row_group)
+    if p.col_zeros is not None:  # the zero points' term, one value per (token, row group)
+        shift = x @ (p.col_zeros * p.col_scales).T  # [M, groups]
+        y -= shift.repeat_interleave(p.row_group, dim=1)[:, :p.N]
+    return y
+
+
 def dequantize(p: Plan, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
     """The weight [N, K] in float32 or bfloat16, the same values as QTensor.dequantize(dtype),
     written into `out` when given (contiguous, that dtype and shape)."""
     out = torch.empty(p.N, p.K, dtype=dtype) if out is None else out
+    if p.row_group:  # decoded codes, then (code - z) * s per row group as QTensor.dequantize computes it
+        w = out if dtype == torch.float32 else torch.empty(p.N, p.K)
+        ops().dequantize(p.codes, p.scales, None, p.table, p.N, p.K, p.group, p.decoder, p.scale_mul, w)
+        for g0 in range(0, p.N, p.row_group):
+            rows = w[g0:g0 + p.row_group]
+            if p.col_zeros is not None:
+                rows.sub_(p.col_zeros[g0 // p.row_group])
+            rows.mul_(p.col_scales[g0 // p.row_group])
+        if w is not out:
+            out.copy_(w)
+        return out
     ops().dequantize(p.codes, p.scales, p.zeros, p.table, p.N, p.K, p.group, p.decoder, p.scale_mul, out)
     return out
 

@@ -14,6 +14,16 @@
 //   value(k) = (decode(code_k) - z_j) * s_j for k in group j  (z_j = 0 when symmetric)
 //   y[m, r]  = sum_j s_j * (sum_{k in j} decode(code_k) x[m,k]) - sum_j s_j z_j sum_{k in j} x[m,k]
 //
+// Groups of 16 (nvfp4) are read 32 codes at a time like the others, with two scales per 32-code
+// step, one for each half of the vector lanes (G16 below; 4-bit codes with float32 scales only).
+//
+// Output-axis groups (HQQ's layout: one scale per column and block of rg rows) become an input
+// per row group: W[r, k] = (q - z[g, k]) s[g, k] with g = r / rg, so
+//   y[m, r] = sum_k q[r, k] (s[g, k] x[m, k]) - sum_k z[g, k] s[g, k] x[m, k].
+// The caller passes x already scaled, one [M, K] block per row group (row_group = rg), the kernel
+// runs with unit scales and each block of rows reads its group's block; the caller subtracts the
+// second sum (kernels/qmatmul.py).
+//
 // Sums run in float32 with FMA, one group at a time, so the error is that of a float32 dot
 // product (tests/test_qmatmul.py states the bound against float64). The AVX-512 code is
 // compiled for that target only (pragma below) and runs only when the CPU reports
@@ -29,6 +39,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -165,7 +176,22 @@ struct Args {
   int64_t G, g, K, N;
   const float* table;
   float smul;  // folded into every scale (256 for fp8 e4m3, else 1)
+  int64_t rg = 0;  // > 0: x holds one [M, K] block per rg rows (output-axis groups)
 };
+
+// The scales of one 32-code step of groups of 16, as lanes: the TABLE4 decoder gives even and
+// odd elements, so lanes 0-7 hold elements of the step's first group and lanes 8-15 the second's.
+inline __m512 pair_scales(const Args& a, int64_t row, int64_t step) {
+  const int64_t j = 2 * step;
+  const float* s = static_cast<const float*>(a.scales) + row * a.G;
+  const float hi = j + 1 < a.G ? s[j + 1] : 0.f;
+  return _mm512_mask_blend_ps(__mmask16(0xFF00), _mm512_set1_ps(s[j] * a.smul), _mm512_set1_ps(hi * a.smul));
+}
+
+// The scale element k of a row takes (groups of 16, float32 scales).
+inline float scale16_at(const Args& a, int64_t row, int64_t k) {
+  return static_cast<const float*>(a.scales)[row * a.G + k / 16] * a.smul;
+}
 
 // R rows x MB tokens: y[m, r0 + r] for r < R, m < MB. xd: [MB, K] (de-interleaved for TABLE4),
 // x: [MB, K] as given (for the tail), gsum: [MB, G] group sums of x (affine only).
@@ -185,7 +211,7 @@ inline void zero_term(const Args& a, int64_t row, const float* gsum, float* corr
   UNROLL for (int m = 0; m < MB; ++m) corr[m] = _mm512_reduce_add_ps(c[m]) * a.smul;
 }
 
-template <int D, int ST, int R, int MB>
+template <int D, int ST, int R, int MB, bool G16>
 void rows_kernel(const Args& a, int64_t r0, const float* xd, const float* x, const float* gsum, float* y) {
   constexpr bool SCALED = MB > 1;
   const __m512 table = _mm512_loadu_ps(a.table);
@@ -197,16 +223,18 @@ void rows_kernel(const Args& a, int64_t r0, const float* xd, const float* x, con
   float tail[R][MB], corr[R][MB];  // the ragged end; the affine term
   UNROLL for (int r = 0; r < R; ++r)
     UNROLL for (int m = 0; m < MB; ++m) tot[r][m] = _mm512_setzero_ps(), tail[r][m] = 0.f, corr[r][m] = 0.f;
-  for (int64_t j = 0; j < a.G; ++j) {
+  const int64_t steps = G16 ? (K + 31) / 32 : a.G;  // groups, or 32-code steps of two groups of 16
+  for (int64_t j = 0; j < steps; ++j) {
     float s[R];
     __m512 sv[R], acc[R][MB];
     UNROLL for (int r = 0; r < R; ++r) {
-      s[r] = scale_at<ST>(a.scales, (r0 + r) * a.G + j) * a.smul;
-      sv[r] = _mm512_set1_ps(s[r]);
+      s[r] = G16 ? 1.f : scale_at<ST>(a.scales, (r0 + r) * a.G + j) * a.smul;
+      sv[r] = G16 ? pair_scales(a, r0 + r, j) : _mm512_set1_ps(s[r]);
       UNROLL for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
     }
-    const int64_t kend = std::min(K32, (j + 1) * a.g);
-    for (int64_t k0 = j * a.g; k0 < kend; k0 += 32) {
+    const int64_t kbeg = G16 ? 32 * j : j * a.g;
+    const int64_t kend = std::min(K32, G16 ? kbeg + 32 : (j + 1) * a.g);
+    for (int64_t k0 = kbeg; k0 < kend; k0 += 32) {
       __m512 w0[R], w1[R];
       UNROLL for (int r = 0; r < R; ++r) {
         prefetch_next(rows[r], D == TABLE4 ? k0 / 2 : k0, ahead);
@@ -223,13 +251,14 @@ void rows_kernel(const Args& a, int64_t r0, const float* xd, const float* x, con
         }
       }
     }
-    const bool last = j == a.G - 1;
+    const bool last = j == steps - 1;
     UNROLL for (int r = 0; r < R; ++r) {
       if (!SCALED) UNROLL for (int m = 0; m < MB; ++m) tot[r][m] = _mm512_fmadd_ps(acc[r][m], sv[r], tot[r][m]);
       if (last && K32 < K) {  // the ragged end of the row: fewer than 32 values
         UNROLL for (int m = 0; m < MB; ++m) {
           float t = 0.f;
-          for (int64_t k = K32; k < K; ++k) t += decode1<D>(rows[r], k, a.table) * x[m * K + k];
+          for (int64_t k = K32; k < K; ++k)
+            t += decode1<D>(rows[r], k, a.table) * x[m * K + k] * (G16 ? scale16_at(a, r0 + r, k) : 1.f);
           tail[r][m] += s[r] * t;
         }
       }
@@ -242,7 +271,7 @@ void rows_kernel(const Args& a, int64_t r0, const float* xd, const float* x, con
 
 constexpr int MB_MAX = 4;  // tokens per pass; more tokens take more passes over the rows (in cache)
 
-template <int D, int ST, int R>
+template <int D, int ST, int R, bool G16>
 void rows_any_mb(const Args& a, int64_t r0, int64_t M, const float* xd, const float* x, const float* gsum, float* y) {
   for (int64_t m0 = 0; m0 < M; m0 += MB_MAX) {
     const float* xd0 = xd + m0 * a.K;
@@ -250,23 +279,30 @@ void rows_any_mb(const Args& a, int64_t r0, int64_t M, const float* xd, const fl
     const float* gs = gsum ? gsum + m0 * a.G : nullptr;
     float* y0 = y + m0 * a.N;
     switch (std::min<int64_t>(MB_MAX, M - m0)) {
-      case 1: rows_kernel<D, ST, R, 1>(a, r0, xd0, x0, gs, y0); break;
-      case 2: rows_kernel<D, ST, R, 2>(a, r0, xd0, x0, gs, y0); break;
-      case 3: rows_kernel<D, ST, R, 3>(a, r0, xd0, x0, gs, y0); break;
-      default: rows_kernel<D, ST, R, 4>(a, r0, xd0, x0, gs, y0); break;
+      case 1: rows_kernel<D, ST, R, 1, G16>(a, r0, xd0, x0, gs, y0); break;
+      case 2: rows_kernel<D, ST, R, 2, G16>(a, r0, xd0, x0, gs, y0); break;
+      case 3: rows_kernel<D, ST, R, 3, G16>(a, r0, xd0, x0, gs, y0); break;
+      default: rows_kernel<D, ST, R, 4, G16>(a, r0, xd0, x0, gs, y0); break;
     }
   }
 }
 
-template <int D, int ST>
+template <int D, int ST, bool G16 = false>
 void gemv(const Args& a, int64_t M, const float* xd, const float* x, const float* gsum, float* y) {
   constexpr int R = 4;  // rows at a time: independent accumulators that hide the FMA latency
   const int64_t blocks = a.N / R;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (a.K * R * M));  // ~64K MACs
+  // with output-axis groups, rows r0.. read their group's block of x (rg is a multiple of R)
+  auto at_row = [&](int64_t r0, const float* p, int64_t width) { return a.rg ? p + (r0 / a.rg) * M * width : p; };
+  auto run = [&](auto rows, int64_t r0) {
+    constexpr int RR = decltype(rows)::value;
+    rows_any_mb<D, ST, RR, G16>(a, r0, M, at_row(r0, xd, a.K), at_row(r0, x, a.K),
+                                gsum ? at_row(r0, gsum, a.G) : nullptr, y);
+  };
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) rows_any_mb<D, ST, R>(a, b * R, M, xd, x, gsum, y);
+    for (int64_t b = b0; b < b1; ++b) run(std::integral_constant<int, R>{}, b * R);
   });
-  for (int64_t r = blocks * R; r < a.N; ++r) rows_any_mb<D, ST, 1>(a, r, M, xd, x, gsum, y);  // N % R rows
+  for (int64_t r = blocks * R; r < a.N; ++r) run(std::integral_constant<int, 1>{}, r);  // N % R rows
 }
 
 // Dequantize rows [r0, r1) to float32 or bfloat16 (round to nearest even), computing
@@ -291,12 +327,16 @@ void dequant_rows(const Args& a, int64_t r0, int64_t r1, void* out) {
         _mm512_storeu_ps(of + k, v);
       }
     };
-    for (int64_t j = 0; j < a.G; ++j) {
-      const float s = load_scalar(a.scales, a.st, r * a.G + j) * a.smul;
-      const float z = a.zeros ? load_scalar(a.zeros, a.zt, r * a.G + j) : 0.f;
-      const __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z);
-      const int64_t kend = std::min(K32, (j + 1) * a.g);
-      for (int64_t k0 = j * a.g; k0 < kend; k0 += 32) {
+    // group index of element k: groups of 16 step 32 codes (two groups) at a time
+    auto scale_of = [&](int64_t grp) { return load_scalar(a.scales, a.st, r * a.G + grp) * a.smul; };
+    auto zero_of = [&](int64_t grp) { return a.zeros ? load_scalar(a.zeros, a.zt, r * a.G + grp) : 0.f; };
+    const int64_t steps = a.g == 16 ? (K + 31) / 32 : a.G, span = a.g == 16 ? 32 : a.g;
+    for (int64_t j = 0; j < steps; ++j) {
+      const int64_t g0 = a.g == 16 ? 2 * j : j, g1 = a.g == 16 ? std::min(2 * j + 1, a.G - 1) : j;
+      const __m512 s0 = _mm512_set1_ps(scale_of(g0)), z0 = _mm512_set1_ps(zero_of(g0));
+      const __m512 s1 = _mm512_set1_ps(scale_of(g1)), z1 = _mm512_set1_ps(zero_of(g1));
+      const int64_t kend = std::min(K32, (j + 1) * span);
+      for (int64_t k0 = j * span; k0 < kend; k0 += 32) {
         __m512 w0, w1;
         decode32<D>(row, k0, table, w0, w1);
         if (D == TABLE4) {  // even/odd -> natural order
@@ -304,13 +344,14 @@ void dequant_rows(const Args& a, int64_t r0, int64_t r1, void* out) {
           w0 = _mm512_permutex2var_ps(e, lo_idx, w1);
           w1 = _mm512_permutex2var_ps(e, hi_idx, w1);
         }
-        if (a.zeros) w0 = _mm512_sub_ps(w0, zv), w1 = _mm512_sub_ps(w1, zv);
-        store16(k0, _mm512_mul_ps(w0, sv));
-        store16(k0 + 16, _mm512_mul_ps(w1, sv));
+        if (a.zeros) w0 = _mm512_sub_ps(w0, z0), w1 = _mm512_sub_ps(w1, z1);
+        store16(k0, _mm512_mul_ps(w0, s0));
+        store16(k0 + 16, _mm512_mul_ps(w1, s1));
       }
-      if (j == a.G - 1)
+      if (j == steps - 1)
         for (int64_t k = K32; k < K; ++k) {
-          const float v = (decode1<D>(row, k, a.table) - z) * s;
+          const int64_t grp = std::min(k / a.g, a.G - 1);
+          const float v = (decode1<D>(row, k, a.table) - zero_of(grp)) * scale_of(grp);
           if (BF16OUT) {
             uint32_t b;
             std::memcpy(&b, &v, 4);
@@ -474,7 +515,9 @@ Args make_args(const at::Tensor& codes, const at::Tensor& scales, const c10::opt
   TORCH_CHECK(decoder != TABLE4 || K % 2 == 0, "lowbit qmatmul: 4-bit rows need an even K");
   TORCH_CHECK(codes.numel() >= N * row_bytes(decoder, K), "lowbit qmatmul: codes hold fewer bytes than [N, K] needs");
   const int64_t G = (K + group - 1) / group;
-  TORCH_CHECK(G == 1 || group % 32 == 0, "lowbit qmatmul: the group size must be a multiple of 32 (or span the row)");
+  TORCH_CHECK(G == 1 || group % 32 == 0 || (group == 16 && decoder == TABLE4 && scales.scalar_type() == at::kFloat),
+              "lowbit qmatmul: the group size must be a multiple of 32 (or span the row), or 16 for 4-bit codes "
+              "with float32 scales");
   TORCH_CHECK(scales.is_contiguous() && scales.numel() == N * G, "lowbit qmatmul: scales must be contiguous [N, G]");
   TORCH_CHECK(table.scalar_type() == at::kFloat && table.is_contiguous() && table.numel() == 16,
               "lowbit qmatmul: table must be 16 contiguous float32 values");
@@ -492,32 +535,41 @@ Args make_args(const at::Tensor& codes, const at::Tensor& scales, const c10::opt
 bool available() { return cpu_has_avx512(); }
 
 // x: float32 [M, K] contiguous -> y: float32 [M, N].
+// row_group rg > 0: x is [ceil(N / rg) * M, K], one [M, K] block per rg rows (see the top).
 at::Tensor gemv_op(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                 const c10::optional<at::Tensor>& zeros, const at::Tensor& table, int64_t N, int64_t group,
-                int64_t decoder, double scale_mul) {
+                int64_t decoder, double scale_mul, int64_t row_group) {
   TORCH_CHECK(cpu_has_avx512(), "lowbit qmatmul: this CPU lacks AVX-512");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "lowbit qmatmul: x must be contiguous float32 [M, K]");
-  const int64_t M = x.size(0), K = x.size(1);
-  const Args a = make_args(codes, scales, zeros, table, N, K, group, decoder, scale_mul);
+  TORCH_CHECK(row_group >= 0 && row_group % 4 == 0, "lowbit qmatmul: row_group must be a multiple of 4");
+  const int64_t blocks = row_group ? (N + row_group - 1) / row_group : 1;
+  TORCH_CHECK(x.size(0) % blocks == 0, "lowbit qmatmul: x must hold one [M, K] block per row group");
+  const int64_t M = x.size(0) / blocks, K = x.size(1), MX = x.size(0);
+  Args a = make_args(codes, scales, zeros, table, N, K, group, decoder, scale_mul);
+  a.rg = row_group;
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const float* xp = x.data_ptr<float>();
   std::vector<float> xd_buf, gsum_buf;
   const float* xd = xp;
   if (decoder == TABLE4) {
-    xd_buf.resize(M * K);
-    deinterleave(xp, M, K, xd_buf.data());
+    xd_buf.resize(MX * K);
+    deinterleave(xp, MX, K, xd_buf.data());
     xd = xd_buf.data();
   }
   if (a.zeros) {
-    gsum_buf.assign(M * a.G, 0.f);
-    for (int64_t m = 0; m < M; ++m)
+    gsum_buf.assign(MX * a.G, 0.f);
+    for (int64_t m = 0; m < MX; ++m)
       for (int64_t j = 0; j < a.G; ++j)
         for (int64_t k = j * a.g; k < std::min(K, (j + 1) * a.g); ++k) gsum_buf[m * a.G + j] += xp[m * K + k];
   }
   const float* gs = a.zeros ? gsum_buf.data() : nullptr;
   float* yp = y.data_ptr<float>();
   TORCH_CHECK(decoder == TABLE4 || a.st == F32, "lowbit qmatmul: 8-bit codes take float32 scales");
+  if (a.g == 16 && a.G > 1) {
+    gemv<TABLE4, F32, true>(a, M, xd, xp, gs, yp);
+    return y;
+  }
   switch (decoder * 3 + a.st) {
     case TABLE4 * 3 + F32: gemv<TABLE4, F32>(a, M, xd, xp, gs, yp); break;
     case TABLE4 * 3 + F16: gemv<TABLE4, F16>(a, M, xd, xp, gs, yp); break;
@@ -540,6 +592,7 @@ at::Tensor gemv_bf16_op(const at::Tensor& x, const at::Tensor& codes, const at::
               "lowbit qmatmul: x must be contiguous bfloat16 [M, K]");
   const int64_t M = x.size(0), K = x.size(1);
   const Args a = make_args(codes, scales, zeros, table, N, K, group, TABLE4, 1.0);
+  TORCH_CHECK(a.g % 32 == 0 || a.G == 1, "lowbit qmatmul: the bf16 kernel takes groups that are multiples of 32");
   const float* t = table.data_ptr<float>();
   for (int i = 0; i < 16; ++i) {
     uint32_t b;
@@ -608,7 +661,7 @@ TORCH_LIBRARY(lowbit_qmatmul, m) {
   m.def("gemv_bf16(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor table, int N, int group) -> Tensor",
         &gemv_bf16_op);
   m.def("gemv(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor table, int N, int group, int decoder, "
-        "float scale_mul) -> Tensor", &gemv_op);
+        "float scale_mul, int row_group=0) -> Tensor", &gemv_op);
   m.def("dequantize(Tensor codes, Tensor scales, Tensor? zeros, Tensor table, int N, int K, int group, "
         "int decoder, float scale_mul, Tensor(a!) out) -> ()", &dequantize_op);
 }
