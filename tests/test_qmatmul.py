@@ -313,3 +313,43 @@ def test_prefill_route_of_groups_of_16_and_output_axis_groups(name, gen):
     check(qmatmul.linear(x, plan(q)), x, q)
     xb = x.bfloat16()
     assert torch.equal(qmatmul.linear(xb, plan(q)), F.linear(xb, q.dequantize(torch.bfloat16)))
+
+
+def int8_activations_reference(x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """x with each token quantized per 64-block to int8 (scale max|x| / 127, round half to even)
+    as the int8 GEMV does, up to the last whole 128-element step; the ragged end as given."""
+    K = x.shape[-1]
+    whole = K // 128 * 128
+    xb = x[:, :whole].reshape(x.shape[0], -1, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    xq = torch.round(xb * inv) * (amax / 127.0)
+    return torch.cat([xq.reshape(x.shape[0], whole), x[:, whole:]], dim=1)
+
+
+@pytest.mark.parametrize("name", ["w4g64", "w4g128", "int4-g64-fp32", "int4-g128-bf16"])
+@pytest.mark.parametrize("shape", SHAPES + [(40, 4096)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_int8_activation_gemv_matches_float64_with_the_same_quantized_x(name, shape, gen):
+    if not qmatmul.has_i8():
+        pytest.skip("this CPU lacks AVX512-VNNI")
+    N, K = shape
+    q = lowbit.core.quantize(torch.randn(N, K, generator=gen), SCHEMES[name])
+    p = plan(q)
+    assert p.i8_gemv
+    for M in (1, 2, 3):
+        x = torch.randn(M, K, generator=gen) * torch.rand(1, K, generator=gen) * 4  # uneven blocks
+        with qmatmul.int8_activations():
+            y = qmatmul.linear(x, p)
+        check(y, int8_activations_reference(x), q)
+        plain = F.linear(x.double(), q.dequantize().double())  # and what rounding x costs
+        assert (y.double() - plain).abs().max() <= 0.02 * plain.abs().max()
+
+
+def test_int8_activations_are_opt_in(gen):
+    q = lowbit.core.quantize(torch.randn(64, 256, generator=gen), SCHEMES["w4g64"])
+    x = torch.randn(1, 256, generator=gen)
+    p = plan(q)
+    plain = qmatmul.ops().gemv(x, p.codes, p.scales, p.zeros, p.table, p.N, p.group, p.decoder, p.scale_mul, 0)
+    assert torch.equal(qmatmul.linear(x, p), plain)
+    with qmatmul.int8_activations():
+        assert not torch.equal(qmatmul.linear(x, p), plain)

@@ -26,6 +26,13 @@ Routes, by the number of tokens M (rows of x):
     larger M (prefill)     dequantize once per call to bf16 (bf16 input) or float32, into a
                            reused per-thread buffer, then F.linear
 
+LOWBIT_GEMV_ACTIVATIONS=int8 (opt-in, default off; or `with qmatmul.int8_activations():`) runs the
+decode GEMV of uint4/int4 codes in groups of 64k (w4g64, w4g128, w4g64-sym) on AVX512-VNNI int8 dot
+products, each token's x quantized to int8 per 64-block as llama.cpp quantizes its activations
+(Q8_0, blocks of 32). About twice the GEMV speed where the kernel is compute-bound; the error is
+that of the activations' rounding (2^-8 of each block's max, relative), which is why it is not
+the default. tests/test_qmatmul.py checks it against float64 with the same quantized x.
+
 LOWBIT_PREFILL=bf16 (opt-in, default off) runs float32 prefill through the bf16 route too: x and
 W rounded to bf16, bf16 GEMM, result widened back to float32. That changes an fp32 model's
 numerics (about 2^-8 relative per product; tests/test_qmatmul.py states the bound), so it is
@@ -33,6 +40,7 @@ never the default: lowbit's perplexity evaluations of fp32 models stay fp32.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -64,6 +72,27 @@ def _prefill_setting() -> bool:
 
 
 PREFILL_BF16 = _prefill_setting()  # read once, at import
+
+
+def _gemv_activations_setting() -> bool:
+    v = os.environ.get("LOWBIT_GEMV_ACTIVATIONS", "")
+    if v not in ("", "float", "int8"):
+        raise ValueError(f"LOWBIT_GEMV_ACTIVATIONS={v!r}: expected 'int8' (decode GEMV on int8 activations) or "
+                         "'float' / unset (the default)")
+    return v == "int8"
+
+
+_ACT_INT8 = [_gemv_activations_setting()]
+
+
+@contextlib.contextmanager
+def int8_activations(enabled: bool = True):
+    """Within the block, 4-bit decode GEMVs that can take int8 activations do (LOWBIT_GEMV_ACTIVATIONS)."""
+    before, _ACT_INT8[0] = _ACT_INT8[0], enabled
+    try:
+        yield
+    finally:
+        _ACT_INT8[0] = before
 _SCRATCH = threading.local()
 
 
@@ -89,6 +118,7 @@ class Plan:
     row_group: int = 0
     col_scales: torch.Tensor | None = None
     col_zeros: torch.Tensor | None = None
+    i8_gemv: bool = False  # int8 activations may take gemv_i8 (uint4/int4 codes, groups of 64k, CPU has VNNI)
 
 
 def decoder(fmt: Format) -> tuple[int | None, torch.Tensor, float]:
@@ -125,6 +155,8 @@ def linear(x: torch.Tensor, p: Plan | None, bias: torch.Tensor | None = None) ->
     if x2.shape[0] <= GEMV_MAX_TOKENS:
         if p.row_group:
             y = _gemv_row_groups(x2.float(), p)
+        elif p.i8_gemv and _ACT_INT8[0]:
+            y = ops().gemv_i8(x2.float().contiguous(), p.codes, p.scales, p.zeros, p.table, p.N, p.group)
         elif p.bf16_gemv and x.dtype == torch.bfloat16:  # bf16 products, float32 sums: no widening copy
             y = ops().gemv_bf16(x2.contiguous(), p.codes, p.scales, p.zeros, p.table, p.N, p.group)
         else:
@@ -180,6 +212,12 @@ def _scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
     if buf is None or buf.numel() < n:
         buf = bufs[dtype] = torch.empty(n, dtype=dtype)
     return buf[:n]
+
+
+@functools.cache
+def has_i8() -> bool:
+    """The kernels are built and this CPU has AVX512-VNNI (gemv_i8 runs)."""
+    return ops() is not None and ops().available_i8()
 
 
 @functools.cache

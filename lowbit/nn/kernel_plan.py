@@ -56,7 +56,14 @@ def _make_plan(q: QTensor, source: tuple) -> Plan | None:
     scales, zeros = _scales(q, N, G, wide=decoder != TABLE4 or group == 16)
     bf16_gemv = (decoder == TABLE4 and (G == 1 or group % 32 == 0) and qmatmul.has_bf16()
                  and torch.equal(table.bfloat16().float(), table))
-    return Plan(q.codes, scales, zeros, table, N, K, group, decoder, scale_mul, source, bf16_gemv=bf16_gemv)
+    return Plan(q.codes, scales, zeros, table, N, K, group, decoder, scale_mul, source, bf16_gemv=bf16_gemv,
+                i8_gemv=decoder == TABLE4 and (G == 1 or group % 64 == 0) and _int_codes(table) and qmatmul.has_i8())
+
+
+def _int_codes(table: torch.Tensor) -> bool:
+    """uint4 or int4 codes: what the int8-activation kernel reads."""
+    u = torch.arange(16, dtype=torch.float32)
+    return torch.equal(table, u) or torch.equal(table, torch.where(u < 8, u, u - 16))
 
 
 def _row_group_plan(q: QTensor, source: tuple, decoder: int, table: torch.Tensor, scale_mul: float) -> Plan:

@@ -37,6 +37,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -51,6 +52,11 @@ bool cpu_has_avx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+
+bool cpu_has_avx512_vnni() {
+  __builtin_cpu_init();
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
 }
 
 bool cpu_has_avx512_bf16() {
@@ -197,15 +203,16 @@ inline float scale16_at(const Args& a, int64_t row, int64_t k) {
 // x: [MB, K] as given (for the tail), gsum: [MB, G] group sums of x (affine only).
 // One token sums each group apart and scales the sum (acc); several tokens scale the decoded
 // weights once and share them, so the R x MB accumulators are all the registers they need.
-// sum_j s_j z_j gsum[m, j] for one row (the affine term), 16 groups at a time.
+// sum_j s_j (z_j - b) gsum[m, j] for one row (the affine term), 16 groups at a time; z_j = 0
+// without zero points; b: a constant the codes were shifted by (the int8-activation kernel).
 template <int ST, int MB>
-inline void zero_term(const Args& a, int64_t row, const float* gsum, float* corr) {
+inline void zero_term(const Args& a, int64_t row, const float* gsum, float* corr, float b = 0.f) {
   __m512 c[MB];
   UNROLL for (int m = 0; m < MB; ++m) c[m] = _mm512_setzero_ps();
   for (int64_t j = 0; j < a.G; j += 16) {
     const __mmask16 mask = a.G - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (a.G - j)) - 1);
-    const __m512 sz = _mm512_mul_ps(scales16<ST>(a.scales, row * a.G + j, mask),
-                                    scales16<ST>(a.zeros, row * a.G + j, mask));
+    const __m512 z = a.zeros ? scales16<ST>(a.zeros, row * a.G + j, mask) : _mm512_setzero_ps();
+    const __m512 sz = _mm512_mul_ps(scales16<ST>(a.scales, row * a.G + j, mask), _mm512_sub_ps(z, _mm512_set1_ps(b)));
     UNROLL for (int m = 0; m < MB; ++m) c[m] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mask, gsum + m * a.G + j), c[m]);
   }
   UNROLL for (int m = 0; m < MB; ++m) corr[m] = _mm512_reduce_add_ps(c[m]) * a.smul;
@@ -508,6 +515,128 @@ void gemv_bf16(const Args& a, int64_t M, const uint16_t* x, const float* gsum, f
 
 #pragma GCC pop_options
 
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")
+
+// int8 activations (opt-in: kernels/qmatmul.py), 4-bit codes whose table is u + b with u the code
+// (uint4: b = 0) or the code with its top bit flipped (int4: b = -8), groups that are multiples
+// of 64 or span the row. Each token's x is quantized per 64-block: xs = max|x| / 127, xq =
+// round(x / xs) (as llama.cpp's Q8 activations, which are blocks of 32). vpdpbusd multiplies 64
+// unsigned codes by 64 int8 activations and adds fours into 16 int32 lanes, exactly; each
+// 128-code step is one 64-byte load of codes, the low nibbles (even elements) and the high ones
+// (odd elements) against xq laid out to match: per step, the 64 even elements, then the 64 odd.
+// Lanes 0-7 then hold the first 64-block's sums and lanes 8-15 the second's, each scaled by its
+// weight scale times its activation scale in float32.
+//   y = sum_steps (dot_int32 * s * xs) + tail - sum_j s_j (z_j - b) gsum_j
+// with gsum_j the sum of the quantized activations (xq * xs) in group j. The ragged end of a row
+// (K % 128 codes) is summed in float32 with x as given.
+struct I8Input {
+  const int8_t* xq;   // [M][steps][128]
+  const float* xsv;   // [M][steps][16]: lanes 0-7 the first 64-block's scale, 8-15 the second's
+  const float* x;     // [M][K] as given (the ragged end)
+  const float* gsum;  // [M][G]
+  int64_t steps;
+  uint8_t flip;       // 0x88: int4 codes, read as code ^ 8 (then the value is u - 8)
+  float b;
+};
+
+template <int ST, int R, int MB>
+void rows_kernel_i8(const Args& a, const I8Input& in, int64_t r0, float* y) {
+  const int64_t K = a.K, K128 = in.steps * 128;
+  const uint8_t* rows[R];
+  UNROLL for (int r = 0; r < R; ++r) rows[r] = a.codes + (r0 + r) * a.rb;
+  const __m512i low4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(char(in.flip));
+  const int64_t ahead = prefetch_distance(R * a.rb);
+  __m512 tot[R][MB];
+  UNROLL for (int r = 0; r < R; ++r) UNROLL for (int m = 0; m < MB; ++m) tot[r][m] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < in.steps; ++c) {
+    const int64_t k0 = 128 * c;
+    __m512i lo[R], hi[R];
+    __m512 sv[R];
+    UNROLL for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(rows[r] + k0 / 2 + ahead), _MM_HINT_T1);
+      const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(rows[r] + k0 / 2), flip);
+      lo[r] = _mm512_and_si512(v, low4);
+      hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      const float s0 = scale_at<ST>(a.scales, (r0 + r) * a.G + k0 / a.g);
+      const float s1 = scale_at<ST>(a.scales, (r0 + r) * a.G + (k0 + 64) / a.g);
+      sv[r] = _mm512_mask_blend_ps(__mmask16(0xFF00), _mm512_set1_ps(s0), _mm512_set1_ps(s1));
+    }
+    UNROLL for (int m = 0; m < MB; ++m) {
+      const int8_t* xq = in.xq + (m * in.steps + c) * 128;
+      const __m512i even = _mm512_loadu_si512(xq), odd = _mm512_loadu_si512(xq + 64);
+      const __m512 xs = _mm512_loadu_ps(in.xsv + (m * in.steps + c) * 16);
+      UNROLL for (int r = 0; r < R; ++r) {
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], even), hi[r], odd);
+        tot[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sv[r], xs), tot[r][m]);
+      }
+    }
+  }
+  float tail[R][MB], corr[R][MB];
+  UNROLL for (int r = 0; r < R; ++r) {
+    UNROLL for (int m = 0; m < MB; ++m) {
+      float t = 0.f;
+      for (int64_t k = K128; k < K; ++k) {
+        const int u = ((rows[r][k / 2] >> (4 * (k & 1))) & 15) ^ (in.flip & 15);
+        t += float(u) * in.x[m * K + k] * scale_at<ST>(a.scales, (r0 + r) * a.G + k / a.g);
+      }
+      tail[r][m] = t;
+    }
+    zero_term<ST, MB>(a, r0 + r, in.gsum, corr[r], in.b);
+  }
+  UNROLL for (int r = 0; r < R; ++r)
+    UNROLL for (int m = 0; m < MB; ++m) y[m * a.N + r0 + r] = _mm512_reduce_add_ps(tot[r][m]) + tail[r][m] - corr[r][m];
+}
+
+// Tokens two at a time (the registers hold 4 rows x 2 tokens of sums besides the codes).
+template <int ST, int R>
+void rows_i8(const Args& a, const I8Input& in, int64_t M, int64_t r0, float* y) {
+  for (int64_t m0 = 0; m0 < M; m0 += 2) {
+    I8Input at = in;
+    at.xq += m0 * in.steps * 128, at.xsv += m0 * in.steps * 16, at.x += m0 * a.K, at.gsum += m0 * a.G;
+    if (M - m0 == 1) rows_kernel_i8<ST, R, 1>(a, at, r0, y + m0 * a.N);
+    else rows_kernel_i8<ST, R, 2>(a, at, r0, y + m0 * a.N);
+  }
+}
+
+template <int ST>
+void gemv_i8(const Args& a, const I8Input& in, int64_t M, float* y) {
+  constexpr int R = 4;
+  const int64_t blocks = a.N / R;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / (a.K * R * M));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) rows_i8<ST, R>(a, in, M, b * R, y);
+  });
+  for (int64_t r = blocks * R; r < a.N; ++r) rows_i8<ST, 1>(a, in, M, r, y);
+}
+
+// x [M, K] -> per 64-block scales and int8 codes in the step layout, and gsum of what they stand for.
+void quantize_x_i8(const float* x, int64_t M, int64_t K, int64_t G, int64_t g, int64_t steps, int8_t* xq,
+                   float* xsv, float* gsum) {
+  const int64_t K128 = steps * 128;
+  std::fill(gsum, gsum + M * G, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    for (int64_t k0 = 0; k0 < K128; k0 += 64) {
+      float amax = 0.f;
+      for (int64_t k = k0; k < k0 + 64; ++k) amax = std::max(amax, std::fabs(xm[k]));
+      const float xs = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      const int64_t c = k0 / 128, half = (k0 / 64) % 2;
+      int8_t* e = xq + (m * steps + c) * 128;
+      for (int i = 0; i < 8; ++i) xsv[(m * steps + c) * 16 + 8 * half + i] = xs;
+      for (int64_t k = k0; k < k0 + 64; ++k) {
+        const int q = int(std::nearbyint(xm[k] * inv));  // round half to even (the default mode)
+        const int64_t i = k - 128 * c;                   // element within the step
+        e[(i % 2) * 64 + i / 2] = int8_t(q);
+        gsum[m * G + k / g] += float(q) * xs;
+      }
+    }
+    for (int64_t k = K128; k < K; ++k) gsum[m * G + k / g] += xm[k];
+  }
+}
+
+#pragma GCC pop_options
+
 Args make_args(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
                const at::Tensor& table, int64_t N, int64_t K, int64_t group, int64_t decoder, double scale_mul) {
   TORCH_CHECK(decoder >= TABLE4 && decoder <= FP8_E5M2, "lowbit qmatmul: unknown decoder ", decoder);
@@ -578,6 +707,40 @@ at::Tensor gemv_op(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
     case UINT8 * 3: gemv<UINT8, F32>(a, M, xd, xp, gs, yp); break;
     case FP8_E4M3 * 3: gemv<FP8_E4M3, F32>(a, M, xd, xp, gs, yp); break;
     default: gemv<FP8_E5M2, F32>(a, M, xd, xp, gs, yp); break;
+  }
+  return y;
+}
+
+
+bool available_i8() { return cpu_has_avx512_vnni(); }
+
+// x: float32 [M, K] contiguous, 4-bit codes, table[c] = (c ^ flip) + b with flip 0 or 8 (uint4,
+// int4) -> y: float32 [M, N], with x quantized to int8 per 64-block (see gemv_i8).
+at::Tensor gemv_i8_op(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                      const c10::optional<at::Tensor>& zeros, const at::Tensor& table, int64_t N, int64_t group) {
+  TORCH_CHECK(cpu_has_avx512_vnni(), "lowbit qmatmul: this CPU lacks AVX512-VNNI");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "lowbit qmatmul: x must be contiguous float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  const Args a = make_args(codes, scales, zeros, table, N, K, group, TABLE4, 1.0);
+  TORCH_CHECK(a.G == 1 || a.g % 64 == 0, "lowbit qmatmul: int8 activations take groups that are multiples of 64");
+  const float* t = table.data_ptr<float>();
+  const int flip = t[8] == 8.f ? 0 : 8;  // uint4 codes stand for themselves; int4's 8 is -8
+  for (int c = 0; c < 16; ++c)
+    TORCH_CHECK(t[c] == float((c ^ flip) - flip), "lowbit qmatmul: int8 activations take uint4 or int4 codes");
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const int64_t steps = K / 128;
+  std::vector<int8_t> xq(std::max<int64_t>(1, M * steps * 128));
+  std::vector<float> xsv(std::max<int64_t>(1, M * steps * 16)), gsum(M * a.G);
+  quantize_x_i8(x.data_ptr<float>(), M, K, a.G, a.g, steps, xq.data(), xsv.data(), gsum.data());
+  const I8Input in{xq.data(), xsv.data(), x.data_ptr<float>(), gsum.data(), steps, uint8_t(flip ? 0x88 : 0),
+                   float(-flip)};
+  float* yp = y.data_ptr<float>();
+  switch (a.st) {
+    case F32: gemv_i8<F32>(a, in, M, yp); break;
+    case F16: gemv_i8<F16>(a, in, M, yp); break;
+    default: gemv_i8<BF16>(a, in, M, yp); break;
   }
   return y;
 }
@@ -658,6 +821,9 @@ void dequantize_op(const at::Tensor& codes, const at::Tensor& scales, const c10:
 TORCH_LIBRARY(lowbit_qmatmul, m) {
   m.def("available() -> bool", &available);
   m.def("available_bf16() -> bool", &available_bf16);
+  m.def("available_i8() -> bool", &available_i8);
+  m.def("gemv_i8(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor table, int N, int group) -> Tensor",
+        &gemv_i8_op);
   m.def("gemv_bf16(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor table, int N, int group) -> Tensor",
         &gemv_bf16_op);
   m.def("gemv(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor table, int N, int group, int decoder, "
