@@ -113,11 +113,13 @@ class Plan:
     source: tuple  # the QTensor's tensors this plan reads: a plan is reused only while they are
     covered: bool = True  # False: no kernel covers this weight (remembered, so not checked again)
     bf16_gemv: bool = False  # bf16 input may take gemv_bf16 (4-bit codes, table exact in bf16, CPU has BF16)
-    # Output-axis groups (HQQ's layout) of row_group rows: scales and zeros [ceil(N / row_group), K]
-    # as float32, applied to x per row group; the kernel reads the codes with unit `scales`.
+    # Output-axis groups (HQQ's layout) of row_group rows: scales, zeros and their product z * s,
+    # [ceil(N / row_group), K] float32, applied to x per row group; the kernel reads the codes
+    # with unit `scales`.
     row_group: int = 0
     col_scales: torch.Tensor | None = None
     col_zeros: torch.Tensor | None = None
+    col_shift: torch.Tensor | None = None
     i8_gemv: bool = False  # int8 activations may take gemv_i8 (uint4/int4 codes, groups of 64k, CPU has VNNI)
 
 
@@ -177,12 +179,8 @@ def linear(x: torch.Tensor, p: Plan | None, bias: torch.Tensor | None = None) ->
 def _gemv_row_groups(x: torch.Tensor, p: Plan) -> torch.Tensor:
     """x [M, K] float32 @ W^T for output-axis groups: y[:, r] = q_r . (s_g x) - (z_g s_g) . x, g = r // rg
     (csrc/qmatmul.cpp, top)."""
-    xs = (p.col_scales[:, None, :] * x[None]).reshape(-1, p.K)  # [groups * M, K]
-    y = ops().gemv(xs, p.codes, p.scales, None, p.table, p.N, p.group, p.decoder, p.scale_mul, p.row_group)
-    if p.col_zeros is not None:  # the zero points' term, one value per (token, row group)
-        shift = x @ (p.col_zeros * p.col_scales).T  # [M, groups]
-        y -= shift.repeat_interleave(p.row_group, dim=1)[:, :p.N]
-    return y
+    return ops().gemv(x.contiguous(), p.codes, p.scales, None, p.table, p.N, p.group, p.decoder, p.scale_mul,
+                      p.row_group, p.col_scales, p.col_shift)
 
 
 def dequantize(p: Plan, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:

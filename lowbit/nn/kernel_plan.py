@@ -73,7 +73,8 @@ def _row_group_plan(q: QTensor, source: tuple, decoder: int, table: torch.Tensor
     col_scales = q.scale_values().float().reshape(K, -1).T.contiguous()  # stats shape [K, groups]
     col_zeros = None if zeros is None else zeros.float().reshape(K, -1).T.contiguous()
     return Plan(q.codes, torch.ones(N), None, table, N, K, K, decoder, scale_mul, source,
-                row_group=q.scheme.granularity.size, col_scales=col_scales, col_zeros=col_zeros)
+                row_group=q.scheme.granularity.size, col_scales=col_scales, col_zeros=col_zeros,
+                col_shift=None if col_zeros is None else col_zeros * col_scales)
 
 
 def _scales(q: QTensor, N: int, G: int, wide: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -664,21 +664,55 @@ Args make_args(const at::Tensor& codes, const at::Tensor& scales, const c10::opt
 bool available() { return cpu_has_avx512(); }
 
 // x: float32 [M, K] contiguous -> y: float32 [M, N].
-// row_group rg > 0: x is [ceil(N / rg) * M, K], one [M, K] block per rg rows (see the top).
-at::Tensor gemv_op(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+void gemv_dispatch(const Args& a, int64_t decoder, int64_t M, const float* xd, const float* xp, const float* gs,
+                   float* yp) {
+  TORCH_CHECK(decoder == TABLE4 || a.st == F32, "lowbit qmatmul: 8-bit codes take float32 scales");
+  if (a.g == 16 && a.G > 1) {
+    gemv<TABLE4, F32, true>(a, M, xd, xp, gs, yp);
+    return;
+  }
+  switch (decoder * 3 + a.st) {
+    case TABLE4 * 3 + F32: gemv<TABLE4, F32>(a, M, xd, xp, gs, yp); break;
+    case TABLE4 * 3 + F16: gemv<TABLE4, F16>(a, M, xd, xp, gs, yp); break;
+    case TABLE4 * 3 + BF16: gemv<TABLE4, BF16>(a, M, xd, xp, gs, yp); break;
+    case INT8 * 3: gemv<INT8, F32>(a, M, xd, xp, gs, yp); break;
+    case UINT8 * 3: gemv<UINT8, F32>(a, M, xd, xp, gs, yp); break;
+    case FP8_E4M3 * 3: gemv<FP8_E4M3, F32>(a, M, xd, xp, gs, yp); break;
+    default: gemv<FP8_E5M2, F32>(a, M, xd, xp, gs, yp); break;
+  }
+}
+
+// Output-axis groups of row_group rows (see the top): col_scales and col_shift (z * s) are
+// [ceil(N / row_group), K] float32; the codes are read with `scales` (ones) and no zeros.
+at::Tensor gemv_op(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& scales,
                 const c10::optional<at::Tensor>& zeros, const at::Tensor& table, int64_t N, int64_t group,
-                int64_t decoder, double scale_mul, int64_t row_group) {
+                int64_t decoder, double scale_mul, int64_t row_group, const c10::optional<at::Tensor>& col_scales,
+                const c10::optional<at::Tensor>& col_shift) {
   TORCH_CHECK(cpu_has_avx512(), "lowbit qmatmul: this CPU lacks AVX-512");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "lowbit qmatmul: x must be contiguous float32 [M, K]");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.is_contiguous(), "lowbit qmatmul: x must be contiguous float32 [M, K]");
   TORCH_CHECK(row_group >= 0 && row_group % 4 == 0, "lowbit qmatmul: row_group must be a multiple of 4");
-  const int64_t blocks = row_group ? (N + row_group - 1) / row_group : 1;
-  TORCH_CHECK(x.size(0) % blocks == 0, "lowbit qmatmul: x must hold one [M, K] block per row group");
-  const int64_t M = x.size(0) / blocks, K = x.size(1), MX = x.size(0);
+  const int64_t M = x_in.size(0), K = x_in.size(1);
+  const int64_t blocks = row_group ? (N + row_group - 1) / row_group : 1, MX = M * blocks;
+  TORCH_CHECK(!row_group || (col_scales.has_value() && col_scales->scalar_type() == at::kFloat &&
+                             col_scales->is_contiguous() && col_scales->numel() == blocks * K),
+              "lowbit qmatmul: output-axis groups need col_scales, contiguous float32 [groups, K]");
+  TORCH_CHECK(!col_shift.has_value() || (col_shift->scalar_type() == at::kFloat && col_shift->is_contiguous() &&
+                                         col_shift->numel() == blocks * K),
+              "lowbit qmatmul: col_shift must be contiguous float32 [groups, K]");
   Args a = make_args(codes, scales, zeros, table, N, K, group, decoder, scale_mul);
   a.rg = row_group;
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = at::empty({M, N}, x_in.options());
   if (M == 0 || N == 0) return y;
-  const float* xp = x.data_ptr<float>();
+  std::vector<float> xs_buf;  // output-axis groups: x scaled by each row group's column scales
+  if (row_group) {
+    xs_buf.resize(MX * K);
+    const float* cs = col_scales->data_ptr<float>();
+    const float* x0 = x_in.data_ptr<float>();
+    for (int64_t g = 0; g < blocks; ++g)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < K; ++k) xs_buf[(g * M + m) * K + k] = cs[g * K + k] * x0[m * K + k];
+  }
+  const float* xp = row_group ? xs_buf.data() : x_in.data_ptr<float>();
   std::vector<float> xd_buf, gsum_buf;
   const float* xd = xp;
   if (decoder == TABLE4) {
@@ -694,22 +728,25 @@ at::Tensor gemv_op(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   }
   const float* gs = a.zeros ? gsum_buf.data() : nullptr;
   float* yp = y.data_ptr<float>();
-  TORCH_CHECK(decoder == TABLE4 || a.st == F32, "lowbit qmatmul: 8-bit codes take float32 scales");
-  if (a.g == 16 && a.G > 1) {
-    gemv<TABLE4, F32, true>(a, M, xd, xp, gs, yp);
+  if (row_group && col_shift.has_value()) {  // the zero points' term: (z s)_g . x per token and row group
+    const float* cz = col_shift->data_ptr<float>();
+    const float* x0 = x_in.data_ptr<float>();
+    std::vector<float> shift(M * blocks, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < blocks; ++g) {
+        float t = 0.f;
+        for (int64_t k = 0; k < K; ++k) t += cz[g * K + k] * x0[m * K + k];
+        shift[m * blocks + g] = t;
+      }
+    gemv_dispatch(a, decoder, M, xd, xp, gs, yp);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = 0; r < N; ++r) yp[m * N + r] -= shift[m * blocks + r / row_group];
     return y;
   }
-  switch (decoder * 3 + a.st) {
-    case TABLE4 * 3 + F32: gemv<TABLE4, F32>(a, M, xd, xp, gs, yp); break;
-    case TABLE4 * 3 + F16: gemv<TABLE4, F16>(a, M, xd, xp, gs, yp); break;
-    case TABLE4 * 3 + BF16: gemv<TABLE4, BF16>(a, M, xd, xp, gs, yp); break;
-    case INT8 * 3: gemv<INT8, F32>(a, M, xd, xp, gs, yp); break;
-    case UINT8 * 3: gemv<UINT8, F32>(a, M, xd, xp, gs, yp); break;
-    case FP8_E4M3 * 3: gemv<FP8_E4M3, F32>(a, M, xd, xp, gs, yp); break;
-    default: gemv<FP8_E5M2, F32>(a, M, xd, xp, gs, yp); break;
-  }
+  gemv_dispatch(a, decoder, M, xd, xp, gs, yp);
   return y;
 }
+
 
 
 bool available_i8() { return cpu_has_avx512_vnni(); }
@@ -827,7 +864,7 @@ TORCH_LIBRARY(lowbit_qmatmul, m) {
   m.def("gemv_bf16(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor table, int N, int group) -> Tensor",
         &gemv_bf16_op);
   m.def("gemv(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor table, int N, int group, int decoder, "
-        "float scale_mul, int row_group=0) -> Tensor", &gemv_op);
+        "float scale_mul, int row_group=0, Tensor? col_scales=None, Tensor? col_shift=None) -> Tensor", &gemv_op);
   m.def("dequantize(Tensor codes, Tensor scales, Tensor? zeros, Tensor table, int N, int K, int group, "
         "int decoder, float scale_mul, Tensor(a!) out) -> ()", &dequantize_op);
 }
