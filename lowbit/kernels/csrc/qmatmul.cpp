@@ -371,11 +371,55 @@ void dequant_rows(const Args& a, int64_t r0, int64_t r1, void* out) {
   }
 }
 
+// 4-bit codes to bfloat16, a group's 16 possible values at a time: each group's table
+// (table[c] - z) * s is computed in float32 as dequant_rows computes each value, rounded to bf16
+// once, and then 32 codes become 32 bf16 values in natural order with one vpermw (decode_bf16's
+// BLK 32 indexing: word 2i is byte i, word 2i+1 is byte i >> 4, the table duplicated in both
+// halves). The values are bit for bit dequant_rows' at about a quarter of the instructions:
+// this is the prefill route's cost for bf16 activations. Groups that are multiples of 32.
+inline __m512i round_bf16(__m512 v) {  // float32 -> bf16 in the low half of each dword, round half to even
+  __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  b = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+  return _mm512_srli_epi32(b, 16);
+}
+
+void dequant_rows_table4_bf16(const Args& a, int64_t r0, int64_t r1, uint16_t* out) {
+  const __m512 table = _mm512_loadu_ps(a.table);
+  const int64_t K = a.K, K32 = K & ~int64_t(31);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = a.codes + r * a.rb;
+    uint16_t* o = out + r * K;
+    for (int64_t j = 0; j < a.G; ++j) {
+      const float s = load_scalar(a.scales, a.st, r * a.G + j) * a.smul;
+      const float z = a.zeros ? load_scalar(a.zeros, a.zt, r * a.G + j) : 0.f;
+      __m512 v = table;
+      if (a.zeros) v = _mm512_sub_ps(v, _mm512_set1_ps(z));
+      const __m256i t16 = _mm512_cvtepi32_epi16(round_bf16(_mm512_mul_ps(v, _mm512_set1_ps(s))));
+      const __m512i t = _mm512_inserti64x4(_mm512_castsi256_si512(t16), t16, 1);
+      const int64_t kend = std::min(K32, (j + 1) * a.g);
+      for (int64_t k0 = j * a.g; k0 < kend; k0 += 32) {
+        const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k0 / 2)));
+        _mm512_storeu_si512(o + k0, _mm512_permutexvar_epi16(_mm512_or_si512(c, _mm512_slli_epi32(c, 12)), t));
+      }
+      if (j == a.G - 1)
+        for (int64_t k = K32; k < K; ++k) {
+          const float x = (decode1<TABLE4>(row, k, a.table) - z) * s;
+          uint32_t b;
+          std::memcpy(&b, &x, 4);
+          o[k] = uint16_t((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
+        }
+    }
+  }
+}
+
 template <int D>
 void dequant(const Args& a, bool bf16, void* out) {
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / a.K);
+  const bool table_bf16 = D == TABLE4 && bf16 && (a.G == 1 || a.g % 32 == 0);
   at::parallel_for(0, a.N, grain, [&](int64_t r0, int64_t r1) {
-    if (bf16) dequant_rows<D, true>(a, r0, r1, out);
+    if (table_bf16) dequant_rows_table4_bf16(a, r0, r1, static_cast<uint16_t*>(out));
+    else if (bf16) dequant_rows<D, true>(a, r0, r1, out);
     else dequant_rows<D, false>(a, r0, r1, out);
   });
 }
