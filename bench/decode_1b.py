@@ -41,7 +41,7 @@ from lowbit.eval.speed import _cache_name
 from lowbit.kernels import qmatmul
 from lowbit.nn import QuantLinear
 
-MODELS = "fp32,bf16,w8,w4g64,nf4,w8@bf16,w4g64@bf16,nf4@bf16"
+MODELS = "fp32,bf16,w8,w4g64,nf4,w8@bf16,w4g64@bf16,nf4@bf16,w4g64@int8"
 CLOCK = time.perf_counter
 
 
@@ -76,7 +76,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 def build(base: torch.nn.Module, kind: str) -> torch.nn.Module:
     """fp32 (the base itself), bf16, a recipe name, or recipe@bf16 (quantized, then .to(bf16):
-    the codes stay as stored, activations are bf16)."""
+    the codes stay as stored, activations are bf16), or recipe@int8 (fp32 model, decode GEMVs on
+    int8 activations: qmatmul.int8_activations)."""
     if kind == "fp32":
         return base
     if kind == "bf16":
@@ -167,7 +168,8 @@ def main() -> None:
     ap.add_argument("--model", default="1b", help="1b (random weights, above) or a lowbit built-in, e.g. smollm2-135m")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
-    ap.add_argument("--models", default=MODELS, help="fp32, bf16, recipe names, recipe@bf16 (bf16 activations)")
+    ap.add_argument("--models", default=MODELS,
+                    help="fp32, bf16, recipe names, recipe@bf16 (bf16 activations), recipe@int8 (int8 GEMV activations)")
     ap.add_argument("--gguf", default="q4_0,q8_0", help="llama.cpp types to write and run ('' for none)")
     ap.add_argument("--prompt-tokens", type=int, default=16, help="context before the timed decode steps")
     ap.add_argument("--prefill-tokens", type=int, default=128, help="prompt length of the prefill timing (0: skip)")
@@ -206,10 +208,11 @@ def main() -> None:
 
     for kind in a.models.split(","):
         m = build(base, kind)
-        tps = decode_speed(m, a.prompt_tokens, a.new_tokens, a.runs)
+        with qmatmul.int8_activations(kind.endswith("@int8")):
+            tps = decode_speed(m, a.prompt_tokens, a.new_tokens, a.runs)
         pps = prefill_speed(m, a.prefill_tokens, a.runs) if a.prefill_tokens else float("nan")
         name = kind if "@" in kind or kind not in ("fp32", "bf16") else f"{kind} (torch)"
-        row(name.replace("@bf16", " (bf16 act)"), tps, weight_bytes(m), f"{pps:.0f}")
+        row(name.replace("@bf16", " (bf16 act)").replace("@int8", " (int8 act, opt-in)"), tps, weight_bytes(m), f"{pps:.0f}")
         if m is not base:
             del m
             gc.collect()

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import lowbit
 from lowbit.kernels import qmatmul
 from lowbit.nn.kernel_plan import plan
-from lowbit.pipeline import RECIPES
+from lowbit.pipeline import RECIPES, get_recipe
 
 SHAPES = [(1, 4096, 4096), (1, 576, 1536), (1, 1536, 576), (8, 4096, 4096), (512, 4096, 4096)]  # M, K, N
 SCHEMES = ["w4g64", "w4g64-sym", "nf4", "w8", "fp8"]
@@ -168,11 +168,11 @@ def decode(new_tokens: int, runs: int, which: list[str], with_torch_path: bool) 
 
     model, tok = load_model("smollm2-135m")
     models = {}
-    for k in which:  # recipe@bf16: quantized, then .to(bf16): the same codes, bf16 activations
+    for k in which:  # recipe[:method][@bf16]: quantized, then .to(bf16): the same codes, bf16 activations
         recipe, _, act = k.partition("@")
         models[k] = (copy.deepcopy(model).to(torch.bfloat16) if k == "bf16" else model if k == "fp32"
                      else gguf_kept(model, k.removeprefix("gguf-")) if k.startswith("gguf-")
-                     else lowbit.quantize(copy.deepcopy(model), recipe, progress=False))
+                     else lowbit.quantize(copy.deepcopy(model), get_recipe(*recipe.split(":")), progress=False))
         if act == "bf16":
             models[k] = models[k].to(torch.bfloat16)
 

@@ -21,6 +21,7 @@ from lowbit.kernels import qmatmul
 from lowbit.nn import QuantLinear
 from lowbit.nn.kernel_plan import plan
 from lowbit.pipeline import RECIPES
+from lowbit.pipeline.recipe import solver_scheme
 
 SCHEMES = {
     "w4g32": RECIPES["w4g32"].weights,  # uint4 affine, fp16 scales and zeros
@@ -39,6 +40,11 @@ SCHEMES = {
     "fp8": RECIPES["fp8"].weights,
     "fp8-tensor": RECIPES["fp8-tensor"].weights,
     "fp8_e5m2-channel": Scheme("fp8_e5m2", PerChannel(0)),
+    "nvfp4": lowbit.core.SCHEMES["nvfp4"],  # groups of 16, fp8 scales and a tensor scale
+    "uint4-g16-affine": Scheme("uint4", PerGroup(16), symmetric=False, range="minmax", scale_format="fp16"),
+    "w4g64-hqq": solver_scheme(RECIPES["w4g64"].weights, "hqq"),  # output-axis groups, float zeros
+    "int8-g32-output-axis": Scheme("int8", PerGroup(32, axis=0), scale_format="bf16"),
+    "fp8-g64-output-axis": Scheme("fp8_e4m3", PerGroup(64, axis=0)),
 }
 # [N, K]: SmolLM2's input widths, ragged last groups (200 = 3*64 + 8, 1000 = 7*128 + 104), N not
 # a multiple of the kernel's 4 rows; the full SmolLM2 shapes are in the real-weights test
@@ -78,7 +84,7 @@ def test_gemv_matches_float64_on_random_weights(name, shape, gen):
         check(qmatmul.linear(x, p), x, q)
 
 
-@pytest.mark.parametrize("name", ["w4g64", "nf4", "nf4-dq", "w8", "fp8"])
+@pytest.mark.parametrize("name", ["w4g64", "nf4", "nf4-dq", "w8", "fp8", "nvfp4", "w4g64-hqq"])
 def test_kernels_match_float64_on_smollm2_weights(name, smollm2_weights, gen):
     for w in smollm2_weights.values():
         q = lowbit.core.quantize(w, SCHEMES[name])
@@ -100,7 +106,8 @@ def test_half_inputs_and_bias(dtype, gen):
 
 
 @pytest.mark.parametrize("name", ["w4g64", "int4-g64-fp32", "nf4-dq", "w8", "uint8-channel-affine", "fp8",
-                                  "fp8_e5m2-channel", "mxfp4"])
+                                  "fp8_e5m2-channel", "mxfp4", "nvfp4", "uint4-g16-affine", "w4g64-hqq",
+                                  "int8-g32-output-axis", "fp8-g64-output-axis"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dequantize_kernel_is_bit_exact(name, dtype, gen):
     w = torch.randn(70, 1000, generator=gen)
@@ -119,7 +126,8 @@ def test_prefill_route_matches(gen):
 
 def test_schemes_without_a_kernel_get_none(gen):
     w = torch.randn(32, 96, generator=gen)
-    for scheme in [Scheme("int3", PerGroup(32)), Scheme("int4", PerGroup(16)), Scheme("nf4", PerChannel(1)),
+    for scheme in [Scheme("int3", PerGroup(32)), Scheme("int4", PerGroup(48)), Scheme("int8", PerGroup(16)),
+                   Scheme("int4", PerGroup(6, axis=0)), Scheme("nf4", PerChannel(1)),
                    Scheme("kmeans4", PerChannel(0))]:
         p = plan(lowbit.core.quantize(w, scheme))
         assert p is not None and not p.covered
@@ -295,3 +303,53 @@ def test_prefill_bf16_opt_in(monkeypatch, gen):
     monkeypatch.setenv("LOWBIT_PREFILL", "fp16")
     with pytest.raises(ValueError, match="LOWBIT_PREFILL"):
         qmatmul._prefill_setting()
+
+
+@pytest.mark.parametrize("name", ["nvfp4", "w4g64-hqq", "int8-g32-output-axis"])
+def test_prefill_route_of_groups_of_16_and_output_axis_groups(name, gen):
+    w = torch.randn(70, 1000, generator=gen)
+    q = lowbit.core.quantize(w, SCHEMES[name])
+    x = torch.randn(40, 1000, generator=gen)
+    check(qmatmul.linear(x, plan(q)), x, q)
+    xb = x.bfloat16()
+    assert torch.equal(qmatmul.linear(xb, plan(q)), F.linear(xb, q.dequantize(torch.bfloat16)))
+
+
+def int8_activations_reference(x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """x with each token quantized per 64-block to int8 (scale max|x| / 127, round half to even)
+    as the int8 GEMV does, up to the last whole 128-element step; the ragged end as given."""
+    K = x.shape[-1]
+    whole = K // 128 * 128
+    xb = x[:, :whole].reshape(x.shape[0], -1, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    xq = torch.round(xb * inv) * (amax / 127.0)
+    return torch.cat([xq.reshape(x.shape[0], whole), x[:, whole:]], dim=1)
+
+
+@pytest.mark.parametrize("name", ["w4g64", "w4g128", "int4-g64-fp32", "int4-g128-bf16"])
+@pytest.mark.parametrize("shape", SHAPES + [(40, 4096)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_int8_activation_gemv_matches_float64_with_the_same_quantized_x(name, shape, gen):
+    if not qmatmul.has_i8():
+        pytest.skip("this CPU lacks AVX512-VNNI")
+    N, K = shape
+    q = lowbit.core.quantize(torch.randn(N, K, generator=gen), SCHEMES[name])
+    p = plan(q)
+    assert p.i8_gemv
+    for M in (1, 2, 3):
+        x = torch.randn(M, K, generator=gen) * torch.rand(1, K, generator=gen) * 4  # uneven blocks
+        with qmatmul.int8_activations():
+            y = qmatmul.linear(x, p)
+        check(y, int8_activations_reference(x), q)
+        plain = F.linear(x.double(), q.dequantize().double())  # and what rounding x costs
+        assert (y.double() - plain).abs().max() <= 0.02 * plain.abs().max()
+
+
+def test_int8_activations_are_opt_in(gen):
+    q = lowbit.core.quantize(torch.randn(64, 256, generator=gen), SCHEMES["w4g64"])
+    x = torch.randn(1, 256, generator=gen)
+    p = plan(q)
+    plain = qmatmul.ops().gemv(x, p.codes, p.scales, p.zeros, p.table, p.N, p.group, p.decoder, p.scale_mul, 0)
+    assert torch.equal(qmatmul.linear(x, p), plain)
+    with qmatmul.int8_activations():
+        assert not torch.equal(qmatmul.linear(x, p), plain)

@@ -10,7 +10,9 @@ scheme is not covered, `linear()` returns None and QuantLinear runs its torch pa
 Covered: 2-D weights whose codes are
     4-bit, any format (int4, uint4, nf4, fp4_e2m1: decoded through a 16-entry table),
         symmetric or affine, groups that are multiples of 32 along the input axis (the last
-        group may be shorter), per channel or per tensor
+        group may be shorter) or of 16 (nvfp4), per channel or per tensor
+    any of these formats in groups along the output axis (HQQ's layout; the group size a
+        multiple of 4 rows): x is scaled per row group before the kernel reads the codes
     int8 / uint8, fp8_e4m3 / fp8_e5m2, per channel, per tensor or in such groups
 and scales stored as float32, float16 or bfloat16 (read as stored), or anything else
 scale_values() reads (e8m0, fp8 scales, nf4-dq's double-quantized scales, a tensor scale):
@@ -24,6 +26,13 @@ Routes, by the number of tokens M (rows of x):
     larger M (prefill)     dequantize once per call to bf16 (bf16 input) or float32, into a
                            reused per-thread buffer, then F.linear
 
+LOWBIT_GEMV_ACTIVATIONS=int8 (opt-in, default off; or `with qmatmul.int8_activations():`) runs the
+decode GEMV of uint4/int4 codes in groups of 64k (w4g64, w4g128, w4g64-sym) on AVX512-VNNI int8 dot
+products, each token's x quantized to int8 per 64-block as llama.cpp quantizes its activations
+(Q8_0, blocks of 32). About twice the GEMV speed where the kernel is compute-bound; the error is
+that of the activations' rounding (2^-8 of each block's max, relative), which is why it is not
+the default. tests/test_qmatmul.py checks it against float64 with the same quantized x.
+
 LOWBIT_PREFILL=bf16 (opt-in, default off) runs float32 prefill through the bf16 route too: x and
 W rounded to bf16, bf16 GEMM, result widened back to float32. That changes an fp32 model's
 numerics (about 2^-8 relative per product; tests/test_qmatmul.py states the bound), so it is
@@ -31,6 +40,7 @@ never the default: lowbit's perplexity evaluations of fp32 models stay fp32.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -62,6 +72,27 @@ def _prefill_setting() -> bool:
 
 
 PREFILL_BF16 = _prefill_setting()  # read once, at import
+
+
+def _gemv_activations_setting() -> bool:
+    v = os.environ.get("LOWBIT_GEMV_ACTIVATIONS", "")
+    if v not in ("", "float", "int8"):
+        raise ValueError(f"LOWBIT_GEMV_ACTIVATIONS={v!r}: expected 'int8' (decode GEMV on int8 activations) or "
+                         "'float' / unset (the default)")
+    return v == "int8"
+
+
+_ACT_INT8 = [_gemv_activations_setting()]
+
+
+@contextlib.contextmanager
+def int8_activations(enabled: bool = True):
+    """Within the block, 4-bit decode GEMVs that can take int8 activations do (LOWBIT_GEMV_ACTIVATIONS)."""
+    before, _ACT_INT8[0] = _ACT_INT8[0], enabled
+    try:
+        yield
+    finally:
+        _ACT_INT8[0] = before
 _SCRATCH = threading.local()
 
 
@@ -82,6 +113,14 @@ class Plan:
     source: tuple  # the QTensor's tensors this plan reads: a plan is reused only while they are
     covered: bool = True  # False: no kernel covers this weight (remembered, so not checked again)
     bf16_gemv: bool = False  # bf16 input may take gemv_bf16 (4-bit codes, table exact in bf16, CPU has BF16)
+    # Output-axis groups (HQQ's layout) of row_group rows: scales, zeros and their product z * s,
+    # [ceil(N / row_group), K] float32, applied to x per row group; the kernel reads the codes
+    # with unit `scales`.
+    row_group: int = 0
+    col_scales: torch.Tensor | None = None
+    col_zeros: torch.Tensor | None = None
+    col_shift: torch.Tensor | None = None
+    i8_gemv: bool = False  # int8 activations may take gemv_i8 (uint4/int4 codes, groups of 64k, CPU has VNNI)
 
 
 def decoder(fmt: Format) -> tuple[int | None, torch.Tensor, float]:
@@ -116,11 +155,15 @@ def linear(x: torch.Tensor, p: Plan | None, bias: torch.Tensor | None = None) ->
         return None
     x2 = x.reshape(-1, p.K)
     if x2.shape[0] <= GEMV_MAX_TOKENS:
-        if p.bf16_gemv and x.dtype == torch.bfloat16:  # bf16 products, float32 sums: no widening copy
+        if p.row_group:
+            y = _gemv_row_groups(x2.float(), p)
+        elif p.i8_gemv and _ACT_INT8[0]:
+            y = ops().gemv_i8(x2.float().contiguous(), p.codes, p.scales, p.zeros, p.table, p.N, p.group)
+        elif p.bf16_gemv and x.dtype == torch.bfloat16:  # bf16 products, float32 sums: no widening copy
             y = ops().gemv_bf16(x2.contiguous(), p.codes, p.scales, p.zeros, p.table, p.N, p.group)
         else:
             y = ops().gemv(x2.float().contiguous(), p.codes, p.scales, p.zeros, p.table, p.N, p.group, p.decoder,
-                           p.scale_mul)
+                           p.scale_mul, 0)
         y = y if x.dtype == torch.float32 else y.to(x.dtype)
         if bias is not None:
             y += bias.to(y.dtype)
@@ -133,10 +176,28 @@ def linear(x: torch.Tensor, p: Plan | None, bias: torch.Tensor | None = None) ->
     return y.reshape(*x.shape[:-1], p.N)
 
 
+def _gemv_row_groups(x: torch.Tensor, p: Plan) -> torch.Tensor:
+    """x [M, K] float32 @ W^T for output-axis groups: y[:, r] = q_r . (s_g x) - (z_g s_g) . x, g = r // rg
+    (csrc/qmatmul.cpp, top)."""
+    return ops().gemv(x.contiguous(), p.codes, p.scales, None, p.table, p.N, p.group, p.decoder, p.scale_mul,
+                      p.row_group, p.col_scales, p.col_shift)
+
+
 def dequantize(p: Plan, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
     """The weight [N, K] in float32 or bfloat16, the same values as QTensor.dequantize(dtype),
     written into `out` when given (contiguous, that dtype and shape)."""
     out = torch.empty(p.N, p.K, dtype=dtype) if out is None else out
+    if p.row_group:  # decoded codes, then (code - z) * s per row group as QTensor.dequantize computes it
+        w = out if dtype == torch.float32 else torch.empty(p.N, p.K)
+        ops().dequantize(p.codes, p.scales, None, p.table, p.N, p.K, p.group, p.decoder, p.scale_mul, w)
+        for g0 in range(0, p.N, p.row_group):
+            rows = w[g0:g0 + p.row_group]
+            if p.col_zeros is not None:
+                rows.sub_(p.col_zeros[g0 // p.row_group])
+            rows.mul_(p.col_scales[g0 // p.row_group])
+        if w is not out:
+            out.copy_(w)
+        return out
     ops().dequantize(p.codes, p.scales, p.zeros, p.table, p.N, p.K, p.group, p.decoder, p.scale_mul, out)
     return out
 
@@ -149,6 +210,12 @@ def _scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
     if buf is None or buf.numel() < n:
         buf = bufs[dtype] = torch.empty(n, dtype=dtype)
     return buf[:n]
+
+
+@functools.cache
+def has_i8() -> bool:
+    """The kernels are built and this CPU has AVX512-VNNI (gemv_i8 runs)."""
+    return ops() is not None and ops().available_i8()
 
 
 @functools.cache

@@ -41,6 +41,8 @@ def _make_plan(q: QTensor, source: tuple) -> Plan | None:
     if decoder is None or (decoder == TABLE4 and K % 2):
         return None
     g = s.granularity
+    if isinstance(g, PerGroup) and g.axis in (0, -2) and g.size % 4 == 0 and q.tensor_scale is None:
+        return _row_group_plan(q, source, decoder, table, scale_mul)
     if isinstance(g, PerGroup) and g.axis in (-1, 1):
         group = g.size
     elif isinstance(g, PerChannel) and g.axis in (0, -2) or isinstance(g, PerTensor):
@@ -48,11 +50,31 @@ def _make_plan(q: QTensor, source: tuple) -> Plan | None:
     else:
         return None
     G = -(-K // group)
-    if G > 1 and group % 32:
+    if G > 1 and group % 32 and not (group == 16 and decoder == TABLE4):
         return None
-    scales, zeros = _scales(q, N, G, wide=decoder != TABLE4)
-    bf16_gemv = decoder == TABLE4 and qmatmul.has_bf16() and torch.equal(table.bfloat16().float(), table)
-    return Plan(q.codes, scales, zeros, table, N, K, group, decoder, scale_mul, source, bf16_gemv=bf16_gemv)
+    # groups of 16 read float32 scales only (the kernel takes two per 32-code step)
+    scales, zeros = _scales(q, N, G, wide=decoder != TABLE4 or group == 16)
+    bf16_gemv = (decoder == TABLE4 and (G == 1 or group % 32 == 0) and qmatmul.has_bf16()
+                 and torch.equal(table.bfloat16().float(), table))
+    return Plan(q.codes, scales, zeros, table, N, K, group, decoder, scale_mul, source, bf16_gemv=bf16_gemv,
+                i8_gemv=decoder == TABLE4 and (G == 1 or group % 64 == 0) and _int_codes(table) and qmatmul.has_i8())
+
+
+def _int_codes(table: torch.Tensor) -> bool:
+    """uint4 or int4 codes: what the int8-activation kernel reads."""
+    u = torch.arange(16, dtype=torch.float32)
+    return torch.equal(table, u) or torch.equal(table, torch.where(u < 8, u, u - 16))
+
+
+def _row_group_plan(q: QTensor, source: tuple, decoder: int, table: torch.Tensor, scale_mul: float) -> Plan:
+    """Output-axis groups: unit scales for the kernel, the real ones [groups, K] applied to x."""
+    N, K = q.shape
+    zeros = q.zero_values()
+    col_scales = q.scale_values().float().reshape(K, -1).T.contiguous()  # stats shape [K, groups]
+    col_zeros = None if zeros is None else zeros.float().reshape(K, -1).T.contiguous()
+    return Plan(q.codes, torch.ones(N), None, table, N, K, K, decoder, scale_mul, source,
+                row_group=q.scheme.granularity.size, col_scales=col_scales, col_zeros=col_zeros,
+                col_shift=None if col_zeros is None else col_zeros * col_scales)
 
 
 def _scales(q: QTensor, N: int, G: int, wide: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
