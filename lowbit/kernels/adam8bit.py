@@ -45,13 +45,10 @@ def _round(x, start, mids):
 
 
 @njit(cache=True, parallel=True)
-def _step(p, g, c1, a1, c2, a2, t1, m1, s1, t2, m2, s2, block, lr, b1, b2, eps, wd, decoupled, bc1, bc2_sqrt):
+def _step(p, g, c1, a1, c2, a2, t1, m1, s1, t2, m2, s2, block, b2, w1, w2, eps, wd, decay, decoupled, step_size,
+          bc2_sqrt):
     n = p.size
     nb = a1.size
-    w1 = F32(1.0) - b1
-    w2 = F32(1.0) - b2
-    step_size = lr / bc1
-    decay = F32(1.0) - lr * wd
     for b in prange(nb):
         lo = b * block
         hi = min(lo + block, n)
@@ -99,5 +96,6 @@ def adam8bit_step(p, g, codes1, absmax1, codes2, absmax2, map1, map2, block, *, 
     _step(p.view(-1).numpy(), g.view(-1).numpy(), codes1.numpy(), absmax1.numpy(), codes2.numpy(), absmax2.numpy(),
           map1.values.numpy(), map1.mids.numpy(), start_codes(map1.mids),
           map2.values.numpy(), map2.mids.numpy(), start_codes(map2.mids),
-          block, F32(lr), F32(beta1), F32(beta2), F32(eps), F32(weight_decay), decoupled, F32(bc1), F32(bc2_sqrt))
+          block, F32(beta2), F32(1 - beta1), F32(1 - beta2), F32(eps), F32(weight_decay), F32(1 - lr * weight_decay),
+          decoupled, F32(lr / bc1), F32(bc2_sqrt))  # scalars formed in double, then float32, as torch does
     return True

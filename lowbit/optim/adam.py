@@ -24,6 +24,8 @@ from ..kernels.adam8bit import adam8bit_step
 from .blockwise import BLOCK, SIGNED, UNSIGNED, dequantize_blockwise, quantize_blockwise
 
 STATE_BITS = (8, 32)
+STATE_DTYPES = {"m_codes": torch.uint8, "v_codes": torch.uint8, "m_absmax": torch.float32,
+                "v_absmax": torch.float32, "exp_avg": torch.float32, "exp_avg_sq": torch.float32}
 
 
 def adam_math(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, step: int, lr: float,
@@ -109,6 +111,15 @@ class Adam(torch.optim.Optimizer):
             state["v_codes"], state["v_absmax"] = quantize_blockwise(v, UNSIGNED)
         if p32 is not p:
             p.copy_(stochastic_round_bf16(p32) if group["stochastic_rounding"] and p.dtype == torch.bfloat16 else p32)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch.optim's, except that state keeps its own dtypes (torch casts every tensor to the
+        parameter's dtype, which would turn uint8 codes into floats)."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key, dtype in STATE_DTYPES.items():
+                if key in state:
+                    state[key] = state[key].to(dtype)
 
     def _init_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
         state["step"] = torch.tensor(0.0)
