@@ -13,7 +13,6 @@ ranks' parts and averages them. Codes cannot be summed on the wire (their scales
 rank), hence all-gather instead of all-reduce; per rank the payload is 1 byte per value plus
 4 / group_size for the scales, against 4 for float32 all-reduce.
 """
-from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
