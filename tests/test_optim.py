@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lowbit import formats
-from lowbit.kernels.adam8bit import adam8bit_step
+from lowbit.kernels.adam8bit import adam8bit_step, round_to_map
 from lowbit.optim import Adam, Adam8bit, AdamW8bit, dequantize_blockwise, quantize_blockwise, state_nbytes
 from lowbit.optim.blockwise import BLOCK, SIGNED, UNSIGNED
 from lowbit.optim.stable_embedding import StableEmbedding
@@ -36,6 +36,15 @@ def test_blockwise_round_trip_is_nearest_map_value(gen):
         want = table[(part[:, None] / amax - table[None, :]).abs().argmin(dim=1)] * amax
         torch.testing.assert_close(back[b * BLOCK:(b + 1) * BLOCK].double(), want, rtol=1e-6, atol=0)
     assert (codes[x.numel():] == SIGNED.zero).all()  # padding decodes to 0
+
+
+@pytest.mark.parametrize("qmap", [SIGNED, UNSIGNED], ids=["signed", "unsigned"])
+def test_kernel_rounding_equals_bucketize_at_every_edge(qmap, gen):
+    mids = qmap.mids
+    x = torch.cat([torch.rand(200_000, generator=gen) * 2 - 1, torch.logspace(-9, 0, 20_000),
+                   -torch.logspace(-9, 0, 20_000), qmap.values, mids, torch.nextafter(mids, torch.tensor(2.0)),
+                   torch.nextafter(mids, torch.tensor(-2.0)), torch.tensor([0.0, -0.0, 1.0, -1.0])])
+    assert torch.equal(round_to_map(x, mids), torch.bucketize(x, mids, right=True).to(torch.uint8))
 
 
 def _fresh_state(n, gen):

@@ -44,6 +44,19 @@ def _round(x, start, mids):
     return c
 
 
+@njit(cache=True)
+def _round_all(x, start, mids):
+    out = np.empty(x.size, dtype=np.uint8)
+    for i in range(x.size):
+        out[i] = _round(x[i], start, mids)
+    return out
+
+
+def round_to_map(x: torch.Tensor, mids: torch.Tensor) -> torch.Tensor:
+    """x: [n] float32 -> [n] uint8, the kernel's rounding alone (tests pin it to torch.bucketize(right=True))."""
+    return torch.from_numpy(_round_all(x.numpy(), start_codes(mids), mids.numpy()))
+
+
 @njit(cache=True, parallel=True)
 def _step(p, g, c1, a1, c2, a2, t1, m1, s1, t2, m2, s2, block, b2, w1, w2, eps, wd, decay, decoupled, step_size,
           bc2_sqrt):
