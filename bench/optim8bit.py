@@ -5,13 +5,14 @@ All parts fine-tune on wikitext-2 valid.txt (../shared), consecutive windows of 
 `--batch` windows a step, the same windows and seed for every run they compare.
 
     flock /tmp/lowbit-heavy.lock nice -n 5 env PYTHONPATH=. .venv/bin/python bench/optim8bit.py parity
-    ... bench/optim8bit.py memory | sr | ddp
+    ... bench/optim8bit.py memory | steptime | sr | ddp
 
 parity  AdamW8bit and torch.optim.AdamW(foreach=True) trained side by side, step by step (so both
         see the same machine load): losses, optimizer step times, state bytes per parameter;
         docs/img/optim8bit_loss.png
 memory  bytes per parameter of weights, gradients and optimizer state after one real step, for
         fp32 weights + AdamW and bf16 weights + AdamW8bit (tensors counted, process RSS beside)
+steptime  the optimizer step alone on the full model's parameters, the two optimizers in turn
 sr      bf16 weights at a small learning rate: round-to-nearest write-back against stochastic
         rounding against fp32 weights; docs/img/optim_sr_loss.png
 ddp     two gloo processes, float32 all-reduce against the int8 and fp8 hooks with error
@@ -130,7 +131,8 @@ def parity(args) -> None:
     med = {n: sorted(r["step_s"][1:])[len(r["step_s"][1:]) // 2] for n, r in runs.items()}
     print(f"step time ratio 8-bit / torch foreach (medians): {med[b] / med[a]:.2f}x")
     plot({n: r["loss"] for n, r in runs.items()},
-         f"SmolLM2-135M fine-tune, wikitext-2 valid, {args.batch}x{args.seq} tokens/step, lr {args.lr}",
+         f"SmolLM2-135M{f' cut to {args.layers} layers' if args.layers else ''} fine-tune, wikitext-2 valid, "
+         f"{args.batch}x{args.seq} tokens/step, lr {args.lr}",
          IMG / "optim8bit_loss.png")
 
 
@@ -180,6 +182,37 @@ def memory(args) -> None:
     (a, ta), (b, tb) = times.items()
     print(f"\noptimizer step, full model, median of steps 2..{args.time_steps}: {a} {ta:.3f} s, {b} {tb:.3f} s, "
           f"ratio {tb / ta:.2f}x (threads {torch.get_num_threads()})")
+
+
+def steptime(args) -> None:
+    """Optimizer step alone on the full model's parameters (fp32) with fixed random gradients,
+    torch.optim.AdamW(foreach=True) and AdamW8bit stepping in turn (the same machine load)."""
+    model, _ = load_model("smollm2-135m")
+    runs = {}
+    for name in ("AdamW (torch, foreach)", "AdamW8bit (lowbit)"):
+        ps = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+        gen = torch.Generator().manual_seed(0)
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        opt = (torch.optim.AdamW(ps, lr=1e-5, foreach=True) if name.startswith("AdamW (") else AdamW8bit(ps, lr=1e-5))
+        opt.step()  # allocates the state
+        runs[name] = (opt, [])
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    for _ in tqdm(range(args.time_steps), desc="steps"):
+        for opt, times in runs.values():
+            t = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t)
+    print(f"\nSmolLM2-135M parameters ({n:,}, fp32), {args.time_steps} steps each, interleaved, threads "
+          f"{torch.get_num_threads()}\n")
+    print("| optimizer | median s | mean s | min s |\n|---|---:|---:|---:|")
+    med = {}
+    for name, (_, t) in runs.items():
+        med[name] = sorted(t)[len(t) // 2]
+        print(f"| {name} | {med[name]:.3f} | {sum(t) / len(t):.3f} | {min(t):.3f} |")
+    a, b = med.values()
+    print(f"\nratio 8-bit / torch foreach (medians): {b / a:.2f}x")
 
 
 def sr(args) -> None:
@@ -283,7 +316,7 @@ def ddp(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("part", choices=("parity", "memory", "sr", "ddp"))
+    ap.add_argument("part", choices=("parity", "memory", "steptime", "sr", "ddp"))
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=2)
@@ -298,7 +331,7 @@ def main() -> None:
     global DATA
     DATA = args.data
     if args.lr is None:
-        args.lr = {"parity": 1e-4, "memory": 1e-5, "sr": 3e-5, "ddp": 1e-4}[args.part]
+        args.lr = {"parity": 1e-4, "memory": 1e-5, "steptime": 1e-5, "sr": 3e-5, "ddp": 1e-4}[args.part]
     globals()[args.part](args)
 
 
