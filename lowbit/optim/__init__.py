@@ -6,6 +6,10 @@ StableEmbedding, stochastic rounding for bf16 weights, compressed-gradient DDP h
 """
 from .adam import Adam, Adam8bit, AdamW8bit, adam_math, state_nbytes
 from .blockwise import BLOCK, dequantize_blockwise, quantize_blockwise
+from .comm_hooks import CompressionState, compressed_allreduce_hook
+from .stable_embedding import StableEmbedding
+from .stochastic import StochasticRounding
 
 __all__ = ["Adam", "Adam8bit", "AdamW8bit", "adam_math", "state_nbytes", "BLOCK", "quantize_blockwise",
-           "dequantize_blockwise"]
+           "dequantize_blockwise", "StableEmbedding", "StochasticRounding", "CompressionState",
+           "compressed_allreduce_hook"]
