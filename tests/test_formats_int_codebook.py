@@ -68,9 +68,10 @@ def test_dynamic_maps_have_256_values_in_unit_range():
         v = np.array(dynamic_tree_values(signed=signed))
         assert len(np.unique(v)) == 256 and v.max() == 1.0 and 0.0 in v
         assert (v.min() < -0.99) if signed else (v.min() == 0.0)
-    # The smallest non-zero magnitude is 10^-6 times a fraction midpoint, as in the paper.
+    # The smallest non-zero magnitude is 10^-6 times a fraction midpoint, as in the paper (to
+    # float32 precision: the map is built in float32, as bitsandbytes builds it).
     v = np.array(dynamic_tree_values(signed=True))
-    assert math.isclose(np.abs(v[v != 0]).min(), 0.55e-6, rel_tol=1e-9)
+    assert math.isclose(np.abs(v[v != 0]).min(), 0.55e-6, rel_tol=2e-7)
 
 
 @pytest.mark.parametrize("name", ["nf4", "fp4_bnb", "dynamic8", "dynamic8_unsigned", "ternary", "binary"])

@@ -108,8 +108,9 @@ def dynamic_tree_values(signed: bool = True, bits: int = 8, max_exp_bits: int = 
 
 
 def _level(i: int, n: int, max_exp_bits: int, signed: bool) -> list[float]:
-    edges = [0.1 + 0.9 * j / n for j in range(n + 1)]
-    mids = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
-    scale = 10.0 ** (i - max_exp_bits + 1)
-    out = [scale * m for m in mids]
+    # float32 steps, as bitsandbytes builds its map, so that the table equals its values bit for bit
+    # (float64 midpoints differ from them by up to one float32 ulp)
+    edges = torch.linspace(0.1, 1.0, n + 1, dtype=torch.float32)
+    mids = (edges[:-1] + edges[1:]) / 2
+    out = ((10.0 ** (i - max_exp_bits + 1)) * mids).tolist()
     return out + [-v for v in out] if signed else out

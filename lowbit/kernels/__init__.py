@@ -9,6 +9,8 @@ returns None where it does not apply and the caller runs the reference.
     qmatmul          x @ W^T straight from a QTensor's packed codes (C++ AVX-512, built at
                      first use; QuantLinear's fast path; tests/test_qmatmul.py pins it to
                      float64 dequantize-then-matmul)
+    adam8bit_step    one fused block-wise 8-bit Adam step (numba, adam8bit.py; lowbit.optim's
+                     torch path is its reference, tests/test_optim.py pins it)
 
 numba is a required dependency (pyproject.toml). The numba modules are imported on
 first use, not with lowbit, because importing them costs about 1.5 s.

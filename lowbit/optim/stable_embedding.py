@@ -1,0 +1,29 @@
+"""StableEmbedding (Dettmers et al. 2022, section 2.3): an embedding that trains stably with
+8-bit optimizers: Xavier uniform initialisation, a layer norm on its output, and 32-bit
+optimizer state for its weight, whose rows see rare, sparse updates.
+
+bitsandbytes asks for the 32-bit state through a global override manager; here the weight
+carries `optim_bits = 32`, which lowbit.optim.Adam reads per parameter.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class StableEmbedding(nn.Embedding):
+    """nn.Embedding + LayerNorm(embedding_dim), Xavier-initialised; ids [...] -> [..., embedding_dim]."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, **kwargs):
+        super().__init__(num_embeddings, embedding_dim, padding_idx, **kwargs)
+        self.norm = nn.LayerNorm(embedding_dim, device=self.weight.device)
+        self.weight.optim_bits = 32
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.weight)
+        self._fill_padding_idx_with_zero()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        emb = super().forward(ids)
+        # the norm runs in the default dtype, as bitsandbytes does, so fp16 weights stay stable
+        return self.norm(emb.to(torch.get_default_dtype())).to(self.weight.dtype)
