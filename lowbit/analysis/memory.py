@@ -13,7 +13,7 @@ A quantized copy of a model has exactly these bytes (eval.model_size; tests/test
 
 Training (activations not counted): "adamw": fp32 weights, fp32 gradients, fp32 Adam m and v,
 16 bytes per parameter; "adamw8bit": bf16 weights and gradients, 8-bit Adam states with one fp32
-absmax per 256 values per state (bitsandbytes' blockwise layout), about 6; "qlora": the nf4-dq
+absmax per 2048 values per state, 32-bit state for tensors under 4096 values (lowbit.optim.AdamW8bit), about 6; "qlora": the nf4-dq
 base (frozen, bf16 elsewhere) plus rank-`lora_rank` adapters on every Linear it quantizes, held in
 fp32 with fp32 gradients and Adam states.
 """
@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from ..core.layout import qtensor_layout
+from ..optim.adam import MIN_8BIT_SIZE
+from ..optim.blockwise import BLOCK as ADAM8_BLOCK
 from ..pipeline import get_recipe
 from ..pipeline.embeddings import _tied_scheme, embedding_targets
 from ..pipeline.quantize import plan
@@ -37,7 +39,14 @@ DTYPE_ROWS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 DEFAULT_RECIPES = ("fp32", "bf16", "w8", "fp8", "w4g64", "w4g64-sym", "nf4", "mxfp4", "nvfp4", "w3g64", "w2g64")
 KV_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
 TRAINING = ("adamw", "adamw8bit", "qlora")
-ADAM8_BLOCK = 256  # values per fp32 absmax in 8-bit Adam states
+
+
+def adam8_state_bytes(numel: int) -> int:
+    """Bytes of lowbit.optim.AdamW8bit's two moments for a tensor of `numel` values: uint8 codes
+    plus an fp32 absmax per block of 2048, or fp32 moments under 4096 values (as it stores them)."""
+    if numel < MIN_8BIT_SIZE:
+        return 8 * numel
+    return 2 * (numel + 4 * math.ceil(numel / ADAM8_BLOCK))
 QLORA_BASE = "nf4-dq"
 
 
@@ -221,7 +230,7 @@ def _training_row(shapes: ModelShapes, regime: str, lora_rank: int) -> TrainingR
         return TrainingRow(regime, n, n, w, 4 * n, 8 * n)
     if regime == "adamw8bit":
         w = weight_row(shapes, "bf16").weights_bytes
-        states = sum(2 * (p.numel() + 4 * math.ceil(p.numel() / ADAM8_BLOCK)) for p in params)
+        states = sum(adam8_state_bytes(p.numel()) for p in params)
         return TrainingRow(regime, n, n, w, 2 * n, states)
     base = ModelShapes(model, torch.bfloat16, shapes.source)
     recipe = get_recipe(QLORA_BASE)
@@ -253,7 +262,7 @@ def format_memory(t: MemoryTable) -> str:
                          f"{r.gradient_bytes / gb:>9.4f} {r.optimizer_bytes / gb:>9.4f} {r.total_bytes / gb:>9.4f} "
                          f"{r.bytes_per_param:>7.2f}")
         lines.append("training: activations not counted; adamw = fp32 weights, grads, Adam m+v; adamw8bit = bf16 "
-                     f"weights and grads, 8-bit Adam states (fp32 absmax per {ADAM8_BLOCK}); qlora = {QLORA_BASE} "
+                     f"weights and grads, 8-bit Adam states (fp32 absmax per {ADAM8_BLOCK}, 32-bit under {MIN_8BIT_SIZE} values); qlora = {QLORA_BASE} "
                      "base + fp32 LoRA adapters with fp32 grads and Adam on every quantized Linear.")
     lines.append(f"{unit} = 1e{9 if big else 6} bytes; bytes counted as lowbit stores each tensor (scales and zero points included).")
     return "\n".join(lines)

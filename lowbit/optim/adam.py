@@ -24,6 +24,7 @@ from ..kernels.adam8bit import adam8bit_step
 from .blockwise import BLOCK, SIGNED, UNSIGNED, dequantize_blockwise, quantize_blockwise
 
 STATE_BITS = (8, 32)
+MIN_8BIT_SIZE = 4096  # smaller tensors keep 32-bit state, as bitsandbytes does
 STATE_DTYPES = {"m_codes": torch.uint8, "v_codes": torch.uint8, "m_absmax": torch.float32,
                 "v_absmax": torch.float32, "exp_avg": torch.float32, "exp_avg_sq": torch.float32}
 
@@ -53,7 +54,7 @@ class Adam(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, decoupled: bool = False, state_bits: int = 32,
-                 min_8bit_size: int = 4096, stochastic_rounding: bool = False, use_kernel: bool = True):
+                 min_8bit_size: int = MIN_8BIT_SIZE, stochastic_rounding: bool = False, use_kernel: bool = True):
         if state_bits not in STATE_BITS:
             raise ValueError(f"Adam: state_bits must be 8 or 32, got {state_bits!r}")
         if not lr >= 0 or not eps >= 0 or not weight_decay >= 0:
