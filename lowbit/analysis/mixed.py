@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ..pipeline.recipe import Override, Recipe, auto_method
 from .sensitivity import DEFAULT_CANDIDATES, Sensitivity, layer_sensitivity
@@ -33,6 +32,8 @@ def solve_budget(cost, nbytes, budget_bytes: int) -> list[int]:
 
     Example: solve_budget([[3, 0], [1, 0]], [[1, 2], [1, 2]], 3) -> [1, 0]
     """
+    from scipy.optimize import Bounds, LinearConstraint, milp  # an optional extra: imported where used
+
     cost = np.asarray(cost, dtype=np.float64)
     nb = np.asarray(nbytes, dtype=np.int64)
     if cost.shape != nb.shape or cost.ndim != 2 or cost.size == 0:

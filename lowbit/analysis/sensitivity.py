@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from ..methods import get_method
@@ -73,6 +72,23 @@ class Sensitivity:
             out["proxy_all_pairs"] = _rho(self.proxy.flatten(), self.kl.flatten())
         return out
 
+    def to_dict(self) -> dict:
+        """JSON-ready: tensors as nested lists (nan as None), candidates as recipe JSON."""
+        def lst(t):
+            return [[None if v != v else v for v in r] for r in t.tolist()] if t.dim() == 2 else t.tolist()
+        return {"names": self.names, "candidates": self.candidates,
+                "recipes": [r.to_dict() for r in self.recipes], "reference": self.reference,
+                "method": self.method, "tokens": self.tokens, "seconds": self.seconds, "runs": self.runs,
+                **{k: lst(getattr(self, k)) for k in ("nbytes", "numel", "output_err", "proxy", "kl", "dloss")}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Sensitivity":
+        def f64(x):
+            return torch.tensor([[float("nan") if v is None else v for v in r] for r in x], dtype=torch.float64)
+        return cls(d["names"], d["candidates"], [Recipe.from_dict(r) for r in d["recipes"]],
+                   torch.tensor(d["nbytes"]), torch.tensor(d["numel"]), f64(d["output_err"]), f64(d["proxy"]),
+                   f64(d["kl"]), f64(d["dloss"]), d["reference"], d["method"], d["tokens"], d["seconds"], d["runs"])
+
     def rows(self) -> list[dict]:
         """One dict per layer: output error and measured KL at the reference candidate."""
         c = self.reference
@@ -82,6 +98,8 @@ class Sensitivity:
 
 
 def _rho(a: torch.Tensor, b: torch.Tensor) -> float:
+    from scipy.stats import spearmanr  # an optional extra: imported where used
+
     keep = ~(torch.isnan(a) | torch.isnan(b))
     return float(spearmanr(a[keep].numpy(), b[keep].numpy()).statistic)
 
@@ -214,18 +232,23 @@ def _measure_layer(sens, l, lin, stats, recipes, solver, measured, tail, i, inpu
     w = linear_weight(lin).float()
     H = stats.hessian.double()
     sens.numel[l] = w.numel()
-    signal = float(torch.einsum("oi,ij,oj->", w.double(), H, w.double())) or 1e-30
+    signal = _quad(w.double(), H) or 1e-30
     mean_diag = float(H.diagonal().mean())
     for c, r in enumerate(recipes):
         q = solver(w, r.weights, stats=stats) if getattr(solver, "needs", ()) else solver(w, r.weights)
         d = (w - q.dequantize().float()).double()
         sens.nbytes[l, c] = q.nbytes
-        sens.output_err[l, c] = float(torch.einsum("oi,ij,oj->", d, H, d)) / signal
+        sens.output_err[l, c] = _quad(d, H) / signal
         sens.proxy[l, c] = mean_diag * float(d.pow(2).sum())
         if c in measured:
             sens.kl[l, c], sens.dloss[l, c] = _swapped(lin, q.dequantize(), tail, i, inputs)
             sens.runs += 1
             bar.update()
+
+
+def _quad(d: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(D H D^T) for D [out, in], H [in, in] (one matmul; einsum would loop over all three axes)."""
+    return float(((d @ H) * d).sum())
 
 
 def _swapped(lin, w_hat: torch.Tensor, tail: _Tail, i: int, inputs) -> tuple[float, float]:
