@@ -22,7 +22,7 @@ import torch
 from lowbit.analysis.mixed import plan_mixed
 from lowbit.analysis.sensitivity import Sensitivity, layer_sensitivity
 from lowbit.eval import Reference, evaluate, linear_bits_per_weight, model_size, token_ids
-from lowbit.io import load_model, wikitext2
+from lowbit.io import load_model, models, wikitext2
 from lowbit.pipeline import get_recipe, quantize
 
 UNIFORM = ("w3g64", "w4g64-sym", "w4g64")
@@ -38,6 +38,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
+    if not models.WIKITEXT2.is_dir():  # a git worktree beside the main clone: ../shared is one level up
+        models.WIKITEXT2 = Path("/work/shared/data/wikitext-2")
     model, tok = load_model("smollm2-135m")
     test, valid = token_ids(tok, wikitext2("test")), token_ids(tok, wikitext2("valid"))
     sens_calib = [valid[i * 256:(i + 1) * 256] for i in range(4)]

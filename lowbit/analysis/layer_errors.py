@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..core import error_stats
+from ..methods import method_needs
 from ..pipeline import get_recipe, quantize
 from ..pipeline.quantize import plan
 from ..pipeline.sequential import layer_loss
@@ -79,7 +80,8 @@ def layer_errors(model, recipe, calibration=None, *, method: str | None = None, 
 
     if calibration is not None:
         calibration = list(calibration)
-        hessians = full_precision_hessians(model, names, calibration)
+        if not method_needs(recipe.method):  # calibrated solvers hand over their own statistics
+            hessians = full_precision_hessians(model, names, calibration)
     quantize(copy.deepcopy(model), recipe, calibration=calibration, progress=progress, on_layer=on_layer)
     return [seen[n] for n in names]
 
