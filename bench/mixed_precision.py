@@ -23,10 +23,14 @@ from lowbit.analysis.mixed import plan_mixed
 from lowbit.analysis.sensitivity import Sensitivity, layer_sensitivity
 from lowbit.eval import Reference, evaluate, linear_bits_per_weight, model_size, token_ids
 from lowbit.io import load_model, models, wikitext2
-from lowbit.pipeline import get_recipe, quantize
+from lowbit.pipeline import Recipe, get_recipe, quantize
+from lowbit.pipeline.recipe import _affine
 
 UNIFORM = ("w3g64", "w4g64-sym", "w4g64")
 BUDGETS = (3.5, 4.25)
+CANDIDATES = "w2g64,w3g64,w4g64-sym,w4g64,w8"
+# candidates beyond the named recipes: uint5/uint6 affine groups of 64, fp16 scales and zeros (5.5, 6.5 bits)
+EXTRA = {f"w{b}g64": Recipe(_affine(f"uint{b}", 64), name=f"w{b}g64") for b in (5, 6)}
 
 
 def main() -> None:
@@ -34,6 +38,10 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/mixed")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--methods", default="rtn,awq+gptq")
+    ap.add_argument("--candidates", default=CANDIDATES, help=f"comma list; also {', '.join(EXTRA)}")
+    ap.add_argument("--only-mixed", action="store_true", help="skip the uniform rows")
+    ap.add_argument("--cost-method", default="rtn", help="the solver whose weights the costs are measured on "
+                    "(rtn, or gptq on the full-precision Hessians)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -48,7 +56,8 @@ def main() -> None:
     if cache.is_file():
         sens = Sensitivity.from_dict(json.loads(cache.read_text()))
     else:
-        sens = layer_sensitivity(model, sens_calib, reference="w3g64")
+        candidates = [EXTRA.get(c, c) for c in args.candidates.split(",")]
+        sens = layer_sensitivity(model, sens_calib, candidates, method=args.cost_method, reference="w3g64")
         cache.write_text(json.dumps(sens.to_dict()))
     print(f"sensitivity: {sens.runs} runs, {sens.tokens} tokens each, {sens.seconds:.0f} s; "
           f"spearman {sens.spearman()}", flush=True)
@@ -57,7 +66,7 @@ def main() -> None:
     print(f"fp32 ppl {ref.ppl:.3f} on test windows 0-{args.windows - 1}", flush=True)
     rows = out / "rows.jsonl"
     for method in args.methods.split(","):
-        recipes = [(n, get_recipe(n, method)) for n in UNIFORM]
+        recipes = [] if args.only_mixed else [(n, get_recipe(n, method)) for n in UNIFORM]
         for b in BUDGETS:
             p = plan_mixed(sens, b, method)
             (out / f"mixed-{b:g}-{method}.json").write_text(p.recipe.to_json())

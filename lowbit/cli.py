@@ -122,6 +122,8 @@ def cmd_quantize(args) -> None:
     from .pipeline import get_recipe, quantize
 
     if wants_gguf(args):  # --out x.gguf: llama.cpp file types, a separate path
+        if args.budget is not None:
+            raise ValueError("--budget writes a lowbit checkpoint; a .gguf --out takes llama.cpp's file types")
         return cmd_quantize_gguf(args)
     recipe = get_recipe(args.recipe, args.method)  # fail on a bad name before loading anything
     if args.method_option:
@@ -130,7 +132,8 @@ def cmd_quantize(args) -> None:
     model, tok = load_model(args.model)
     if args.budget is not None:  # per-layer schemes from the candidates, within the budget
         from .cli_search import budget_recipe
-        recipe = budget_recipe(model, token_ids(tok, _text(args.text)), args.budget, args.candidates, recipe.method)
+        recipe = budget_recipe(model, token_ids(tok, _text(args.text)), args.budget, args.candidates, recipe.method,
+                               args.window)
     calib = None
     if recipe.observer or method_needs(recipe.method):
         text = _text(args.text)

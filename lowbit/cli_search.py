@@ -8,11 +8,12 @@ from .pipeline import Recipe
 SENSITIVITY_WINDOWS, SENSITIVITY_WINDOW = 4, 256
 
 
-def budget_recipe(model, ids, budget: float, candidates: str | None, method: str) -> Recipe:
-    """Measure each layer's cost on the last 4 windows of 256 tokens of `ids` (calibration text,
-    as the calibrated methods read it) and return the recipe meeting `budget` bits per weight."""
+def budget_recipe(model, ids, budget: float, candidates: str | None, method: str, window: int = 512) -> Recipe:
+    """Measure each layer's cost on the last 4 windows of min(256, window) tokens of `ids` (the
+    calibration text, where the calibrated methods read it) and return the recipe meeting `budget`
+    bits per weight."""
     names = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else list(DEFAULT_CANDIDATES)
-    n, w = SENSITIVITY_WINDOWS, SENSITIVITY_WINDOW
+    n, w = SENSITIVITY_WINDOWS, min(SENSITIVITY_WINDOW, window)
     if len(ids) < n * w:
         raise ValueError(f"--budget: the calibration text has {len(ids)} tokens; the search measures "
                          f"{n} windows of {w}: give a longer --text")

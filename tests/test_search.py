@@ -132,7 +132,7 @@ def test_cli_quantize_with_a_budget(smollm2_2layers, tmp_path, capsys):
     text.write_text(wikitext_excerpt("valid")[:20000])
     out = tmp_path / "q"
     assert main(["quantize", str(src), "--budget", "3.5", "--candidates", "w2g64,w4g64", "--method", "rtn",
-                 "--out", str(out), "--text", str(text)]) == 0
+                 "--out", str(out), "--text", str(text), "--window", "64"]) == 0
     said = capsys.readouterr().out
     assert "mixed precision at 3.5 bits/weight" in said and "saved mixed-3.5 (rtn)" in said
     q = lowbit.load(out)
