@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--methods", default="rtn,awq+gptq")
     ap.add_argument("--candidates", default=CANDIDATES, help=f"comma list; also {', '.join(EXTRA)}")
+    ap.add_argument("--sensitivity-windows", type=int, default=4, help="windows of 256 tokens (max 4)")
     ap.add_argument("--only-mixed", action="store_true", help="skip the uniform rows")
     ap.add_argument("--cost-method", default="rtn", help="the solver whose weights the costs are measured on "
                     "(rtn, or gptq on the full-precision Hessians)")
@@ -50,7 +51,7 @@ def main() -> None:
         models.WIKITEXT2 = Path("/work/shared/data/wikitext-2")
     model, tok = load_model("smollm2-135m")
     test, valid = token_ids(tok, wikitext2("test")), token_ids(tok, wikitext2("valid"))
-    sens_calib = [valid[i * 256:(i + 1) * 256] for i in range(4)]
+    sens_calib = [valid[i * 256:(i + 1) * 256] for i in range(args.sensitivity_windows)]
     gptq_calib = [valid[1024 + i * 512:1024 + (i + 1) * 512][None] for i in range(8)]
     cache = out / "sensitivity.json"
     if cache.is_file():

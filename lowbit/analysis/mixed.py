@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from ..pipeline.recipe import Override, Recipe, auto_method
-from .sensitivity import DEFAULT_CANDIDATES, Sensitivity, layer_sensitivity
+from ..methods import parse_method
+from .sensitivity import DEFAULT_CANDIDATES, Sensitivity, candidate_recipes, layer_sensitivity
 
 
 def solve_budget(cost, nbytes, budget_bytes: int) -> list[int]:
@@ -100,6 +101,16 @@ def plan_mixed(sens: Sensitivity, budget_bits: float, method: str = "rtn") -> Mi
                      8.0 * used / weights, float(sens.cost[torch.arange(len(choice)), torch.tensor(choice)].sum()))
 
 
+def cost_solver(method: str, candidates) -> str:
+    """The solver whose weights a search measures for `method`: the chain's own ("awq+gptq" -> gptq,
+    on the full-precision Hessians; transforms are left out); "auto" as lowbit.quantize resolves it
+    for the first candidate. Costs measured on RTN weights misprice a calibrated recipe: on
+    SmolLM2 they made mixed awq+gptq lose to uniform (docs/benchmarks.md)."""
+    if method == "auto":
+        method = auto_method(candidate_recipes(candidates)[0])
+    return parse_method(method)[1]
+
+
 def search(model, budget_bits: float, calibration, candidates=DEFAULT_CANDIDATES, method: str = "rtn", *,
            sensitivity: "Sensitivity | None" = None, measure: str = "reference", progress: bool = True) -> Recipe:
     """A Recipe with per-layer overrides that minimises the expected KL of `model` with at most
@@ -112,7 +123,6 @@ def search(model, budget_bits: float, calibration, candidates=DEFAULT_CANDIDATES
     budgets. Use the result as lowbit.quantize(model, recipe, calibration=...).
     """
     if sensitivity is None:
-        solver = "rtn" if method in ("rtn", "auto") else method
-        sensitivity = layer_sensitivity(model, calibration, candidates, method=solver, measure=measure,
-                                        progress=progress)
+        sensitivity = layer_sensitivity(model, calibration, candidates, method=cost_solver(method, candidates),
+                                        measure=measure, progress=progress)
     return plan_mixed(sensitivity, budget_bits, method).recipe
