@@ -5,12 +5,14 @@
     lowbit.quantize(model, "w4g64", method="hqq")
     lowbit.save(model, "out/"); model = lowbit.load("out/")
     lowbit.eval.perplexity(model, tokenizer, text)
+    recipe = lowbit.search(model, budget_bits=4.25, calibration=windows)   # mixed precision
 """
 from . import core, eval, formats
 from .core import QTensor, Scheme, error_stats, quantize_tensor
 from .io import load, load_model, save
 from .pipeline import Recipe, quantize
+from .analysis import layer_report, search
 
 __version__ = "0.1.0"
 __all__ = ["formats", "core", "eval", "QTensor", "Scheme", "Recipe", "quantize_tensor", "quantize", "error_stats",
-           "save", "load", "load_model", "__version__"]
+           "save", "load", "load_model", "search", "layer_report", "__version__"]

@@ -122,12 +122,18 @@ def cmd_quantize(args) -> None:
     from .pipeline import get_recipe, quantize
 
     if wants_gguf(args):  # --out x.gguf: llama.cpp file types, a separate path
+        if args.budget is not None:
+            raise ValueError("--budget writes a lowbit checkpoint; a .gguf --out takes llama.cpp's file types")
         return cmd_quantize_gguf(args)
     recipe = get_recipe(args.recipe, args.method)  # fail on a bad name before loading anything
     if args.method_option:
         recipe = recipe.replace(method_options=_method_options(args.method_option, recipe.method_options))
     out = check_out(args.out, args.force)
     model, tok = load_model(args.model)
+    if args.budget is not None:  # per-layer schemes from the candidates, within the budget
+        from .cli_search import budget_recipe
+        recipe = budget_recipe(model, token_ids(tok, _text(args.text)), args.budget, args.candidates, recipe.method,
+                               args.window)
     calib = None
     if recipe.observer or method_needs(recipe.method):
         text = _text(args.text)
@@ -249,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
                          "smoothquant.alpha=0.8 (repeatable; saved in the recipe)")
     pq.add_argument("--calibration-dtype", default="auto", choices=("auto", "bf16", "fp32"),
                     help="dtype of the calibration forwards (default auto: bf16 where the CPU has native bf16)")
+    pq.add_argument("--budget", type=float, help="mixed precision: average bits per weight over the blocks' layers "
+                    "(scales and zeros counted), e.g. 4.25; per-layer schemes chosen from --candidates")
+    pq.add_argument("--candidates", help="with --budget: comma list of recipes (default w2g64,w3g64,w4g64-sym,"
+                    "w4g64,w8)")
     pq.add_argument("--out", required=True, help="output folder, or a .gguf file (--recipe q8_0, q4_0, q4_k_m, ...)")
     pq.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
     pq.add_argument("--format", default="lowbit", help="lowbit (default) or compressed-tensors (for transformers "

@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -50,7 +50,8 @@ def _named_explicitly(name: str, recipe: Recipe) -> bool:
 
 def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | None = None, *,
              method: str | None = None, progress: bool = True, propagate: str = "quantized",
-             batch_size: int = 8, calibration_dtype: "torch.dtype | str" = "auto") -> nn.Module:
+             batch_size: int = 8, calibration_dtype: "torch.dtype | str" = "auto",
+             on_layer: "Callable | None" = None) -> nn.Module:
     """Quantize `model` in place and return it.
 
     `calibration`: an iterable of input batches (token id tensors [batch, seq], or dicts
@@ -60,6 +61,9 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
     `batch_size` at a time. `calibration_dtype` ("auto", "bf16", "fp32"): what those
     calibration forwards and Hessian products run in ("auto": bf16 where the CPU has native
     bf16 matmul; see pipeline.sequential.calibration_dtype).
+    `on_layer(name, w, qweight, stats)`: called after each layer's solve with the weight it
+    quantized ([out, in], after any transform), its QTensor and its statistics (None when
+    data-free); the per-layer analysis (analysis.layer_errors) reads errors there.
     """
     recipe = get_recipe(recipe, method)
     targets = plan(model, recipe)
@@ -81,6 +85,8 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
         else:
             new = QuantLinear.from_linear(old, qweight, act_scheme=r.activations, act_scale=scale, act_zero=zero)
         set_module(model, name, new)
+        if on_layer is not None:
+            on_layer(name, w, qweight, stats)
         return _layer_report(name, r, w, qweight, stats)
 
     needs = {k for r in targets.values() for k in method_needs(r.method)}

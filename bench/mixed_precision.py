@@ -1,0 +1,95 @@
+"""Budgeted mixed precision against uniform recipes at equal size (issue 13), SmolLM2-135M.
+
+Sensitivity (lowbit.analysis.layer_sensitivity, RTN weights, KL measured at the reference
+candidate w3g64 on every layer, the others scaled by their output error) on 4 windows of 256
+tokens from the start of wikitext-2 valid.txt; awq+gptq calibrates on 8 windows of 512 from
+valid.txt after those; everything is evaluated on the first 16 windows of 512 of test.txt
+(disjoint from calibration). For RTN and awq+gptq: uniform w3g64, w4g64-sym, w4g64, then mixed
+at 3.5 and 4.25 bits per weight (lowbit.search's recipe, one measurement for both budgets).
+
+    flock /tmp/lowbit-heavy.lock nice -n 5 env PYTHONPATH=. .venv/bin/python bench/mixed_precision.py
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit.analysis.mixed import plan_mixed
+from lowbit.analysis.sensitivity import Sensitivity, layer_sensitivity
+from lowbit.eval import Reference, evaluate, linear_bits_per_weight, model_size, token_ids
+from lowbit.io import load_model, models, wikitext2
+from lowbit.pipeline import Recipe, get_recipe, quantize
+from lowbit.pipeline.recipe import _affine
+
+UNIFORM = ("w3g64", "w4g64-sym", "w4g64")
+BUDGETS = (3.5, 4.25)
+CANDIDATES = "w2g64,w3g64,w4g64-sym,w4g64,w8"
+# candidates beyond the named recipes: uint5/uint6 affine groups of 64, fp16 scales and zeros (5.5, 6.5 bits)
+EXTRA = {f"w{b}g64": Recipe(_affine(f"uint{b}", 64), name=f"w{b}g64") for b in (5, 6)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/out/mixed")
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--methods", default="rtn,awq+gptq")
+    ap.add_argument("--candidates", default=CANDIDATES, help=f"comma list; also {', '.join(EXTRA)}")
+    ap.add_argument("--sensitivity-windows", type=int, default=4, help="windows of 256 tokens (max 4)")
+    ap.add_argument("--only-mixed", action="store_true", help="skip the uniform rows")
+    ap.add_argument("--cost-method", default="rtn", help="the solver whose weights the costs are measured on "
+                    "(rtn, or gptq on the full-precision Hessians)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    if not models.WIKITEXT2.is_dir():  # a git worktree beside the main clone: ../shared is one level up
+        models.WIKITEXT2 = Path("/work/shared/data/wikitext-2")
+    model, tok = load_model("smollm2-135m")
+    test, valid = token_ids(tok, wikitext2("test")), token_ids(tok, wikitext2("valid"))
+    sens_calib = [valid[i * 256:(i + 1) * 256] for i in range(args.sensitivity_windows)]
+    gptq_calib = [valid[1024 + i * 512:1024 + (i + 1) * 512][None] for i in range(8)]
+    cache = out / "sensitivity.json"
+    if cache.is_file():
+        sens = Sensitivity.from_dict(json.loads(cache.read_text()))
+    else:
+        candidates = [EXTRA.get(c, c) for c in args.candidates.split(",")]
+        sens = layer_sensitivity(model, sens_calib, candidates, method=args.cost_method, reference="w3g64")
+        cache.write_text(json.dumps(sens.to_dict()))
+    print(f"sensitivity: {sens.runs} runs, {sens.tokens} tokens each, {sens.seconds:.0f} s; "
+          f"spearman {sens.spearman()}", flush=True)
+    ref = Reference.capture(model, test[: args.windows * 512], window=512, max_windows=args.windows,
+                            batch_size=4, progress=False)
+    print(f"fp32 ppl {ref.ppl:.3f} on test windows 0-{args.windows - 1}", flush=True)
+    rows = out / "rows.jsonl"
+    for method in args.methods.split(","):
+        recipes = [] if args.only_mixed else [(n, get_recipe(n, method)) for n in UNIFORM]
+        for b in BUDGETS:
+            p = plan_mixed(sens, b, method)
+            (out / f"mixed-{b:g}-{method}.json").write_text(p.recipe.to_json())
+            print(f"mixed {b}: {p.counts()} {p.bits_per_weight:.4f} bits/w, expected KL {p.expected_kl:.4f}",
+                  flush=True)
+            recipes.append((f"mixed-{b:g}", p.recipe))
+        for name, r in recipes:
+            q = copy.deepcopy(model)
+            t = time.perf_counter()
+            quantize(q, r, calibration=gptq_calib if method != "rtn" else None, progress=False)
+            took = time.perf_counter() - t
+            rep = evaluate(q, ref, batch_size=4, progress=False)
+            row = {"recipe": name, "method": method, "bits_per_weight": linear_bits_per_weight(q),
+                   "linear_bytes": sum(m.qweight.nbytes for n, m in q.named_modules()
+                                       if hasattr(m, "qweight") and n.startswith("model.layers.")),
+                   "model_bytes": model_size(q).bytes, "ppl": rep.ppl, "delta_ppl_pct": rep.delta_ppl_pct,
+                   "kl": rep.kl, "top1": rep.top1_agreement, "quantize_s": took}
+            print(json.dumps(row), flush=True)
+            with rows.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            del q
+
+
+if __name__ == "__main__":
+    main()

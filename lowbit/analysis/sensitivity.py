@@ -1,0 +1,261 @@
+"""Per-layer sensitivity: what quantizing one layer alone costs the model, measured and estimated.
+
+For each Linear layer l of the repeated blocks and each candidate scheme c (weights W, their
+quantized version Q, H = 2/n X^T X the layer's calibration Hessian):
+
+    kl[l, c]          KL(fp || model with only layer l quantized at c), mean over scored tokens
+    dloss[l, c]       the change of the next-token loss (nats) on the same tokens
+    output_err[l, c]  ||(W - Q) X||^2 / ||W X||^2 = tr(D H D^T) / tr(W H W^T), D = W - Q
+    proxy[l, c]       tr(H) / n_in * ||W - Q||^2 (HAWQ's trace-weighted weight error)
+
+Measuring every (l, c) runs the model's tail once per pair. The fp model's block inputs flow
+block by block, so a layer of block i runs blocks i.. only, and logits are taken at every
+`stride`-th position. measure="reference" measures one candidate per layer and scales it to the
+others by their output error (kl[l, c] ~ kl[l, ref] * tr(D_c H D_c^T) / tr(D_ref H D_ref^T), the
+second-order picture in which a layer's loss is quadratic in its output error); "all" measures
+every pair. `cost` (what the mixed-precision search minimises) is kl where measured, else that
+estimate.
+
+    sens = layer_sensitivity(model, calibration=[ids[None]], candidates=["w3g64", "w4g64", "w8"])
+    sens.spearman()  # {"proxy": rho, "output_err": rho}: how well the cheap ones rank the layers
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..methods import get_method
+from ..pipeline.blocks import BlockInput, capture_inputs, find_blocks, run_block
+from ..pipeline.recipe import Recipe, get_recipe
+from ..pipeline.stats import StatsCollector
+from ..pipeline.walk import is_linear, is_norm, linear_weight
+
+DEFAULT_CANDIDATES = ("w2g64", "w3g64", "w4g64-sym", "w4g64", "w8")
+
+
+@dataclass
+class Sensitivity:
+    names: list[str]                 # layers, in model order
+    candidates: list[str]            # candidate labels (recipe names)
+    recipes: list[Recipe]            # the candidates (their weight schemes are what is measured)
+    nbytes: torch.Tensor             # [L, C] int64: QTensor.nbytes of candidate c on layer l
+    numel: torch.Tensor              # [L] int64 weights per layer
+    output_err: torch.Tensor         # [L, C] relative output error on the calibration inputs
+    proxy: torch.Tensor              # [L, C] tr(H)/n_in * ||W - Q||^2
+    kl: torch.Tensor                 # [L, C] measured KL, nan where not measured
+    dloss: torch.Tensor              # [L, C] measured change of loss, nan where not measured
+    reference: int                   # the candidate measured on every layer (measure="reference")
+    method: str                      # the solver that made Q
+    tokens: int                      # scored tokens per measurement
+    seconds: float = 0.0
+    runs: int = 0                    # tail runs measured
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def cost(self) -> torch.Tensor:
+        """[L, C] the KL each choice is expected to cost: measured, else scaled from the reference."""
+        ref = self.kl[:, self.reference:self.reference + 1]
+        abs_err = self.output_err  # relative to the same ||W X||^2 per layer: ratios hold
+        est = ref * abs_err / abs_err[:, self.reference:self.reference + 1].clamp(min=1e-30)
+        return torch.where(torch.isnan(self.kl), est, self.kl).clamp(min=0)
+
+    def spearman(self) -> dict[str, float]:
+        """Spearman rank correlation over the layers, at the reference candidate, of the proxy and of
+        the output error against the measured KL (and over every measured pair, when all were)."""
+        c = self.reference
+        out = {"proxy": _rho(self.proxy[:, c], self.kl[:, c]),
+               "output_err": _rho(self.output_err[:, c], self.kl[:, c])}
+        if not torch.isnan(self.kl).any():
+            out["proxy_all_pairs"] = _rho(self.proxy.flatten(), self.kl.flatten())
+        return out
+
+    def to_dict(self) -> dict:
+        """JSON-ready: tensors as nested lists (nan as None), candidates as recipe JSON."""
+        def lst(t):
+            return [[None if v != v else v for v in r] for r in t.tolist()] if t.dim() == 2 else t.tolist()
+        return {"names": self.names, "candidates": self.candidates,
+                "recipes": [r.to_dict() for r in self.recipes], "reference": self.reference,
+                "method": self.method, "tokens": self.tokens, "seconds": self.seconds, "runs": self.runs,
+                **{k: lst(getattr(self, k)) for k in ("nbytes", "numel", "output_err", "proxy", "kl", "dloss")}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Sensitivity":
+        def f64(x):
+            return torch.tensor([[float("nan") if v is None else v for v in r] for r in x], dtype=torch.float64)
+        return cls(d["names"], d["candidates"], [Recipe.from_dict(r) for r in d["recipes"]],
+                   torch.tensor(d["nbytes"]), torch.tensor(d["numel"]), f64(d["output_err"]), f64(d["proxy"]),
+                   f64(d["kl"]), f64(d["dloss"]), d["reference"], d["method"], d["tokens"], d["seconds"], d["runs"])
+
+    def rows(self) -> list[dict]:
+        """One dict per layer: output error and measured KL at the reference candidate."""
+        c = self.reference
+        return [{"name": n, "candidate": self.candidates[c], "output_err": float(self.output_err[i, c]),
+                 "proxy": float(self.proxy[i, c]), "kl": float(self.kl[i, c]), "dloss": float(self.dloss[i, c])}
+                for i, n in enumerate(self.names)]
+
+
+def _rho(a: torch.Tensor, b: torch.Tensor) -> float:
+    from scipy.stats import spearmanr  # an optional extra: imported where used
+
+    keep = ~(torch.isnan(a) | torch.isnan(b))
+    return float(spearmanr(a[keep].numpy(), b[keep].numpy()).statistic)
+
+
+def candidate_recipes(candidates) -> list[Recipe]:
+    """Recipe names ("w4g64") or Recipes -> Recipes with names (the candidate labels)."""
+    out = []
+    for c in candidates:
+        r = get_recipe(c)
+        if r.activations is not None:
+            raise ValueError(f"candidate {c!r} quantizes activations; mixed precision chooses weight schemes only")
+        out.append(r if r.name else r.replace(name=f"{r.weights.format}/{type(r.weights.granularity).__name__}"))
+    if len({r.name for r in out}) != len(out):
+        raise ValueError(f"candidates {[r.name for r in out]}: give each a distinct name")
+    if not out:
+        raise ValueError("candidates: give at least one recipe name, e.g. w3g64,w4g64,w8")
+    return out
+
+
+def _stack(calibration) -> list[torch.Tensor]:
+    """Token windows [T] / [b, T] of one length -> one batch [N, T] (a list of one)."""
+    items = [x[None] if x.dim() == 1 else x for x in calibration]
+    if not items or len({x.shape[1] for x in items}) != 1:
+        raise ValueError("calibration: give token windows [T] or [b, T], all of one length T")
+    return [torch.cat(items).long()]
+
+
+def final_norm(model, prefix: str):
+    """The normalisation applied after the last block (Llama `model.norm`, GPT-2 `transformer.ln_f`)."""
+    parent = model.get_submodule(prefix.rpartition(".")[0]) if "." in prefix else model
+    norms = [m for _, m in parent.named_children() if is_norm(m)]
+    if len(norms) != 1:
+        raise ValueError(f"{type(model).__name__}: expected one norm beside the blocks ({prefix}), found "
+                         f"{len(norms)}; sensitivity needs a causal LM with a final norm and an output layer")
+    return norms[0]
+
+
+class _Tail:
+    """Runs blocks i.. on cached block-i inputs and scores logits against the fp ones."""
+
+    def __init__(self, model, prefix, blocks, ids: torch.Tensor, stride: int):
+        self.blocks, self.norm = blocks, final_norm(model, prefix)
+        self.head = model.get_output_embeddings()
+        if self.head is None:
+            raise ValueError(f"{type(model).__name__} has no output layer: sensitivity measures a causal LM's KL")
+        self.pos = torch.arange(0, ids.shape[1] - 1, stride)   # predicting positions pos + 1
+        self.targets = ids[:, self.pos + 1]                   # [N, P]
+        self.ref_logp = None
+
+    @torch.no_grad()
+    def logp(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.head(self.norm(h[:, self.pos])).float(), dim=-1)
+
+    @torch.no_grad()
+    def run(self, i: int, inputs: list[BlockInput]) -> torch.Tensor:
+        out = []
+        for inp in inputs:
+            h = inp.hidden
+            for block in self.blocks[i:]:
+                h = run_block(block, BlockInput(h, inp.kwargs))
+            out.append(self.logp(h))
+        return torch.cat(out)
+
+    def score(self, logp: torch.Tensor) -> tuple[float, float]:
+        """(KL(fp || this), mean NLL change) over the scored positions."""
+        ref = self.ref_logp
+        kl = float((ref.exp() * (ref - logp)).sum(-1).mean())
+        nll = lambda lp: -lp.gather(-1, self.targets[..., None]).mean()  # noqa: E731
+        return kl, float(nll(logp) - nll(ref))
+
+
+def layer_sensitivity(model, calibration, candidates=DEFAULT_CANDIDATES, *, method: str = "rtn",
+                      measure: str = "reference", reference: "str | None" = None, stride: int = 2,
+                      names: "list[str] | None" = None, progress: bool = True) -> Sensitivity:
+    """Sensitivity of every Linear layer of the blocks (or `names`) to each candidate scheme.
+
+    calibration: token windows ([T] or [b, T], one length; e.g. 4 windows of 256 tokens).
+    method: the solver that makes each candidate's weights ("rtn", or a chain whose solver is used
+    on the fp Hessians, e.g. "awq+gptq" -> gptq; transforms are not applied here).
+    measure: "reference" (one candidate measured per layer, `reference`, by default the second
+    fewest bits: low enough that its KL stands clear of noise; the others are scaled from it) or
+    "all" (every pair). stride: logits at every stride-th position (the head is a
+    quarter of SmolLM2's multiply-adds).
+    """
+    if measure not in ("reference", "all"):
+        raise ValueError(f"measure={measure!r}: choose 'reference' or 'all'")
+    t0 = time.perf_counter()
+    recipes = candidate_recipes(candidates)
+    labels = [r.name for r in recipes]
+    if reference is None:
+        reference = sorted(recipes, key=lambda r: r.weights.bits)[min(1, len(recipes) - 1)].name
+    if reference not in labels:
+        raise ValueError(f"reference={reference!r} is not among the candidates {labels}")
+    ref_c = labels.index(reference)
+    solver = get_method(method)
+    prefix, blocks = find_blocks(model)
+    all_linear = [n for n, m in model.named_modules() if n.startswith(prefix + ".") and is_linear(m)]
+    names = all_linear if names is None else list(names)
+    unknown = sorted(set(names) - set(all_linear))
+    if unknown:
+        raise ValueError(f"names {unknown[:3]}: not Linear layers of the blocks ({prefix})")
+    batches = _stack(calibration)
+    tail = _Tail(model, prefix, blocks, batches[0], stride)
+    L, C = len(names), len(recipes)
+    nan = torch.full((L, C), float("nan"), dtype=torch.float64)
+    sens = Sensitivity(names, labels, recipes, torch.zeros(L, C, dtype=torch.long),
+                       torch.zeros(L, dtype=torch.long), nan.clone(), nan.clone(), nan.clone(), nan.clone(),
+                       ref_c, method, tail.pos.numel() * batches[0].shape[0])
+    row = {n: i for i, n in enumerate(names)}
+    with torch.no_grad():
+        inputs = capture_inputs(model, blocks[0], batches)
+        tail.ref_logp = tail.run(0, inputs)
+        measured = [c for c in range(C) if measure == "all" or c == ref_c]
+        bar = tqdm(total=L * len(measured), desc="sensitivity", unit="run", disable=not progress)
+        for i, block in enumerate(blocks):
+            head = f"{prefix}.{i}."
+            local = [n[len(head):] for n in names if n.startswith(head)]
+            with StatsCollector(block, local, hessian=True, magnitudes=False) as col:
+                outs = [run_block(block, inp) for inp in inputs]
+            for n in local:
+                lin, st, l = block.get_submodule(n), col.stats[n], row[head + n]
+                _measure_layer(sens, l, lin, st, recipes, solver, measured, tail, i, inputs, bar)
+            inputs = [BlockInput(y, x.kwargs) for x, y in zip(inputs, outs)]
+        bar.close()
+    sens.seconds = time.perf_counter() - t0
+    return sens
+
+
+def _measure_layer(sens, l, lin, stats, recipes, solver, measured, tail, i, inputs, bar) -> None:
+    w = linear_weight(lin).float()
+    H = stats.hessian.double()
+    sens.numel[l] = w.numel()
+    signal = _quad(w.double(), H) or 1e-30
+    mean_diag = float(H.diagonal().mean())
+    for c, r in enumerate(recipes):
+        q = solver(w, r.weights, stats=stats) if getattr(solver, "needs", ()) else solver(w, r.weights)
+        d = (w - q.dequantize().float()).double()
+        sens.nbytes[l, c] = q.nbytes
+        sens.output_err[l, c] = _quad(d, H) / signal
+        sens.proxy[l, c] = mean_diag * float(d.pow(2).sum())
+        if c in measured:
+            sens.kl[l, c], sens.dloss[l, c] = _swapped(lin, q.dequantize(), tail, i, inputs)
+            sens.runs += 1
+            bar.update()
+
+
+def _quad(d: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(D H D^T) for D [out, in], H [in, in] (one matmul; einsum would loop over all three axes)."""
+    return float(((d @ H) * d).sum())
+
+
+def _swapped(lin, w_hat: torch.Tensor, tail: _Tail, i: int, inputs) -> tuple[float, float]:
+    """Score the model with `lin`'s weight replaced by w_hat [out, in], then restore it."""
+    saved = lin.weight.data
+    lin.weight.data = (w_hat.t() if type(lin).__name__ == "Conv1D" else w_hat).to(saved.dtype)
+    try:
+        return tail.score(tail.run(i, inputs))
+    finally:
+        lin.weight.data = saved
