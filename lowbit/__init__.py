@@ -5,12 +5,14 @@
     lowbit.quantize(model, "w4g64", method="hqq")
     lowbit.save(model, "out/"); model = lowbit.load("out/")
     lowbit.eval.perplexity(model, tokenizer, text)
+    lowbit.qat.prepare(model, "w3g64"); train; lowbit.qat.convert(model)
 """
 from . import core, eval, formats
 from .core import QTensor, Scheme, error_stats, quantize_tensor
 from .io import load, load_model, save
 from .pipeline import Recipe, quantize
+from . import qat  # noqa: E402  (after pipeline, which it builds on)
 
 __version__ = "0.1.0"
-__all__ = ["formats", "core", "eval", "QTensor", "Scheme", "Recipe", "quantize_tensor", "quantize", "error_stats",
+__all__ = ["formats", "core", "eval", "qat", "QTensor", "Scheme", "Recipe", "quantize_tensor", "quantize", "error_stats",
            "save", "load", "load_model", "__version__"]
