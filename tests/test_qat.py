@@ -196,3 +196,15 @@ def test_prepare_refuses_what_it_cannot_train(smollm2_2layers):
         FakeQuantLinear(torch.zeros(4, 64), None, W3G64, scales="lsq")
     with pytest.raises(ValueError, match="prepare"):
         lowbit.qat.convert(copy.deepcopy(model))
+
+
+@pytest.mark.parametrize("scheme", [W3G64, get_recipe("w4g64").weights, get_recipe("nf4-dq").weights,
+                                    get_recipe("nvfp4").weights, Scheme("int4", PerTensor())])
+def test_quantize_with_fitted_params_is_quantize(gen, scheme):
+    from lowbit.core import fit_params, quantize_with
+
+    w = torch.randn(32, 128, generator=gen)
+    q, p = quantize(w, scheme), quantize_with(w, fit_params(w, scheme))
+    assert torch.equal(p.codes, q.codes) and torch.equal(p.dequantize(), q.dequantize())
+    with pytest.raises(ValueError, match="shape"):
+        quantize_with(w[:, :64], fit_params(w, scheme))
