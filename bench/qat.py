@@ -31,6 +31,14 @@ from lowbit.pipeline.recipe import get_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def wikitext(split: str) -> str:
+    """wikitext-2 `split` from ../shared beside the repository, or /work/shared (a git worktree's checkout)."""
+    try:
+        return wikitext2(split)
+    except ValueError:
+        return (Path("/work/shared/data/wikitext-2") / f"{split}.txt").read_text(encoding="utf-8")
+
+
 def recipe_of(name: str, method: str = "rtn"):
     return get_recipe(name).replace(embeddings=None, output=None, method=method)
 
@@ -85,8 +93,8 @@ def main() -> None:
 
     teacher, tok = load_model("smollm2-135m")
     teacher.eval().requires_grad_(False)
-    test_ids = token_ids(tok, wikitext2("test"))
-    train_ids = token_ids(tok, wikitext2("valid"))
+    test_ids = token_ids(tok, wikitext("test"))
+    train_ids = token_ids(tok, wikitext("valid"))
 
     def ppl(m) -> float:
         return perplexity(m, test_ids, max_windows=args.windows, progress=False).ppl

@@ -21,14 +21,25 @@ import gc
 import json
 import multiprocessing as mp
 import os
+import queue
 import threading
 import time
+from pathlib import Path
 
 import torch
 
 GiB = 1 << 30
 CONFIGS = ("qlora", "lora-bf16", "full")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def wikitext(split: str) -> str:
+    """wikitext-2 `split` from ../shared beside the repository, or /work/shared (a git worktree's checkout)."""
+    try:
+        from lowbit.io import wikitext2
+        return wikitext2(split)
+    except ValueError:
+        return (Path("/work/shared/data/wikitext-2") / f"{split}.txt").read_text(encoding="utf-8")
 
 
 def rss() -> int:
@@ -60,10 +71,10 @@ def run(config: str, args, out: mp.Queue) -> None:
     torch.manual_seed(0)
     import lowbit
     from lowbit.eval import perplexity, token_ids
-    from lowbit.io import load_model, wikitext2
+    from lowbit.io import load_model
 
     model, tok = load_model("smollm2-135m")
-    test_ids, train_ids = token_ids(tok, wikitext2("test")), token_ids(tok, wikitext2("valid"))
+    test_ids, train_ids = token_ids(tok, wikitext("test")), token_ids(tok, wikitext("valid"))
     if config == "full":
         params, lr = list(model.parameters()), args.full_lr
     else:
@@ -127,7 +138,13 @@ def main() -> None:
         q = ctx.Queue()
         p = ctx.Process(target=run, args=(config, args, q))
         p.start()
-        row = q.get()
+        row = None
+        while row is None:
+            try:
+                row = q.get(timeout=5)
+            except queue.Empty:
+                if not p.is_alive():
+                    raise RuntimeError(f"configuration {config!r} failed (exit code {p.exitcode}); see above")
         p.join()
         rows.append(row)
         print(json.dumps(row), flush=True)
