@@ -6,13 +6,15 @@
     lowbit.save(model, "out/"); model = lowbit.load("out/")
     lowbit.eval.perplexity(model, tokenizer, text)
     recipe = lowbit.search(model, budget_bits=4.25, calibration=windows)   # mixed precision
+    lowbit.qat.prepare(model, "w3g64"); train; lowbit.qat.convert(model)
 """
 from . import core, eval, formats
 from .core import QTensor, Scheme, error_stats, quantize_tensor
 from .io import load, load_model, save
 from .pipeline import Recipe, quantize
 from .analysis import layer_report, search
+from . import qat  # noqa: E402  (after pipeline, which it builds on)
 
 __version__ = "0.1.0"
-__all__ = ["formats", "core", "eval", "QTensor", "Scheme", "Recipe", "quantize_tensor", "quantize", "error_stats",
-           "save", "load", "load_model", "search", "layer_report", "__version__"]
+__all__ = ["formats", "core", "eval", "qat", "QTensor", "Scheme", "Recipe", "quantize_tensor", "quantize",
+           "error_stats", "save", "load", "load_model", "search", "layer_report", "__version__"]

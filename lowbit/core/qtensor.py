@@ -34,6 +34,11 @@ class QTensor:
     offset: torch.Tensor | None = None
 
     @property
+    def device(self) -> torch.device:
+        """Where the codes are (code that places modules by their weight's device, such as peft, reads it)."""
+        return self.codes.device
+
+    @property
     def numel(self) -> int:
         return math.prod(self.shape)
 

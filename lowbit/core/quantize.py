@@ -7,6 +7,7 @@ and encodes the values with the scales as they will be read back.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -86,11 +87,33 @@ def quantize(x: torch.Tensor, scheme: Scheme, *, generator: torch.Generator | No
     # (x / s computes in float32); float64 rounds to float32 first, as everything else does.
     parts = view.parts(x if x.dtype in (torch.bfloat16, torch.float16) else x.float())
     q = _fit_parts(x, view, parts, scheme)
-    # Encode with the scales exactly as they will be read back.
+    q.codes = _encode(view, parts, q, generator)
+    return q
+
+
+def quantize_with(x: torch.Tensor, params: QTensor, *, generator: torch.Generator | None = None) -> QTensor:
+    """x encoded on the grid of `params` (a QTensor's scales, zero points and tensor scale, e.g.
+    from fit_params, a solver, or learned scales): the same QTensor with x's codes. QAT re-rounds
+    trained weights this way on fixed or learned scales.
+
+        >>> q = quantize_with(w, fit_params(w, scheme))   # == quantize(w, scheme)
+    """
+    x = _check_input(x)
+    if tuple(x.shape) != tuple(params.shape):
+        raise ValueError(f"quantize_with: x has shape {tuple(x.shape)} but params were fitted for {params.shape}")
+    if params.scheme.is_learned:
+        raise ValueError(f"quantize_with: {params.scheme.format!r} learns a codebook per group; use quantize()")
+    view = GroupView(tuple(x.shape), params.scheme.granularity)
+    parts = view.parts(x if x.dtype in (torch.bfloat16, torch.float16) else x.float())
+    return dataclasses.replace(params, codes=_encode(view, parts, params, generator))
+
+
+def _encode(view: GroupView, parts: list[torch.Tensor], q: QTensor, generator) -> torch.Tensor:
+    """Packed codes of the parts, encoded with the scales exactly as they will be read back."""
+    scheme = q.scheme
     s_cols = view.split_stats(q.scale_values())
     z_cols = view.split_stats(q.zero_values()) if q.zeros is not None else [None] * len(parts)
-    q.codes = encode_packed(view, parts, s_cols, z_cols, scheme.fmt, scheme.bits, scheme.rounding, generator)
-    return q
+    return encode_packed(view, parts, s_cols, z_cols, scheme.fmt, scheme.bits, scheme.rounding, generator)
 
 
 def fit_params(x: torch.Tensor, scheme: Scheme) -> QTensor:

@@ -72,6 +72,13 @@ class QuantLinear(QuantModule):
         return q.t(), self.qweight.scale_values().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            # training through a frozen quantized layer (QLoRA): the forward below, run without
+            # autograd; the backward dequantizes again instead of keeping W for every layer
+            return _FrozenWeight.apply(x, self.bias, self)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._int8 is not None:
             return self._forward_int8(x)
         if self.act_scheme is None:  # weight-only: the packed-code kernels where they apply
@@ -117,6 +124,26 @@ class QuantLinear(QuantModule):
     def extra_repr(self) -> str:
         act = f", act={self.act_scheme.format}/{type(self.act_scheme.granularity).__name__}" if self.act_scheme else ""
         return f"in={self.in_features}, out={self.out_features}, {self.qweight!r}{act}"
+
+
+class _FrozenWeight(torch.autograd.Function):
+    """y = QuantLinear(x) with gradients for x (and the bias): dL/dx = dL/dy @ W, W dequantized in the
+    backward, as bitsandbytes' 4-bit matmul does, so training holds the packed codes, not W. Fake-quantized
+    activations pass the gradient straight through (STE)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layer: "QuantLinear"):
+        ctx.layer, ctx.x_dtype = layer, x.dtype
+        with torch.no_grad():
+            return layer._forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        layer = ctx.layer
+        dtype = ctx.x_dtype
+        grad_x = grad.to(dtype) @ layer.qweight.dequantize(dtype) if ctx.needs_input_grad[0] else None
+        grad_b = grad.reshape(-1, grad.shape[-1]).sum(0).to(layer.bias.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_b, None
 
 
 def _check_act_scheme(a: Scheme | None, scale) -> None:
