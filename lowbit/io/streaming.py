@@ -161,10 +161,15 @@ def model_parts(model: nn.Module) -> list[Part]:
     from ..pipeline.embeddings import embedding_targets
 
     inputs, head = embedding_targets(model)
-    first = [n for n, _ in inputs] + ([head[0]] if head else [])
+    first = [n for n, _ in inputs]
+    tied = head is not None and any(head[1].weight is e.weight for _, e in inputs)
+    if tied:
+        first.append(head[0])  # one tensor: quantized once, stored once
     prefix, blocks = find_blocks(model)
     parts = [Part("embeddings", first)] + [Part(f"{prefix}.{i}", [f"{prefix}.{i}"]) for i in range(len(blocks))]
-    covered = tuple(first) + (prefix,)
+    if head is not None and not tied:  # its own part: the two largest tensors are never in memory together
+        parts.append(Part("output", [head[0]]))
+    covered = tuple(first) + (prefix,) + ((head[0],) if head else ())
     rest = [n for n, m in model.named_modules()
             if n and not _under(n, covered) and any(True for _ in m.parameters(recurse=False))]
     return parts + ([Part("rest", rest)] if rest else [])
@@ -200,7 +205,7 @@ def _quantize_part(model: nn.Module, recipe, part: Part) -> None:
     from ..pipeline.quantize import plan
 
     names = {n for n, _ in model.named_modules() if _under(n, part.modules)}
-    if set(plan(model, recipe, allow_empty=True)) & names or part.name == "embeddings":
+    if set(plan(model, recipe, allow_empty=True)) & names or part.name in ("embeddings", "output"):
         quantize(model, recipe, modules=names, progress=False)
 
 
