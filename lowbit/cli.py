@@ -118,6 +118,7 @@ def cmd_quantize(args) -> None:
     from .cli_gguf import cmd_quantize_gguf, wants_gguf
     from .eval import token_ids
     from .io import load_model, save
+    from .io.streaming import quantize_checkpoint, streams
     from .methods import method_needs
     from .pipeline import get_recipe, quantize
 
@@ -129,6 +130,11 @@ def cmd_quantize(args) -> None:
     if args.method_option:
         recipe = recipe.replace(method_options=_method_options(args.method_option, recipe.method_options))
     out = check_out(args.out, args.force)
+    if args.format == "lowbit" and streams(args.model) and not (recipe.observer or method_needs(recipe.method)):
+        print(f"streaming {args.model} one block at a time ({recipe.method}: data-free)")
+        out = quantize_checkpoint(args.model, recipe, out, shard_bytes=int(args.shard_size * 2 ** 20))
+        print(f"saved {recipe.name or 'custom'} ({recipe.method}) to {out}")
+        return
     model, tok = load_model(args.model)
     if args.budget is not None:  # per-layer schemes from the candidates, within the budget
         from .cli_search import budget_recipe
@@ -261,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                     "w4g64,w8)")
     pq.add_argument("--out", required=True, help="output folder, or a .gguf file (--recipe q8_0, q4_0, q4_k_m, ...)")
     pq.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
+    pq.add_argument("--shard-size", type=float, default=2048, metavar="MB",
+                    help="output shard size when a Hugging Face safetensors folder is quantized one block at a "
+                         "time (data-free methods; an interrupted run resumes; default 2048 MB)")
     pq.add_argument("--format", default="lowbit", help="lowbit (default) or compressed-tensors (for transformers "
                     "and vLLM; needs an int, fp8 or nvfp4 recipe such as w4g64-sym, w8, fp8, w8a8-dynamic, "
                     "fp8-dynamic, nvfp4); "

@@ -23,6 +23,7 @@ FORMAT = "lowbit"
 VERSION = 1
 META = "lowbit.json"
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"  # sharded checkpoints (io/streaming.py), as Hugging Face names it
 _PARTS = ("codes", "zeros", "tensor_scale", "codebook", "offset")
 
 
@@ -68,13 +69,45 @@ def save_lowbit(model: nn.Module, path: str | Path, tokenizer=None, source: str 
     """Write `model` (quantized in place by lowbit.quantize) to folder `path`, atomically."""
     from safetensors.torch import save_file
 
+    path = Path(path)
+    tensors, modules = model_entries(model, {})
+    meta = checkpoint_meta(model, modules, source)
+    atomic.recover(path, _is_whole)
+    if path.exists() and not (path.is_dir() and (_is_whole(path) or not any(path.iterdir()))):
+        raise ValueError(f"{path} exists and is not a lowbit checkpoint: refusing to overwrite it")
+    with atomic.staged_dir(path, _is_whole) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        (tmp / META).write_text(json.dumps(meta, indent=1))  # written last: its presence marks a whole save
+    return path
+
+
+def checkpoint_meta(model: nn.Module, modules: dict, source: str | None) -> dict:
+    """lowbit.json's content for `model` and its quantized modules' entries."""
+    return {"format": FORMAT, "version": VERSION, "modules": modules,
+            "recipe": model.lowbit_recipe.to_dict() if hasattr(model, "lowbit_recipe") else None,
+            "model": _model_meta(model), "source": source,
+            # where the calibration text lay (set by `lowbit quantize`), so `lowbit eval` can avoid it
+            "calibration_text": getattr(model, "lowbit_calibration_text", None)}
+
+
+def model_entries(model: nn.Module, owners: dict, under: "tuple[str, ...] | None" = None
+                  ) -> tuple[dict[str, torch.Tensor], dict]:
+    """-> (every tensor to store, lowbit.json's entry per quantized module), for the whole model or
+    only the modules `under` these names (io/streaming.py writes a model a part at a time).
+    `owners`: id(QTensor) -> the module it is stored under, kept across parts (tied weights
+    are stored once)."""
     from ..nn import LLMInt8Linear, QuantEmbedding, QuantLinear
 
-    path = Path(path)
+    def inside(name: str) -> bool:
+        return under is None or any(name == u or name.startswith(u + ".") for u in under)
+
     tensors: dict[str, torch.Tensor] = {}
     modules = {}
-    owners = {}  # id(QTensor) -> the module name it is stored under (tied embeddings: stored once)
     for name, m in model.named_modules():
+        if not inside(name):
+            continue
         if isinstance(m, (QuantLinear, QuantEmbedding)):
             if id(m.qweight) in owners:
                 meta = {"tied_to": owners[id(m.qweight)]}
@@ -92,6 +125,8 @@ def save_lowbit(model: nn.Module, path: str | Path, tokenizer=None, source: str 
             modules[name] = meta
     seen = set()
     for key, t in model.state_dict().items():
+        if not inside(key.rpartition(".")[0]):
+            continue
         if t.device.type == "meta":
             raise ValueError(f"tensor {key!r} is on the meta device: materialise the model before saving")
         ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
@@ -99,20 +134,23 @@ def save_lowbit(model: nn.Module, path: str | Path, tokenizer=None, source: str 
             continue
         seen.add(ptr)
         tensors[key] = t
-    meta = {"format": FORMAT, "version": VERSION, "modules": modules,
-            "recipe": model.lowbit_recipe.to_dict() if hasattr(model, "lowbit_recipe") else None,
-            "model": _model_meta(model), "source": source,
-            # where the calibration text lay (set by `lowbit quantize`), so `lowbit eval` can avoid it
-            "calibration_text": getattr(model, "lowbit_calibration_text", None)}
-    atomic.recover(path, _is_whole)
-    if path.exists() and not (path.is_dir() and (_is_whole(path) or not any(path.iterdir()))):
-        raise ValueError(f"{path} exists and is not a lowbit checkpoint: refusing to overwrite it")
-    with atomic.staged_dir(path, _is_whole) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        (tmp / META).write_text(json.dumps(meta, indent=1))  # written last: its presence marks a whole save
-    return path
+    return tensors, modules
+
+
+def weight_files(path: Path) -> list[Path]:
+    """model.safetensors, or the shards model.safetensors.index.json lists (io/streaming.py)."""
+    index = path / INDEX
+    if not index.is_file():
+        return [path / WEIGHTS]
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index} is corrupt: {e}") from e
+    bad = [n for n in files if not isinstance(n, str) or Path(n).name != n]
+    if bad:
+        raise ValueError(f"{index}: shard name {bad[0]!r} is not a file name in {path}")
+    return [path / n for n in files]
 
 
 def _is_whole(folder: Path) -> bool:
@@ -168,10 +206,12 @@ def load_lowbit(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     path = Path(path)
     meta = read_meta(path)
     f = path / META
-    try:
-        tensors = load_file(str(path / WEIGHTS))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path / WEIGHTS} is missing or corrupt: {e}") from e
+    tensors = {}
+    for shard in weight_files(path):
+        try:
+            tensors.update(load_file(str(shard)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{shard} is missing or corrupt: {e}") from e
     if model is None:
         model = _skeleton(meta, path)
     loaded = {}  # module name -> its QTensor, for the modules tied to it
@@ -218,6 +258,9 @@ def _quant_module(tensors: dict, name: str, m, model: nn.Module, path: Path, loa
             raise ValueError(f"{f}: {at}.shape is {list(shape)} but the model's {name} is a "
                              f"{type(target).__name__} with weight [out, in] = {list(_weight_shape(target) or [])}")
     q = _module_qtensor(tensors, name, m, loaded, path)
+    if tuple(q.shape) != _weight_shape(target):
+        raise ValueError(f"{f}: {at} is tied to a tensor of shape {list(q.shape)}, but the model's {name} is a "
+                         f"{type(target).__name__} with weight [out, in] = {list(_weight_shape(target) or [])}")
     dtype = check.dtype(f, f"{at}.dtype", m.get("dtype", "float32"))
     if m.get("kind") == "embedding":
         padding = check.field(f, f"{at}.padding_idx", m.get("padding_idx"), int, allow_none=True)

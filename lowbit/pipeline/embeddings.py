@@ -35,12 +35,17 @@ def _call(fn):
         return None
 
 
-def quantize_embeddings(model: nn.Module, recipe: Recipe, taken: set[str] = frozenset()) -> list[str]:
+def quantize_embeddings(model: nn.Module, recipe: Recipe, taken: set[str] = frozenset(),
+                        only: "set[str] | None" = None) -> list[str]:
     """Replace the embeddings and the output layer the recipe gives schemes for; -> names replaced.
-    `taken`: modules the recipe's Linear patterns already quantize (a clash is an error)."""
+    `taken`: modules the recipe's Linear patterns already quantize (a clash is an error).
+    `only`: leave alone the ones not named here (a part of the model being quantized)."""
     if recipe.embeddings is None and recipe.output is None:
         return []
     inputs, head = embedding_targets(model)
+    if only is not None:
+        inputs = [(n, e) for n, e in inputs if n in only]
+        head = head if head is not None and head[0] in only else None
     clash = sorted(taken & {n for n, _ in inputs + ([head] if head else [])})
     if clash:
         raise ValueError(f"{clash[0]!r} is matched by the recipe's include patterns and is also its embedding "

@@ -26,8 +26,9 @@ from .sequential import LayerReport, layer_loss, run_sequential
 from .walk import is_linear, linear_weight, set_module
 
 
-def plan(model: nn.Module, recipe: Recipe) -> dict[str, Recipe]:
-    """{module name: the recipe that applies to it} for every module that will be quantized."""
+def plan(model: nn.Module, recipe: Recipe, allow_empty: bool = False) -> dict[str, Recipe]:
+    """{module name: the recipe that applies to it} for every module that will be quantized
+    (none: an error, unless allow_empty)."""
     out = {}
     for name, m in model.named_modules():
         r = recipe.for_module(name) if name else None
@@ -38,7 +39,7 @@ def plan(model: nn.Module, recipe: Recipe) -> dict[str, Recipe]:
         elif _named_explicitly(name, recipe):
             raise ValueError(f"module {name!r} ({type(m).__name__}) cannot be quantized: lowbit quantizes "
                              "Linear layers; change the recipe's include patterns")
-    if not out:
+    if not out and not allow_empty:
         raise ValueError(f"recipe {recipe.name or ''!r} matches no Linear layer of {type(model).__name__}; "
                          f"include={list(recipe.include)}, exclude={list(recipe.exclude)}")
     return out
@@ -51,7 +52,7 @@ def _named_explicitly(name: str, recipe: Recipe) -> bool:
 def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | None = None, *,
              method: str | None = None, progress: bool = True, propagate: str = "quantized",
              batch_size: int = 8, calibration_dtype: "torch.dtype | str" = "auto",
-             on_layer: "Callable | None" = None) -> nn.Module:
+             on_layer: "Callable | None" = None, modules: "set[str] | None" = None) -> nn.Module:
     """Quantize `model` in place and return it.
 
     `calibration`: an iterable of input batches (token id tensors [batch, seq], or dicts
@@ -64,10 +65,18 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
     `on_layer(name, w, qweight, stats)`: called after each layer's solve with the weight it
     quantized ([out, in], after any transform), its QTensor and its statistics (None when
     data-free); the per-layer analysis (analysis.layer_errors) reads errors there.
+    `modules`: quantize only these modules (and the embeddings/output layer only if named), the
+    rest of the model may be on the meta device: how io/streaming.py quantizes a checkpoint one
+    block at a time. Data-free methods only.
     """
     recipe = get_recipe(recipe, method)
-    targets = plan(model, recipe)
-    quantize_embeddings(model, recipe, taken=set(targets))
+    targets = plan(model, recipe, allow_empty=modules is not None)
+    taken = set(targets)
+    if modules is not None:
+        targets = {n: r for n, r in targets.items() if n in modules}
+        if any(method_needs(r.method) for r in targets.values()) or recipe.observer:
+            raise ValueError(f"quantizing part of a model takes data-free methods; {recipe.method!r} needs calibration")
+    quantize_embeddings(model, recipe, taken=taken, only=modules)
     # Transforms change what the layers see: observe activations after them, on the quantized model.
     observe_late = bool(recipe.observer) and any(parse_method(r.method)[0] for r in targets.values())
     act_ranges = _calibrate(model, targets, calibration, progress) if recipe.observer and not observe_late else {}

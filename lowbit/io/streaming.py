@@ -1,0 +1,300 @@
+"""Quantize a safetensors checkpoint a part at a time, resumably: the model is never in memory whole.
+
+The model is built on the meta device from its config (no memory); then each part (the embedding
+table with the output layer, each repeated block, the rest) is read from the source shards
+(memory-mapped, only that part's tensors, widened to float32 as lowbit.load_model would),
+quantized by the same code as lowbit.quantize (pipeline.quantize with `modules=`), and its
+tensors go to the output. Data-free methods (rtn, hqq, ...) only: a calibrated method needs the
+blocks' inputs, which is a different job.
+
+Output: a lowbit checkpoint folder with shards model-0000K-of-0000N.safetensors and
+model.safetensors.index.json as Hugging Face writes them, lowbit.json last. While it runs,
+everything lives in a hidden folder beside the target, `.NAME.partial`, with a journal
+(journal.json) of the shards finished and the parts in them; a shard is written to a temporary
+file and renamed, then the journal (the same way), so a crash (Ctrl-C, kill -9, power) leaves
+only whole shards the journal names. Run the same command again and it resumes after the last
+finished shard; the parts after it are quantized again (deterministically), so the result is
+byte-identical to an uninterrupted run. The folder appears at the target only when whole.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import atomic
+from .lowbit_format import INDEX, META, VERSION, checkpoint_meta, model_entries
+
+JOURNAL = "journal.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
+
+
+@dataclass
+class Part:
+    """A piece of the model quantized and written as one: module names it covers."""
+    name: str
+    modules: list[str]
+
+
+@dataclass
+class Journal:
+    """What a run has finished: shards written (file name -> the parts in it) and the lowbit.json
+    entries of the quantized modules in them. `digest` names the inputs it belongs to."""
+    digest: str
+    shards: list[dict] = field(default_factory=list)
+    modules: dict = field(default_factory=dict)
+
+    def parts_done(self) -> set[str]:
+        return {p for s in self.shards for p in s["parts"]}
+
+
+def quantize_checkpoint(src: str | Path, recipe, out: str | Path, *, shard_bytes: int = 2 << 30,
+                        source: str | None = None, progress: bool = True) -> Path:
+    """Quantize the Hugging Face checkpoint folder `src` (config.json + model.safetensors or its
+    sharded index) with a data-free `recipe` into the lowbit checkpoint folder `out`."""
+    from ..pipeline import get_recipe
+    from ..methods import method_needs
+
+    src, out = Path(src), Path(out)
+    recipe = get_recipe(recipe)
+    if recipe.observer or method_needs(recipe.method):
+        raise ValueError(f"streaming quantization takes data-free methods; method {recipe.method!r} needs "
+                         "calibration data (quantize in memory, or pick rtn/hqq)")
+    where = source_tensors(src)
+    model = skeleton(src)
+    parts = model_parts(model)
+    partial = out.parent / f".{out.name}.partial"
+    journal = _open_journal(partial, _digest(src, where, recipe, shard_bytes))
+    done = journal.parts_done()
+    pending: dict[str, torch.Tensor] = {}
+    pending_parts: list[str] = []
+    bar = tqdm(parts, desc="quantize (streaming)", unit="part", disable=not progress)
+    for part in bar:
+        if part.name in done:  # in a shard an earlier run finished
+            continue
+        bar.set_postfix_str(part.name)
+        _materialize(model, part, where)
+        _quantize_part(model, recipe, part)
+        # tied tensors are stored once; both ends lie in one part (the embeddings), and a part's
+        # QTensors are freed after it, so a fresh owners table per part (ids get reused)
+        tensors, modules = model_entries(model, {}, under=tuple(part.modules))
+        _release(model, part)
+        pending.update(tensors)
+        journal.modules.update(modules)
+        pending_parts.append(part.name)
+        if sum(t.nbytes for t in pending.values()) >= shard_bytes:
+            _write_shard(partial, journal, pending, pending_parts)
+            pending, pending_parts = {}, []
+    if pending:
+        _write_shard(partial, journal, pending, pending_parts)
+    model.lowbit_recipe = recipe
+    return _finish(model, src, partial, journal, out, source or str(src))
+
+
+# -- reading the source -----------------------------------------------------------------------
+def streams(src: str | Path) -> bool:
+    """src is a Hugging Face checkpoint folder of safetensors (what quantize_checkpoint reads)."""
+    src = Path(src)
+    return src.is_dir() and (src / "config.json").is_file() and (
+        (src / "model.safetensors.index.json").is_file() or (src / "model.safetensors").is_file())
+
+
+def source_tensors(src: Path) -> dict[str, Path]:
+    """tensor name -> the shard holding it, checked: the index's shards exist and hold what it says."""
+    from safetensors import safe_open
+
+    if not (src / "config.json").is_file():
+        raise ValueError(f"{src} is not a Hugging Face checkpoint folder: config.json is missing")
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            where = {str(k): src / str(v) for k, v in weight_map.items()}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is corrupt: {e}") from e
+    elif (src / "model.safetensors").is_file():
+        where = None
+    else:
+        raise ValueError(f"{src} has neither model.safetensors nor model.safetensors.index.json")
+    found = {}
+    for shard in sorted({*where.values()} if where else {src / "model.safetensors"}):
+        if not shard.is_file():
+            raise ValueError(f"{index}: shard {shard.name} is missing from {src}")
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                found.update({k: shard for k in f.keys()})
+        except Exception as e:  # safetensors raises its own error kinds for truncated or foreign files
+            raise ValueError(f"{shard} is unreadable or truncated: {e}") from e
+    if where:
+        wrong = sorted(k for k, s in where.items() if found.get(k) != s)
+        if wrong:
+            raise ValueError(f"{index} does not match its shards: tensor {wrong[0]!r} is not in "
+                             f"{where[wrong[0]].name} ({len(wrong)} such tensors)")
+    return found
+
+
+def skeleton(src: Path) -> nn.Module:
+    """The model of src's config on the meta device: module names and shapes, no memory."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(src), local_files_only=True)
+    except Exception as e:  # transformers raises several kinds for a bad config
+        raise ValueError(f"{src / 'config.json'} is not a config transformers reads: {e}") from e
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return model.eval()
+
+
+def model_parts(model: nn.Module) -> list[Part]:
+    """The embedding table with the output layer, then each repeated block, then the rest."""
+    from ..pipeline.blocks import find_blocks
+    from ..pipeline.embeddings import embedding_targets
+
+    inputs, head = embedding_targets(model)
+    first = [n for n, _ in inputs]
+    tied = head is not None and any(head[1].weight is e.weight for _, e in inputs)
+    if tied:
+        first.append(head[0])  # one tensor: quantized once, stored once
+    prefix, blocks = find_blocks(model)
+    parts = [Part("embeddings", first)] + [Part(f"{prefix}.{i}", [f"{prefix}.{i}"]) for i in range(len(blocks))]
+    if head is not None and not tied:  # its own part: the two largest tensors are never in memory together
+        parts.append(Part("output", [head[0]]))
+    covered = tuple(first) + (prefix,) + ((head[0],) if head else ())
+    rest = [n for n, m in model.named_modules()
+            if n and not _under(n, covered) and any(True for _ in m.parameters(recurse=False))]
+    return parts + ([Part("rest", rest)] if rest else [])
+
+
+def _under(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _materialize(model: nn.Module, part: Part, where: dict[str, Path]) -> None:
+    """Load the part's tensors from the source shards (float32, as lowbit.load_model reads)."""
+    from safetensors import safe_open
+
+    keys = [k for k in model.state_dict(keep_vars=True) if _under(k.rpartition(".")[0], part.modules)]
+    tensors = {}
+    for shard in sorted({where[k] for k in keys if k in where}):
+        with safe_open(str(shard), framework="pt") as f:
+            for k in keys:
+                if where.get(k) == shard:
+                    t = f.get_tensor(k)
+                    tensors[k] = t.float() if t.is_floating_point() else t
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in keys if k not in tensors and k not in tied]
+    if missing:
+        raise ValueError(f"the checkpoint has no tensor {missing[0]!r}, which the model's config needs")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if part.name == "embeddings" and getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+
+
+def _quantize_part(model: nn.Module, recipe, part: Part) -> None:
+    from ..pipeline import quantize
+    from ..pipeline.quantize import plan
+
+    names = {n for n, _ in model.named_modules() if _under(n, part.modules)}
+    if set(plan(model, recipe, allow_empty=True)) & names or part.name in ("embeddings", "output"):
+        quantize(model, recipe, modules=names, progress=False)
+
+
+def _release(model: nn.Module, part: Part) -> None:
+    """Drop the part's memory: its modules become empty placeholders (the model never runs)."""
+    from ..pipeline.walk import set_module
+
+    for name in part.modules:
+        set_module(model, name, nn.Identity())
+
+
+# -- writing ------------------------------------------------------------------------------------
+def _digest(src: Path, where: dict[str, Path], recipe, shard_bytes: int) -> str:
+    """What a journal must match to be resumed: the source files (names, sizes, times), the
+    recipe and the shard size."""
+    h = hashlib.sha256()
+    for shard in sorted(set(where.values())):
+        st = shard.stat()
+        h.update(f"{shard.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    h.update((src / "config.json").read_bytes())
+    h.update(json.dumps(recipe.to_dict(), sort_keys=True).encode())
+    h.update(f"{shard_bytes};{VERSION}".encode())
+    return h.hexdigest()
+
+
+def _open_journal(partial: Path, digest: str) -> Journal:
+    f = partial / JOURNAL
+    if f.is_file():
+        try:
+            j = Journal(**json.loads(f.read_text(encoding="utf-8")))
+            if j.digest == digest and all((partial / s["file"]).is_file() for s in j.shards):
+                return j
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError):
+            pass
+        print(f"{partial} holds an earlier run with other inputs: starting again")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    j = Journal(digest)
+    _write_journal(partial, j)
+    return j
+
+
+def _write_journal(partial: Path, journal: Journal) -> None:
+    atomic.write_atomic(partial / JOURNAL, json.dumps(journal.__dict__, indent=1))
+
+
+def _write_shard(partial: Path, journal: Journal, tensors: dict[str, torch.Tensor], parts: list[str]) -> None:
+    """Shard K (temp file, fsync, rename), then the journal that names it."""
+    from safetensors.torch import save_file
+
+    name = f"model-{len(journal.shards) + 1:05d}.safetensors"
+    tmp = partial / (name + ".tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(tmp))
+        atomic.fsync(tmp)
+        os.replace(tmp, partial / name)
+        journal.shards.append({"file": name, "parts": parts, "tensors": sorted(tensors)})
+        _write_journal(partial, journal)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise ValueError(f"no space left on the device writing {partial / name}: the {len(journal.shards)} "
+                             f"shards finished are kept in {partial}; free space and run the same command "
+                             "again to resume") from e
+        raise ValueError(f"cannot write {partial / name}: {e}; the finished shards are kept in {partial}") from e
+
+
+def _finish(model: nn.Module, src: Path, partial: Path, journal: Journal, out: Path, source: str) -> Path:
+    """Shards renamed -of-N, the index, tokenizer files, lowbit.json last; then the folder moves
+    into place."""
+    n = len(journal.shards)
+    weight_map, total = {}, 0
+    for i, s in enumerate(journal.shards, 1):
+        final = f"model-{i:05d}-of-{n:05d}.safetensors"
+        if (partial / s["file"]).exists():
+            os.replace(partial / s["file"], partial / final)
+        s["file"] = final
+        total += (partial / final).stat().st_size
+        weight_map.update({k: final for k in s["tensors"]})
+    (partial / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                             "weight_map": dict(sorted(weight_map.items()))}, indent=1))
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, partial / name)
+    (partial / JOURNAL).unlink()
+    (partial / META).write_text(json.dumps(checkpoint_meta(model, journal.modules, source), indent=1))
+    atomic.sync_tree(partial)
+    if out.exists() and not (out.is_dir() and (out / META).is_file()):
+        raise ValueError(f"{out} exists and is not a lowbit checkpoint: the result is kept in {partial}")
+    atomic.replace_dir(partial, out)  # a checkpoint already there is replaced in one rename
+    return out

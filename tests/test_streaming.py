@@ -1,0 +1,147 @@
+"""Quantizing a sharded checkpoint a block at a time (io/streaming.py): the same model as quantizing
+in memory, byte-identical after kill -9 and a resume, clear errors that keep finished work."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.cli import main as cli
+from lowbit.io import streaming
+from lowbit.io.streaming import quantize_checkpoint
+
+SHARD = 60_000  # bytes: a handful of output shards for the tiny model
+
+
+def tiny_llama(folder: Path, tied: bool = True, layers: int = 4) -> Path:
+    """A random Llama written as Hugging Face does: bf16, sharded, with an index."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=128, num_hidden_layers=layers, intermediate_size=256, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=384, tie_word_embeddings=tied)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder, max_shard_size="150KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    return folder
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("tied,recipe", [(True, "w4g64"), (False, "w4g64"), (True, "w8"), (True, "nf4")])
+def test_streamed_model_equals_quantizing_in_memory(tmp_path, tied, recipe):
+    from transformers import LlamaForCausalLM
+
+    src = tiny_llama(tmp_path / "src", tied)
+    out = quantize_checkpoint(src, recipe, tmp_path / "out", shard_bytes=SHARD, progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    streamed = lowbit.load(out)
+    in_memory = lowbit.quantize(LlamaForCausalLM.from_pretrained(src, dtype=torch.float32), recipe, progress=False)
+    x = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(streamed(x).logits, in_memory(x).logits)
+
+
+def test_same_inputs_give_byte_identical_files(tmp_path):
+    src = tiny_llama(tmp_path / "src")
+    a = quantize_checkpoint(src, "w4g64", tmp_path / "a", shard_bytes=SHARD, progress=False)
+    b = quantize_checkpoint(src, "w4g64", tmp_path / "b", shard_bytes=SHARD, progress=False)
+    assert files(a) == files(b)
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from lowbit.io import streaming
+    write, written = streaming._write_shard, []
+    def write_then_die(*args):
+        write(*args)
+        written.append(1)
+        if len(written) == int(sys.argv[3]):
+            os.kill(os.getpid(), signal.SIGKILL)  # as kill -9 would: no cleanup runs
+    streaming._write_shard = write_then_die
+    streaming.quantize_checkpoint(sys.argv[1], "w4g64", sys.argv[2], shard_bytes=60_000, progress=False)
+""")
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_bytes(tmp_path):
+    src = tiny_llama(tmp_path / "src", layers=6)
+    whole = quantize_checkpoint(src, "w4g64", tmp_path / "whole", shard_bytes=SHARD, progress=False)
+    out = tmp_path / "out"
+    (tmp_path / "killer.py").write_text(KILLER)
+    repo = Path(__file__).resolve().parents[1]  # this checkout's lowbit, not another install's
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, str(tmp_path / "killer.py"), str(src), str(out), "2"],
+                         cwd=repo, env=env, capture_output=True, text=True)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    partial = tmp_path / ".out.partial"
+    assert not out.exists() and not (partial / "lowbit.json").exists()  # nothing looks complete
+    journal = json.loads((partial / "journal.json").read_text())
+    assert len(journal["shards"]) == 2
+    quantize_checkpoint(src, "w4g64", out, shard_bytes=SHARD, progress=False)
+    assert files(out) == files(whole)
+    assert not partial.exists()
+
+
+def test_disk_full_names_the_file_and_keeps_the_finished_shards(tmp_path, monkeypatch):
+    src = tiny_llama(tmp_path / "src")
+    whole = quantize_checkpoint(src, "w4g64", tmp_path / "whole", shard_bytes=SHARD, progress=False)
+    import safetensors.torch
+
+    save, calls = safetensors.torch.save_file, []
+
+    def full_on_second(tensors, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(tensors, path, *a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_on_second)
+    with pytest.raises(ValueError, match=r"no space left .*model-00002\.safetensors.*1 shards finished"):
+        quantize_checkpoint(src, "w4g64", tmp_path / "out", shard_bytes=SHARD, progress=False)
+    partial = tmp_path / ".out.partial"
+    assert (partial / "model-00001.safetensors").is_file() and not list(partial.glob("*.tmp"))
+    monkeypatch.setattr(safetensors.torch, "save_file", save)
+    assert files(quantize_checkpoint(src, "w4g64", tmp_path / "out", shard_bytes=SHARD, progress=False)) == files(whole)
+
+
+def test_truncated_shard_and_mismatched_index_are_named(tmp_path):
+    src = tiny_llama(tmp_path / "src")
+    index_file = src / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    key = next(k for k, v in index["weight_map"].items() if v == shards[0])
+    index["weight_map"][key] = shards[1]
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"{index_file.name} does not match its shards: tensor '{key}'"):
+        quantize_checkpoint(src, "w4g64", tmp_path / "out", progress=False)
+    index["weight_map"][key] = shards[0]
+    index_file.write_text(json.dumps(index))
+    data = (src / shards[1]).read_bytes()
+    (src / shards[1]).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"{shards[1]} is unreadable or truncated"):
+        quantize_checkpoint(src, "w4g64", tmp_path / "out", progress=False)
+
+
+def test_calibrated_methods_are_refused_before_reading(tmp_path):
+    src = tiny_llama(tmp_path / "src", layers=1)
+    with pytest.raises(ValueError, match="data-free"):
+        quantize_checkpoint(src, lowbit.pipeline.get_recipe("w4g64", "gptq"), tmp_path / "out", progress=False)
+
+
+def test_cli_streams_a_hugging_face_folder(tmp_path, capsys):
+    src = tiny_llama(tmp_path / "src", layers=2)
+    cli(["quantize", str(src), "--recipe", "w4g64", "--method", "rtn", "--out", str(tmp_path / "out"),
+         "--shard-size", "0.05"])
+    assert "one block at a time" in capsys.readouterr().out
+    assert lowbit.io.lowbit_format.weight_files(tmp_path / "out")[1:]  # more than one shard
+    lowbit.load(tmp_path / "out")
