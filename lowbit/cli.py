@@ -130,7 +130,8 @@ def cmd_quantize(args) -> None:
     if args.method_option:
         recipe = recipe.replace(method_options=_method_options(args.method_option, recipe.method_options))
     out = check_out(args.out, args.force)
-    if args.format == "lowbit" and streams(args.model) and not (recipe.observer or method_needs(recipe.method)):
+    if (args.format == "lowbit" and args.budget is None and streams(args.model)
+            and not (recipe.observer or method_needs(recipe.method))):
         print(f"streaming {args.model} one block at a time ({recipe.method}: data-free)")
         out = quantize_checkpoint(args.model, recipe, out, shard_bytes=int(args.shard_size * 2 ** 20))
         print(f"saved {recipe.name or 'custom'} ({recipe.method}) to {out}")

@@ -188,15 +188,17 @@ def dequantize(p: Plan, dtype: torch.dtype = torch.float32, out: torch.Tensor | 
     written into `out` when given (contiguous, that dtype and shape)."""
     out = torch.empty(p.N, p.K, dtype=dtype) if out is None else out
     if p.row_group:  # decoded codes, then (code - z) * s per row group as QTensor.dequantize computes it
-        w = out if dtype == torch.float32 else torch.empty(p.N, p.K)
-        ops().dequantize(p.codes, p.scales, None, p.table, p.N, p.K, p.group, p.decoder, p.scale_mul, w)
-        for g0 in range(0, p.N, p.row_group):
-            rows = w[g0:g0 + p.row_group]
-            if p.col_zeros is not None:
-                rows.sub_(p.col_zeros[g0 // p.row_group])
-            rows.mul_(p.col_scales[g0 // p.row_group])
-        if w is not out:
-            out.copy_(w)
+        # in inference mode: `out` may be the reused scratch buffer, made under inference_mode
+        with torch.inference_mode():
+            w = out if dtype == torch.float32 else torch.empty(p.N, p.K)
+            ops().dequantize(p.codes, p.scales, None, p.table, p.N, p.K, p.group, p.decoder, p.scale_mul, w)
+            for g0 in range(0, p.N, p.row_group):
+                rows = w[g0:g0 + p.row_group]
+                if p.col_zeros is not None:
+                    rows.sub_(p.col_zeros[g0 // p.row_group])
+                rows.mul_(p.col_scales[g0 // p.row_group])
+            if w is not out:
+                out.copy_(w)
         return out
     ops().dequantize(p.codes, p.scales, p.zeros, p.table, p.N, p.K, p.group, p.decoder, p.scale_mul, out)
     return out
