@@ -5,6 +5,7 @@
     lowbit.quantize(model, "w4g64", method="hqq")
     lowbit.save(model, "out/"); model = lowbit.load("out/")
     lowbit.eval.perplexity(model, tokenizer, text)
+    model.generate(ids, past_key_values=lowbit.kv_cache("int4"))
 """
 from . import core, eval, formats
 from .core import QTensor, Scheme, error_stats, quantize_tensor
@@ -12,5 +13,16 @@ from .io import load, load_model, save
 from .pipeline import Recipe, quantize
 
 __version__ = "0.1.0"
-__all__ = ["formats", "core", "eval", "QTensor", "Scheme", "Recipe", "quantize_tensor", "quantize", "error_stats",
+
+
+def kv_cache(format: str = "int4", **options):
+    """A quantized KV cache for transformers' generate()/forward (nn/kv_cache.py; needs transformers).
+
+        >>> model.generate(ids, past_key_values=lowbit.kv_cache("int4", group_size=64), max_new_tokens=32)
+    """
+    from .nn.kv_cache import kv_cache as make  # transformers is optional: imported when asked for
+    return make(format, **options)
+
+
+__all__ = ["kv_cache", "formats", "core", "eval", "QTensor", "Scheme", "Recipe", "quantize_tensor", "quantize", "error_stats",
            "save", "load", "load_model", "__version__"]
