@@ -7,6 +7,7 @@
     lowbit.eval.perplexity(model, tokenizer, text)
     recipe = lowbit.search(model, budget_bits=4.25, calibration=windows)   # mixed precision
     lowbit.qat.prepare(model, "w3g64"); train; lowbit.qat.convert(model)
+    model.generate(ids, past_key_values=lowbit.kv_cache("int4"))
 """
 from . import core, eval, formats
 from .core import QTensor, Scheme, error_stats, quantize_tensor
@@ -16,5 +17,16 @@ from .analysis import layer_report, search
 from . import qat  # noqa: E402  (after pipeline, which it builds on)
 
 __version__ = "0.1.0"
+
+
+def kv_cache(format: str = "int4", **options):
+    """A quantized KV cache for transformers' generate()/forward (nn/kv_cache.py; needs transformers).
+
+        >>> model.generate(ids, past_key_values=lowbit.kv_cache("int4", group_size=64), max_new_tokens=32)
+    """
+    from .nn.kv_cache import kv_cache as make  # transformers is optional: imported when asked for
+    return make(format, **options)
+
+
 __all__ = ["formats", "core", "eval", "qat", "QTensor", "Scheme", "Recipe", "quantize_tensor", "quantize",
-           "error_stats", "save", "load", "load_model", "search", "layer_report", "__version__"]
+           "error_stats", "save", "load", "load_model", "search", "layer_report", "kv_cache", "__version__"]

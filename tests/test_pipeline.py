@@ -43,7 +43,9 @@ def test_every_recipe_quantizes_and_runs(toy, name):
     out = toy(ids)
     assert out.shape == ref.shape and out.dtype == ref.dtype and torch.isfinite(out).all()
     rel = ((out - ref).norm() / ref.norm()).item()
-    assert rel < (0.02 if name.startswith("w8") else 0.1 if "fp8" in name else 0.5), rel
+    # 1- and 1.58-bit weights without training collapse (measured: binary 0.72, ternary 0.52, bitnet 0.53)
+    extreme = {"binary": 0.85, "ternary": 0.65, "bitnet": 0.65}
+    assert rel < extreme.get(name, 0.02 if name.startswith("w8") else 0.1 if "fp8" in name else 0.5), rel
     assert toy.lowbit_recipe == get_recipe(name)
 
 

@@ -42,6 +42,9 @@ def test_every_recipe_on_truncated_smollm2(smollm2_2l, ids, recipe, method):
     # per-tensor static int8 activations are coarse on an LLM (SmoothQuant's motivation)
     floor = (0.85 if "static" in recipe else 0.97 if recipe.startswith(("w8", "fp8"))
              else 0.3 if recipe.startswith("w2") else 0.6)
+    # post-training binary/ternary weights collapse (measured agreement: binary 0.08, ternary 0.29, bitnet 0.15;
+    # a wrong scale or sign gives about 0)
+    floor = {"binary": 0.04, "ternary": 0.15, "bitnet": 0.07}.get(recipe, floor)
     assert agree > floor, agree
 
 

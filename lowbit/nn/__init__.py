@@ -1,6 +1,7 @@
 """L3: modules that run quantized models (no math of their own)."""
+from .bitlinear import BitLinear
 from .embedding import QuantEmbedding
 from .linear import QuantLinear
 from .llm_int8 import LLMInt8Linear, OutlierStats, outlier_stats
 
-__all__ = ["QuantEmbedding", "QuantLinear", "LLMInt8Linear", "OutlierStats", "outlier_stats"]
+__all__ = ["BitLinear", "QuantEmbedding", "QuantLinear", "LLMInt8Linear", "OutlierStats", "outlier_stats"]

@@ -18,7 +18,8 @@ from tqdm import tqdm
 from ..core.observers import make_observer
 from ..methods import get_method, method_needs, parse_method
 from ..methods import rtn as rtn_method
-from ..nn import LLMInt8Linear, QuantLinear
+from ..methods.bitnet import is_bitnet
+from ..nn import BitLinear, LLMInt8Linear, QuantLinear
 from .embeddings import quantize_embeddings
 from .recipe import Recipe, get_recipe
 from .transforms import apply_transforms
@@ -91,6 +92,8 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
         scale, zero = act_ranges.get(name, (None, None))
         if r.outlier_threshold is not None:  # LLM.int8(): outlier columns in full precision at run time
             new = LLMInt8Linear.from_linear(old, qweight, act_scheme=r.activations, threshold=r.outlier_threshold)
+        elif is_bitnet(r.weights, r.activations):  # BitNet b1.58: the ternary x int8 forward
+            new = BitLinear.from_linear(old, qweight, act_scheme=r.activations)
         else:
             new = QuantLinear.from_linear(old, qweight, act_scheme=r.activations, act_scale=scale, act_zero=zero)
         set_module(model, name, new)

@@ -194,6 +194,12 @@ RECIPES: dict[str, Recipe] = {
     "w8a8-dynamic": Recipe(_W8, activations=_A8_TOKEN, name="w8a8-dynamic"),
     "w8a8-static": Recipe(_W8, activations=_A8_TENSOR, observer="minmax", name="w8a8-static"),
     "llm-int8": Recipe(_W8, activations=_A8_TOKEN, outlier_threshold=6.0, name="llm-int8"),
+    # extreme low bits, absmean scales: XNOR-Net's sign(W) * mean|W| per output channel, ternary
+    # {-1, 0, 1} * mean|W| per channel, and BitNet b1.58 (per-tensor absmean ternary weights run with
+    # int8 activations per token by nn.BitLinear)
+    "binary": Recipe(Scheme("binary", PerChannel(0), range="absmean"), name="binary"),
+    "ternary": Recipe(Scheme("ternary", PerChannel(0), range="absmean"), name="ternary"),
+    "bitnet": Recipe(Scheme("ternary", PerTensor(), range="absmean"), activations=_A8_TOKEN, name="bitnet"),
 }
 
 # The integer weight recipes of 4 bits and fewer store the embedding table and the output layer
