@@ -23,6 +23,17 @@ def smollm2_weights() -> dict[str, torch.Tensor]:
     return read_gguf_tensors(builtin_model_path("smollm2-135m"), names)
 
 
+def save_hf_folder(model, tok, folder: Path) -> Path:
+    """A copy of `model` (SmolLM2 loaded from its GGUF file, so already dequantized to fp32) and its
+    tokenizer written as a plain Hugging Face folder, as a user would pass to `lowbit quantize`."""
+    small = copy.deepcopy(model)
+    small.hf_quantizer = None
+    small.config.__dict__.pop("quantization_config", None)
+    small.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def wikitext_excerpt(split: str = "test") -> str:
     """The opening ~90 kB of wikitext-2 `split` ("test" or "valid"), carried by the repository
     (tests/data/wikitext-2, CC BY-SA 3.0) so the suite runs in any clone; benchmarks read the full

@@ -4,6 +4,7 @@ import sys
 import pytest
 import torch
 
+from conftest import save_hf_folder
 from lowbit.cli import main
 
 
@@ -34,15 +35,8 @@ def test_console_entry_point_runs():
 
 def test_quantize_and_eval_commands_on_a_truncated_model(smollm2_2layers, tmp_path, capsys):
     """`lowbit quantize` (default method auto: AWQ + GPTQ for 4-bit weights, calibrated on --text), `lowbit eval`."""
-    import copy
-
     model, tok = smollm2_2layers
-    src = tmp_path / "small"
-    small = copy.deepcopy(model)
-    small.hf_quantizer = None  # loaded from GGUF: already dequantized to fp32, save it as a plain model
-    small.config.__dict__.pop("quantization_config", None)
-    small.save_pretrained(src)
-    tok.save_pretrained(src)
+    src = save_hf_folder(model, tok, tmp_path / "small")
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"The river number {i} runs past the old mill and into the sea." for i in range(300)))
     out = tmp_path / "q"

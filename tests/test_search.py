@@ -13,7 +13,7 @@ from lowbit.eval import linear_bits_per_weight, token_ids
 from lowbit.methods import rtn
 from lowbit.pipeline import Recipe, get_recipe
 
-from conftest import wikitext_excerpt
+from conftest import save_hf_folder, wikitext_excerpt
 
 
 def brute_force(cost, nbytes, budget):
@@ -122,12 +122,7 @@ def test_cli_quantize_with_a_budget(smollm2_2layers, tmp_path, capsys):
     from lowbit.cli import main
 
     model, tok = smollm2_2layers
-    src = tmp_path / "small"
-    small = copy.deepcopy(model)
-    small.hf_quantizer = None  # loaded from GGUF: already dequantized to fp32, save it as a plain model
-    small.config.__dict__.pop("quantization_config", None)
-    small.save_pretrained(src)
-    tok.save_pretrained(src)
+    src = save_hf_folder(model, tok, tmp_path / "small")
     text = tmp_path / "text.txt"
     text.write_text(wikitext_excerpt("valid")[:20000])
     out = tmp_path / "q"
