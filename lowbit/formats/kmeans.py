@@ -11,15 +11,20 @@ import torch
 from .codebook import CodebookFormat
 
 
-def fit_centroids(x: torch.Tensor, k: int, *, seed: int = 0, iters: int = 30) -> torch.Tensor:
-    """x: [G, L] -> sorted centroids [G, k] minimising squared error in each row."""
+def fit_centroids(x: torch.Tensor, k: int, *, seed: int = 0, iters: int = 30, init: str = "kmeans++") -> torch.Tensor:
+    """x: [G, L] -> sorted centroids [G, k] minimising squared error in each row.
+
+    init: "kmeans++" (seeded) or "linear": k points evenly spaced over [min, max] of each row,
+    which Deep Compression (Han et al., 2016) found best because it keeps centroids on the rare
+    large weights that density-based starts (random, k-means++) leave without one."""
     if x.dim() != 2 or x.shape[1] == 0:
         raise ValueError(f"fit_centroids needs x of shape [groups, length>0], got {tuple(x.shape)}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if init not in ("kmeans++", "linear"):
+        raise ValueError(f"fit_centroids init={init!r}: choose 'kmeans++' or 'linear'")
     x = x.float()
-    gen = torch.Generator().manual_seed(seed)
-    c = _kmeans_pp(x, k, gen)
+    c = linear_centroids(x, k) if init == "linear" else _kmeans_pp(x, k, torch.Generator().manual_seed(seed))
     for _ in range(iters):
         c, _ = torch.sort(c, dim=1)
         idx = assign(x, c)
@@ -36,6 +41,13 @@ def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Index of the nearest sorted centroid for each element: x [G, L], centroids [G, k]."""
     mids = (centroids[:, 1:] + centroids[:, :-1]) / 2
     return torch.searchsorted(mids.contiguous(), x.contiguous())
+
+
+def linear_centroids(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x: [G, L] -> [G, k] evenly spaced from each row's min to its max (k = 1: the midpoint)."""
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    t = torch.linspace(0, 1, k, dtype=x.dtype) if k > 1 else torch.full((1,), 0.5, dtype=x.dtype)
+    return lo + (hi - lo) * t
 
 
 def _kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:

@@ -9,6 +9,8 @@ returns None where it does not apply and the caller runs the reference.
     qmatmul          x @ W^T straight from a QTensor's packed codes (C++ AVX-512, built at
                      first use; QuantLinear's fast path; tests/test_qmatmul.py pins it to
                      float64 dequantize-then-matmul)
+    huffman_decode   canonical Huffman bit stream -> symbols (numba, huffman.py; core/huffman.py's
+                     Python loop is the reference, tests/test_deep_compression.py pins it)
     adam8bit_step    one fused block-wise 8-bit Adam step (numba, adam8bit.py; lowbit.optim's
                      torch path is its reference, tests/test_optim.py pins it)
 
@@ -21,7 +23,7 @@ import functools
 
 from .encode import encode_nearest
 
-__all__ = ["encode_nearest", "fused_backend", "quantize_rows", "gptq_int_block"]
+__all__ = ["encode_nearest", "fused_backend", "quantize_rows", "gptq_int_block", "huffman_decode"]
 
 
 def quantize_rows(x, n, g, fmt, symmetric, scale_format, integer_zero):
@@ -32,6 +34,13 @@ def quantize_rows(x, n, g, fmt, symmetric, scale_format, integer_zero):
 def gptq_int_block(W1, U1, S, Z, qmin, qmax):
     """See gptq_columns.int_block."""
     return _gptq_columns().int_block(W1, U1, S, Z, qmin, qmax)
+
+
+def huffman_decode(buf, first, count, symbols, n):
+    """See huffman.huffman_decode."""
+    from . import huffman
+
+    return huffman.huffman_decode(buf, first, count, symbols, n)
 
 
 def fused_backend() -> str:

@@ -3,5 +3,7 @@ from .bitlinear import BitLinear
 from .embedding import QuantEmbedding
 from .linear import QuantLinear
 from .llm_int8 import LLMInt8Linear, OutlierStats, outlier_stats
+from .shared_linear import SharedLinear
 
-__all__ = ["BitLinear", "QuantEmbedding", "QuantLinear", "LLMInt8Linear", "OutlierStats", "outlier_stats"]
+__all__ = ["BitLinear", "QuantEmbedding", "QuantLinear", "LLMInt8Linear", "OutlierStats", "outlier_stats",
+           "SharedLinear"]
