@@ -107,18 +107,18 @@ def main() -> None:
     p.add_argument("--text", default=None, help="wikitext-2 test.txt (valid.txt beside it is the calibration)")
     p.add_argument("--json", default="bits_sweep.json")
     p.add_argument("--png", default=None)
-    p.add_argument("--only", default=None, help="comma list of row labels' prefixes to run")
+    p.add_argument("--only", default=None, help="';'-separated prefixes of the row labels to run")
     p.add_argument("--plot-only", action="store_true")
     p.add_argument("--reuse", action="append", default=[],
-                   help="a row measured elsewhere under the same protocol: 'label|nominal bits|linear MB|ppl'")
+                   help="a row measured elsewhere under the same protocol: 'label|nominal bits|bits/weight|ppl'")
     args = p.parse_args()
     rows = json.loads(Path(args.json).read_text()) if os.path.exists(args.json) else []
     for spec in args.reuse:
-        label, nominal, mb, ppl = spec.split("|")
+        label, nominal, bpw, ppl = spec.split("|")
         if not any(r["label"] == label for r in rows):
-            rows.append(dict(label=label, nominal=float(nominal), linear_mb=float(mb), ppl=float(ppl),
-                             bits_per_weight=8e6 * float(mb) / rows[0]["linear_weights"], reused=True,
-                             windows=args.windows))
+            n = next(r for r in rows if r["label"] == "fp32")["linear_weights"]
+            rows.append(dict(label=label, nominal=float(nominal), bits_per_weight=float(bpw), ppl=float(ppl),
+                             linear_mb=float(bpw) * n / 8e6, reused=True, windows=args.windows))
     if not args.plot_only:
         torch.set_num_threads(args.threads)
         from lowbit.io.models import wikitext2
@@ -138,7 +138,7 @@ def main() -> None:
             print(f"fp32: ppl {ppl:.3f}", flush=True)
         calib = None
         for label, nominal, recipe in ROWS:
-            if label in done or (args.only and not any(label.startswith(o) for o in args.only.split(","))):
+            if label in done or (args.only and not any(label.startswith(o) for o in args.only.split(";"))):
                 continue
             if method_needs(recipe.method) and calib is None:
                 calib = calibration(tok, valid, args.calibration)

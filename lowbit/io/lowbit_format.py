@@ -10,6 +10,7 @@ and every tensor's dtype and shape (lowbit_checks.py) before using them.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -17,13 +18,15 @@ from torch import nn
 
 from . import atomic
 from . import lowbit_checks as check
-from ..core import QTensor
+from ..core import QTensor, pack_bits_le
+from ..core.trits import pack_trits_tq1, tq1_nbytes, unpack_trits_tq1
 
 FORMAT = "lowbit"
 VERSION = 1
 META = "lowbit.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"  # sharded checkpoints (io/streaming.py), as Hugging Face names it
+TQ1_LAYOUT = "tq1_0"  # ternary codes in llama.cpp TQ1_0's base-3 block layout (core/trits.py)
 _PARTS = ("codes", "zeros", "tensor_scale", "codebook", "offset")
 
 
@@ -31,6 +34,9 @@ _PARTS = ("codes", "zeros", "tensor_scale", "codebook", "offset")
 def qtensor_to_tensors(q: QTensor, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {f"{prefix}.{k}": getattr(q, k) for k in _PARTS if getattr(q, k) is not None}
     meta = {"shape": list(q.shape), "scheme": q.scheme.to_dict()}
+    if q.scheme.format == "ternary":  # 5 trits per byte on disk (1.625 bits) instead of 2 bits in memory
+        tensors[f"{prefix}.codes"] = pack_trits_tq1(q.unpack_codes())
+        meta["codes_layout"] = TQ1_LAYOUT
     if isinstance(q.scales, QTensor):
         inner, meta["scales"] = qtensor_to_tensors(q.scales, f"{prefix}.scales")
         tensors.update(inner)
@@ -58,7 +64,21 @@ def qtensor_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, meta: di
     shape = check.shape(jw, f"{field}.shape", meta.get("shape"))
     scales = (qtensor_from_tensors(tensors, f"{prefix}.scales", meta["scales"], where, jw, f"{field}.scales")
               if "scales" in meta else take("scales", required=not scheme.is_learned))
-    q = QTensor(take("codes", required=True), shape, scheme, scales=scales, zeros=take("zeros"),
+    codes = take("codes", required=True)
+    layout = meta.get("codes_layout")
+    if layout is not None:
+        if layout != TQ1_LAYOUT or scheme.format != "ternary":
+            raise ValueError(f"{jw}: {field or prefix}.codes_layout is {layout!r}: lowbit reads {TQ1_LAYOUT!r} "
+                             "for ternary codes only")
+        n = math.prod(shape)
+        if codes.dtype != torch.uint8 or codes.dim() != 1 or codes.numel() != tq1_nbytes(n):
+            raise ValueError(f"{where}: tensor {prefix}.codes holds {codes.dtype} {tuple(codes.shape)}; {n} trits "
+                             f"in the {TQ1_LAYOUT} layout take uint8 ({tq1_nbytes(n)},)")
+        trits = unpack_trits_tq1(codes, n)
+        if int(trits.max()) > 2:
+            raise ValueError(f"{where}: tensor {prefix}.codes decodes to a trit above 2: corrupt base-3 bytes")
+        codes = pack_bits_le(trits, scheme.bits)
+    q = QTensor(codes, shape, scheme, scales=scales, zeros=take("zeros"),
                 tensor_scale=take("tensor_scale"), codebook=take("codebook"), offset=take("offset"))
     check.qtensor_parts(where, prefix, q)
     return q
@@ -240,9 +260,10 @@ def load_lowbit(path: str | Path, model: nn.Module | None = None) -> nn.Module:
 
 
 def _quant_module(tensors: dict, name: str, m, model: nn.Module, path: Path, loaded: dict) -> nn.Module:
-    """The QuantLinear, LLMInt8Linear or QuantEmbedding that lowbit.json's modules[name] describes;
-    `loaded` holds the QTensors of modules already built, for a module tied to one of them."""
-    from ..nn import LLMInt8Linear, QuantEmbedding, QuantLinear
+    """The QuantLinear, BitLinear, LLMInt8Linear or QuantEmbedding that lowbit.json's modules[name]
+    describes; `loaded` holds the QTensors of modules already built, for a module tied to one of them."""
+    from ..methods.bitnet import is_bitnet
+    from ..nn import BitLinear, LLMInt8Linear, QuantEmbedding, QuantLinear
 
     f, at = path / META, f"modules[{name!r}]"
     check.field(f, at, m, dict)
@@ -271,8 +292,10 @@ def _quant_module(tensors: dict, name: str, m, model: nn.Module, path: Path, loa
     if bias is not None:
         check.tensor(path / WEIGHTS, f"{name}.bias", bias, (q.shape[0],), tuple(check.DTYPES.values()))
     kw = {"threshold": threshold} if threshold is not None else {}
+    # BitNet b1.58 (ternary absmean per tensor, int8 per token) runs its own forward, as lowbit.quantize builds it
+    cls = LLMInt8Linear if kw else BitLinear if is_bitnet(q.scheme, act) else QuantLinear
     try:
-        return (LLMInt8Linear if kw else QuantLinear)(
+        return cls(
             q, bias, act_scheme=act, act_scale=tensors.get(f"{name}.act_scale"),
             act_zero=tensors.get(f"{name}.act_zero"), dtype=dtype, **kw)
     except ValueError as e:

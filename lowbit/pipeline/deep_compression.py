@@ -78,6 +78,57 @@ def finetune(model: nn.Module, params: list[nn.Parameter], batches: list, loss_f
     return losses
 
 
+def retrain_pruned(model: nn.Module, layers: dict[str, nn.Linear], masks: dict[str, torch.Tensor], batches: list,
+                   loss_fn: Callable, steps: int, lr: float = 5e-5, progress: bool = True) -> list[float]:
+    """Retrain the kept weights of the pruned layers (every other parameter frozen, pruned weights
+    held at zero) -> the losses."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    weights = [m.weight for m in layers.values()]
+    for w in weights:
+        w.requires_grad_(True)
+
+    def reapply():  # Adam with zero gradients keeps zeros at zero; the mask makes it certain
+        with torch.no_grad():
+            for name, m in layers.items():
+                m.weight.mul_(masks[name])
+    hooks = [m.weight.register_hook(lambda g, k=masks[name]: g * k) for name, m in layers.items()]
+    try:
+        return finetune(model, weights, batches, loss_fn, steps, lr, reapply, desc="retrain pruned", progress=progress)
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def share(model: nn.Module, layers: dict[str, nn.Linear], masks: dict[str, torch.Tensor], bits: int,
+          progress: bool = True) -> dict[str, SharedLinear]:
+    """Each layer -> an nn.SharedLinear of 2^bits k-means clusters of its kept weights (in place)."""
+    shared = {}
+    for name, m in tqdm(layers.items(), desc="share weights", disable=not progress, unit="layer"):
+        shared[name] = SharedLinear.from_linear(m, *share_weights(m.weight, masks[name], bits))
+        set_module(model, name, shared[name])
+    return shared
+
+
+def finetune_centroids(model: nn.Module, shared: dict[str, SharedLinear], batches: list, loss_fn: Callable,
+                       steps: int, lr: float = 1e-4, progress: bool = True) -> list[float]:
+    """Train the centroids only (each by the summed gradient of its cluster) -> the losses."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    centroids = [s.centroids for s in shared.values()]
+    for c in centroids:
+        c.requires_grad_(True)
+    try:
+        return finetune(model, centroids, batches, loss_fn, steps, lr, desc="fine-tune centroids", progress=progress)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
 def deep_compress(model: nn.Module, *, sparsity: float, bits: int, batches: list | None = None,
                   loss_fn: Callable | None = None, prune_steps: int = 0, share_steps: int = 0, lr: float = 5e-5,
                   centroid_lr: float = 1e-4, include: Iterable[str] = ("*",), exclude: Iterable[str] = DEFAULT_EXCLUDE,
@@ -91,41 +142,8 @@ def deep_compress(model: nn.Module, *, sparsity: float, bits: int, batches: list
     report = DeepCompressionReport(sparsity, bits, list(layers))
     masks = prune(layers, sparsity)
     if prune_steps:
-        frozen = [p for p in model.parameters() if p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)
-        weights = [m.weight for m in layers.values()]
-        for w in weights:
-            w.requires_grad_(True)
-
-        def reapply():  # Adam with zero gradients keeps zeros at zero; the mask makes it certain
-            with torch.no_grad():
-                for name, m in layers.items():
-                    m.weight.mul_(masks[name])
-        hooks = [m.weight.register_hook(lambda g, k=masks[name]: g * k) for name, m in layers.items()]
-        try:
-            report.prune_losses = finetune(model, weights, batches, loss_fn, prune_steps, lr, reapply,
-                                           desc="retrain pruned", progress=progress)
-        finally:
-            for h in hooks:
-                h.remove()
-            for p in frozen:
-                p.requires_grad_(True)
-    shared = {}
-    for name, m in tqdm(layers.items(), desc="share weights", disable=not progress, unit="layer"):
-        shared[name] = SharedLinear.from_linear(m, *share_weights(m.weight, masks[name], bits))
-        set_module(model, name, shared[name])
+        report.prune_losses = retrain_pruned(model, layers, masks, batches, loss_fn, prune_steps, lr, progress)
+    shared = share(model, layers, masks, bits, progress)
     if share_steps:
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        for p in trainable:
-            p.requires_grad_(False)
-        centroids = [s.centroids for s in shared.values()]
-        for c in centroids:
-            c.requires_grad_(True)
-        try:
-            report.share_losses = finetune(model, centroids, batches, loss_fn, share_steps, centroid_lr,
-                                           desc="fine-tune centroids", progress=progress)
-        finally:
-            for p in trainable:
-                p.requires_grad_(True)
+        report.share_losses = finetune_centroids(model, shared, batches, loss_fn, share_steps, centroid_lr, progress)
     return report
