@@ -69,6 +69,18 @@ def linear_mb(model) -> float:
     return sum(m.weight.numel() * 4 for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)) / 1e6
 
 
+def disk_bits(model) -> float:
+    """Bits per weight of the decoder Linear layers as lowbit.save writes them (ternary codes 5 per
+    byte in TQ1_0's layout, core/trits.py; everything else as held in memory)."""
+    from lowbit.core.trits import tq1_nbytes
+    layers = [m.qweight for m in model.model.layers.modules() if isinstance(m, QuantLinear)]
+    if not layers:
+        return 32.0
+    total = sum(q.nbytes - (q.codes.numel() - tq1_nbytes(q.numel) if q.scheme.format == "ternary" else 0)
+                for q in layers)
+    return 8.0 * total / sum(q.numel for q in layers)
+
+
 def plot(rows: list[dict], path: str) -> None:
     from lowbit.analysis.plots import atomic_png, pyplot
     plt = pyplot()
@@ -149,6 +161,7 @@ def main() -> None:
             ppl = perplexity(q, ids, max_windows=args.windows, progress=False).ppl
             rows.append(dict(label=label, nominal=nominal, method=recipe.method, ppl=ppl,
                              bits_per_weight=linear_bits_per_weight(q), linear_mb=linear_mb(q),
+                             disk_bits=disk_bits(q),
                              model_mb=model_size(q).bytes / 1e6, quantize_s=took, windows=args.windows,
                              calibration=args.calibration if method_needs(recipe.method) else 0))
             print(f"{label}: {rows[-1]['bits_per_weight']:.3f} bits/w, ppl {ppl:.3f} ({took:.0f} s)", flush=True)
