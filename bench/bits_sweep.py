@@ -91,19 +91,20 @@ def plot(rows: list[dict], path: str) -> None:
     for r in rows:
         if r["label"] != "fp32" and (r["nominal"] not in best or r["ppl"] < best[r["nominal"]]["ppl"]):
             best[r["nominal"]] = r
+    X = lambda r: r.get("disk_bits", r["bits_per_weight"])  # noqa: E731  as saved (ternary: 5 trits per byte)
     xs = sorted(best)
-    ax.plot([best[x]["linear_mb"] for x in xs], [best[x]["ppl"] for x in xs], "-o", color="C0",
+    ax.plot([X(best[x]) for x in xs], [best[x]["ppl"] for x in xs], "-o", color="C0",
             label="best at each width")
     others = [r for r in rows if r["label"] != "fp32" and best[r["nominal"]] is not r]
-    ax.scatter([r["linear_mb"] for r in others], [r["ppl"] for r in others], marker="x", color="C3",
+    ax.scatter([X(r) for r in others], [r["ppl"] for r in others], marker="x", color="C3",
                label="other methods at that width", zorder=3)
     for x in xs:
         r = best[x]
-        ax.annotate(f"{x:g} b\n{r['label'].split(',')[-1].strip()}", (r["linear_mb"], r["ppl"]),
+        ax.annotate(f"{x:g} b: {r['label'].split(',')[-1].strip()}", (X(r), r["ppl"]),
                     textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log"); ax.set_yscale("log")
-    ax.set_xlabel("decoder Linear layers, stored MB (codes + scales + zeros); fp32 = "
-                  f"{base['linear_mb']:.0f} MB")
+    ax.set_xlabel("bits per weight of the decoder Linear layers as saved (codes + scales + zeros); "
+                  f"fp32 = 32 ({base['linear_mb']:.0f} MB)", fontsize=8)
     ax.set_ylabel(f"perplexity (wikitext-2 test, {base['windows']} x 512 tokens)")
     ax.set_title("SmolLM2-135M: how low can the bits go")
     ax.legend(fontsize=7, loc="upper right")
@@ -122,15 +123,16 @@ def main() -> None:
     p.add_argument("--only", default=None, help="';'-separated prefixes of the row labels to run")
     p.add_argument("--plot-only", action="store_true")
     p.add_argument("--reuse", action="append", default=[],
-                   help="a row measured elsewhere under the same protocol: 'label|nominal bits|bits/weight|ppl'")
+                   help="a row measured elsewhere under the same protocol: 'label|nominal bits|bits/weight|ppl[|bits as saved]'")
     args = p.parse_args()
     rows = json.loads(Path(args.json).read_text()) if os.path.exists(args.json) else []
     for spec in args.reuse:
-        label, nominal, bpw, ppl = spec.split("|")
+        label, nominal, bpw, ppl, *disk = spec.split("|")
         if not any(r["label"] == label for r in rows):
             n = next(r for r in rows if r["label"] == "fp32")["linear_weights"]
             rows.append(dict(label=label, nominal=float(nominal), bits_per_weight=float(bpw), ppl=float(ppl),
-                             linear_mb=float(bpw) * n / 8e6, reused=True, windows=args.windows))
+                             disk_bits=float(disk[0]) if disk else float(bpw), linear_mb=float(bpw) * n / 8e6,
+                             reused=True, windows=args.windows))
     if not args.plot_only:
         torch.set_num_threads(args.threads)
         from lowbit.io.models import wikitext2
@@ -172,12 +174,12 @@ def main() -> None:
     Path(args.json + ".tmp").write_text(json.dumps(rows, indent=1))
     os.replace(args.json + ".tmp", args.json)
     base = next(r for r in rows if r["label"] == "fp32")
-    print(f"\n| width | method | bits/weight (Linear, stored) | Linear MB | model MB | ppl | x fp32 |")
+    print(f"\n| width | method | bits/weight (Linear, in memory) | as saved | Linear MB (saved) | ppl | x fp32 |")
     print("|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (-r["nominal"], r["ppl"])):
-        mm = f"{r['model_mb']:.1f}" if "model_mb" in r else "-"
+        d = r.get("disk_bits", r["bits_per_weight"])
         print(f"| {r['nominal']:g} | {r['label']}{' (reused)' if r.get('reused') else ''} | "
-              f"{r['bits_per_weight']:.3f} | {r['linear_mb']:.1f} | {mm} | {r['ppl']:,.2f} | "
+              f"{r['bits_per_weight']:.3f} | {d:.3f} | {d * base['linear_weights'] / 8e6:.1f} | {r['ppl']:,.2f} | "
               f"{r['ppl'] / base['ppl']:,.2f} |")
     if args.png:
         plot(rows, args.png)
