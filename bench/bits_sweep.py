@@ -103,6 +103,8 @@ def plot(rows: list[dict], path: str) -> None:
         ax.annotate(f"{x:g} b: {r['label'].split(',')[-1].strip()}", (X(r), r["ppl"]),
                     textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log"); ax.set_yscale("log")
+    ticks = [1, 1.58, 2, 3, 4, 5, 6, 8]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks]); ax.minorticks_off()
     ax.set_xlabel("bits per weight of the decoder Linear layers as saved (codes + scales + zeros); "
                   f"fp32 = 32 ({base['linear_mb']:.0f} MB)", fontsize=8)
     ax.set_ylabel(f"perplexity (wikitext-2 test, {base['windows']} x 512 tokens)")
