@@ -179,6 +179,12 @@ def test_prune_share_save_load_is_exact(smollm2_2layers, tmp_path):
     loaded = load_deep_compressed(tmp_path / "m.dc.safetensors")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, m(ids).logits)
+    # the same through the public verbs
+    import lowbit
+    lowbit.save(m, tmp_path / "v.safetensors", format="deep-compression")
+    again = lowbit.load(tmp_path / "v.safetensors")
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, m(ids).logits)
 
 
 def test_bad_file_gets_a_clear_error(tmp_path, gen):

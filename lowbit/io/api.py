@@ -8,7 +8,7 @@ from torch import nn
 from . import atomic
 from .lowbit_format import load_lowbit, save_lowbit
 
-SAVE_FORMATS = ("lowbit", "gguf", "compressed-tensors")
+SAVE_FORMATS = ("lowbit", "gguf", "compressed-tensors", "deep-compression")
 
 
 def save(model: nn.Module, path: str | Path, format: str | None = None, *, tokenizer=None,
@@ -17,6 +17,8 @@ def save(model: nn.Module, path: str | Path, format: str | None = None, *, token
     `lowbit eval` can compare with the full-precision model later.
 
     format: "lowbit" (a folder) or "gguf" (one file for llama.cpp); default from the suffix (.gguf).
+    "deep-compression": one safetensors file of a model compressed by
+    lowbit.pipeline.deep_compress (Huffman-coded SharedLinear layers, io/deep_compression.py).
     GGUF: `recipe` is a llama.cpp file type (f16 by default, q8_0, q4_0, q4_k_m, ...; see
     lowbit.io.gguf_mixtures), weights are rounded to nearest in its blocks, and the tokenizer is
     copied from the GGUF file given as `source` (or the one the model was loaded from).
@@ -27,6 +29,13 @@ def save(model: nn.Module, path: str | Path, format: str | None = None, *, token
     if format not in SAVE_FORMATS:
         raise ValueError(f"format={format!r}: this lowbit writes {', '.join(SAVE_FORMATS)} "
                          "(give format=None to choose by the path's suffix)")
+    if format == "deep-compression":
+        if recipe is not None or tokenizer is not None:
+            raise ValueError("save(format='deep-compression') writes the model alone: drop recipe= and tokenizer=")
+        from .deep_compression import save_deep_compressed
+
+        save_deep_compressed(model, path)
+        return Path(path)
     if format == "compressed-tensors":
         from .compressed_tensors import save_compressed_tensors
 
@@ -46,11 +55,19 @@ def load(path: str | Path, model: nn.Module | None = None, *, keep_quantized: bo
     """Rebuild a quantized model saved by lowbit.save (see load_lowbit); a .gguf file loads as a
     transformers model with dequantized float32 weights (see gguf_read.load_gguf), or with
     keep_quantized=True its q4_0 and q8_0 Linear weights as QuantLinear layers (the file's codes
-    and scales, run by lowbit's kernels); a Hugging Face folder quantized by another tool
+    and scales, run by lowbit's kernels); a Deep Compression file (save(format="deep-compression"))
+    decodes to nn.Linear layers holding exactly its shared weights; a Hugging Face folder quantized by another tool
     (compressed-tensors, GPTQ, AWQ) loads into QuantLinear layers (see hf_quantized)."""
     from .hf_quantized import load_hf_quantized, quant_method
 
     recover_folder(path)
+    from .deep_compression import is_deep_compressed, load_deep_compressed
+
+    if is_deep_compressed(path):
+        if keep_quantized:
+            raise ValueError(f"lowbit.load({str(path)!r}): a Deep Compression file decodes to dense weights; "
+                             "drop keep_quantized=True")
+        return load_deep_compressed(path, model)
     if Path(path).suffix == ".gguf":
         from .gguf_read import load_gguf
 
