@@ -76,7 +76,7 @@ def encoded_bits(symbols: torch.Tensor, lengths: torch.Tensor) -> int:
     return int(torch.as_tensor(lengths).long()[symbols.long()].sum())
 
 
-def huffman_encode(symbols: torch.Tensor, lengths: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+def huffman_encode(symbols: torch.Tensor, lengths: torch.Tensor, chunk: int = 1 << 18) -> torch.Tensor:
     """symbols: int [n] in 0..len(lengths)-1 -> uint8 [ceil(bits / 8)], codes written MSB first."""
     L = torch.as_tensor(lengths).long()
     s = symbols.reshape(-1).long()
