@@ -51,6 +51,7 @@ def test_huffman_round_trip_and_optimal(case):
     assert data.numel() == math.ceil(bits / 8)
     assert torch.equal(huffman_decode(data, L, s.numel()), s)
     assert torch.equal(huffman_decode(data, L, s.numel(), kernel=False), s)
+    assert torch.equal(huffman_encode(s, L, chunk=7), data)  # chunk seams carry the odd bits over
     if s.numel():
         assert bits == merge_cost(counts.tolist())  # optimal: same cost as the textbook merge sum
         used = L[counts > 0].double()
