@@ -87,21 +87,26 @@ def plot(rows: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     base = next(r for r in rows if r["label"] == "fp32")
     ax.axhline(base["ppl"], color="grey", ls=":", lw=1, label=f"fp32 ({base['ppl']:.2f})")
+    X = lambda r: r.get("disk_bits", r["bits_per_weight"])  # noqa: E731  as saved (ternary: 5 trits per byte)
+    trained = [r for r in rows if "trained" in r["label"]]  # QAT / STE rows: training, not post-training
     best: dict[float, dict] = {}
     for r in rows:
-        if r["label"] != "fp32" and (r["nominal"] not in best or r["ppl"] < best[r["nominal"]]["ppl"]):
+        if r["label"] != "fp32" and r not in trained and (r["nominal"] not in best or r["ppl"] < best[r["nominal"]]["ppl"]):
             best[r["nominal"]] = r
-    X = lambda r: r.get("disk_bits", r["bits_per_weight"])  # noqa: E731  as saved (ternary: 5 trits per byte)
     xs = sorted(best)
     ax.plot([X(best[x]) for x in xs], [best[x]["ppl"] for x in xs], "-o", color="C0",
-            label="best at each width")
-    others = [r for r in rows if r["label"] != "fp32" and best[r["nominal"]] is not r]
-    ax.scatter([X(r) for r in others], [r["ppl"] for r in others], marker="x", color="C3",
-               label="other methods at that width", zorder=3)
+            label="post-training, best method at each width")
     for x in xs:
         r = best[x]
-        ax.annotate(f"{x:g} b: {r['label'].split(',')[-1].strip()}", (X(r), r["ppl"]),
-                    textcoords="offset points", xytext=(4, 4), fontsize=7)
+        method = (r["label"].split(",") + [""])[1].split("(")[0].strip()
+        ax.annotate(f"{x:g} b: {method}", (X(r), r["ppl"]), textcoords="offset points",
+                    xytext=(-10, -12) if x == max(xs) else (4, 4), fontsize=7)
+    if trained:
+        ax.scatter([X(r) for r in trained], [r["ppl"] for r in trained], marker="s", color="C2", zorder=3,
+                   label="short training from fp32 (QAT 40 steps / BitNet STE 30 steps)")
+    others = [r for r in rows if r["label"] != "fp32" and r not in trained and best[r["nominal"]] is not r]
+    ax.scatter([X(r) for r in others], [r["ppl"] for r in others], marker="x", color="C3",
+               label="other post-training methods at that width", zorder=3)
     ax.set_xscale("log"); ax.set_yscale("log")
     ticks = [1, 1.58, 2, 3, 4, 5, 6, 8]
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks]); ax.minorticks_off()
