@@ -103,7 +103,10 @@ def plot(rows: list[dict], path: str) -> None:
                     xytext=(-10, -12) if x == max(xs) else (4, 4), fontsize=7)
     if trained:
         ax.scatter([X(r) for r in trained], [r["ppl"] for r in trained], marker="s", color="C2", zorder=3,
-                   label="short training from fp32 (QAT 40 steps / BitNet STE 30 steps)")
+                   label="with a short training run (QAT, BitNet STE, Deep Compression)")
+        for r in trained:
+            ax.annotate(r["label"].split("(")[0].split(",")[-1].strip(), (X(r), r["ppl"]), textcoords="offset points",
+                        xytext=(-150, 4) if "Deep" in r["label"] else (4, -10), fontsize=6, color="C2")
     others = [r for r in rows if r["label"] != "fp32" and r not in trained and best[r["nominal"]] is not r]
     ax.scatter([X(r) for r in others], [r["ppl"] for r in others], marker="x", color="C3",
                label="other post-training methods at that width", zorder=3)
