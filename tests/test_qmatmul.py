@@ -120,8 +120,9 @@ def test_prefill_route_matches(gen):
     q = lowbit.core.quantize(w, SCHEMES["w4g64"])
     x = torch.randn(100, 576, generator=gen)
     check(qmatmul.linear(x, plan(q)), x, q)
-    xb = x.bfloat16()  # bf16 prefill: the bf16 matmul of the exactly dequantized bf16 weight
-    assert torch.equal(qmatmul.linear(xb, plan(q)), F.linear(xb, q.dequantize(torch.bfloat16)))
+    xb = x.bfloat16()  # bf16 prefill without int8: the bf16 matmul of the exactly dequantized bf16 weight
+    with qmatmul.activations("float"):
+        assert torch.equal(qmatmul.linear(xb, plan(q)), F.linear(xb, q.dequantize(torch.bfloat16)))
 
 
 def test_schemes_without_a_kernel_get_none(gen):
@@ -322,7 +323,7 @@ def int8_activations_reference(x: torch.Tensor, block: int = 64) -> torch.Tensor
     whole = K // 128 * 128
     xb = x[:, :whole].reshape(x.shape[0], -1, block)
     amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0.0)  # `127.0 / t` is 127 * (1 / t): 2 roundings
     xq = torch.round(xb * inv) * (amax / 127.0)
     return torch.cat([xq.reshape(x.shape[0], whole), x[:, whole:]], dim=1)
 
@@ -345,11 +346,70 @@ def test_int8_activation_gemv_matches_float64_with_the_same_quantized_x(name, sh
         assert (y.double() - plain).abs().max() <= 0.02 * plain.abs().max()
 
 
-def test_int8_activations_are_opt_in(gen):
+def test_int8_activations_decode_is_opt_in_and_bf16_prefill_is_auto(gen, monkeypatch):
     q = lowbit.core.quantize(torch.randn(64, 256, generator=gen), SCHEMES["w4g64"])
-    x = torch.randn(1, 256, generator=gen)
     p = plan(q)
+    x = torch.randn(1, 256, generator=gen)
     plain = qmatmul.ops().gemv(x, p.codes, p.scales, p.zeros, p.table, p.N, p.group, p.decoder, p.scale_mul, 0)
     assert torch.equal(qmatmul.linear(x, p), plain)
     with qmatmul.int8_activations():
         assert not torch.equal(qmatmul.linear(x, p), plain)
+    xs = torch.randn(40, 256, generator=gen)
+    gemm = qmatmul.ops().gemm_i8(xs, p.codes, p.scales, p.zeros, p.N, p.group, p.i8_gemm)
+    exact = F.linear(xs, q.dequantize())
+    assert torch.equal(qmatmul.linear(xs, p), exact)  # auto: float32 prefill stays exact
+    gemm_b = qmatmul.ops().gemm_i8(xs.bfloat16(), p.codes, p.scales, p.zeros, p.N, p.group, p.i8_gemm)
+    assert torch.equal(qmatmul.linear(xs.bfloat16(), p), gemm_b.bfloat16())  # bf16 prefill: int8
+    with qmatmul.activations("int8"):
+        assert torch.equal(qmatmul.linear(xs, p), gemm)
+    with qmatmul.activations("float"):
+        xb = xs.bfloat16()
+        assert torch.equal(qmatmul.linear(xb, p), F.linear(xb, q.dequantize(torch.bfloat16)))
+    with pytest.raises(ValueError, match="activations"):
+        with qmatmul.activations("int4"):
+            pass
+    monkeypatch.setenv("LOWBIT_ACTIVATIONS", "fp8")
+    with pytest.raises(ValueError, match="LOWBIT_ACTIVATIONS"):
+        qmatmul._activations_setting()
+
+
+def gemm_x_reference(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x as the prefill GEMM quantizes it: each token per block of `block` inputs (the last one
+    shorter), scale max|x| / 127, round half to even."""
+    M, K = x.shape
+    blocks = -(-K // block)
+    xp = torch.zeros(M, blocks * block)
+    xp[:, :K] = x.float()
+    xb = xp.reshape(M, blocks, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0.0)  # `127.0 / t` is 127 * (1 / t): 2 roundings
+    return (torch.round(xb * inv) * (amax / 127.0)).reshape(M, -1)[:, :K]
+
+
+GEMM_I8 = ["w4g64", "w4g128", "w4g32", "int4-g64-fp32", "int4-g128-bf16", "int4-g64-fp16-affine-intzero", "w8",
+           "uint8-channel-affine", "int8-g128"]
+
+
+@pytest.mark.parametrize("name", GEMM_I8)
+@pytest.mark.parametrize("shape", SHAPES + [(40, 4096)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_int8_prefill_gemm_matches_float64_with_the_same_quantized_x(name, shape, gen):
+    N, K = shape
+    q = lowbit.core.quantize(torch.randn(N, K, generator=gen) * torch.rand(N, 1, generator=gen), SCHEMES[name])
+    p = plan(q)
+    assert p.i8_gemm >= 0, f"{name} should have the int8 prefill GEMM"
+    block = 64 if p.group % 64 == 0 or p.group == K else 32
+    for M, dtype in ((17, torch.float32), (40, torch.bfloat16), (7, torch.float32)):
+        x = (torch.randn(M, K, generator=gen) * torch.rand(1, K, generator=gen) * 4).to(dtype)  # uneven blocks
+        y = qmatmul.ops().gemm_i8(x, p.codes, p.scales, p.zeros, N, p.group, p.i8_gemm)
+        check(y, gemm_x_reference(x, block), q)
+        plain = F.linear(x.double(), q.dequantize().double())  # and what rounding x costs
+        assert (y.double() - plain).abs().max() <= 0.02 * plain.abs().max()
+
+
+def test_int8_prefill_gemm_on_smollm2_weights(smollm2_weights, gen):
+    for w in smollm2_weights.values():
+        q = lowbit.core.quantize(w, SCHEMES["w4g64"])
+        x = torch.randn(33, w.shape[1], generator=gen).bfloat16()
+        p = plan(q)
+        check(qmatmul.ops().gemm_i8(x, p.codes, p.scales, p.zeros, p.N, p.group, p.i8_gemm),
+              gemm_x_reference(x, 64), q)

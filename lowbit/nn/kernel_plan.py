@@ -57,7 +57,16 @@ def _make_plan(q: QTensor, source: tuple) -> Plan | None:
     bf16_gemv = (decoder == TABLE4 and (G == 1 or group % 32 == 0) and qmatmul.has_bf16()
                  and torch.equal(table.bfloat16().float(), table))
     return Plan(q.codes, scales, zeros, table, N, K, group, decoder, scale_mul, source, bf16_gemv=bf16_gemv,
-                i8_gemv=decoder == TABLE4 and (G == 1 or group % 64 == 0) and _int_codes(table) and qmatmul.has_i8())
+                i8_gemv=decoder == TABLE4 and (G == 1 or group % 64 == 0) and _int_codes(table) and qmatmul.has_i8(),
+                i8_gemm=_gemm_kind(decoder, table) if (G == 1 or group % 32 == 0) and qmatmul.has_i8() else -1)
+
+
+def _gemm_kind(decoder: int, table: torch.Tensor) -> int:
+    """The code kind gemm_i8 reads (csrc/qgemm_i8.cpp), or -1."""
+    if decoder == TABLE4:
+        u = torch.arange(16, dtype=torch.float32)
+        return 0 if torch.equal(table, u) else 1 if torch.equal(table, torch.where(u < 8, u, u - 16)) else -1
+    return {qmatmul.UINT8: 2, qmatmul.INT8: 3}.get(decoder, -1)
 
 
 def _int_codes(table: torch.Tensor) -> bool:
