@@ -45,7 +45,7 @@ constexpr int MR = 6;   // tokens per pass: 24 accumulators + 2 code vectors + 1
 constexpr int64_t KC = 1024;  // inputs per chunk of K (rounded to blocks)
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,bmi2,f16c,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")
 
 #define UNROLL _Pragma("GCC unroll 16")
 
@@ -103,43 +103,70 @@ struct Weights {
   int zt;
 };
 
-// Rows n0.. n0+31 -> tile [Kp / 4][NR] words (codes past K or N are 0), st [G][NR] the scales and
-// sz [G][NR] the scales times (zero + offset); rows past N get 0 there too.
+// t[j] lane i <- r[i] dword j (a 16 x 16 transpose of 32-bit words).
+inline void transpose16(__m512i r[16], __m512i t[16]) {
+  __m512i a[16], b[16];
+  UNROLL for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  UNROLL for (int i = 0; i < 4; ++i) {  // b[4i + d]: rows 4i..4i+3, in 128-bit lane L their dword d + 4L
+    b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+  UNROLL for (int d = 0; d < 4; ++d) {  // gather lane L of b[d], b[4 + d], b[8 + d], b[12 + d]
+    const __m512i u01 = _mm512_shuffle_i32x4(b[d], b[4 + d], 0x44), v01 = _mm512_shuffle_i32x4(b[8 + d], b[12 + d], 0x44);
+    const __m512i u23 = _mm512_shuffle_i32x4(b[d], b[4 + d], 0xEE), v23 = _mm512_shuffle_i32x4(b[8 + d], b[12 + d], 0xEE);
+    t[d] = _mm512_shuffle_i32x4(u01, v01, 0x88);
+    t[d + 4] = _mm512_shuffle_i32x4(u01, v01, 0xDD);
+    t[d + 8] = _mm512_shuffle_i32x4(u23, v23, 0x88);
+    t[d + 12] = _mm512_shuffle_i32x4(u23, v23, 0xDD);
+  }
+}
+
+// Codes k0..k0+63 of one row as 64 bytes in element order, the sign bit flipped for int4/int8
+// (codes past K are read as 0 and then flipped: their inputs are 0, so they add nothing).
+inline __m512i row_block(const Weights& w, const uint8_t* row, int64_t k0, __m512i flip) {
+  const bool four = w.kind == UINT4 || w.kind == INT4;
+  const int64_t left = std::max<int64_t>(0, std::min<int64_t>(64, w.K - k0));
+  if (four) {
+    const int64_t bytes = (left + 1) / 2;
+    const __mmask32 mask = bytes >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << bytes) - 1);
+    const __m512i h = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mask, row + k0 / 2));  // word i = byte i
+    const __m512i v = _mm512_or_si512(_mm512_and_si512(h, _mm512_set1_epi16(0x000F)),
+                                      _mm512_and_si512(_mm512_slli_epi16(h, 4), _mm512_set1_epi16(0x0F00)));
+    return _mm512_xor_si512(v, flip);
+  }
+  const __mmask64 mask = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
+  return _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, row + k0), flip);
+}
+
+// Rows n0.. n0+31 -> tile [Kp / 4][NR] words (row n's codes 4k4..4k4+3 as bytes at [k4][n - n0]),
+// st [G][NR] the scales and sz [G][NR] the scales times (zero + offset); rows past N are 0.
 void pack_tile(const Weights& w, int64_t n0, int64_t Kp, uint32_t* tile, float* st, float* sz) {
   const bool four = w.kind == UINT4 || w.kind == INT4;
-  const uint32_t flip = w.kind == INT4 ? 0x08080808u : w.kind == INT8 ? 0x80808080u : 0u;
+  const __m512i flip = _mm512_set1_epi8(char(w.kind == INT4 ? 0x08 : w.kind == INT8 ? 0x80 : 0));
   const float off = w.kind == INT4 ? 8.f : w.kind == INT8 ? 128.f : 0.f;
-  const int64_t K4 = Kp / 4, whole = w.K / 4, rb = four ? w.K / 2 : w.K;
+  const int64_t rb = four ? w.K / 2 : w.K;
+  for (int h = 0; h < NR / 16; ++h) {
+    for (int64_t k0 = 0; k0 < Kp; k0 += 64) {
+      __m512i r[16], t[16];
+      UNROLL for (int i = 0; i < 16; ++i) {
+        const int64_t n = n0 + 16 * h + i;
+        r[i] = n < w.N ? row_block(w, w.codes + n * rb, k0, flip) : _mm512_setzero_si512();
+      }
+      transpose16(r, t);
+      const int64_t words = std::min<int64_t>(16, (Kp - k0) / 4);  // Kp is a multiple of 32, not 64
+      for (int j = 0; j < words; ++j) _mm512_storeu_si512(tile + (k0 / 4 + j) * NR + 16 * h, t[j]);
+    }
+  }
   for (int r = 0; r < NR; ++r) {
     const int64_t n = n0 + r;
-    if (n >= w.N) {
-      for (int64_t k4 = 0; k4 < K4; ++k4) tile[k4 * NR + r] = 0;
-      for (int64_t j = 0; j < w.G; ++j) st[j * NR + r] = 0.f, sz[j * NR + r] = 0.f;
-      continue;
-    }
-    const uint8_t* row = w.codes + n * rb;
-    for (int64_t k4 = 0; k4 < whole; ++k4) {
-      uint32_t u;
-      if (four) {
-        uint16_t h;
-        std::memcpy(&h, row + 2 * k4, 2);
-        u = _pdep_u32(h, 0x0F0F0F0Fu);  // 4 nibbles -> 4 bytes, in element order
-      } else {
-        std::memcpy(&u, row + 4 * k4, 4);
-      }
-      tile[k4 * NR + r] = u ^ flip;
-    }
-    for (int64_t k4 = whole; k4 < K4; ++k4) {  // the ragged end: fewer than 4 codes, then padding
-      uint32_t u = 0;
-      for (int64_t k = 4 * k4; k < std::min(w.K, 4 * k4 + 4); ++k) {
-        const uint32_t c = four ? (row[k / 2] >> (4 * (k & 1))) & 15 : row[k];
-        u |= (c ^ (flip & 0xFF)) << (8 * (k - 4 * k4));
-      }
-      tile[k4 * NR + r] = u;
-    }
     for (int64_t j = 0; j < w.G; ++j) {
-      const float s = load_scalar(w.scales, w.st, n * w.G + j);
-      const float z = w.zeros ? load_scalar(w.zeros, w.zt, n * w.G + j) : 0.f;
+      const float s = n < w.N ? load_scalar(w.scales, w.st, n * w.G + j) : 0.f;
+      const float z = n < w.N && w.zeros ? load_scalar(w.zeros, w.zt, n * w.G + j) : 0.f;
       st[j * NR + r] = s, sz[j * NR + r] = s * (z + off);
     }
   }
