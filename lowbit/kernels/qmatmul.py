@@ -122,6 +122,20 @@ def _int8(x: torch.Tensor, prefill: bool) -> bool:
 _SCRATCH = threading.local()
 
 
+GEMM_FOUR, GEMM_UINT8, GEMM_INT8 = 0, 2, 3
+
+
+@dataclass
+class GemmCodes:
+    """How gemm_i8 reads a weight's codes: as bytes u (4-bit codes through `table`, 16 uint8), the
+    level (u - offset) * scale_mul. exact: the levels are the format's (else rounded to 8 bits)."""
+    kind: int
+    table: torch.Tensor | None
+    offset: float
+    scale_mul: float
+    exact: bool
+
+
 @dataclass
 class Plan:
     """What the kernels read for one weight [N, K]: packed codes (pack_bits_le layout, row
@@ -147,7 +161,7 @@ class Plan:
     col_zeros: torch.Tensor | None = None
     col_shift: torch.Tensor | None = None
     i8_gemv: bool = False  # int8 activations may take gemv_i8 (uint4/int4 codes, groups of 64k, CPU has VNNI)
-    i8_gemm: int = -1  # >= 0: prefill may take gemm_i8 with this code kind (integer codes, groups of 32k, VNNI)
+    i8_gemm: GemmCodes | None = None  # prefill may take gemm_i8, reading the codes so (groups of 32k, VNNI)
 
 
 def decoder(fmt: Format) -> tuple[int | None, torch.Tensor, float]:
@@ -194,9 +208,9 @@ def linear(x: torch.Tensor, p: Plan | None, bias: torch.Tensor | None = None) ->
         y = y if x.dtype == torch.float32 else y.to(x.dtype)
         if bias is not None:
             y += bias.to(y.dtype)
-    elif p.i8_gemm >= 0 and _int8(x, prefill=True):
+    elif p.i8_gemm is not None and _int8(x, prefill=True):
         xi = x2 if x.dtype in (torch.float32, torch.bfloat16) else x2.float()  # fp16: widened, not narrowed
-        y = ops().gemm_i8(xi.contiguous(), p.codes, p.scales, p.zeros, p.N, p.group, p.i8_gemm)
+        y = gemm_i8(xi.contiguous(), p)
         if bias is not None:
             y += bias.to(y.dtype)
         y = y.to(x.dtype)
@@ -207,6 +221,13 @@ def linear(x: torch.Tensor, p: Plan | None, bias: torch.Tensor | None = None) ->
         xw = x2.to(dtype) if bf16 else x2
         y = F.linear(xw, w.to(xw.dtype), None if bias is None else bias.to(xw.dtype)).to(x.dtype)
     return y.reshape(*x.shape[:-1], p.N)
+
+
+def gemm_i8(x: torch.Tensor, p: Plan) -> torch.Tensor:
+    """x [M, K] float32 or bf16 @ W^T in float32, x quantized to int8 per 64-block (csrc/qgemm_i8.cpp)."""
+    c = p.i8_gemm
+    return ops().gemm_i8(x, p.codes, p.scales, p.zeros, c.table, p.N, p.group, c.kind, c.offset,
+                         c.scale_mul * p.scale_mul)
 
 
 def _gemv_row_groups(x: torch.Tensor, p: Plan) -> torch.Tensor:

@@ -1,16 +1,17 @@
-// Prefill GEMM on int8 activations: y = x @ W^T for integer weight codes (uint4, int4, uint8,
-// int8) in groups along the input axis, read from lowbit's packed codes.
+// Prefill GEMM on int8 activations: y = x @ W^T for weights whose code levels are integers (uint4,
+// int4, fp4 e2m1 x 2, uint8, int8) or a 4-bit codebook rounded to 8 bits (nf4), in groups along the
+// input axis, read from lowbit's packed codes.
 //
 // Why int8: at prefill sizes the bf16 GEMM is compute-bound (torch's reaches about 80% of this
 // CPU's vdpbf16ps peak), so dequantizing W to bf16 first can only add time. vpdpbusd multiplies 64
 // unsigned bytes by 64 signed bytes into 16 int32 lanes, twice the products per instruction of
-// vdpbf16ps, with the codes used as they are (no dequantization at all).
+// vdpbf16ps, with the codes used as bytes (no dequantization at all).
 //
 //   x: each token quantized per block of BK = 64 inputs (32 for groups of 32): xs = max|x| / 127,
 //      xq = round(x / xs), as the int8 decode GEMV and llama.cpp's Q8 activations do;
-//   W: codes u (the stored code; int4 and int8 codes with their sign bit flipped, u = c + off, off
-//      8 or 128), value (u - off - z) * s per group;
-//   y[m, n] = sum_groups s_g [sum_blocks xs_b (u . xq)_b] - s_g (z_g + off) gsum[m, g]
+//   W: each code c becomes a byte u (4-bit: a 16-entry table; int8: c + 128), its level
+//      (u - off) * smul, the weight (level - z) * s per group;
+//   y[m, n] = sum_groups s_g smul [sum_blocks xs_b (u . xq)_b] - s_g (off smul + z_g) gsum[m, g]
 // with gsum the group sums of the quantized x (xq * xs). Integer dot products per block are exact;
 // the rest is float32.
 //
@@ -38,7 +39,7 @@ namespace {
 
 using namespace lowbit_kernels;
 
-enum CodeKind : int64_t { UINT4 = 0, INT4 = 1, UINT8 = 2, INT8 = 3 };
+enum CodeKind : int64_t { FOUR = 0, UINT8 = 2, INT8 = 3 };
 
 constexpr int NR = 32;  // rows per tile
 constexpr int MR = 6;   // tokens per pass: 24 accumulators + 2 code vectors + 1 input in 32 registers
@@ -97,6 +98,8 @@ void quantize_x(const void* x, int64_t M, int64_t K, int64_t BK, int64_t g, int6
 struct Weights {
   const uint8_t* codes;
   int64_t kind, N, K, G, g;
+  __m128i table;  // FOUR: code -> byte
+  float off, smul;  // level = (byte - off) * smul
   const void* scales;
   int st;
   const void* zeros;  // nullptr when symmetric
@@ -128,8 +131,8 @@ inline void transpose16(__m512i r[16], __m512i t[16]) {
 
 // Codes k0..k0+63 of one row as 64 bytes in element order, the sign bit flipped for int4/int8
 // (codes past K are read as 0 and then flipped: their inputs are 0, so they add nothing).
-inline __m512i row_block(const Weights& w, const uint8_t* row, int64_t k0, __m512i flip) {
-  const bool four = w.kind == UINT4 || w.kind == INT4;
+inline __m512i row_block(const Weights& w, const uint8_t* row, int64_t k0, __m512i table, __m512i flip) {
+  const bool four = w.kind == FOUR;
   const int64_t left = std::max<int64_t>(0, std::min<int64_t>(64, w.K - k0));
   if (four) {
     const int64_t bytes = (left + 1) / 2;
@@ -137,7 +140,7 @@ inline __m512i row_block(const Weights& w, const uint8_t* row, int64_t k0, __m51
     const __m512i h = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mask, row + k0 / 2));  // word i = byte i
     const __m512i v = _mm512_or_si512(_mm512_and_si512(h, _mm512_set1_epi16(0x000F)),
                                       _mm512_and_si512(_mm512_slli_epi16(h, 4), _mm512_set1_epi16(0x0F00)));
-    return _mm512_xor_si512(v, flip);
+    return _mm512_shuffle_epi8(table, v);  // each code's byte, 16-entry look-up per 128-bit lane
   }
   const __mmask64 mask = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
   return _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, row + k0), flip);
@@ -146,16 +149,16 @@ inline __m512i row_block(const Weights& w, const uint8_t* row, int64_t k0, __m51
 // Rows n0.. n0+31 -> tile [Kp / 4][NR] words (row n's codes 4k4..4k4+3 as bytes at [k4][n - n0]),
 // st [G][NR] the scales and sz [G][NR] the scales times (zero + offset); rows past N are 0.
 void pack_tile(const Weights& w, int64_t n0, int64_t Kp, uint32_t* tile, float* st, float* sz) {
-  const bool four = w.kind == UINT4 || w.kind == INT4;
-  const __m512i flip = _mm512_set1_epi8(char(w.kind == INT4 ? 0x08 : w.kind == INT8 ? 0x80 : 0));
-  const float off = w.kind == INT4 ? 8.f : w.kind == INT8 ? 128.f : 0.f;
+  const bool four = w.kind == FOUR;
+  const __m512i flip = _mm512_set1_epi8(char(w.kind == INT8 ? 0x80 : 0));
+  const __m512i table = _mm512_broadcast_i32x4(w.table);
   const int64_t rb = four ? w.K / 2 : w.K;
   for (int h = 0; h < NR / 16; ++h) {
     for (int64_t k0 = 0; k0 < Kp; k0 += 64) {
       __m512i r[16], t[16];
       UNROLL for (int i = 0; i < 16; ++i) {
         const int64_t n = n0 + 16 * h + i;
-        r[i] = n < w.N ? row_block(w, w.codes + n * rb, k0, flip) : _mm512_setzero_si512();
+        r[i] = n < w.N ? row_block(w, w.codes + n * rb, k0, table, flip) : _mm512_setzero_si512();
       }
       transpose16(r, t);
       const int64_t words = std::min<int64_t>(16, (Kp - k0) / 4);  // Kp is a multiple of 32, not 64
@@ -167,7 +170,7 @@ void pack_tile(const Weights& w, int64_t n0, int64_t Kp, uint32_t* tile, float* 
     for (int64_t j = 0; j < w.G; ++j) {
       const float s = n < w.N ? load_scalar(w.scales, w.st, n * w.G + j) : 0.f;
       const float z = n < w.N && w.zeros ? load_scalar(w.zeros, w.zt, n * w.G + j) : 0.f;
-      st[j * NR + r] = s, sz[j * NR + r] = s * (z + off);
+      st[j * NR + r] = s * w.smul, sz[j * NR + r] = s * (w.off * w.smul + z);
     }
   }
 }
@@ -225,21 +228,26 @@ void tile_kernel(const uint32_t* tile, const float* st, const float* sz, const i
 #pragma GCC pop_options
 
 at::Tensor gemm_i8_op(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                      const c10::optional<at::Tensor>& zeros, int64_t N, int64_t group, int64_t kind) {
+                      const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& table, int64_t N,
+                      int64_t group, int64_t kind, double offset, double scale_mul) {
   TORCH_CHECK(cpu_has_avx512_vnni(), "lowbit qgemm_i8: this CPU lacks AVX512-VNNI");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "lowbit qgemm_i8: x must be contiguous float32 or bfloat16 [M, K]");
-  TORCH_CHECK(kind >= UINT4 && kind <= INT8, "lowbit qgemm_i8: unknown code kind ", kind);
+  TORCH_CHECK(kind == FOUR || kind == UINT8 || kind == INT8, "lowbit qgemm_i8: unknown code kind ", kind);
+  TORCH_CHECK(kind != FOUR || (table.has_value() && table->scalar_type() == at::kByte && table->is_contiguous() &&
+                               table->numel() == 16),
+              "lowbit qgemm_i8: 4-bit codes need their byte table, 16 contiguous uint8");
   const int64_t M = x.size(0), K = x.size(1);
-  const bool four = kind == UINT4 || kind == INT4;
+  const bool four = kind == FOUR;
   const int64_t G = (K + group - 1) / group;
   TORCH_CHECK(!four || K % 2 == 0, "lowbit qgemm_i8: 4-bit rows need an even K");
   TORCH_CHECK(G == 1 || group % 32 == 0, "lowbit qgemm_i8: groups must be multiples of 32 or span the row");
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.numel() >= N * (four ? K / 2 : K),
               "lowbit qgemm_i8: codes must be contiguous uint8 holding [N, K]");
   TORCH_CHECK(scales.is_contiguous() && scales.numel() == N * G, "lowbit qgemm_i8: scales must be contiguous [N, G]");
-  Weights w{codes.data_ptr<uint8_t>(), kind, N, K, G, G == 1 ? K : group, scales.data_ptr(), scale_type(scales),
-            nullptr, F32};
+  Weights w{codes.data_ptr<uint8_t>(), kind, N, K, G, G == 1 ? K : group,
+            four ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(table->data_ptr<uint8_t>())) : _mm_setzero_si128(),
+            float(offset), float(scale_mul), scales.data_ptr(), scale_type(scales), nullptr, F32};
   if (zeros.has_value()) {
     TORCH_CHECK(zeros->is_contiguous() && zeros->numel() == N * G, "lowbit qgemm_i8: zeros must be contiguous [N, G]");
     w.zeros = zeros->data_ptr(), w.zt = scale_type(*zeros);
@@ -291,6 +299,7 @@ at::Tensor gemm_i8_op(const at::Tensor& x, const at::Tensor& codes, const at::Te
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lowbit_qmatmul, m) {
-  m.def("gemm_i8(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, int N, int group, int kind) -> Tensor",
+  m.def("gemm_i8(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor? table, int N, int group, int kind, "
+        "float offset, float scale_mul) -> Tensor",
         &gemm_i8_op);
 }
