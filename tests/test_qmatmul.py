@@ -365,6 +365,11 @@ def test_int8_activations_decode_is_opt_in_and_bf16_prefill_is_auto(gen, monkeyp
     with qmatmul.activations("float"):
         xb = xs.bfloat16()
         assert torch.equal(qmatmul.linear(xb, p), F.linear(xb, q.dequantize(torch.bfloat16)))
+    qn = lowbit.core.quantize(torch.randn(64, 256, generator=gen), SCHEMES["nf4"])  # levels rounded: int8 mode only
+    pn, xb = plan(qn), xs.bfloat16()
+    assert torch.equal(qmatmul.linear(xb, pn), F.linear(xb, qn.dequantize(torch.bfloat16)))
+    with qmatmul.activations("int8"):
+        assert torch.equal(qmatmul.linear(xb, pn), qmatmul.gemm_i8(xb, pn).bfloat16())
     with pytest.raises(ValueError, match="activations"):
         with qmatmul.activations("int4"):
             pass

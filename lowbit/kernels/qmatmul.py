@@ -23,20 +23,23 @@ Routes, by the number of tokens M (rows of x):
                            bf16 input and a 4-bit table bf16 holds exactly (int4, uint4, fp4):
                            gemv_bf16, AVX512-BF16 dot products (exact products, float32 sums)
                            where the CPU has them; other bf16/fp16 input is widened to float32
-    larger M (prefill)     bf16/fp16 input and integer codes (uint4, int4, uint8, int8) in groups
-                           of 32k: gemm_i8 (csrc/qgemm_i8.cpp), each token's x quantized to int8 per
-                           64-block (32 for groups of 32) and AVX512-VNNI dot products on the codes
-                           as stored; otherwise dequantize once per call to bf16 (bf16 input) or
-                           float32, into a reused per-thread buffer, then F.linear
+    larger M (prefill)     bf16/fp16 input and codes gemm_i8 reads as bytes (uint4, int4, fp4 e2m1,
+                           uint8, int8 exactly; nf4 with its codebook rounded to 8 bits, within
+                           1/254 of the largest level) in groups of 32k: gemm_i8 (csrc/qgemm_i8.cpp),
+                           each token's x quantized to int8 per 64-block (32 for groups of 32),
+                           AVX512-VNNI dot products; otherwise (fp8, groups of 16, output-axis
+                           groups) dequantize once per call to bf16 (bf16 input) or float32, into a
+                           reused per-thread buffer, then F.linear
 
 Activations (LOWBIT_ACTIVATIONS, or `with qmatmul.activations("int8" | "float" | "auto"):`):
-    auto (default)  int8 for bf16/fp16 prefill only. A bf16 GEMM at prefill sizes is compute-bound,
+    auto (default)  int8 for bf16/fp16 prefill only, on codes whose levels are exact in 8 bits (not nf4). A bf16 GEMM at prefill sizes is compute-bound,
                     so dequantize-then-GEMM cannot beat the bf16 model; int8 dot products run twice
                     the products per instruction. The activations' rounding (2^-8 of each 64-block's
                     max) is of the order of bf16's own (2^-9 of each value); docs/benchmarks.md
                     measures the perplexity it costs. float32 input stays exact: lowbit's
                     evaluations of fp32 models are not changed by the kernels.
-    int8            int8 for every float input, prefill and decode (the decode GEMV of uint4/int4
+    int8            int8 for every float input, prefill and decode, nf4's rounded codebook included
+                    (the decode GEMV of uint4/int4
                     codes in groups of 64k on VNNI, as llama.cpp quantizes its activations, Q8_0).
     float           no int8 anywhere: prefill dequantizes (the reference route).
 tests/test_qmatmul.py checks the int8 kernels against float64 with the same quantized x.
@@ -208,7 +211,8 @@ def linear(x: torch.Tensor, p: Plan | None, bias: torch.Tensor | None = None) ->
         y = y if x.dtype == torch.float32 else y.to(x.dtype)
         if bias is not None:
             y += bias.to(y.dtype)
-    elif p.i8_gemm is not None and _int8(x, prefill=True):
+    elif p.i8_gemm is not None and _int8(x, prefill=True) and (p.i8_gemm.exact or _ACTIVATIONS[0] == "int8"):
+        # a codebook rounded to 8 bits (nf4) only when asked for: it costs nf4 about 1.2% perplexity more
         xi = x2 if x.dtype in (torch.float32, torch.bfloat16) else x2.float()  # fp16: widened, not narrowed
         y = gemm_i8(xi.contiguous(), p)
         if bias is not None:
