@@ -43,7 +43,9 @@ def test_kernel_rounding_equals_bucketize_at_every_edge(qmap, gen):
     mids = qmap.mids
     x = torch.cat([torch.rand(200_000, generator=gen) * 2 - 1, torch.logspace(-9, 0, 20_000),
                    -torch.logspace(-9, 0, 20_000), qmap.values, mids, torch.nextafter(mids, torch.tensor(2.0)),
-                   torch.nextafter(mids, torch.tensor(-2.0)), torch.tensor([0.0, -0.0, 1.0, -1.0])])
+                   torch.nextafter(mids, torch.tensor(-2.0)), torch.tensor([0.0, -0.0, 1.0, -1.0]),
+                   # beyond the table's span: tiny magnitudes and |x| > 1 clamp to its ends
+                   torch.tensor([1e-30, -1e-30, 1e-42, -1e-42, 1.004, -1.004, 3.0, -3.0, float("inf"), -float("inf")])])
     assert torch.equal(round_to_map(x, mids), torch.bucketize(x, mids, right=True).to(torch.uint8))
 
 
