@@ -24,6 +24,7 @@ import argparse
 import copy
 import os
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def plot(curves: dict[str, list[float]], title: str, path: Path, ylabel: str = "
         ax.plot(range(1, len(ys) + 1), ys, label=name, lw=1.2)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
