@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from lowbit.eval import token_ids
 from lowbit.io import load_model, wikitext2
-from lowbit.optim import AdamW8bit, state_nbytes
+from lowbit.optim import AdamW8bit, keep_embeddings_32bit, state_nbytes
 from lowbit.optim.stochastic import StochasticRounding
 
 IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
@@ -99,9 +99,7 @@ def parity(args) -> None:
         if name.startswith("AdamW8bit") and args.embedding_bits == 32:
             # the recipe transformers' Trainer applies to bitsandbytes' 8-bit Adam: every nn.Embedding
             # keeps 32-bit state (here the tied embedding, also the LM head: 28.3M of 134.5M parameters)
-            for mod in m.modules():
-                if isinstance(mod, torch.nn.Embedding):
-                    mod.weight.optim_bits = 32
+            keep_embeddings_32bit(m)
         opt = (torch.optim.AdamW(ps, lr=args.lr, weight_decay=0.01, foreach=True) if name.startswith("AdamW (")
                else AdamW8bit(ps, lr=args.lr, weight_decay=0.01))
         runs[name] = dict(model=m, opt=opt, loss=[], step_s=[])
