@@ -5,7 +5,7 @@ and full fine-tuning, each configuration in a fresh process of the same run.
     qlora-bf16-ckpt  the same nf4-dq codes computing in bf16 (`model.to(torch.bfloat16)`: the layers
                dequantize to bf16 in forward and backward), fp32 adapters (peft's autocast_adapter_dtype),
                gradient checkpointing on: QLoRA as it is meant to run
-    lora-bf16  the model cast to bf16 (frozen) + peft LoRA (bf16 adapters, as peft casts them to the base)
+    lora-bf16  the model cast to bf16 (frozen) + peft LoRA (fp32 adapters: peft's autocast_adapter_dtype)
     full       every fp32 weight trained (AdamW)
 
 Data: wikitext-2 *valid* for training ([batch, seq] windows in order), perplexity on wikitext-2 *test*
