@@ -2,8 +2,8 @@
 per block (lowbit/io/streaming.py).
 
     make   writes a synthetic Hugging Face checkpoint with the real shapes of a Llama (random bf16
-           weights, N(0, 0.02), sharded 2 GB a file with an index, config.json; tokenizer files
-           are not needed by quantization and are left out)
+           weights, N(0, 0.02), sharded 2 GB a file with an index, config.json, and SmolLM2-135M's
+           tokenizer files, which the quantized folder carries over)
     run    `lowbit quantize DIR --recipe w4g64 --method rtn --out OUT` in a child process, its peak
            RSS from getrusage, wall time, source bytes / time, seconds per block (wall / parts)
 
@@ -62,6 +62,9 @@ def make(folder: Path, shape: str, shard_bytes: int = 2 << 30) -> None:
             flush()
     if shard:
         flush()
+    from lowbit.io.models import load_model
+
+    load_model("smollm2-135m")[1].save_pretrained(folder)  # a tokenizer, as a real checkpoint has
     total = sum((folder / f).stat().st_size for f in files)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                      "weight_map": weight_map}, indent=1))
@@ -92,11 +95,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="output folder (default: DIR-w4g64)")
     ap.add_argument("--recipe", default="w4g64")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--make-only", action="store_true", help="write the checkpoint, do not quantize it")
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     if not (a.dir / "model.safetensors.index.json").is_file():
         t0 = time.perf_counter()
         make(a.dir, a.shape)
         print(f"wrote {a.dir} in {time.perf_counter() - t0:.0f} s")
+    if a.make_only:
+        return
     run(a.dir, a.out or a.dir.with_name(a.dir.name + "-" + a.recipe), a.recipe, a.threads)
 
 

@@ -145,3 +145,28 @@ def test_cli_streams_a_hugging_face_folder(tmp_path, capsys):
     assert "one block at a time" in capsys.readouterr().out
     assert lowbit.io.lowbit_format.weight_files(tmp_path / "out")[1:]  # more than one shard
     lowbit.load(tmp_path / "out")
+
+
+@pytest.mark.parametrize("tied,recipe", [(True, "w4g64"), (False, "w4g64"), (False, "w8")])
+def test_big_weights_read_a_block_of_rows_at_a_time_give_the_same_bytes(tmp_path, monkeypatch, tied, recipe):
+    from lowbit.io.safetensors_rows import StoredTensor
+
+    src = tiny_llama(tmp_path / "src", tied, layers=2)
+    whole = quantize_checkpoint(src, recipe, tmp_path / "whole", shard_bytes=SHARD, progress=False)
+    read, reads = StoredTensor.read_rows, []
+
+    def counted(self, a, b):
+        reads.append((self.name, b - a))
+        return read(self, a, b)
+
+    monkeypatch.setattr(StoredTensor, "read_rows", counted)
+    # 16 KiB: the 384 x 128 table (192 KiB in float32) in blocks of 32 rows, the 256 x 128 MLP weights too
+    blocked = quantize_checkpoint(src, recipe, tmp_path / "blocked", shard_bytes=SHARD, block_bytes=16 << 10,
+                                  progress=False)
+    assert files(blocked) == files(whole)
+    names = {n for n, _ in reads}
+    assert "model.layers.1.mlp.down_proj.weight" in names and max(n for _, n in reads) == 32
+    if recipe == "w8":  # no embeddings/output scheme: the table and head are loaded whole, kept in full precision
+        assert not {"model.embed_tokens.weight", "lm_head.weight"} & names
+    else:
+        assert "model.embed_tokens.weight" in names and ("lm_head.weight" in names) != tied  # tied: read once

@@ -4,7 +4,10 @@ The model is built on the meta device from its config (no memory); then each par
 table with the output layer, each repeated block, the rest) is read from the source shards
 (memory-mapped, only that part's tensors, widened to float32 as lowbit.load_model would),
 quantized by the same code as lowbit.quantize (pipeline.quantize with `modules=`), and its
-tensors go to the output. Data-free methods (rtn, hqq, ...) only: a calibrated method needs the
+tensors go to the output. A weight larger than `block_bytes` in float32 (the embedding table,
+the output layer, an 8B model's MLP weights) is not loaded: a row-wise solver (rtn, mse) reads
+and quantizes it `block_bytes` of rows at a time from the file (pipeline/rowwise.py,
+io/safetensors_rows.py), so memory holds one block of rows, not the tensor. Data-free methods (rtn, hqq, ...) only: a calibrated method needs the
 blocks' inputs, which is a different job.
 
 Output: a lowbit checkpoint folder with shards model-0000K-of-0000N.safetensors and
@@ -32,6 +35,7 @@ from tqdm import tqdm
 
 from . import atomic
 from .lowbit_format import INDEX, META, VERSION, checkpoint_meta, model_entries
+from .safetensors_rows import StoredTensor
 
 JOURNAL = "journal.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -58,9 +62,11 @@ class Journal:
 
 
 def quantize_checkpoint(src: str | Path, recipe, out: str | Path, *, shard_bytes: int = 2 << 30,
-                        source: str | None = None, progress: bool = True) -> Path:
+                        block_bytes: int = 64 << 20, source: str | None = None, progress: bool = True) -> Path:
     """Quantize the Hugging Face checkpoint folder `src` (config.json + model.safetensors or its
-    sharded index) with a data-free `recipe` into the lowbit checkpoint folder `out`."""
+    sharded index) with a data-free `recipe` into the lowbit checkpoint folder `out`.
+    shard_bytes: output shard size; block_bytes: weights larger than this (float32) are read and
+    quantized this many bytes of rows at a time (the output is the same bytes whatever it is)."""
     from ..pipeline import get_recipe
     from ..methods import method_needs
 
@@ -82,8 +88,9 @@ def quantize_checkpoint(src: str | Path, recipe, out: str | Path, *, shard_bytes
         if part.name in done:  # in a shard an earlier run finished
             continue
         bar.set_postfix_str(part.name)
-        _materialize(model, part, where)
-        _quantize_part(model, recipe, part)
+        deferred = _materialize(model, part, where, block_bytes)
+        _quantize_part(model, recipe, part, _row_solver(deferred, block_bytes))
+        _materialize(model, part, where)  # deferred weights the recipe leaves in full precision
         # tied tensors are stored once; both ends lie in one part (the embeddings), and a part's
         # QTensors are freed after it, so a fresh owners table per part (ids get reused)
         tensors, modules = model_entries(model, {}, under=tuple(part.modules))
@@ -179,34 +186,64 @@ def _under(name: str, prefixes) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def _materialize(model: nn.Module, part: Part, where: dict[str, Path]) -> None:
-    """Load the part's tensors from the source shards (float32, as lowbit.load_model reads)."""
+def _materialize(model: nn.Module, part: Part, where: dict[str, Path], defer_bytes: int | None = None
+                 ) -> "dict[str, StoredTensor]":
+    """Load the part's tensors still on the meta device from the source shards (float32, as
+    lowbit.load_model reads). Weights over `defer_bytes` in float32 stay on meta (as float32):
+    -> {module name: where its weight lies}, for _row_solver."""
     from safetensors import safe_open
 
-    keys = [k for k in model.state_dict(keep_vars=True) if _under(k.rpartition(".")[0], part.modules)]
-    tensors = {}
-    for shard in sorted({where[k] for k in keys if k in where}):
+    from .safetensors_rows import stored_tensors
+
+    state = model.state_dict(keep_vars=True)
+    keys = [k for k, v in state.items() if _under(k.rpartition(".")[0], part.modules) and v.is_meta]
+    tensors, deferred = {}, {}
+    if defer_bytes is not None:
+        for k in keys:
+            if k.endswith(".weight") and k in where and state[k].dim() == 2 and state[k].numel() * 4 > defer_bytes:
+                deferred[k.rpartition(".")[0]] = stored_tensors(where[k])[k]
+                tensors[k] = torch.empty(state[k].shape, dtype=torch.float32, device="meta")
+    for shard in sorted({where[k] for k in keys if k in where and k not in tensors}):
         with safe_open(str(shard), framework="pt") as f:
             for k in keys:
-                if where.get(k) == shard:
+                if where.get(k) == shard and k not in tensors:
                     t = f.get_tensor(k)
                     tensors[k] = t.float() if t.is_floating_point() else t
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in keys if k not in tensors and k not in tied]
     if missing:
         raise ValueError(f"the checkpoint has no tensor {missing[0]!r}, which the model's config needs")
+    if not tensors:
+        return deferred
     model.load_state_dict(tensors, strict=False, assign=True)
     if part.name == "embeddings" and getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
+    return deferred
 
 
-def _quantize_part(model: nn.Module, recipe, part: Part) -> None:
+def _row_solver(deferred: "dict[str, StoredTensor]", block_bytes: int):
+    """pipeline.quantize's `solve`: the QTensor of a deferred weight, read from its file a block of
+    rows at a time for a row-wise solver, else read whole (a solver that needs the whole tensor)."""
+    from ..methods import METHODS
+    from ..pipeline.rowwise import by_rows, quantize_by_rows
+
+    def solve(name, solver, scheme, options):
+        t = deferred.get(name)
+        if t is None:
+            return None
+        if by_rows(solver, scheme, t.shape):
+            return quantize_by_rows(t.read_rows, t.shape, solver, scheme, options, block_bytes=block_bytes)
+        return METHODS[solver](t.read_rows(0, t.shape[0]).float(), scheme, **options)
+    return solve
+
+
+def _quantize_part(model: nn.Module, recipe, part: Part, solve=None) -> None:
     from ..pipeline import quantize
     from ..pipeline.quantize import plan
 
     names = {n for n, _ in model.named_modules() if _under(n, part.modules)}
     if set(plan(model, recipe, allow_empty=True)) & names or part.name in ("embeddings", "output"):
-        quantize(model, recipe, modules=names, progress=False)
+        quantize(model, recipe, modules=names, progress=False, solve=solve)
 
 
 def _release(model: nn.Module, part: Part) -> None:

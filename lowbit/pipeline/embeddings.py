@@ -36,10 +36,17 @@ def _call(fn):
 
 
 def quantize_embeddings(model: nn.Module, recipe: Recipe, taken: set[str] = frozenset(),
-                        only: "set[str] | None" = None) -> list[str]:
+                        only: "set[str] | None" = None, solve=None) -> list[str]:
     """Replace the embeddings and the output layer the recipe gives schemes for; -> names replaced.
     `taken`: modules the recipe's Linear patterns already quantize (a clash is an error).
-    `only`: leave alone the ones not named here (a part of the model being quantized)."""
+    `only`: leave alone the ones not named here (a part of the model being quantized).
+    `solve(name, "rtn", scheme, {})`: may give a module's QTensor (None: round its weight here), as
+    in pipeline.quantize."""
+
+    def round_weight(name: str, module: nn.Module, scheme):
+        q = solve(name, "rtn", scheme, {}) if solve is not None else None
+        return q if q is not None else rtn(module.weight.detach().float(), scheme)
+
     if recipe.embeddings is None and recipe.output is None:
         return []
     inputs, head = embedding_targets(model)
@@ -58,19 +65,17 @@ def quantize_embeddings(model: nn.Module, recipe: Recipe, taken: set[str] = froz
     if tied:
         scheme = _tied_scheme(recipe)
         name, emb = next((n, e) for n, e in inputs if e.weight is head[1].weight)
-        q = rtn(emb.weight.detach().float(), scheme)
+        q = round_weight(name, emb, scheme)
         set_module(model, name, QuantEmbedding.from_embedding(emb, q))
         set_module(model, head[0], QuantLinear.from_linear(head[1], q))
         done += [name, head[0]]
         inputs = [(n, e) for n, e in inputs if n != name]
     elif head is not None and recipe.output is not None:
-        set_module(model, head[0], QuantLinear.from_linear(head[1], rtn(head[1].weight.detach().float(),
-                                                                        recipe.output)))
+        set_module(model, head[0], QuantLinear.from_linear(head[1], round_weight(head[0], head[1], recipe.output)))
         done.append(head[0])
     if recipe.embeddings is not None:
         for name, emb in inputs:
-            set_module(model, name, QuantEmbedding.from_embedding(emb, rtn(emb.weight.detach().float(),
-                                                                           recipe.embeddings)))
+            set_module(model, name, QuantEmbedding.from_embedding(emb, round_weight(name, emb, recipe.embeddings)))
             done.append(name)
     return done
 

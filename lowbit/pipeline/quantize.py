@@ -53,7 +53,8 @@ def _named_explicitly(name: str, recipe: Recipe) -> bool:
 def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | None = None, *,
              method: str | None = None, progress: bool = True, propagate: str = "quantized",
              batch_size: int = 8, calibration_dtype: "torch.dtype | str" = "auto",
-             on_layer: "Callable | None" = None, modules: "set[str] | None" = None) -> nn.Module:
+             on_layer: "Callable | None" = None, modules: "set[str] | None" = None,
+             solve: "Callable | None" = None) -> nn.Module:
     """Quantize `model` in place and return it.
 
     `calibration`: an iterable of input batches (token id tensors [batch, seq], or dicts
@@ -69,6 +70,9 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
     `modules`: quantize only these modules (and the embeddings/output layer only if named), the
     rest of the model may be on the meta device: how io/streaming.py quantizes a checkpoint one
     block at a time. Data-free methods only.
+    `solve(name, solver, scheme, options)`: with `modules`, may return a module's QTensor in place
+    of quantizing its weight (None: quantize it as usual); io/streaming.py quantizes weights too
+    big to hold whole there, rows read from disk (pipeline/rowwise.py), the module's weight on meta.
     """
     recipe = get_recipe(recipe, method)
     targets = plan(model, recipe, allow_empty=modules is not None)
@@ -77,7 +81,7 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
         targets = {n: r for n, r in targets.items() if n in modules}
         if any(method_needs(r.method) for r in targets.values()) or recipe.observer:
             raise ValueError(f"quantizing part of a model takes data-free methods; {recipe.method!r} needs calibration")
-    quantize_embeddings(model, recipe, taken=taken, only=modules)
+    quantize_embeddings(model, recipe, taken=taken, only=modules, solve=solve)
     # Transforms change what the layers see: observe activations after them, on the quantized model.
     observe_late = bool(recipe.observer) and any(parse_method(r.method)[0] for r in targets.values())
     act_ranges = _calibrate(model, targets, calibration, progress) if recipe.observer and not observe_late else {}
@@ -86,9 +90,12 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
         r = targets[name]
         old = model.get_submodule(name)
         fn = get_method(r.method)  # the solver of the chain; transforms ran before
-        opts = r.method_options.get(parse_method(r.method)[1], {})
-        w = linear_weight(old).float()
-        qweight = fn(w, r.weights, stats=stats, **opts) if getattr(fn, "needs", ()) else fn(w, r.weights, **opts)
+        solver = parse_method(r.method)[1]
+        opts = r.method_options.get(solver, {})
+        qweight = solve(name, solver, r.weights, opts) if solve is not None and stats is None else None
+        w = linear_weight(old).float() if qweight is None or on_layer is not None else None
+        if qweight is None:
+            qweight = fn(w, r.weights, stats=stats, **opts) if getattr(fn, "needs", ()) else fn(w, r.weights, **opts)
         scale, zero = act_ranges.get(name, (None, None))
         if r.outlier_threshold is not None:  # LLM.int8(): outlier columns in full precision at run time
             new = LLMInt8Linear.from_linear(old, qweight, act_scheme=r.activations, threshold=r.outlier_threshold)
