@@ -54,7 +54,8 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
              method: str | None = None, progress: bool = True, propagate: str = "quantized",
              batch_size: int = 8, calibration_dtype: "torch.dtype | str" = "auto",
              on_layer: "Callable | None" = None, modules: "set[str] | None" = None,
-             solve: "Callable | None" = None) -> nn.Module:
+             solve: "Callable | None" = None, block_scope: "Callable | None" = None,
+             spill=None) -> nn.Module:
     """Quantize `model` in place and return it.
 
     `calibration`: an iterable of input batches (token id tensors [batch, seq], or dicts
@@ -73,6 +74,8 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
     `solve(name, solver, scheme, options)`: with `modules`, may return a module's QTensor in place
     of quantizing its weight (None: quantize it as usual); io/streaming.py quantizes weights too
     big to hold whole there, rows read from disk (pipeline/rowwise.py), the module's weight on meta.
+    `block_scope`, `spill` (calibrated methods): passed to run_sequential; io/streaming.py loads
+    each block there and keeps activations past a memory limit on disk (pipeline/spill.py).
     """
     recipe = get_recipe(recipe, method)
     targets = plan(model, recipe, allow_empty=modules is not None)
@@ -118,7 +121,7 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
                                                   magnitudes=bool(needs & {"absmax", "absmean"}),
                                                   transform=_transform_step(targets, recipe.method_options),
                                                   propagate=propagate, compute_dtype=calibration_dtype,
-                                                  progress=progress)
+                                                  progress=progress, block_scope=block_scope, spill=spill)
     else:
         for name in tqdm(targets, desc="quantize", unit="layer", disable=not progress):
             quantize_layer(name)
