@@ -20,13 +20,13 @@ from lowbit.io.streaming import quantize_checkpoint
 SHARD = 60_000  # bytes: a handful of output shards for the tiny model
 
 
-def tiny_llama(folder: Path, tied: bool = True, layers: int = 4) -> Path:
+def tiny_llama(folder: Path, tied: bool = True, layers: int = 4, vocab: int = 384) -> Path:
     """A random Llama written as Hugging Face does: bf16, sharded, with an index."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=128, num_hidden_layers=layers, intermediate_size=256, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=384, tie_word_embeddings=tied)
+                      num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=tied)
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder, max_shard_size="150KB")
     assert (folder / "model.safetensors.index.json").is_file()
     return folder

@@ -126,3 +126,38 @@ def test_calibrated_recipes_need_calibration_and_static_activations_are_refused(
         quantize_checkpoint(src, GPTQ, tmp_path / "out", progress=False)
     with pytest.raises(ValueError, match="static activation ranges"):
         quantize_checkpoint(src, "w8a8-static", tmp_path / "out", calibration=calibration(), progress=False)
+
+
+def byte_level_bpe(text: str, vocab: int):
+    """A byte-level BPE tokenizer of `vocab` tokens trained on `text` (the tiny model's vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab, show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=t)
+
+
+def test_cli_streams_gptq_with_calibration_windows_of_the_text(tmp_path, capsys):
+    from conftest import wikitext_excerpt
+    from lowbit.cli import calibration_split, main as cli
+    from lowbit.eval import token_ids
+    from lowbit.io import load_model
+
+    src = tiny_llama(tmp_path / "src", layers=2)
+    byte_level_bpe(wikitext_excerpt(), 384).save_pretrained(src)
+    (tmp_path / "text.txt").write_text(wikitext_excerpt())
+    cli(["quantize", str(src), "--method", "gptq", "--out", str(tmp_path / "out"), "--text", str(tmp_path / "text.txt"),
+         "--window", "64", "--calibration-windows", "4", "--calibration-dtype", "fp32", "--activation-memory", "0.05"])
+    said = capsys.readouterr()
+    assert "one block at a time (gptq: calibrated)" in said.out and "spilling" in said.err
+    meta = json.loads((tmp_path / "out" / "lowbit.json").read_text())
+    assert meta["calibration_text"]["windows"] == 4 and meta["recipe"]["method"] == "gptq"
+    fp32, tok2 = load_model(src)
+    calib = calibration_split(token_ids(tok2, wikitext_excerpt()), 64, 4)[0]
+    in_memory = lowbit.quantize(fp32, "w4g64", calibration=calib, method="gptq", calibration_dtype="fp32", progress=False)
+    streamed = qtensors(lowbit.load(tmp_path / "out"))
+    for name, q in qtensors(in_memory).items():
+        same(streamed[name], q)

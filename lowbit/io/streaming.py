@@ -66,7 +66,8 @@ class Journal:
 def quantize_checkpoint(src: str | Path, recipe, out: str | Path, *, calibration=None,
                         calibration_dtype: "torch.dtype | str" = "auto", batch_size: int = 8,
                         activation_bytes: int = 4 << 30, shard_bytes: int = 2 << 30, block_bytes: int = 64 << 20,
-                        source: str | None = None, on_part=None, progress: bool = True) -> Path:
+                        source: str | None = None, calibration_text: dict | None = None, on_part=None,
+                        progress: bool = True) -> Path:
     """Quantize the Hugging Face checkpoint folder `src` (config.json + model.safetensors or its
     sharded index) with `recipe` into the lowbit checkpoint folder `out`; -> out.
 
@@ -75,7 +76,8 @@ def quantize_checkpoint(src: str | Path, recipe, out: str | Path, *, calibration
     calibration (batches of token ids, as lowbit.quantize takes): for a calibrated solver (gptq),
     run block by block as lowbit.quantize runs it (calibration_dtype, batch_size alike), one
     block's weights in memory, and activations past `activation_bytes` per block boundary
-    spilled to disk (streaming_calibrated.py). on_part(name, seconds): called after each part.
+    spilled to disk (streaming_calibrated.py); calibration_text: where the calibration windows lay
+    in the text (lowbit.json's calibration_text). on_part(name, seconds): called after each part.
     """
     from ..methods import method_needs
     from ..pipeline import get_recipe
@@ -114,6 +116,8 @@ def quantize_checkpoint(src: str | Path, recipe, out: str | Path, *, calibration
             output.add(model, part)
     output.close()
     model.lowbit_recipe = recipe
+    if calibration_text is not None:
+        model.lowbit_calibration_text = calibration_text
     return _finish(model, src, partial, journal, out, source or str(src))
 
 
@@ -155,19 +159,11 @@ class Output:
 
 
 def quantized_modules(model: nn.Module, recipe) -> set[str]:
-    """Names of the modules the recipe quantizes: its Linear layers, and the embedding table and
-    output layer when it gives them schemes (as pipeline.embeddings quantizes them)."""
-    from ..pipeline.embeddings import embedding_targets
-    from ..pipeline.quantize import plan
+    """Names of the modules whose weight the recipe rounds or solves (pipeline.weight_plan; a tied
+    table and output layer under the table's name)."""
+    from ..pipeline.quantize import weight_plan
 
-    names = set(plan(model, recipe, allow_empty=True))
-    inputs, head = embedding_targets(model)
-    tied = head is not None and any(head[1].weight is e.weight for _, e in inputs)
-    if recipe.embeddings is not None or (tied and recipe.output is not None):
-        names |= {n for n, _ in inputs}
-    if head is not None and (recipe.output is not None or (tied and recipe.embeddings is not None)):
-        names.add(head[0])
-    return names
+    return set(weight_plan(model, recipe))
 
 
 def _calibration_batches(calibration) -> list[torch.Tensor]:

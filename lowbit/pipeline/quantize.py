@@ -15,12 +15,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..core import Scheme
 from ..core.observers import make_observer
 from ..methods import get_method, method_needs, parse_method
 from ..methods import rtn as rtn_method
 from ..methods.bitnet import is_bitnet
 from ..nn import BitLinear, LLMInt8Linear, QuantLinear
-from .embeddings import quantize_embeddings
+from .embeddings import embedding_jobs, quantize_embeddings
 from .recipe import Recipe, get_recipe
 from .transforms import apply_transforms
 from .sequential import LayerReport, layer_loss, run_sequential
@@ -43,6 +44,23 @@ def plan(model: nn.Module, recipe: Recipe, allow_empty: bool = False) -> dict[st
     if not out and not allow_empty:
         raise ValueError(f"recipe {recipe.name or ''!r} matches no Linear layer of {type(model).__name__}; "
                          f"include={list(recipe.include)}, exclude={list(recipe.exclude)}")
+    return out
+
+
+def weight_plan(model: nn.Module, recipe: Recipe, modules: "set[str] | None" = None
+                ) -> dict[str, tuple[str, Scheme, dict]]:
+    """{module name: (solver, scheme, solver options)} for each weight quantize() would round or
+    solve, of the `modules` given (all by default): the recipe's Linear layers, then the embedding
+    tables and output layer (round to nearest; a tied pair under the table's name). io/streaming
+    reads it to send the weights out as independent tasks (Ray) before quantize() runs."""
+    targets = plan(model, recipe, allow_empty=True)
+    out = {}
+    for names, _, scheme in embedding_jobs(model, recipe, taken=set(targets), only=modules):
+        out[names[0]] = ("rtn", scheme, {})
+    for name, r in targets.items():
+        if modules is None or name in modules:
+            solver = parse_method(r.method)[1]
+            out[name] = (solver, r.weights, r.method_options.get(solver, {}))
     return out
 
 
