@@ -121,12 +121,14 @@ def child(a) -> None:
 def run(a, folder: Path, out: Path) -> None:
     from lowbit.io.streaming import source_tensors
 
-    where = source_tensors(folder)  # what is read: the tensors the (cut) index names
-    src_bytes = 0
     from lowbit.io.safetensors_rows import stored_tensors
+
+    where = source_tensors(folder)
+    wanted = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]  # what is read
+    src_bytes = 0
     for shard in sorted(set(where.values())):
         src_bytes += sum(t.dtype.itemsize * torch.Size(t.shape).numel() for k, t in stored_tensors(shard).items()
-                         if k in where)
+                         if k in wanted)
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, __file__, "--child", "--dir", str(folder), "--out", str(out), "--recipe", a.recipe,
            "--method", a.method, "--threads", str(a.threads), "--windows", str(a.windows), "--window", str(a.window),

@@ -67,7 +67,7 @@ def quantize_checkpoint(src: str | Path, recipe, out: str | Path, *, calibration
                         calibration_dtype: "torch.dtype | str" = "auto", batch_size: int = 8,
                         activation_bytes: int = 4 << 30, shard_bytes: int = 2 << 30, block_bytes: int = 64 << 20,
                         source: str | None = None, calibration_text: dict | None = None, on_part=None,
-                        progress: bool = True) -> Path:
+                        ray=None, progress: bool = True) -> Path:
     """Quantize the Hugging Face checkpoint folder `src` (config.json + model.safetensors or its
     sharded index) with `recipe` into the lowbit checkpoint folder `out`; -> out.
 
@@ -78,6 +78,8 @@ def quantize_checkpoint(src: str | Path, recipe, out: str | Path, *, calibration
     block's weights in memory, and activations past `activation_bytes` per block boundary
     spilled to disk (streaming_calibrated.py); calibration_text: where the calibration windows lay
     in the text (lowbit.json's calibration_text). on_part(name, seconds): called after each part.
+    ray: a streaming_ray.RayPool: the weights (data-free) or the layers' solves (calibrated) run as
+    Ray tasks; the output is the same bytes.
     """
     from ..methods import method_needs
     from ..pipeline import get_recipe
@@ -104,7 +106,12 @@ def quantize_checkpoint(src: str | Path, recipe, out: str | Path, *, calibration
 
         quantize_calibrated(model, recipe, parts, where, output, batches, quantized=quantized,
                             block_bytes=block_bytes, activation_bytes=activation_bytes,
-                            calibration_dtype=calibration_dtype, batch_size=batch_size, progress=progress)
+                            calibration_dtype=calibration_dtype, batch_size=batch_size, progress=progress,
+                            ray=ray)
+    elif ray is not None:
+        from .streaming_ray import quantize_parts
+
+        quantize_parts(model, recipe, parts, where, output, ray, block_bytes=block_bytes, progress=progress)
     else:
         bar = tqdm(parts, desc="quantize (streaming)", unit="part", disable=not progress)
         for part in bar:
@@ -310,19 +317,22 @@ def _materialize(model: nn.Module, part: Part, where: dict[str, Path], quantized
     return deferred
 
 
-def _row_solver(deferred: "dict[str, StoredTensor]", block_bytes: int):
-    """pipeline.quantize's `solve`: the QTensor of a deferred weight, read from its file a block of
-    rows at a time for a row-wise solver, else read whole (a solver that needs the whole tensor)."""
+def quantize_stored(t: StoredTensor, solver: str, scheme, options: dict, block_bytes: int):
+    """The QTensor of the weight `t` on disk: read `block_bytes` of rows at a time for a row-wise
+    solver, else read whole (a solver that needs the whole tensor). Also a Ray task's body."""
     from ..methods import METHODS
     from ..pipeline.rowwise import by_rows, quantize_by_rows
 
+    if by_rows(solver, scheme, t.shape):
+        return quantize_by_rows(t.read_rows, t.shape, solver, scheme, options, block_bytes=block_bytes)
+    return METHODS[solver](t.read_rows(0, t.shape[0]).float(), scheme, **options)
+
+
+def _row_solver(deferred: "dict[str, StoredTensor]", block_bytes: int):
+    """pipeline.quantize's `solve` for the deferred weights (quantize_stored)."""
     def solve(name, solver, scheme, options):
         t = deferred.get(name)
-        if t is None:
-            return None
-        if by_rows(solver, scheme, t.shape):
-            return quantize_by_rows(t.read_rows, t.shape, solver, scheme, options, block_bytes=block_bytes)
-        return METHODS[solver](t.read_rows(0, t.shape[0]).float(), scheme, **options)
+        return None if t is None else quantize_stored(t, solver, scheme, options, block_bytes)
     return solve
 
 

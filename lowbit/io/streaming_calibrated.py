@@ -31,8 +31,9 @@ from torch import nn
 
 def quantize_calibrated(model: nn.Module, recipe, parts: list, where: dict[str, Path], output, batches: list, *,
                         quantized: set[str], block_bytes: int, activation_bytes: int,
-                        calibration_dtype="auto", batch_size: int = 8, progress: bool = True) -> None:
-    """Quantize `model` (the skeleton) part by part into `output` (streaming.Output)."""
+                        calibration_dtype="auto", batch_size: int = 8, progress: bool = True, ray=None) -> None:
+    """Quantize `model` (the skeleton) part by part into `output` (streaming.Output); with `ray` (a
+    streaming_ray.RayPool) each layer's solve is a Ray task, a block's layers at once."""
     from ..pipeline import quantize
     from ..pipeline.blocks import find_blocks
     from ..pipeline.spill import SpillPolicy
@@ -55,8 +56,9 @@ def quantize_calibrated(model: nn.Module, recipe, parts: list, where: dict[str, 
         output.add(model, blocks[i])
 
     spill = SpillPolicy(activation_bytes, output.partial / "activations")
+    solves = {} if ray is None else {"call_solver": ray.call_solver, "solve_workers": max(2, ray.width)}
     quantize(model, recipe, batches, solve=_row_solver(deferred, block_bytes), block_scope=block_scope,
-             spill=spill, calibration_dtype=calibration_dtype, batch_size=batch_size, progress=progress)
+             spill=spill, calibration_dtype=calibration_dtype, batch_size=batch_size, progress=progress, **solves)
     shutil.rmtree(spill.folder, ignore_errors=True)  # emptied block by block; not part of the checkpoint
     for part in others:
         if part is not first:

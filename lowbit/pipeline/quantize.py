@@ -73,7 +73,7 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
              batch_size: int = 8, calibration_dtype: "torch.dtype | str" = "auto",
              on_layer: "Callable | None" = None, modules: "set[str] | None" = None,
              solve: "Callable | None" = None, block_scope: "Callable | None" = None,
-             spill=None) -> nn.Module:
+             spill=None, call_solver: "Callable | None" = None, solve_workers: int = 2) -> nn.Module:
     """Quantize `model` in place and return it.
 
     `calibration`: an iterable of input batches (token id tensors [batch, seq], or dicts
@@ -94,6 +94,8 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
     big to hold whole there, rows read from disk (pipeline/rowwise.py), the module's weight on meta.
     `block_scope`, `spill` (calibrated methods): passed to run_sequential; io/streaming.py loads
     each block there and keeps activations past a memory limit on disk (pipeline/spill.py).
+    `call_solver(fn, w, scheme, stats, options)`: runs a solver (default: call(), here); with
+    `solve_workers` calls at once per block, io/streaming_ray.py runs each as a Ray task.
     """
     recipe = get_recipe(recipe, method)
     targets = plan(model, recipe, allow_empty=modules is not None)
@@ -116,7 +118,7 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
         qweight = solve(name, solver, r.weights, opts) if solve is not None and stats is None else None
         w = linear_weight(old).float() if qweight is None or on_layer is not None else None
         if qweight is None:
-            qweight = fn(w, r.weights, stats=stats, **opts) if getattr(fn, "needs", ()) else fn(w, r.weights, **opts)
+            qweight = (call_solver or call)(fn, w, r.weights, stats, opts)
         scale, zero = act_ranges.get(name, (None, None))
         if r.outlier_threshold is not None:  # LLM.int8(): outlier columns in full precision at run time
             new = LLMInt8Linear.from_linear(old, qweight, act_scheme=r.activations, threshold=r.outlier_threshold)
@@ -139,7 +141,8 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
                                                   magnitudes=bool(needs & {"absmax", "absmean"}),
                                                   transform=_transform_step(targets, recipe.method_options),
                                                   propagate=propagate, compute_dtype=calibration_dtype,
-                                                  progress=progress, block_scope=block_scope, spill=spill)
+                                                  progress=progress, block_scope=block_scope, spill=spill,
+                                                  workers=solve_workers)
     else:
         for name in tqdm(targets, desc="quantize", unit="layer", disable=not progress):
             quantize_layer(name)
@@ -148,6 +151,11 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
             model.get_submodule(name).set_activation_range(scale, zero)
     model.lowbit_recipe = recipe
     return model
+
+
+def call(fn, w: torch.Tensor, scheme: Scheme, stats, options: dict):
+    """Run the solver fn on w [out, in] (with its statistics when it declares it needs some)."""
+    return fn(w, scheme, stats=stats, **options) if getattr(fn, "needs", ()) else fn(w, scheme, **options)
 
 
 def _transform_step(targets: dict[str, Recipe], options: dict):

@@ -76,7 +76,8 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
                    magnitudes: bool = True,
                    transform: Callable | None = None, propagate: str = "quantized",
                    compute_dtype: "torch.dtype | str" = "auto", progress: bool = True,
-                   block_scope: Callable | None = None, spill: SpillPolicy | None = None) -> CalibrationReport:
+                   block_scope: Callable | None = None, spill: SpillPolicy | None = None,
+                   workers: int = 2) -> CalibrationReport:
     """Quantize the layers `names` (full module names) of `model` block by block.
 
     transform(block, local names, stats, producers, sample input, block name) runs between
@@ -84,7 +85,8 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
     compute_dtype: what the calibration forwards and Hessian products run in (see
     calibration_dtype); the weights being quantized stay in their own precision.
     block_scope(i, block): a context manager entered around block i's statistics, solves and
-    forward (see the module docstring); spill: hold activations past its limit on disk."""
+    forward (see the module docstring); spill: hold activations past its limit on disk.
+    workers: layer solves run at once (threads; each may wait on a Ray task, io/streaming_ray.py)."""
     if propagate not in ("quantized", "full"):
         raise ValueError(f"propagate={propagate!r}: choose 'quantized' or 'full'")
     dtype = calibration_dtype(compute_dtype)
@@ -101,7 +103,7 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
     for i, block in enumerate(tqdm(blocks, desc="calibrate+quantize", unit="block", disable=not progress)):
         with block_scope(i, block) if block_scope is not None else contextlib.nullcontext():
             inputs = _one_block(i, block, inputs, prefix, names, quantize_layer, hessian, magnitudes, transform,
-                                propagate, dtype, spill, report)
+                                propagate, dtype, spill, report, workers)
     inputs.drop()
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report.seconds = time.perf_counter() - t0
@@ -109,7 +111,7 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
 
 
 def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hessian, magnitudes, transform,
-               propagate, dtype, spill, report) -> Activations:
+               propagate, dtype, spill, report, workers=2) -> Activations:
     """Statistics, transforms, solves of block i; -> the inputs of block i + 1."""
     def autocast():
         return torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
@@ -131,8 +133,8 @@ def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hes
     if transform is not None:
         transform(block, local, c.stats, c.producers, inputs[0], f"{prefix}.{i}")
     # Each layer's solve is independent; a Python-bound loop of small tensor ops (GPTQ's
-    # columns) leaves a core idle, so two solves run at once.
-    with ThreadPoolExecutor(2) as pool:
+    # columns) leaves a core idle, so two solves run at once (more when they are Ray tasks).
+    with ThreadPoolExecutor(workers) as pool:
         report.layers.extend(pool.map(lambda n: quantize_layer(head + n, c.stats[n]), local))
     if propagate == "quantized":
         with autocast():
