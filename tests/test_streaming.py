@@ -170,3 +170,28 @@ def test_big_weights_read_a_block_of_rows_at_a_time_give_the_same_bytes(tmp_path
         assert not {"model.embed_tokens.weight", "lm_head.weight"} & names
     else:
         assert "model.embed_tokens.weight" in names and ("lm_head.weight" in names) != tied  # tied: read once
+
+
+def test_a_shard_truncated_during_the_run_is_named_and_the_finished_shards_are_kept(tmp_path, monkeypatch):
+    src = tiny_llama(tmp_path / "src", layers=6)
+    whole = quantize_checkpoint(src, "w4g64", tmp_path / "whole", shard_bytes=SHARD, progress=False)
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    last = src / index["model.layers.5.mlp.down_proj.weight"]
+    data, st = last.read_bytes(), last.stat()
+    write, parts_quantized = streaming._write_shard, []
+
+    def write_then_truncate(*args):
+        write(*args)
+        last.write_bytes(data[: len(data) // 2])  # the file goes bad under the running job
+    monkeypatch.setattr(streaming, "_write_shard", write_then_truncate)
+    with pytest.raises(ValueError, match=rf"{last.name} is unreadable or truncated \(reading part model.layers.5\).*\n\(the 5 output shards finished "
+                                         r"are kept in .*\.out\.partial"):
+        quantize_checkpoint(src, "w4g64", tmp_path / "out", shard_bytes=SHARD, progress=False)
+    monkeypatch.setattr(streaming, "_write_shard", write)
+    last.write_bytes(data)
+    os.utime(last, ns=(st.st_atime_ns, st.st_mtime_ns))  # the same file again: the journal matches
+    quantize_part = streaming._quantize_part
+    monkeypatch.setattr(streaming, "_quantize_part", lambda m, r, part, *a: parts_quantized.append(part.name)
+                        or quantize_part(m, r, part, *a))
+    assert files(quantize_checkpoint(src, "w4g64", tmp_path / "out", shard_bytes=SHARD, progress=False)) == files(whole)
+    assert "embeddings" not in parts_quantized and "model.layers.5" in parts_quantized  # resumed after shard 1

@@ -101,27 +101,33 @@ def quantize_checkpoint(src: str | Path, recipe, out: str | Path, *, calibration
     journal = _open_journal(partial, _digest(src, where, recipe, shard_bytes, batches, calibration_dtype, batch_size))
     output = Output(partial, journal, shard_bytes, on_part)
     quantized = quantized_modules(model, recipe)
-    if calibrated:
-        from .streaming_calibrated import quantize_calibrated
+    try:
+        if calibrated:
+            from .streaming_calibrated import quantize_calibrated
 
-        quantize_calibrated(model, recipe, parts, where, output, batches, quantized=quantized,
-                            block_bytes=block_bytes, activation_bytes=activation_bytes,
-                            calibration_dtype=calibration_dtype, batch_size=batch_size, progress=progress,
-                            ray=ray)
-    elif ray is not None:
-        from .streaming_ray import quantize_parts
+            quantize_calibrated(model, recipe, parts, where, output, batches, quantized=quantized,
+                                block_bytes=block_bytes, activation_bytes=activation_bytes,
+                                calibration_dtype=calibration_dtype, batch_size=batch_size, progress=progress,
+                                ray=ray)
+        elif ray is not None:
+            from .streaming_ray import quantize_parts
 
-        quantize_parts(model, recipe, parts, where, output, ray, block_bytes=block_bytes, progress=progress)
-    else:
-        bar = tqdm(parts, desc="quantize (streaming)", unit="part", disable=not progress)
-        for part in bar:
-            if part.name in output.done:  # in a shard an earlier run finished
-                continue
-            bar.set_postfix_str(part.name)
-            deferred = _materialize(model, part, where, quantized, block_bytes)
-            _quantize_part(model, recipe, part, _row_solver(deferred, block_bytes))
-            output.add(model, part)
-    output.close()
+            quantize_parts(model, recipe, parts, where, output, ray, block_bytes=block_bytes, progress=progress)
+        else:
+            bar = tqdm(parts, desc="quantize (streaming)", unit="part", disable=not progress)
+            for part in bar:
+                if part.name in output.done:  # in a shard an earlier run finished
+                    continue
+                bar.set_postfix_str(part.name)
+                deferred = _materialize(model, part, where, quantized, block_bytes)
+                _quantize_part(model, recipe, part, _row_solver(deferred, block_bytes))
+                output.add(model, part)
+        output.close()
+    except (OSError, ValueError) as e:
+        if str(partial) in str(e):  # the message says already what is kept (a failed shard write)
+            raise
+        raise ValueError(f"{e}\n(the {len(journal.shards)} output shards finished are kept in {partial}: run the "
+                         "same command again to resume after them)") from e
     model.lowbit_recipe = recipe
     if calibration_text is not None:
         model.lowbit_calibration_text = calibration_text
@@ -300,11 +306,14 @@ def _materialize(model: nn.Module, part: Part, where: dict[str, Path], quantized
                 deferred[module] = stored_tensors(where[k])[k]
                 tensors[k] = torch.empty(state[k].shape, dtype=torch.float32, device="meta")
     for shard in sorted({where[k] for k in keys if k in where and k not in tensors}):
-        with safe_open(str(shard), framework="pt") as f:
-            for k in keys:
-                if where.get(k) == shard and k not in tensors:
-                    t = f.get_tensor(k)
-                    tensors[k] = t.float() if t.is_floating_point() else t
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for k in keys:
+                    if where.get(k) == shard and k not in tensors:
+                        t = f.get_tensor(k)
+                        tensors[k] = t.float() if t.is_floating_point() else t
+        except Exception as e:  # safetensors' own error kinds, OSError: the file changed under the run
+            raise ValueError(f"{shard} is unreadable or truncated (reading part {part.name}): {e}") from e
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in keys if k not in tensors and k not in tied]
     if missing:
