@@ -111,9 +111,14 @@ def child(a) -> None:
     calib = None
     if a.method != "rtn":
         tok = models.load_tokenizer(a.dir)
-        calib = calibration_split(token_ids(tok, models.wikitext2("test")), a.window, a.windows)[0]
+        text = a.text.read_text(encoding="utf-8") if a.text else models.wikitext2("test")
+        calib = calibration_split(token_ids(tok, text), a.window, a.windows)[0]
+    pool = None
+    if a.ray:
+        from lowbit.io.streaming_ray import RayPool
+        pool = RayPool(num_cpus=a.ray)
     quantize_checkpoint(a.dir, get_recipe(a.recipe, a.method), a.out, calibration=calib, calibration_dtype="auto",
-                        activation_bytes=int(a.activation_mb * 2**20), progress=False,
+                        activation_bytes=int(a.activation_mb * 2**20), progress=False, ray=pool,
                         on_part=lambda name, s: times.append((name, s)))
     print("RESULT " + json.dumps({"parts": times}))
 
@@ -132,12 +137,14 @@ def run(a, folder: Path, out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, __file__, "--child", "--dir", str(folder), "--out", str(out), "--recipe", a.recipe,
            "--method", a.method, "--threads", str(a.threads), "--windows", str(a.windows), "--window", str(a.window),
-           "--activation-mb", str(a.activation_mb)]
+           "--activation-mb", str(a.activation_mb)] + (["--text", str(a.text)] if a.text else []) + (["--ray", str(a.ray)] if a.ray else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     sys.stderr.write(proc.stderr[-3000:])
+    if proc.returncode:
+        raise SystemExit(f"the quantization failed (exit {proc.returncode})")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20  # KiB -> GiB
     parts = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])["parts"]
     print("\n".join(l for l in proc.stdout.splitlines() if not l.startswith("RESULT ")))
@@ -145,6 +152,7 @@ def run(a, folder: Path, out: Path) -> None:
     other = {n: round(s, 1) for n, s in parts if not n.startswith("model.layers.")}
     out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     calib = f", {a.windows} x {a.window} tokens" if a.method != "rtn" else ""
+    calib += f", Ray {a.ray} workers (peak RSS: the driver only)" if a.ray else ", one process"
     print(f"\n| source | {a.recipe} {a.method}{calib} | wall s | peak RSS GiB | input GB/s | s per block "
           f"(median, min-max) | other parts s | output GB |")
     print("|---|---|---|---|---|---|---|---|")
@@ -167,6 +175,9 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=256, help="gptq: tokens per window (default 256)")
     ap.add_argument("--activation-mb", type=float, default=4096,
                     help="gptq: activations held in memory per block boundary before spilling to disk")
+    ap.add_argument("--ray", type=int, default=0, metavar="N", help="run the tasks on a local Ray cluster of N CPUs "
+                    "(each worker --threads threads)")
+    ap.add_argument("--text", type=Path, help="gptq: calibration text (default: wikitext-2 test from ../shared)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
