@@ -1,16 +1,15 @@
 """`--ray`: streaming quantization with the weights (data-free) or the layer solves (gptq) as tasks on
 a local Ray cluster of 2 workers gives the single process's bytes (io/streaming_ray.py)."""
 import pytest
+import ray  # the optional `scale` extra; scripts/env.sh installs it for the tests
 import torch
 
-ray = pytest.importorskip("ray", reason="Ray is the optional `scale` extra; scripts/env.sh installs it for tests")
+from lowbit.io.safetensors_rows import StoredTensor
+from lowbit.io.streaming import quantize_checkpoint
+from lowbit.io.streaming_ray import RayPool
+from lowbit.pipeline import get_recipe
 
-from lowbit.io.safetensors_rows import StoredTensor  # noqa: E402
-from lowbit.io.streaming import quantize_checkpoint  # noqa: E402
-from lowbit.io.streaming_ray import RayPool  # noqa: E402
-from lowbit.pipeline import get_recipe  # noqa: E402
-
-from test_streaming import SHARD, files, tiny_llama  # noqa: E402
+from test_streaming import SHARD, files, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -20,15 +19,20 @@ def pool():
     ray.shutdown()
 
 
-def test_data_free_tasks_give_the_single_process_bytes(tmp_path, pool, monkeypatch):
-    src = tiny_llama(tmp_path / "src", tied=False, layers=3)
+@pytest.mark.parametrize("tied", [False, True])
+def test_data_free_tasks_give_the_single_process_bytes(tmp_path, pool, monkeypatch, tied):
+    src = tiny_llama(tmp_path / "src", tied=tied, layers=2)
     one = quantize_checkpoint(src, "w4g64", tmp_path / "one", shard_bytes=SHARD, progress=False)
     local_reads = []  # weights read in this process: none, the tasks read them in the workers
     read = StoredTensor.read_rows
     monkeypatch.setattr(StoredTensor, "read_rows", lambda self, a, b: local_reads.append(self.name) or read(self, a, b))
+    submitted = []
+    submit = pool.submit
+    monkeypatch.setattr(pool, "submit", lambda fn, *a: submitted.append(a[0].name) or submit(fn, *a))
     spread = quantize_checkpoint(src, "w4g64", tmp_path / "ray", shard_bytes=SHARD, ray=pool, block_bytes=16 << 10,
                                  progress=False)
     assert files(spread) == files(one) and not local_reads
+    assert len(submitted) == 2 * 7 + (1 if tied else 2)  # every weight a task: the blocks', the table, the head
     assert pool.width == 2
 
 
