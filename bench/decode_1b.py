@@ -208,7 +208,7 @@ def main() -> None:
 
     for kind in a.models.split(","):
         m = build(base, kind)
-        with qmatmul.int8_activations(kind.endswith("@int8")):
+        with qmatmul.activations("int8" if kind.endswith("@int8") else "auto"):
             tps = decode_speed(m, a.prompt_tokens, a.new_tokens, a.runs)
         pps = prefill_speed(m, a.prefill_tokens, a.runs) if a.prefill_tokens else float("nan")
         name = kind if "@" in kind or kind not in ("fp32", "bf16") else f"{kind} (torch)"

@@ -86,12 +86,18 @@ def matmul(rounds: int) -> None:
                         rounds if M * K * N < 1e9 else max(2, rounds // 3))
             print(f"| {M}x{K}x{N} | {name} | {t['kernel'] * 1e3:.3f} | {t['bf16'] / t['kernel']:.2f} | "
                   f"{t['fp32'] / t['kernel']:.2f} | {t['torch'] / t['kernel']:.2f} |")
-        for name in ("w4g64", "w4g64-sym"):  # bf16 input: gemv_bf16, or (prefill) the bf16 weight and matmul
+        # bf16 input: gemv_bf16 (decode); prefill: int8 activations (the default for bf16, integer codes)
+        # and, for comparison, the float route (the bf16 weight dequantized, then F.linear)
+        for name in ("w4g64", "w4g64-sym", "w8", "nf4"):
             p = plan(lowbit.core.quantize(w, RECIPES[name].weights))
-            t = fastest({"kernel": lambda: qmatmul.linear(xb, p), "bf16": lambda: F.linear(xb, wb)},
-                        rounds if M * K * N < 1e9 else max(2, rounds // 3))
-            print(f"| {M}x{K}x{N} bf16 input | {name} | {t['kernel'] * 1e3:.3f} | {t['bf16'] / t['kernel']:.2f} "
-                  f"| - | - |")
+            for mode in ("auto", "float") if M > qmatmul.GEMV_MAX_TOKENS else ("auto",):
+                def kernel(mode=mode):
+                    with qmatmul.activations(mode):
+                        return qmatmul.linear(xb, p)
+                t = fastest({"kernel": kernel, "bf16": lambda: F.linear(xb, wb)},
+                            rounds if M * K * N < 1e9 else max(2, rounds // 3))
+                print(f"| {M}x{K}x{N} bf16 input, activations={mode} | {name} | {t['kernel'] * 1e3:.3f} | "
+                      f"{t['bf16'] / t['kernel']:.2f} | - | - |")
 
 
 def numba_gemv():

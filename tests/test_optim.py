@@ -11,7 +11,7 @@ from lowbit import formats
 from lowbit.kernels.adam8bit import adam8bit_step, round_to_map
 from lowbit.optim import Adam, Adam8bit, AdamW8bit, dequantize_blockwise, quantize_blockwise, state_nbytes
 from lowbit.optim.blockwise import BLOCK, SIGNED, UNSIGNED
-from lowbit.optim.stable_embedding import StableEmbedding
+from lowbit.optim.stable_embedding import StableEmbedding, keep_embeddings_32bit
 from reference.adam8bit_ref import adamw8bit_step as ref_step
 from reference.bnb_dynamic_map import create_dynamic_map
 
@@ -43,7 +43,9 @@ def test_kernel_rounding_equals_bucketize_at_every_edge(qmap, gen):
     mids = qmap.mids
     x = torch.cat([torch.rand(200_000, generator=gen) * 2 - 1, torch.logspace(-9, 0, 20_000),
                    -torch.logspace(-9, 0, 20_000), qmap.values, mids, torch.nextafter(mids, torch.tensor(2.0)),
-                   torch.nextafter(mids, torch.tensor(-2.0)), torch.tensor([0.0, -0.0, 1.0, -1.0])])
+                   torch.nextafter(mids, torch.tensor(-2.0)), torch.tensor([0.0, -0.0, 1.0, -1.0]),
+                   # beyond the table's span: tiny magnitudes and |x| > 1 clamp to its ends
+                   torch.tensor([1e-30, -1e-30, 1e-42, -1e-42, 1.004, -1.004, 3.0, -3.0, float("inf"), -float("inf")])])
     assert torch.equal(round_to_map(x, mids), torch.bucketize(x, mids, right=True).to(torch.uint8))
 
 
@@ -164,6 +166,28 @@ def test_state_bits_choice_and_bytes():
     assert 2.0 < state_nbytes(only_big) / (10 * BLOCK) < 2.01
     with pytest.raises(ValueError, match="state_bits"):
         Adam([big], state_bits=4)
+
+
+def test_keep_embeddings_32bit_marks_a_tied_embedding_once():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(64, 128)
+            self.body = torch.nn.Linear(128, 128)
+            self.head = torch.nn.Linear(128, 64, bias=False)
+            self.head.weight = self.embed.weight  # tied, as SmolLM2's LM head
+
+        def forward(self, ids):
+            return self.head(self.body(self.embed(ids)))
+
+    model = Tied()
+    assert keep_embeddings_32bit(model) == 64 * 128
+    opt = AdamW8bit(model.parameters(), lr=1e-3)
+    model(torch.arange(64)).pow(2).mean().backward()
+    opt.step()
+    assert "exp_avg" in opt.state[model.embed.weight]  # 32-bit state, shared with the head
+    assert "m_codes" in opt.state[model.body.weight]  # 16,384 values: 8-bit
+    assert len(opt.state) == 3
 
 
 def test_state_dict_round_trip_resumes_identically():

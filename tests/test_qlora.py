@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import lowbit
 from lowbit.core import quantize
+from lowbit.core.qtensor import QTensor
 from lowbit.nn import QuantLinear
 from lowbit.nn.lora import QuantLoraLinear, register
 
@@ -94,6 +95,70 @@ def test_gradient_checkpointing_gives_the_same_gradients(nf4_model, ids):
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-7)
     assert any(g.abs().sum() > 0 for g in grads[1].values())
+
+
+def test_quantlinear_in_bf16_keeps_codes_and_runs_the_backward_in_bf16(gen):
+    w = torch.randn(96, 128, generator=gen) * 0.05
+    q = quantize(w, lowbit.core.SCHEMES["nf4-dq"])
+    layer = QuantLinear(q, torch.randn(96, generator=gen)).to(torch.bfloat16)
+    assert layer.dtype == torch.bfloat16 and layer.qweight is q  # a cast leaves the codes alone
+    x = torch.randn(3, 20, 128, generator=gen).bfloat16().requires_grad_()
+    c = torch.randn(3, 20, 96, generator=gen).bfloat16()
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    (y * c).sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    w_bf16 = q.dequantize(torch.bfloat16).double()  # the weight the bf16 backward multiplies by
+    torch.testing.assert_close(x.grad.double(), c.double() @ w_bf16, rtol=2e-2, atol=2e-2)
+
+
+def _dequantize_dtypes(monkeypatch, shapes):
+    """Record the dtype of every dequantization of a weight of one of `shapes` (the nf4-dq scales are
+    dequantized to float32 on the way: they are not weights)."""
+    seen = []
+    original = QTensor.dequantize
+
+    def spy(self, dtype=torch.float32):
+        if tuple(self.shape) in shapes:
+            seen.append(dtype)
+        return original(self, dtype)
+
+    monkeypatch.setattr(QTensor, "dequantize", spy)
+    return seen
+
+
+def test_bf16_compute_with_gradient_checkpointing(nf4_model, ids, monkeypatch):
+    """QLoRA as the issue asks: frozen nf4-dq base computing in bf16, fp32 adapters (peft's default
+    autocast_adapter_dtype), gradient checkpointing. The backward dequantizes each weight to bf16,
+    never to float32, and checkpointing recomputes the same gradients."""
+    model, _ = nf4_model
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    layers = [m for m in bf16.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.dtype == torch.bfloat16 for m in layers)
+    for a, b in zip(layers, [m for m in model.modules() if isinstance(m, QuantLinear)]):
+        assert torch.equal(a.qweight.codes, b.qweight.codes)  # the cast kept the 4-bit codes
+    shapes = {tuple(m.qweight.shape) for m in layers}
+    grads = []
+    for checkpointing in (False, True):
+        pm = _peft(bf16)
+        assert all(p.dtype == torch.float32 for p in pm.parameters() if p.requires_grad)
+        if checkpointing:
+            pm.gradient_checkpointing_enable()
+            assert pm.base_model.model.model.gradient_checkpointing
+        pm.train()
+        seen = _dequantize_dtypes(monkeypatch, shapes)
+        out = pm(input_ids=ids, labels=ids)
+        assert out.logits.dtype == torch.bfloat16
+        seen.clear()  # the backward's own dequantizations (and, with checkpointing, the recomputed forward's)
+        out.loss.backward()
+        assert seen and set(seen) == {torch.bfloat16}, seen
+        monkeypatch.undo()
+        grads.append({n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-3, atol=1e-6)
+    assert all(torch.isfinite(g).all() for g in grads[1].values()) and any(g.abs().sum() > 0 for g in grads[1].values())
+    losses = _train(pm, ids, steps=5)  # the checkpointed bf16 model trains
+    assert losses[-1] < losses[0] - 0.1, losses
 
 
 def test_save_pretrained_and_load_onto_a_fresh_base(nf4_model, smollm2_2layers, ids, tmp_path):

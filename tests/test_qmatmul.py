@@ -120,8 +120,9 @@ def test_prefill_route_matches(gen):
     q = lowbit.core.quantize(w, SCHEMES["w4g64"])
     x = torch.randn(100, 576, generator=gen)
     check(qmatmul.linear(x, plan(q)), x, q)
-    xb = x.bfloat16()  # bf16 prefill: the bf16 matmul of the exactly dequantized bf16 weight
-    assert torch.equal(qmatmul.linear(xb, plan(q)), F.linear(xb, q.dequantize(torch.bfloat16)))
+    xb = x.bfloat16()  # bf16 prefill without int8: the bf16 matmul of the exactly dequantized bf16 weight
+    with qmatmul.activations("float"):
+        assert torch.equal(qmatmul.linear(xb, plan(q)), F.linear(xb, q.dequantize(torch.bfloat16)))
 
 
 def test_schemes_without_a_kernel_get_none(gen):
@@ -322,7 +323,7 @@ def int8_activations_reference(x: torch.Tensor, block: int = 64) -> torch.Tensor
     whole = K // 128 * 128
     xb = x[:, :whole].reshape(x.shape[0], -1, block)
     amax = xb.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0.0)  # `127.0 / t` is 127 * (1 / t): 2 roundings
     xq = torch.round(xb * inv) * (amax / 127.0)
     return torch.cat([xq.reshape(x.shape[0], whole), x[:, whole:]], dim=1)
 
@@ -345,11 +346,101 @@ def test_int8_activation_gemv_matches_float64_with_the_same_quantized_x(name, sh
         assert (y.double() - plain).abs().max() <= 0.02 * plain.abs().max()
 
 
-def test_int8_activations_are_opt_in(gen):
+def test_int8_activations_decode_is_opt_in_and_bf16_prefill_is_auto(gen, monkeypatch):
     q = lowbit.core.quantize(torch.randn(64, 256, generator=gen), SCHEMES["w4g64"])
-    x = torch.randn(1, 256, generator=gen)
     p = plan(q)
+    x = torch.randn(1, 256, generator=gen)
     plain = qmatmul.ops().gemv(x, p.codes, p.scales, p.zeros, p.table, p.N, p.group, p.decoder, p.scale_mul, 0)
     assert torch.equal(qmatmul.linear(x, p), plain)
     with qmatmul.int8_activations():
         assert not torch.equal(qmatmul.linear(x, p), plain)
+    xs = torch.randn(40, 256, generator=gen)
+    gemm = qmatmul.gemm_i8(xs, p)
+    exact = F.linear(xs, q.dequantize())
+    assert torch.equal(qmatmul.linear(xs, p), exact)  # auto: float32 prefill stays exact
+    gemm_b = qmatmul.gemm_i8(xs.bfloat16(), p)
+    assert torch.equal(qmatmul.linear(xs.bfloat16(), p), gemm_b.bfloat16())  # bf16 prefill: int8
+    with qmatmul.activations("int8"):
+        assert torch.equal(qmatmul.linear(xs, p), gemm)
+    with qmatmul.activations("float"):
+        xb = xs.bfloat16()
+        assert torch.equal(qmatmul.linear(xb, p), F.linear(xb, q.dequantize(torch.bfloat16)))
+    qn = lowbit.core.quantize(torch.randn(64, 256, generator=gen), SCHEMES["nf4"])  # levels rounded: int8 mode only
+    pn, xb = plan(qn), xs.bfloat16()
+    assert torch.equal(qmatmul.linear(xb, pn), F.linear(xb, qn.dequantize(torch.bfloat16)))
+    with qmatmul.activations("int8"):
+        assert torch.equal(qmatmul.linear(xb, pn), qmatmul.gemm_i8(xb, pn).bfloat16())
+    with pytest.raises(ValueError, match="activations"):
+        with qmatmul.activations("int4"):
+            pass
+    monkeypatch.setenv("LOWBIT_ACTIVATIONS", "fp8")
+    with pytest.raises(ValueError, match="LOWBIT_ACTIVATIONS"):
+        qmatmul._activations_setting()
+
+
+def gemm_x_reference(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x as the prefill GEMM quantizes it: each token per block of `block` inputs (the last one
+    shorter), scale max|x| / 127, round half to even."""
+    M, K = x.shape
+    blocks = -(-K // block)
+    xp = torch.zeros(M, blocks * block)
+    xp[:, :K] = x.float()
+    xb = xp.reshape(M, blocks, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0.0)  # `127.0 / t` is 127 * (1 / t): 2 roundings
+    return (torch.round(xb * inv) * (amax / 127.0)).reshape(M, -1)[:, :K]
+
+
+def gemm_weight_reference(q: QTensor, p) -> QTensor | torch.Tensor:
+    """The weight the prefill GEMM multiplies: q itself where its levels are exact in 8 bits, else
+    [N, K] float64 with each 4-bit level rounded to the GEMM's byte table."""
+    c = p.i8_gemm
+    if c.exact:
+        return q
+    N, K = q.shape
+    levels = (c.table.double()[q.unpack_codes().reshape(N, K).long()] - c.offset) * c.scale_mul
+    per_k = lambda t: t.double().reshape(N, -1).repeat_interleave(p.group, dim=1)[:, :K]
+    z = q.zero_values()
+    return (levels - (0 if z is None else per_k(z))) * per_k(q.scale_values())
+
+
+GEMM_I8 = ["w4g64", "w4g128", "w4g32", "int4-g64-fp32", "int4-g128-bf16", "int4-g64-fp16-affine-intzero", "w8",
+           "uint8-channel-affine", "int8-g128", "mxfp4", "nf4", "nf4-dq"]
+
+
+def check_gemm(y, x, q, p):
+    """check() against the weight gemm_i8 reads (nf4: its levels rounded to 8 bits)."""
+    w = gemm_weight_reference(q, p)
+    if isinstance(w, QTensor):
+        return check(y, x, w)
+    ref = x.double() @ w.T
+    assert ((y.double() - ref).abs() <= bound(x, w) + 1e-30).all()
+    exact = F.linear(x.double(), q.dequantize().double())  # and what rounding the levels costs: 1/254 of the peak
+    peak = q.scale_values().double().abs().max() * p.i8_gemm.scale_mul * 127
+    assert ((y.double() - exact).abs() <= peak / 254 * x.double().abs().sum(-1, keepdim=True) + bound(x, w)).all()
+
+
+@pytest.mark.parametrize("name", GEMM_I8)
+@pytest.mark.parametrize("shape", SHAPES + [(40, 4096)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_int8_prefill_gemm_matches_float64_with_the_same_quantized_x(name, shape, gen):
+    N, K = shape
+    q = lowbit.core.quantize(torch.randn(N, K, generator=gen) * torch.rand(N, 1, generator=gen), SCHEMES[name])
+    p = plan(q)
+    assert p.i8_gemm is not None, f"{name} should have the int8 prefill GEMM"
+    assert p.i8_gemm.exact == (name not in ("nf4", "nf4-dq"))
+    block = 64 if p.group % 64 == 0 or p.group == K else 32
+    for M, dtype in ((17, torch.float32), (40, torch.bfloat16), (7, torch.float32)):
+        x = (torch.randn(M, K, generator=gen) * torch.rand(1, K, generator=gen) * 4).to(dtype)  # uneven blocks
+        y = qmatmul.gemm_i8(x, p)
+        check_gemm(y, gemm_x_reference(x, block), q, p)
+        plain = F.linear(x.double(), q.dequantize().double())  # and what rounding x costs
+        assert (y.double() - plain).abs().max() <= 0.02 * plain.abs().max()
+
+
+@pytest.mark.parametrize("name", ["w4g64", "nf4"])
+def test_int8_prefill_gemm_on_smollm2_weights(name, smollm2_weights, gen):
+    for w in smollm2_weights.values():
+        q = lowbit.core.quantize(w, SCHEMES[name])
+        x = torch.randn(33, w.shape[1], generator=gen).bfloat16()
+        p = plan(q)
+        check_gemm(qmatmul.gemm_i8(x, p), gemm_x_reference(x, 64), q, p)

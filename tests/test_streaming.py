@@ -20,13 +20,13 @@ from lowbit.io.streaming import quantize_checkpoint
 SHARD = 60_000  # bytes: a handful of output shards for the tiny model
 
 
-def tiny_llama(folder: Path, tied: bool = True, layers: int = 4) -> Path:
+def tiny_llama(folder: Path, tied: bool = True, layers: int = 4, vocab: int = 384) -> Path:
     """A random Llama written as Hugging Face does: bf16, sharded, with an index."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=128, num_hidden_layers=layers, intermediate_size=256, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=384, tie_word_embeddings=tied)
+                      num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=tied)
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder, max_shard_size="150KB")
     assert (folder / "model.safetensors.index.json").is_file()
     return folder
@@ -145,3 +145,53 @@ def test_cli_streams_a_hugging_face_folder(tmp_path, capsys):
     assert "one block at a time" in capsys.readouterr().out
     assert lowbit.io.lowbit_format.weight_files(tmp_path / "out")[1:]  # more than one shard
     lowbit.load(tmp_path / "out")
+
+
+@pytest.mark.parametrize("tied,recipe", [(True, "w4g64"), (False, "w4g64"), (False, "w8")])
+def test_big_weights_read_a_block_of_rows_at_a_time_give_the_same_bytes(tmp_path, monkeypatch, tied, recipe):
+    from lowbit.io.safetensors_rows import StoredTensor
+
+    src = tiny_llama(tmp_path / "src", tied, layers=2)
+    whole = quantize_checkpoint(src, recipe, tmp_path / "whole", shard_bytes=SHARD, progress=False)
+    read, reads = StoredTensor.read_rows, []
+
+    def counted(self, a, b):
+        reads.append((self.name, b - a))
+        return read(self, a, b)
+
+    monkeypatch.setattr(StoredTensor, "read_rows", counted)
+    # 16 KiB: the 384 x 128 table (192 KiB in float32) in blocks of 32 rows, the 256 x 128 MLP weights too
+    blocked = quantize_checkpoint(src, recipe, tmp_path / "blocked", shard_bytes=SHARD, block_bytes=16 << 10,
+                                  progress=False)
+    assert files(blocked) == files(whole)
+    names = {n for n, _ in reads}
+    assert "model.layers.1.mlp.down_proj.weight" in names and max(n for _, n in reads) == 32
+    if recipe == "w8":  # no embeddings/output scheme: the table and head are loaded whole, kept in full precision
+        assert not {"model.embed_tokens.weight", "lm_head.weight"} & names
+    else:
+        assert "model.embed_tokens.weight" in names and ("lm_head.weight" in names) != tied  # tied: read once
+
+
+def test_a_shard_truncated_during_the_run_is_named_and_the_finished_shards_are_kept(tmp_path, monkeypatch):
+    src = tiny_llama(tmp_path / "src", layers=6)
+    whole = quantize_checkpoint(src, "w4g64", tmp_path / "whole", shard_bytes=SHARD, progress=False)
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    last = src / index["model.layers.5.mlp.down_proj.weight"]
+    data, st = last.read_bytes(), last.stat()
+    write, parts_quantized = streaming._write_shard, []
+
+    def write_then_truncate(*args):
+        write(*args)
+        last.write_bytes(data[: len(data) // 2])  # the file goes bad under the running job
+    monkeypatch.setattr(streaming, "_write_shard", write_then_truncate)
+    with pytest.raises(ValueError, match=rf"{last.name} is unreadable or truncated \(reading part model.layers.5\).*\n\(the 5 output shards finished "
+                                         r"are kept in .*\.out\.partial"):
+        quantize_checkpoint(src, "w4g64", tmp_path / "out", shard_bytes=SHARD, progress=False)
+    monkeypatch.setattr(streaming, "_write_shard", write)
+    last.write_bytes(data)
+    os.utime(last, ns=(st.st_atime_ns, st.st_mtime_ns))  # the same file again: the journal matches
+    quantize_part = streaming._quantize_part
+    monkeypatch.setattr(streaming, "_quantize_part", lambda m, r, part, *a: parts_quantized.append(part.name)
+                        or quantize_part(m, r, part, *a))
+    assert files(quantize_checkpoint(src, "w4g64", tmp_path / "out", shard_bytes=SHARD, progress=False)) == files(whole)
+    assert "embeddings" not in parts_quantized and "model.layers.5" in parts_quantized  # resumed after shard 1

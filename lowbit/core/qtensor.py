@@ -131,6 +131,29 @@ class QTensor:
         return QTensor(codes, (int(index.numel()), cols), scheme, scales=take(scales), zeros=take(self.zeros),
                        tensor_scale=tensor_scale, codebook=take(self.codebook), offset=self.offset)
 
+    @staticmethod
+    def cat_rows(parts: "list[QTensor]") -> "QTensor":
+        """The inverse of rows(): QTensors [n_i, cols] quantized row by row (one scheme, rows owning
+        their codes and statistics, no tensor-wide scale) -> one QTensor [sum n_i, cols].
+
+        Example: QTensor.cat_rows([rtn(w[:4096], s), rtn(w[4096:], s)]) equals rtn(w, s) for a
+        per-row or per-group scheme (pipeline/rowwise.py quantizes big tensors this way)."""
+        first = parts[0]
+        cols, scheme = first.shape[1], first.scheme
+        if any(p.scheme != scheme or len(p.shape) != 2 or p.shape[1] != cols for p in parts):
+            raise ValueError("QTensor.cat_rows: the parts must be 2-D with one scheme and one column count")
+        if (not first.rows_are_independent() or isinstance(scheme.granularity, PerTensor) or first.tensor_scale
+                is not None or first.offset is not None or isinstance(first.scales, QTensor)):
+            raise ValueError(f"QTensor.cat_rows: {scheme.granularity} with tensor-wide statistics cannot be "
+                             "joined from row blocks; quantize the tensor whole")
+
+        def cat(ts):
+            return None if ts[0] is None else torch.cat(ts)
+
+        return QTensor(cat([p.codes for p in parts]), (sum(p.shape[0] for p in parts), cols), scheme,
+                       scales=cat([p.scales for p in parts]), zeros=cat([p.zeros for p in parts]),
+                       codebook=cat([p.codebook for p in parts]))
+
     def __repr__(self) -> str:
         name = self.scheme.name or self.scheme.format
         return (f"QTensor({name}, shape={self.shape}, {self.bits_per_weight:.3f} bits/weight, "

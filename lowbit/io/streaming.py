@@ -4,8 +4,12 @@ The model is built on the meta device from its config (no memory); then each par
 table with the output layer, each repeated block, the rest) is read from the source shards
 (memory-mapped, only that part's tensors, widened to float32 as lowbit.load_model would),
 quantized by the same code as lowbit.quantize (pipeline.quantize with `modules=`), and its
-tensors go to the output. Data-free methods (rtn, hqq, ...) only: a calibrated method needs the
-blocks' inputs, which is a different job.
+tensors go to the output. A weight larger than `block_bytes` in float32 (the embedding table,
+the output layer, an 8B model's MLP weights) is not loaded: a row-wise solver (rtn, mse) reads
+and quantizes it `block_bytes` of rows at a time from the file (pipeline/rowwise.py,
+io/safetensors_rows.py), so memory holds one block of rows, not the tensor. A calibrated
+method (gptq) needs each block's inputs: streaming_calibrated.py runs the blocks in order with the
+sequential runner lowbit.quantize uses, one block's weights loaded at a time.
 
 Output: a lowbit checkpoint folder with shards model-0000K-of-0000N.safetensors and
 model.safetensors.index.json as Hugging Face writes them, lowbit.json last. While it runs,
@@ -18,6 +22,7 @@ byte-identical to an uninterrupted run. The folder appears at the target only wh
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -32,6 +37,7 @@ from tqdm import tqdm
 
 from . import atomic
 from .lowbit_format import INDEX, META, VERSION, checkpoint_meta, model_entries
+from .safetensors_rows import StoredTensor
 
 JOURNAL = "journal.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -57,47 +63,128 @@ class Journal:
         return {p for s in self.shards for p in s["parts"]}
 
 
-def quantize_checkpoint(src: str | Path, recipe, out: str | Path, *, shard_bytes: int = 2 << 30,
-                        source: str | None = None, progress: bool = True) -> Path:
+def quantize_checkpoint(src: str | Path, recipe, out: str | Path, *, calibration=None,
+                        calibration_dtype: "torch.dtype | str" = "auto", batch_size: int = 8,
+                        activation_bytes: int = 4 << 30, shard_bytes: int = 2 << 30, block_bytes: int = 64 << 20,
+                        source: str | None = None, calibration_text: dict | None = None, on_part=None,
+                        ray=None, progress: bool = True) -> Path:
     """Quantize the Hugging Face checkpoint folder `src` (config.json + model.safetensors or its
-    sharded index) with a data-free `recipe` into the lowbit checkpoint folder `out`."""
-    from ..pipeline import get_recipe
+    sharded index) with `recipe` into the lowbit checkpoint folder `out`; -> out.
+
+    shard_bytes: output shard size; block_bytes: weights larger than this (float32) are read and
+    quantized this many bytes of rows at a time (the output is the same bytes whatever it is).
+    calibration (batches of token ids, as lowbit.quantize takes): for a calibrated solver (gptq),
+    run block by block as lowbit.quantize runs it (calibration_dtype, batch_size alike), one
+    block's weights in memory, and activations past `activation_bytes` per block boundary
+    spilled to disk (streaming_calibrated.py); calibration_text: where the calibration windows lay
+    in the text (lowbit.json's calibration_text). on_part(name, seconds): called after each part.
+    ray: a streaming_ray.RayPool: the weights (data-free) or the layers' solves (calibrated) run as
+    Ray tasks; the output is the same bytes.
+    """
     from ..methods import method_needs
+    from ..pipeline import get_recipe
 
     src, out = Path(src), Path(out)
     recipe = get_recipe(recipe)
-    if recipe.observer or method_needs(recipe.method):
-        raise ValueError(f"streaming quantization takes data-free methods; method {recipe.method!r} needs "
-                         "calibration data (quantize in memory, or pick rtn/hqq)")
+    calibrated = bool(method_needs(recipe.method))
+    if recipe.observer:
+        raise ValueError(f"recipe {recipe.name or ''!r} calibrates static activation ranges over the whole model; "
+                         "streaming quantization takes weight-only recipes (quantize it in memory)")
+    if calibrated and calibration is None:
+        raise ValueError(f"method {recipe.method!r} needs calibration data: pass calibration=batches of token ids "
+                         "(or pick a data-free method: rtn, mse, hqq)")
     where = source_tensors(src)
     model = skeleton(src)
     parts = model_parts(model)
     partial = out.parent / f".{out.name}.partial"
-    journal = _open_journal(partial, _digest(src, where, recipe, shard_bytes))
-    done = journal.parts_done()
-    pending: dict[str, torch.Tensor] = {}
-    pending_parts: list[str] = []
-    bar = tqdm(parts, desc="quantize (streaming)", unit="part", disable=not progress)
-    for part in bar:
-        if part.name in done:  # in a shard an earlier run finished
-            continue
-        bar.set_postfix_str(part.name)
-        _materialize(model, part, where)
-        _quantize_part(model, recipe, part)
+    batches = _calibration_batches(calibration) if calibrated else None
+    journal = _open_journal(partial, _digest(src, where, recipe, shard_bytes, batches, calibration_dtype, batch_size))
+    output = Output(partial, journal, shard_bytes, on_part)
+    quantized = quantized_modules(model, recipe)
+    try:
+        if calibrated:
+            from .streaming_calibrated import quantize_calibrated
+
+            quantize_calibrated(model, recipe, parts, where, output, batches, quantized=quantized,
+                                block_bytes=block_bytes, activation_bytes=activation_bytes,
+                                calibration_dtype=calibration_dtype, batch_size=batch_size, progress=progress,
+                                ray=ray)
+        elif ray is not None:
+            from .streaming_ray import quantize_parts
+
+            quantize_parts(model, recipe, parts, where, output, ray, block_bytes=block_bytes, progress=progress)
+        else:
+            bar = tqdm(parts, desc="quantize (streaming)", unit="part", disable=not progress)
+            for part in bar:
+                if part.name in output.done:  # in a shard an earlier run finished
+                    continue
+                bar.set_postfix_str(part.name)
+                deferred = _materialize(model, part, where, quantized, block_bytes)
+                _quantize_part(model, recipe, part, _row_solver(deferred, block_bytes))
+                output.add(model, part)
+        output.close()
+    except (OSError, ValueError) as e:
+        if str(partial) in str(e):  # the message says already what is kept (a failed shard write)
+            raise
+        raise ValueError(f"{e}\n(the {len(journal.shards)} output shards finished are kept in {partial}: run the "
+                         "same command again to resume after them)") from e
+    model.lowbit_recipe = recipe
+    if calibration_text is not None:
+        model.lowbit_calibration_text = calibration_text
+    return _finish(model, src, partial, journal, out, source or str(src))
+
+
+class Output:
+    """The parts' tensors, gathered into shards of about shard_bytes and written as they fill;
+    parts already in an earlier run's shards (`done`) are dropped, not written again."""
+
+    def __init__(self, partial: Path, journal: "Journal", shard_bytes: int, on_part=None):
+        import time
+
+        self.partial, self.journal, self.shard_bytes, self.on_part = partial, journal, shard_bytes, on_part
+        self.done = journal.parts_done()
+        self.pending: dict[str, torch.Tensor] = {}
+        self.parts: list[str] = []
+        self._clock = time.perf_counter
+        self._since = self._clock()
+
+    def add(self, model: nn.Module, part: "Part") -> None:
+        """Take the part's tensors (quantized or not) and free its modules."""
         # tied tensors are stored once; both ends lie in one part (the embeddings), and a part's
         # QTensors are freed after it, so a fresh owners table per part (ids get reused)
         tensors, modules = model_entries(model, {}, under=tuple(part.modules))
         _release(model, part)
-        pending.update(tensors)
-        journal.modules.update(modules)
-        pending_parts.append(part.name)
-        if sum(t.nbytes for t in pending.values()) >= shard_bytes:
-            _write_shard(partial, journal, pending, pending_parts)
-            pending, pending_parts = {}, []
-    if pending:
-        _write_shard(partial, journal, pending, pending_parts)
-    model.lowbit_recipe = recipe
-    return _finish(model, src, partial, journal, out, source or str(src))
+        if part.name not in self.done:
+            self.pending.update(tensors)
+            self.journal.modules.update(modules)
+            self.parts.append(part.name)
+            if sum(t.nbytes for t in self.pending.values()) >= self.shard_bytes:
+                self.close()
+        if self.on_part is not None:
+            self.on_part(part.name, self._clock() - self._since)
+        self._since = self._clock()
+
+    def close(self) -> None:
+        """Write what is pending as a shard."""
+        if self.pending:
+            _write_shard(self.partial, self.journal, self.pending, self.parts)
+        self.pending, self.parts = {}, []
+
+
+def quantized_modules(model: nn.Module, recipe) -> set[str]:
+    """Names of the modules whose weight the recipe rounds or solves (pipeline.weight_plan; a tied
+    table and output layer under the table's name)."""
+    from ..pipeline.quantize import weight_plan
+
+    return set(weight_plan(model, recipe))
+
+
+def _calibration_batches(calibration) -> list[torch.Tensor]:
+    """Calibration as a list of token id tensors (the journal's digest covers them)."""
+    batches = [x if isinstance(x, torch.Tensor) else torch.as_tensor(x) for x in calibration]
+    if not batches or any(x.is_floating_point() for x in batches):
+        raise ValueError("calibration must be a non-empty list of token id tensors [batch, seq] for streaming")
+    return batches
 
 
 # -- reading the source -----------------------------------------------------------------------
@@ -143,16 +230,36 @@ def source_tensors(src: Path) -> dict[str, Path]:
 
 
 def skeleton(src: Path) -> nn.Module:
-    """The model of src's config on the meta device: module names and shapes, no memory."""
+    """The model of src's config with its parameters on the meta device: module names and shapes,
+    no memory. Buffers computed from the config (rotary frequencies) are real, so that a block
+    loaded from disk runs (calibrated methods run the model a block at a time)."""
     import transformers
 
     try:
         config = transformers.AutoConfig.from_pretrained(str(src), local_files_only=True)
     except Exception as e:  # transformers raises several kinds for a bad config
         raise ValueError(f"{src / 'config.json'} is not a config transformers reads: {e}") from e
-    with torch.device("meta"):
+    with _parameters_on_meta():
         model = transformers.AutoModelForCausalLM.from_config(config)
     return model.eval()
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Every parameter registered meanwhile moves to the meta device (what accelerate's
+    init_empty_weights(include_buffers=False) does): modules allocate theirs uninitialised on
+    the CPU, which costs no resident memory, and drop them at once."""
+    register = nn.Module.register_parameter
+
+    def on_meta(self, name, param):
+        register(self, name, param)
+        if param is not None and not param.is_meta:
+            self._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def model_parts(model: nn.Module) -> list[Part]:
@@ -179,34 +286,72 @@ def _under(name: str, prefixes) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def _materialize(model: nn.Module, part: Part, where: dict[str, Path]) -> None:
-    """Load the part's tensors from the source shards (float32, as lowbit.load_model reads)."""
+def _materialize(model: nn.Module, part: Part, where: dict[str, Path], quantized: set[str] = frozenset(),
+                 defer_bytes: int | None = None) -> "dict[str, StoredTensor]":
+    """Load the part's tensors still on the meta device from the source shards (float32, as
+    lowbit.load_model reads). The weights of `quantized` modules over `defer_bytes` in float32
+    stay on meta (as float32): -> {module name: where its weight lies}, for _row_solver."""
     from safetensors import safe_open
 
-    keys = [k for k in model.state_dict(keep_vars=True) if _under(k.rpartition(".")[0], part.modules)]
-    tensors = {}
-    for shard in sorted({where[k] for k in keys if k in where}):
-        with safe_open(str(shard), framework="pt") as f:
-            for k in keys:
-                if where.get(k) == shard:
-                    t = f.get_tensor(k)
-                    tensors[k] = t.float() if t.is_floating_point() else t
+    from .safetensors_rows import stored_tensors
+
+    state = model.state_dict(keep_vars=True)
+    keys = [k for k, v in state.items() if _under(k.rpartition(".")[0], part.modules) and v.is_meta]
+    tensors, deferred = {}, {}
+    if defer_bytes is not None:
+        for k in keys:
+            module = k.rpartition(".")[0]
+            if (k.endswith(".weight") and module in quantized and k in where and state[k].dim() == 2
+                    and state[k].numel() * 4 > defer_bytes):
+                deferred[module] = stored_tensors(where[k])[k]
+                tensors[k] = torch.empty(state[k].shape, dtype=torch.float32, device="meta")
+    for shard in sorted({where[k] for k in keys if k in where and k not in tensors}):
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for k in keys:
+                    if where.get(k) == shard and k not in tensors:
+                        t = f.get_tensor(k)
+                        tensors[k] = t.float() if t.is_floating_point() else t
+        except Exception as e:  # safetensors' own error kinds, OSError: the file changed under the run
+            raise ValueError(f"{shard} is unreadable or truncated (reading part {part.name}): {e}") from e
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in keys if k not in tensors and k not in tied]
     if missing:
         raise ValueError(f"the checkpoint has no tensor {missing[0]!r}, which the model's config needs")
+    if not tensors:
+        return deferred
     model.load_state_dict(tensors, strict=False, assign=True)
     if part.name == "embeddings" and getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
+    return deferred
 
 
-def _quantize_part(model: nn.Module, recipe, part: Part) -> None:
+def quantize_stored(t: StoredTensor, solver: str, scheme, options: dict, block_bytes: int):
+    """The QTensor of the weight `t` on disk: read `block_bytes` of rows at a time for a row-wise
+    solver, else read whole (a solver that needs the whole tensor). Also a Ray task's body."""
+    from ..methods import METHODS
+    from ..pipeline.rowwise import by_rows, quantize_by_rows
+
+    if by_rows(solver, scheme, t.shape):
+        return quantize_by_rows(t.read_rows, t.shape, solver, scheme, options, block_bytes=block_bytes)
+    return METHODS[solver](t.read_rows(0, t.shape[0]).float(), scheme, **options)
+
+
+def _row_solver(deferred: "dict[str, StoredTensor]", block_bytes: int):
+    """pipeline.quantize's `solve` for the deferred weights (quantize_stored)."""
+    def solve(name, solver, scheme, options):
+        t = deferred.get(name)
+        return None if t is None else quantize_stored(t, solver, scheme, options, block_bytes)
+    return solve
+
+
+def _quantize_part(model: nn.Module, recipe, part: Part, solve=None) -> None:
     from ..pipeline import quantize
     from ..pipeline.quantize import plan
 
     names = {n for n, _ in model.named_modules() if _under(n, part.modules)}
     if set(plan(model, recipe, allow_empty=True)) & names or part.name in ("embeddings", "output"):
-        quantize(model, recipe, modules=names, progress=False)
+        quantize(model, recipe, modules=names, progress=False, solve=solve)
 
 
 def _release(model: nn.Module, part: Part) -> None:
@@ -218,9 +363,10 @@ def _release(model: nn.Module, part: Part) -> None:
 
 
 # -- writing ------------------------------------------------------------------------------------
-def _digest(src: Path, where: dict[str, Path], recipe, shard_bytes: int) -> str:
+def _digest(src: Path, where: dict[str, Path], recipe, shard_bytes: int, calibration=None,
+            calibration_dtype="auto", batch_size: int = 8) -> str:
     """What a journal must match to be resumed: the source files (names, sizes, times), the
-    recipe and the shard size."""
+    recipe, the shard size and the calibration (token ids, dtype, batch size)."""
     h = hashlib.sha256()
     for shard in sorted(set(where.values())):
         st = shard.stat()
@@ -228,6 +374,10 @@ def _digest(src: Path, where: dict[str, Path], recipe, shard_bytes: int) -> str:
     h.update((src / "config.json").read_bytes())
     h.update(json.dumps(recipe.to_dict(), sort_keys=True).encode())
     h.update(f"{shard_bytes};{VERSION}".encode())
+    if calibration is not None:
+        for x in calibration:
+            h.update(f"{tuple(x.shape)}:".encode() + x.to(torch.int64).numpy().tobytes())
+        h.update(f"{calibration_dtype};{batch_size}".encode())
     return h.hexdigest()
 
 

@@ -23,20 +23,31 @@ Routes, by the number of tokens M (rows of x):
                            bf16 input and a 4-bit table bf16 holds exactly (int4, uint4, fp4):
                            gemv_bf16, AVX512-BF16 dot products (exact products, float32 sums)
                            where the CPU has them; other bf16/fp16 input is widened to float32
-    larger M (prefill)     dequantize once per call to bf16 (bf16 input) or float32, into a
+    larger M (prefill)     bf16/fp16 input and codes gemm_i8 reads as bytes (uint4, int4, fp4 e2m1,
+                           uint8, int8 exactly; nf4 with its codebook rounded to 8 bits, within
+                           1/254 of the largest level) in groups of 32k: gemm_i8 (csrc/qgemm_i8.cpp),
+                           each token's x quantized to int8 per 64-block (32 for groups of 32),
+                           AVX512-VNNI dot products; otherwise (fp8, groups of 16, output-axis
+                           groups) dequantize once per call to bf16 (bf16 input) or float32, into a
                            reused per-thread buffer, then F.linear
 
-LOWBIT_GEMV_ACTIVATIONS=int8 (opt-in, default off; or `with qmatmul.int8_activations():`) runs the
-decode GEMV of uint4/int4 codes in groups of 64k (w4g64, w4g128, w4g64-sym) on AVX512-VNNI int8 dot
-products, each token's x quantized to int8 per 64-block as llama.cpp quantizes its activations
-(Q8_0, blocks of 32). About twice the GEMV speed where the kernel is compute-bound; the error is
-that of the activations' rounding (2^-8 of each block's max, relative), which is why it is not
-the default. tests/test_qmatmul.py checks it against float64 with the same quantized x.
+Activations (LOWBIT_ACTIVATIONS, or `with qmatmul.activations("int8" | "float" | "auto"):`):
+    auto (default)  int8 for bf16/fp16 prefill only, on codes whose levels are exact in 8 bits (not nf4). A bf16 GEMM at prefill sizes is compute-bound,
+                    so dequantize-then-GEMM cannot beat the bf16 model; int8 dot products run twice
+                    the products per instruction. The activations' rounding (2^-8 of each 64-block's
+                    max) is of the order of bf16's own (2^-9 of each value); docs/benchmarks.md
+                    measures the perplexity it costs. float32 input stays exact: lowbit's
+                    evaluations of fp32 models are not changed by the kernels.
+    int8            int8 for every float input, prefill and decode, nf4's rounded codebook included
+                    (the decode GEMV of uint4/int4
+                    codes in groups of 64k on VNNI, as llama.cpp quantizes its activations, Q8_0).
+    float           no int8 anywhere: prefill dequantizes (the reference route).
+tests/test_qmatmul.py checks the int8 kernels against float64 with the same quantized x.
 
-LOWBIT_PREFILL=bf16 (opt-in, default off) runs float32 prefill through the bf16 route too: x and
-W rounded to bf16, bf16 GEMM, result widened back to float32. That changes an fp32 model's
-numerics (about 2^-8 relative per product; tests/test_qmatmul.py states the bound), so it is
-never the default: lowbit's perplexity evaluations of fp32 models stay fp32.
+LOWBIT_PREFILL=bf16 (opt-in, default off) runs float32 prefill through the bf16 route too (where
+the activations setting does not take it to int8): x and W rounded to bf16, bf16 GEMM, result
+widened back to float32. That changes an fp32 model's numerics (about 2^-8 relative per product;
+tests/test_qmatmul.py states the bound), so it is never the default.
 """
 from __future__ import annotations
 
@@ -59,7 +70,8 @@ from ..formats import Format
 GEMV_MAX_TOKENS = 16
 TABLE4, INT8, UINT8, FP8_E4M3, FP8_E5M2 = range(5)
 
-_SOURCE = Path(__file__).with_name("csrc") / "qmatmul.cpp"
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = [_CSRC / "qmatmul.cpp", _CSRC / "qgemm_i8.cpp"]  # common.h: included by both
 _build_error: str | None = None
 
 
@@ -74,26 +86,57 @@ def _prefill_setting() -> bool:
 PREFILL_BF16 = _prefill_setting()  # read once, at import
 
 
-def _gemv_activations_setting() -> bool:
-    v = os.environ.get("LOWBIT_GEMV_ACTIVATIONS", "")
-    if v not in ("", "float", "int8"):
-        raise ValueError(f"LOWBIT_GEMV_ACTIVATIONS={v!r}: expected 'int8' (decode GEMV on int8 activations) or "
-                         "'float' / unset (the default)")
-    return v == "int8"
+ACTIVATION_MODES = ("auto", "int8", "float")
 
 
-_ACT_INT8 = [_gemv_activations_setting()]
+def _activations_setting() -> str:
+    v = os.environ.get("LOWBIT_ACTIVATIONS", "") or "auto"
+    if v not in ACTIVATION_MODES:
+        raise ValueError(f"LOWBIT_ACTIVATIONS={v!r}: expected one of {', '.join(ACTIVATION_MODES)} (see "
+                         "lowbit/kernels/qmatmul.py)")
+    return v
+
+
+_ACTIVATIONS = [_activations_setting()]
 
 
 @contextlib.contextmanager
-def int8_activations(enabled: bool = True):
-    """Within the block, 4-bit decode GEMVs that can take int8 activations do (LOWBIT_GEMV_ACTIVATIONS)."""
-    before, _ACT_INT8[0] = _ACT_INT8[0], enabled
+def activations(mode: str):
+    """Within the block, the kernels quantize activations to int8 as `mode` says (LOWBIT_ACTIVATIONS)."""
+    if mode not in ACTIVATION_MODES:
+        raise ValueError(f"activations({mode!r}): expected one of {', '.join(ACTIVATION_MODES)}")
+    before, _ACTIVATIONS[0] = _ACTIVATIONS[0], mode
     try:
         yield
     finally:
-        _ACT_INT8[0] = before
+        _ACTIVATIONS[0] = before
+
+
+def int8_activations(enabled: bool = True):
+    """activations("int8") (or "float" when not enabled)."""
+    return activations("int8" if enabled else "float")
+
+
+def _int8(x: torch.Tensor, prefill: bool) -> bool:
+    mode = _ACTIVATIONS[0]
+    return mode == "int8" or (mode == "auto" and prefill and x.dtype != torch.float32)
+
+
 _SCRATCH = threading.local()
+
+
+GEMM_FOUR, GEMM_UINT8, GEMM_INT8 = 0, 2, 3
+
+
+@dataclass
+class GemmCodes:
+    """How gemm_i8 reads a weight's codes: as bytes u (4-bit codes through `table`, 16 uint8), the
+    level (u - offset) * scale_mul. exact: the levels are the format's (else rounded to 8 bits)."""
+    kind: int
+    table: torch.Tensor | None
+    offset: float
+    scale_mul: float
+    exact: bool
 
 
 @dataclass
@@ -121,6 +164,7 @@ class Plan:
     col_zeros: torch.Tensor | None = None
     col_shift: torch.Tensor | None = None
     i8_gemv: bool = False  # int8 activations may take gemv_i8 (uint4/int4 codes, groups of 64k, CPU has VNNI)
+    i8_gemm: GemmCodes | None = None  # prefill may take gemm_i8, reading the codes so (groups of 32k, VNNI)
 
 
 def decoder(fmt: Format) -> tuple[int | None, torch.Tensor, float]:
@@ -157,7 +201,7 @@ def linear(x: torch.Tensor, p: Plan | None, bias: torch.Tensor | None = None) ->
     if x2.shape[0] <= GEMV_MAX_TOKENS:
         if p.row_group:
             y = _gemv_row_groups(x2.float(), p)
-        elif p.i8_gemv and _ACT_INT8[0]:
+        elif p.i8_gemv and _int8(x, prefill=False):
             y = ops().gemv_i8(x2.float().contiguous(), p.codes, p.scales, p.zeros, p.table, p.N, p.group)
         elif p.bf16_gemv and x.dtype == torch.bfloat16:  # bf16 products, float32 sums: no widening copy
             y = ops().gemv_bf16(x2.contiguous(), p.codes, p.scales, p.zeros, p.table, p.N, p.group)
@@ -167,6 +211,13 @@ def linear(x: torch.Tensor, p: Plan | None, bias: torch.Tensor | None = None) ->
         y = y if x.dtype == torch.float32 else y.to(x.dtype)
         if bias is not None:
             y += bias.to(y.dtype)
+    elif p.i8_gemm is not None and _int8(x, prefill=True) and (p.i8_gemm.exact or _ACTIVATIONS[0] == "int8"):
+        # a codebook rounded to 8 bits (nf4) only when asked for: it costs nf4 about 1.2% perplexity more
+        xi = x2 if x.dtype in (torch.float32, torch.bfloat16) else x2.float()  # fp16: widened, not narrowed
+        y = gemm_i8(xi.contiguous(), p)
+        if bias is not None:
+            y += bias.to(y.dtype)
+        y = y.to(x.dtype)
     else:
         bf16 = x.dtype == torch.bfloat16 or (PREFILL_BF16 and x.dtype == torch.float32)
         dtype = torch.bfloat16 if bf16 else torch.float32
@@ -174,6 +225,13 @@ def linear(x: torch.Tensor, p: Plan | None, bias: torch.Tensor | None = None) ->
         xw = x2.to(dtype) if bf16 else x2
         y = F.linear(xw, w.to(xw.dtype), None if bias is None else bias.to(xw.dtype)).to(x.dtype)
     return y.reshape(*x.shape[:-1], p.N)
+
+
+def gemm_i8(x: torch.Tensor, p: Plan) -> torch.Tensor:
+    """x [M, K] float32 or bf16 @ W^T in float32, x quantized to int8 per 64-block (csrc/qgemm_i8.cpp)."""
+    c = p.i8_gemm
+    return ops().gemm_i8(x, p.codes, p.scales, p.zeros, c.table, p.N, p.group, c.kind, c.offset,
+                         c.scale_mul * p.scale_mul)
 
 
 def _gemv_row_groups(x: torch.Tensor, p: Plan) -> torch.Tensor:
@@ -244,7 +302,7 @@ def ops():
         from torch.utils.cpp_extension import load
         _ninja_on_path()
         logging.getLogger(__name__).info("building or loading the qmatmul kernels (a first build takes a minute)")
-        load(name=_name(), sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+        load(name=_name(), sources=[str(f) for f in _SOURCES], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: the torch path does the same work
         _build_error = f"off (build failed: {type(e).__name__}: {str(e)[:200]})"
@@ -266,4 +324,7 @@ def _ninja_on_path() -> None:
 
 def _name() -> str:
     # The source's hash in the name: an edited kernel builds afresh instead of reusing the cache.
-    return "lowbit_qmatmul_" + hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+    h = hashlib.sha256()
+    for f in [*_SOURCES, _CSRC / "common.h"]:
+        h.update(f.read_bytes())
+    return "lowbit_qmatmul_" + h.hexdigest()[:12]

@@ -57,7 +57,31 @@ def _make_plan(q: QTensor, source: tuple) -> Plan | None:
     bf16_gemv = (decoder == TABLE4 and (G == 1 or group % 32 == 0) and qmatmul.has_bf16()
                  and torch.equal(table.bfloat16().float(), table))
     return Plan(q.codes, scales, zeros, table, N, K, group, decoder, scale_mul, source, bf16_gemv=bf16_gemv,
-                i8_gemv=decoder == TABLE4 and (G == 1 or group % 64 == 0) and _int_codes(table) and qmatmul.has_i8())
+                i8_gemv=decoder == TABLE4 and (G == 1 or group % 64 == 0) and _int_codes(table) and qmatmul.has_i8(),
+                i8_gemm=_gemm_codes(decoder, table) if (G == 1 or group % 32 == 0) and qmatmul.has_i8() else None)
+
+
+def _gemm_codes(decoder: int, table: torch.Tensor) -> qmatmul.GemmCodes | None:
+    """How gemm_i8 (csrc/qgemm_i8.cpp) reads these codes as bytes u, level = (u - offset) * scale_mul:
+    integer levels (uint4, int4, fp4_e2m1 x 2, uint8, int8) exactly; another 4-bit codebook (nf4)
+    rounded to 8 bits (exact=False: within max|level| / 254 of each level)."""
+    if decoder == qmatmul.UINT8:
+        return qmatmul.GemmCodes(qmatmul.GEMM_UINT8, None, 0.0, 1.0, True)
+    if decoder == qmatmul.INT8:
+        return qmatmul.GemmCodes(qmatmul.GEMM_INT8, None, 128.0, 1.0, True)
+    if decoder != TABLE4:
+        return None
+    t = table.double()
+    for mul in (1, 2, 4):  # the smallest power of two that makes every level an integer
+        levels = t * mul
+        if torch.equal(levels, levels.round()) and levels.min() >= -128 and levels.max() <= 127:
+            off = 0.0 if levels.min() >= 0 else 128.0
+            return qmatmul.GemmCodes(qmatmul.GEMM_FOUR, (levels + off).to(torch.uint8), off, 1.0 / mul, True)
+    peak = t.abs().max().item()
+    if peak == 0:
+        return None
+    u = (t * (127 / peak)).round() + 128
+    return qmatmul.GemmCodes(qmatmul.GEMM_FOUR, u.to(torch.uint8), 128.0, peak / 127, False)
 
 
 def _int_codes(table: torch.Tensor) -> bool:

@@ -27,3 +27,19 @@ class StableEmbedding(nn.Embedding):
         emb = super().forward(ids)
         # the norm runs in the default dtype, as bitsandbytes does, so fp16 weights stay stable
         return self.norm(emb.to(torch.get_default_dtype())).to(self.weight.dtype)
+
+
+def keep_embeddings_32bit(model: nn.Module) -> int:
+    """Give every nn.Embedding weight of `model` 32-bit optimizer state (`optim_bits = 32`), the recipe
+    Hugging Face Trainer applies to bitsandbytes' 8-bit Adam, for a pretrained model whose embedding
+    cannot become a StableEmbedding. A tied LM head shares the weight and so its state. Call before
+    building the optimizer; returns the number of values marked (a shared weight counted once).
+
+    On SmolLM2-135M, 8-bit state on its tied embedding makes fine-tuning diverge from AdamW and
+    32-bit state tracks it (docs/benchmarks.md, issue 12)."""
+    marked = {}
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            module.weight.optim_bits = 32
+            marked[id(module.weight)] = module.weight.numel()
+    return sum(marked.values())

@@ -57,9 +57,10 @@ def _call_model(model: nn.Module, batch) -> None:
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, first_block: nn.Module, batches: list) -> list[BlockInput]:
-    """Run each batch up to the first block and keep that block's inputs."""
-    captured: list[BlockInput] = []
+def capture_inputs(model: nn.Module, first_block: nn.Module, batches: list, into=None) -> list[BlockInput]:
+    """Run each batch up to the first block and keep that block's inputs (appended to `into`, a
+    list or a spill.Activations, when given)."""
+    captured = [] if into is None else into
 
     def grab(module, args, kwargs):
         # name every argument, so each block can be called as block(hidden, **rest)

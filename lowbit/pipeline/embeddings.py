@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..core import Scheme
 from ..methods import rtn
 from ..nn import QuantEmbedding, QuantLinear
 from .recipe import Recipe
@@ -35,9 +36,10 @@ def _call(fn):
         return None
 
 
-def quantize_embeddings(model: nn.Module, recipe: Recipe, taken: set[str] = frozenset(),
-                        only: "set[str] | None" = None) -> list[str]:
-    """Replace the embeddings and the output layer the recipe gives schemes for; -> names replaced.
+def embedding_jobs(model: nn.Module, recipe: Recipe, taken: set[str] = frozenset(),
+                   only: "set[str] | None" = None) -> list[tuple[list[str], nn.Module, Scheme]]:
+    """[(names, the module whose weight is rounded, scheme)] for the embeddings and the output layer
+    the recipe gives schemes for; a tied pair is one job naming both (the table first).
     `taken`: modules the recipe's Linear patterns already quantize (a clash is an error).
     `only`: leave alone the ones not named here (a part of the model being quantized)."""
     if recipe.embeddings is None and recipe.output is None:
@@ -54,24 +56,32 @@ def quantize_embeddings(model: nn.Module, recipe: Recipe, taken: set[str] = froz
         raise ValueError(f"output layer {head[0]!r} is a {type(head[1]).__name__}, not a Linear: "
                          "set output=None in the recipe")
     tied = head is not None and any(head[1].weight is e.weight for _, e in inputs)
-    done = []
+    jobs = []
     if tied:
-        scheme = _tied_scheme(recipe)
         name, emb = next((n, e) for n, e in inputs if e.weight is head[1].weight)
-        q = rtn(emb.weight.detach().float(), scheme)
-        set_module(model, name, QuantEmbedding.from_embedding(emb, q))
-        set_module(model, head[0], QuantLinear.from_linear(head[1], q))
-        done += [name, head[0]]
+        jobs.append(([name, head[0]], emb, _tied_scheme(recipe)))
         inputs = [(n, e) for n, e in inputs if n != name]
     elif head is not None and recipe.output is not None:
-        set_module(model, head[0], QuantLinear.from_linear(head[1], rtn(head[1].weight.detach().float(),
-                                                                        recipe.output)))
-        done.append(head[0])
+        jobs.append(([head[0]], head[1], recipe.output))
     if recipe.embeddings is not None:
-        for name, emb in inputs:
-            set_module(model, name, QuantEmbedding.from_embedding(emb, rtn(emb.weight.detach().float(),
-                                                                           recipe.embeddings)))
-            done.append(name)
+        jobs += [([name], emb, recipe.embeddings) for name, emb in inputs]
+    return jobs
+
+
+def quantize_embeddings(model: nn.Module, recipe: Recipe, taken: set[str] = frozenset(),
+                        only: "set[str] | None" = None, solve=None) -> list[str]:
+    """Replace the embeddings and the output layer the recipe gives schemes for (embedding_jobs);
+    -> names replaced. `solve(name, "rtn", scheme, {})`: may give a job's QTensor (None: round its
+    weight here), as in pipeline.quantize."""
+    done = []
+    for names, module, scheme in embedding_jobs(model, recipe, taken, only):
+        q = solve(names[0], "rtn", scheme, {}) if solve is not None else None
+        q = q if q is not None else rtn(module.weight.detach().float(), scheme)
+        for name in names:  # a tied pair: one QTensor serves the lookup and the head
+            m = model.get_submodule(name)
+            new = QuantEmbedding.from_embedding(m, q) if isinstance(m, nn.Embedding) else QuantLinear.from_linear(m, q)
+            set_module(model, name, new)
+        done += names
     return done
 
 

@@ -15,12 +15,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..core import Scheme
 from ..core.observers import make_observer
 from ..methods import get_method, method_needs, parse_method
 from ..methods import rtn as rtn_method
 from ..methods.bitnet import is_bitnet
 from ..nn import BitLinear, LLMInt8Linear, QuantLinear
-from .embeddings import quantize_embeddings
+from .embeddings import embedding_jobs, quantize_embeddings
 from .recipe import Recipe, get_recipe
 from .transforms import apply_transforms
 from .sequential import LayerReport, layer_loss, run_sequential
@@ -46,6 +47,23 @@ def plan(model: nn.Module, recipe: Recipe, allow_empty: bool = False) -> dict[st
     return out
 
 
+def weight_plan(model: nn.Module, recipe: Recipe, modules: "set[str] | None" = None
+                ) -> dict[str, tuple[str, Scheme, dict]]:
+    """{module name: (solver, scheme, solver options)} for each weight quantize() would round or
+    solve, of the `modules` given (all by default): the recipe's Linear layers, then the embedding
+    tables and output layer (round to nearest; a tied pair under the table's name). io/streaming
+    reads it to send the weights out as independent tasks (Ray) before quantize() runs."""
+    targets = plan(model, recipe, allow_empty=True)
+    out = {}
+    for names, _, scheme in embedding_jobs(model, recipe, taken=set(targets), only=modules):
+        out[names[0]] = ("rtn", scheme, {})
+    for name, r in targets.items():
+        if modules is None or name in modules:
+            solver = parse_method(r.method)[1]
+            out[name] = (solver, r.weights, r.method_options.get(solver, {}))
+    return out
+
+
 def _named_explicitly(name: str, recipe: Recipe) -> bool:
     return name in recipe.include or any(o.pattern == name and not o.skip for o in recipe.overrides)
 
@@ -53,7 +71,9 @@ def _named_explicitly(name: str, recipe: Recipe) -> bool:
 def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | None = None, *,
              method: str | None = None, progress: bool = True, propagate: str = "quantized",
              batch_size: int = 8, calibration_dtype: "torch.dtype | str" = "auto",
-             on_layer: "Callable | None" = None, modules: "set[str] | None" = None) -> nn.Module:
+             on_layer: "Callable | None" = None, modules: "set[str] | None" = None,
+             solve: "Callable | None" = None, block_scope: "Callable | None" = None,
+             spill=None, call_solver: "Callable | None" = None, solve_workers: int = 2) -> nn.Module:
     """Quantize `model` in place and return it.
 
     `calibration`: an iterable of input batches (token id tensors [batch, seq], or dicts
@@ -69,6 +89,13 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
     `modules`: quantize only these modules (and the embeddings/output layer only if named), the
     rest of the model may be on the meta device: how io/streaming.py quantizes a checkpoint one
     block at a time. Data-free methods only.
+    `solve(name, solver, scheme, options)`: with `modules`, may return a module's QTensor in place
+    of quantizing its weight (None: quantize it as usual); io/streaming.py quantizes weights too
+    big to hold whole there, rows read from disk (pipeline/rowwise.py), the module's weight on meta.
+    `block_scope`, `spill` (calibrated methods): passed to run_sequential; io/streaming.py loads
+    each block there and keeps activations past a memory limit on disk (pipeline/spill.py).
+    `call_solver(fn, w, scheme, stats, options)`: runs a solver (default: call(), here); with
+    `solve_workers` calls at once per block, io/streaming_ray.py runs each as a Ray task.
     """
     recipe = get_recipe(recipe, method)
     targets = plan(model, recipe, allow_empty=modules is not None)
@@ -77,7 +104,7 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
         targets = {n: r for n, r in targets.items() if n in modules}
         if any(method_needs(r.method) for r in targets.values()) or recipe.observer:
             raise ValueError(f"quantizing part of a model takes data-free methods; {recipe.method!r} needs calibration")
-    quantize_embeddings(model, recipe, taken=taken, only=modules)
+    quantize_embeddings(model, recipe, taken=taken, only=modules, solve=solve)
     # Transforms change what the layers see: observe activations after them, on the quantized model.
     observe_late = bool(recipe.observer) and any(parse_method(r.method)[0] for r in targets.values())
     act_ranges = _calibrate(model, targets, calibration, progress) if recipe.observer and not observe_late else {}
@@ -86,9 +113,12 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
         r = targets[name]
         old = model.get_submodule(name)
         fn = get_method(r.method)  # the solver of the chain; transforms ran before
-        opts = r.method_options.get(parse_method(r.method)[1], {})
-        w = linear_weight(old).float()
-        qweight = fn(w, r.weights, stats=stats, **opts) if getattr(fn, "needs", ()) else fn(w, r.weights, **opts)
+        solver = parse_method(r.method)[1]
+        opts = r.method_options.get(solver, {})
+        qweight = solve(name, solver, r.weights, opts) if solve is not None and stats is None else None
+        w = linear_weight(old).float() if qweight is None or on_layer is not None else None
+        if qweight is None:
+            qweight = (call_solver or call)(fn, w, r.weights, stats, opts)
         scale, zero = act_ranges.get(name, (None, None))
         if r.outlier_threshold is not None:  # LLM.int8(): outlier columns in full precision at run time
             new = LLMInt8Linear.from_linear(old, qweight, act_scheme=r.activations, threshold=r.outlier_threshold)
@@ -111,7 +141,8 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
                                                   magnitudes=bool(needs & {"absmax", "absmean"}),
                                                   transform=_transform_step(targets, recipe.method_options),
                                                   propagate=propagate, compute_dtype=calibration_dtype,
-                                                  progress=progress)
+                                                  progress=progress, block_scope=block_scope, spill=spill,
+                                                  workers=solve_workers)
     else:
         for name in tqdm(targets, desc="quantize", unit="layer", disable=not progress):
             quantize_layer(name)
@@ -120,6 +151,11 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
             model.get_submodule(name).set_activation_range(scale, zero)
     model.lowbit_recipe = recipe
     return model
+
+
+def call(fn, w: torch.Tensor, scheme: Scheme, stats, options: dict):
+    """Run the solver fn on w [out, in] (with its statistics when it declares it needs some)."""
+    return fn(w, scheme, stats=stats, **options) if getattr(fn, "needs", ()) else fn(w, scheme, **options)
 
 
 def _transform_step(targets: dict[str, Recipe], options: dict):

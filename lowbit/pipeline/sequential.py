@@ -13,6 +13,11 @@ statistics pass stops once every layer has seen the batch, and the layers of a b
 solved two at a time. Only one block's inputs and outputs are held at a time; the report gives their
 size, the process's peak RSS and, for every layer with a Hessian, the layer-wise
 loss ||W X - Q X||^2 / ||W X||^2 of the chosen weights next to round-to-nearest's.
+
+Two hooks serve io/streaming.py, which never holds the whole model: `block_scope(i, block)`, a
+context entered around block i's work (it loads the block's weights from disk, and writes and drops
+the quantized block on leaving), and `spill`, a limit on the activations held in memory past which
+they go to disk (spill.py).
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .blocks import BlockInput, capture_inputs, find_blocks, run_block
+from .blocks import capture_inputs, find_blocks, run_block
+from .spill import Activations, SpillPolicy
 from .stats import InputStats, StatsCollector, StatsComplete
 
 
@@ -45,7 +51,8 @@ class CalibrationReport:
     tokens: int = 0
     dtype: str = "float32"  # what the calibration forwards ran in
     layers: list[LayerReport] = field(default_factory=list)
-    activations_mb: float = 0.0  # largest set of block inputs + outputs held at once
+    activations_mb: float = 0.0  # largest set of block inputs + outputs held in memory at once
+    spilled_mb: float = 0.0  # largest set written to disk at one block boundary (spill limit)
     stats_mb: float = 0.0  # largest set of one block's statistics
     peak_rss_mb: float = 0.0
     seconds: float = 0.0
@@ -53,8 +60,9 @@ class CalibrationReport:
     def summary(self) -> str:
         lines = [f"sequential calibration over {self.blocks} ({self.tokens} tokens, {self.dtype}): "
                  f"{self.seconds:.1f} s, "
-                 f"peak RSS {self.peak_rss_mb:.0f} MB, activations held {self.activations_mb:.0f} MB, "
-                 f"statistics {self.stats_mb:.0f} MB"]
+                 f"peak RSS {self.peak_rss_mb:.0f} MB, activations held {self.activations_mb:.0f} MB"
+                 + (f" (+{self.spilled_mb:.0f} MB spilled to disk)" if self.spilled_mb else "")
+                 + f", statistics {self.stats_mb:.0f} MB"]
         with_loss = [r for r in self.layers if r.loss is not None and r.rtn_loss]
         if with_loss:
             ratios = torch.tensor([r.loss / r.rtn_loss for r in with_loss])
@@ -67,19 +75,21 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
                    quantize_layer: Callable[[str, InputStats], LayerReport], *, hessian: bool,
                    magnitudes: bool = True,
                    transform: Callable | None = None, propagate: str = "quantized",
-                   compute_dtype: "torch.dtype | str" = "auto", progress: bool = True) -> CalibrationReport:
+                   compute_dtype: "torch.dtype | str" = "auto", progress: bool = True,
+                   block_scope: Callable | None = None, spill: SpillPolicy | None = None,
+                   workers: int = 2) -> CalibrationReport:
     """Quantize the layers `names` (full module names) of `model` block by block.
 
     transform(block, local names, stats, producers, sample input, block name) runs between
     the statistics and the solver (equivalence transforms, pipeline/transforms.py).
     compute_dtype: what the calibration forwards and Hessian products run in (see
-    calibration_dtype); the weights being quantized stay in their own precision."""
+    calibration_dtype); the weights being quantized stay in their own precision.
+    block_scope(i, block): a context manager entered around block i's statistics, solves and
+    forward (see the module docstring); spill: hold activations past its limit on disk.
+    workers: layer solves run at once (threads; each may wait on a Ray task, io/streaming_ray.py)."""
     if propagate not in ("quantized", "full"):
         raise ValueError(f"propagate={propagate!r}: choose 'quantized' or 'full'")
     dtype = calibration_dtype(compute_dtype)
-
-    def autocast():
-        return torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     t0 = time.perf_counter()
     prefix, blocks = find_blocks(model)
     outside = [n for n in names if not n.startswith(prefix + ".")]
@@ -88,40 +98,52 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
                          "cannot reach them: exclude them or give them a data-free method in an override")
     report = CalibrationReport(blocks=f"{prefix} ({len(blocks)} x {type(blocks[0]).__name__})",
                                dtype=str(dtype).removeprefix("torch."))
-    inputs = capture_inputs(model, blocks[0], batches)
-    report.tokens = sum(x.hidden.shape[:-1].numel() for x in inputs)
+    inputs = capture_inputs(model, blocks[0], batches, into=Activations(spill, "block-00000-in"))
+    report.tokens = inputs.tokens
     for i, block in enumerate(tqdm(blocks, desc="calibrate+quantize", unit="block", disable=not progress)):
-        head = f"{prefix}.{i}."
-        local = [n[len(head):] for n in names if n.startswith(head)]
-        full = propagate == "full"
-        with StatsCollector(block, local, hessian, product_dtype=dtype, stop_early=not full,
-                            magnitudes=magnitudes) as c, autocast():
-            outs = []
-            for b, inp in enumerate(inputs):
-                c.batch = b
-                try:
-                    y = run_block(block, inp)
-                except StatsComplete:
-                    continue
-                if full:
-                    outs.append(y)
-        report.stats_mb = max(report.stats_mb, sum(s.nbytes for s in set(c.stats.values())) / 2**20)
-        if transform is not None:
-            transform(block, local, c.stats, c.producers, inputs[0], f"{prefix}.{i}")
-        # Each layer's solve is independent; a Python-bound loop of small tensor ops (GPTQ's
-        # columns) leaves a core idle, so two solves run at once.
-        with ThreadPoolExecutor(2) as pool:
-            report.layers.extend(pool.map(lambda n: quantize_layer(head + n, c.stats[n]), local))
-        if propagate == "quantized":
-            with autocast():
-                outs = [run_block(block, inp) for inp in inputs]
-        held = sum(x.hidden.numel() * x.hidden.element_size() + y.numel() * y.element_size()
-                   for x, y in zip(inputs, outs))
-        report.activations_mb = max(report.activations_mb, held / 2**20)
-        inputs = [BlockInput(y, x.kwargs) for x, y in zip(inputs, outs)]
+        with block_scope(i, block) if block_scope is not None else contextlib.nullcontext():
+            inputs = _one_block(i, block, inputs, prefix, names, quantize_layer, hessian, magnitudes, transform,
+                                propagate, dtype, spill, report, workers)
+    inputs.drop()
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hessian, magnitudes, transform,
+               propagate, dtype, spill, report, workers=2) -> Activations:
+    """Statistics, transforms, solves of block i; -> the inputs of block i + 1."""
+    def autocast():
+        return torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    head = f"{prefix}.{i}."
+    local = [n[len(head):] for n in names if n.startswith(head)]
+    full = propagate == "full"
+    outs = Activations(spill, f"block-{i + 1:05d}-in")
+    with StatsCollector(block, local, hessian, product_dtype=dtype, stop_early=not full,
+                        magnitudes=magnitudes) as c, autocast():
+        for b, inp in enumerate(inputs):
+            c.batch = b
+            try:
+                y = run_block(block, inp)
+            except StatsComplete:
+                continue
+            if full:
+                outs.append(y, inp.kwargs)
+    report.stats_mb = max(report.stats_mb, sum(s.nbytes for s in set(c.stats.values())) / 2**20)
+    if transform is not None:
+        transform(block, local, c.stats, c.producers, inputs[0], f"{prefix}.{i}")
+    # Each layer's solve is independent; a Python-bound loop of small tensor ops (GPTQ's
+    # columns) leaves a core idle, so two solves run at once (more when they are Ray tasks).
+    with ThreadPoolExecutor(workers) as pool:
+        report.layers.extend(pool.map(lambda n: quantize_layer(head + n, c.stats[n]), local))
+    if propagate == "quantized":
+        with autocast():
+            for inp in inputs:
+                outs.append(run_block(block, inp), inp.kwargs)
+    report.activations_mb = max(report.activations_mb, (inputs.memory_bytes + outs.memory_bytes) / 2**20)
+    report.spilled_mb = max(report.spilled_mb, (inputs.disk_bytes + outs.disk_bytes) / 2**20)
+    inputs.drop()
+    return outs
 
 
 def calibration_dtype(choice: "torch.dtype | str" = "auto") -> torch.dtype:

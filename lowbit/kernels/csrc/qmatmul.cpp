@@ -36,6 +36,8 @@
 
 #include <immintrin.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -45,35 +47,9 @@
 
 namespace {
 
+using namespace lowbit_kernels;
+
 enum Decoder : int64_t { TABLE4 = 0, INT8 = 1, UINT8 = 2, FP8_E4M3 = 3, FP8_E5M2 = 4 };
-enum ScaleType : int { F32 = 0, F16 = 1, BF16 = 2 };
-
-bool cpu_has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-}
-
-bool cpu_has_avx512_vnni() {
-  __builtin_cpu_init();
-  return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
-}
-
-bool cpu_has_avx512_bf16() {
-  __builtin_cpu_init();
-  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
-}
-
-int scale_type(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return F32;
-    case at::kHalf: return F16;
-    case at::kBFloat16: return BF16;
-    default: TORCH_CHECK(false, "lowbit qmatmul: scales and zero points must be float32, float16 or bfloat16");
-  }
-  return F32;
-}
-
 // Codes bytes per row, and the bytes element k starts in.
 inline int64_t row_bytes(int64_t decoder, int64_t K) { return decoder == TABLE4 ? K / 2 : K; }
 
@@ -82,21 +58,6 @@ inline int64_t row_bytes(int64_t decoder, int64_t K) { return decoder == TABLE4 
 
 // Loops over the template constants R and MB are unrolled so the accumulators stay in registers.
 #define UNROLL _Pragma("GCC unroll 16")
-
-inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
-
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t b = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &b, 4);
-  return f;
-}
-
-inline float load_scalar(const void* p, int type, int64_t i) {
-  if (type == F32) return static_cast<const float*>(p)[i];
-  const uint16_t h = static_cast<const uint16_t*>(p)[i];
-  return type == F16 ? f16_to_f32(h) : bf16_to_f32(h);
-}
 
 template <int ST>
 inline float scale_at(const void* p, int64_t i) {
