@@ -7,7 +7,7 @@ valid.txt after those; everything is evaluated on the first 16 windows of 512 of
 (disjoint from calibration). For RTN and awq+gptq: uniform w3g64, w4g64-sym, w4g64, then mixed
 at 3.5 and 4.25 bits per weight (lowbit.search's recipe, one measurement for both budgets).
 
-    flock /tmp/lowbit-heavy.lock nice -n 5 env PYTHONPATH=. .venv/bin/python bench/mixed_precision.py
+    flock /tmp/lowbit-heavy.lock nice -n 5 env PYTHONPATH=. .venv/bin/python bench/mixed_precision.py --threads 1
 """
 from __future__ import annotations
 
@@ -41,12 +41,14 @@ def main() -> None:
     ap.add_argument("--candidates", default=CANDIDATES, help=f"comma list; also {', '.join(EXTRA)}")
     ap.add_argument("--sensitivity-windows", type=int, default=4, help="windows of 256 tokens (max 4)")
     ap.add_argument("--only-mixed", action="store_true", help="skip the uniform rows")
-    ap.add_argument("--cost-method", default="rtn", help="the solver whose weights the costs are measured on "
-                    "(rtn, or gptq on the full-precision Hessians)")
+    ap.add_argument("--cost-method", default="rtn", help="the method chain whose weights the costs are measured "
+                    "on (rtn, gptq, awq+gptq: on the full-precision inputs, each layer alone)")
+    ap.add_argument("--sensitivity-only", action="store_true", help="measure and cache the costs, then stop")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if not models.WIKITEXT2.is_dir():  # a git worktree beside the main clone: ../shared is one level up
         models.WIKITEXT2 = Path("/work/shared/data/wikitext-2")
     model, tok = load_model("smollm2-135m")
@@ -62,6 +64,8 @@ def main() -> None:
         cache.write_text(json.dumps(sens.to_dict()))
     print(f"sensitivity: {sens.runs} runs, {sens.tokens} tokens each, {sens.seconds:.0f} s; "
           f"spearman {sens.spearman()}", flush=True)
+    if args.sensitivity_only:
+        return
     ref = Reference.capture(model, test[: args.windows * 512], window=512, max_windows=args.windows,
                             batch_size=4, progress=False)
     print(f"fp32 ppl {ref.ppl:.3f} on test windows 0-{args.windows - 1}", flush=True)

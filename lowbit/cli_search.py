@@ -1,7 +1,7 @@
 """`lowbit quantize SRC --budget BITS`: the mixed-precision recipe from lowbit.search, for cli.py."""
 from __future__ import annotations
 
-from .analysis.mixed import DEFAULT_CANDIDATES, cost_solver, plan_mixed
+from .analysis.mixed import DEFAULT_CANDIDATES, cost_method, plan_mixed
 from .analysis.sensitivity import layer_sensitivity
 from .pipeline import Recipe
 
@@ -18,7 +18,7 @@ def budget_recipe(model, ids, budget: float, candidates: str | None, method: str
         raise ValueError(f"--budget: the calibration text has {len(ids)} tokens; the search measures "
                          f"{n} windows of {w}: give a longer --text")
     windows = [ids[len(ids) - (i + 1) * w: len(ids) - i * w] for i in reversed(range(n))]
-    sens = layer_sensitivity(model, windows, names, method=cost_solver(method, names))
+    sens = layer_sensitivity(model, windows, names, method=cost_method(method, names))
     plan = plan_mixed(sens, budget, method)
     print(f"mixed precision at {budget:g} bits/weight: {plan.bits_per_weight:.4f} over the blocks' layers "
           f"({plan.nbytes} of {plan.budget_bytes} bytes), "
