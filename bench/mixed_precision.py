@@ -60,7 +60,9 @@ def main() -> None:
         sens = Sensitivity.from_dict(json.loads(cache.read_text()))
     else:
         candidates = [EXTRA.get(c, c) for c in args.candidates.split(",")]
-        sens = layer_sensitivity(model, sens_calib, candidates, method=args.cost_method, reference="w3g64")
+        # a calibrated cost method fits on the windows the recipes calibrate on, scored on sens_calib
+        sens = layer_sensitivity(model, sens_calib, candidates, method=args.cost_method, reference="w3g64",
+                                 solver_calibration=gptq_calib if args.cost_method != "rtn" else None)
         cache.write_text(json.dumps(sens.to_dict()))
     print(f"sensitivity: {sens.runs} runs, {sens.tokens} tokens each, {sens.seconds:.0f} s; "
           f"spearman {sens.spearman()}", flush=True)

@@ -140,7 +140,7 @@ def cmd_quantize(args) -> None:
     if args.budget is not None:  # per-layer schemes from the candidates, within the budget
         from .cli_search import budget_recipe
         recipe = budget_recipe(model, token_ids(tok, _text(args.text)), args.budget, args.candidates, recipe.method,
-                               args.window)
+                               args.window, args.calibration_windows)
     calib = None
     if recipe.observer or method_needs(recipe.method):
         text = _text(args.text)

@@ -114,7 +114,8 @@ def cost_method(method: str, candidates) -> str:
 
 
 def search(model, budget_bits: float, calibration, candidates=DEFAULT_CANDIDATES, method: str = "rtn", *,
-           sensitivity: "Sensitivity | None" = None, measure: str = "reference", progress: bool = True) -> Recipe:
+           sensitivity: "Sensitivity | None" = None, measure: str = "reference", solver_calibration=None,
+           progress: bool = True) -> Recipe:
     """A Recipe with per-layer overrides that minimises the expected KL of `model` with at most
     `budget_bits` bits per weight over the blocks' Linear layers (scales and zeros counted).
 
@@ -122,9 +123,12 @@ def search(model, budget_bits: float, calibration, candidates=DEFAULT_CANDIDATES
     cost is measured (layer_sensitivity); candidates: recipe names or weight-only Recipes;
     method: the method the recipe will run ("rtn", "awq+gptq", "auto"); the costs are measured on
     the weights that chain makes (cost_method). Pass `sensitivity` to reuse one measurement for several
-    budgets. Use the result as lowbit.quantize(model, recipe, calibration=...).
+    budgets. solver_calibration: for a calibrated method, the windows it will calibrate on (the
+    costs are then scored on `calibration`, held out from them; see layer_sensitivity). Use the
+    result as lowbit.quantize(model, recipe, calibration=...).
     """
     if sensitivity is None:
         sensitivity = layer_sensitivity(model, calibration, candidates, method=cost_method(method, candidates),
-                                        measure=measure, progress=progress)
+                                        measure=measure, solver_calibration=solver_calibration,
+                                        progress=progress)
     return plan_mixed(sensitivity, budget_bits, method).recipe

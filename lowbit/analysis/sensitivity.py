@@ -210,10 +210,16 @@ def _tail_for(model, prefix, blocks, ids, stride) -> _Tail:
 
 def layer_sensitivity(model, calibration, candidates=DEFAULT_CANDIDATES, *, method: str = "rtn",
                       measure: str = "reference", reference: "str | None" = None, stride: int = 2,
-                      names: "list[str] | None" = None, progress: bool = True) -> Sensitivity:
+                      names: "list[str] | None" = None, solver_calibration=None,
+                      progress: bool = True) -> Sensitivity:
     """Sensitivity of every Linear layer of the blocks (or `names`) to each candidate scheme.
 
     calibration: token windows ([T] or [b, T], one length; e.g. 4 windows of 256 tokens).
+    solver_calibration: the token windows whose fp inputs the method's statistics (GPTQ's Hessian,
+    AWQ's magnitudes) come from, e.g. the windows lowbit.quantize will calibrate on; by default
+    `calibration` itself. A calibrated solver fitted on the very tokens its cost is scored on
+    overfits them (GPTQ on 512 tokens and a 576- or 1536-wide input has directions its error can
+    hide in), and the costs come out far too low: give held-out windows.
     method: the method chain that makes each candidate's weights on the fp inputs ("rtn", "gptq",
     "awq+gptq": the transforms pick scales for the layer alone, then the solver runs on the
     scaled weight and inputs; see _transformed and _candidate_weight).
@@ -249,21 +255,29 @@ def layer_sensitivity(model, calibration, candidates=DEFAULT_CANDIDATES, *, meth
                        ref_c, method, batches[0].shape[0] * (batches[0].shape[1] if tail.metric != "kl" else
                                                               tail.pos.numel()), metric=tail.metric)
     row = {n: i for i, n in enumerate(names)}
+    own = solver_calibration is None or solver_name == "rtn" and not transforms  # data-free: nothing to fit
     with torch.no_grad():
         inputs = capture_inputs(model, blocks[0], batches)
+        fit = inputs if own else capture_inputs(model, blocks[0], _stack(solver_calibration))
         tail.ref_logp = tail.run(0, inputs)
         measured = [c for c in range(C) if measure == "all" or c == ref_c]
         bar = tqdm(total=L * len(measured), desc="sensitivity", unit="run", disable=not progress)
         for i, block in enumerate(blocks):
             head = f"{prefix}.{i}."
             local = [n[len(head):] for n in names if n.startswith(head)]
-            with StatsCollector(block, local, hessian=True, magnitudes=bool(transforms)) as col:
+            with StatsCollector(block, local, hessian=True, magnitudes=bool(transforms) and own) as col:
                 outs = [run_block(block, inp) for inp in inputs]
+            if own:
+                fitted, fit_outs = col, outs
+            else:
+                with StatsCollector(block, local, hessian=True, magnitudes=bool(transforms)) as fitted:
+                    fit_outs = [run_block(block, inp) for inp in fit]
             for n in local:
-                lin, st, l = block.get_submodule(n), col.stats[n], row[head + n]
-                _measure_layer(sens, l, lin, st, recipes, (transforms, solver_name, solver), measured, tail, i,
-                               inputs, bar)
+                lin, l = block.get_submodule(n), row[head + n]
+                _measure_layer(sens, l, lin, col.stats[n], fitted.stats[n], recipes,
+                               (transforms, solver_name, solver), measured, tail, i, inputs, bar)
             inputs = [BlockInput(y, x.kwargs) for x, y in zip(inputs, outs)]
+            fit = inputs if own else [BlockInput(y, x.kwargs) for x, y in zip(fit, fit_outs)]
         bar.close()
     sens.seconds = time.perf_counter() - t0
     return sens
@@ -300,13 +314,14 @@ def _candidate_weight(w: torch.Tensor, scheme, s, stats, chain) -> tuple[torch.T
     return (w_hat if s is None else w_hat / s), q.nbytes
 
 
-def _measure_layer(sens, l, lin, stats, recipes, chain, measured, tail, i, inputs, bar) -> None:
+def _measure_layer(sens, l, lin, stats, fit_stats, recipes, chain, measured, tail, i, inputs, bar) -> None:
+    """stats: the scored windows' inputs (output error, proxy); fit_stats: what the method fits on."""
     w = linear_weight(lin).float()
     H = stats.hessian.double()
     sens.numel[l] = w.numel()
     signal = _quad(w.double(), H) or 1e-30
     mean_diag = float(H.diagonal().mean())
-    s, scaled = _transformed(w, recipes[sens.reference].weights, stats, chain[0])
+    s, scaled = _transformed(w, recipes[sens.reference].weights, fit_stats, chain[0])
     for c, r in enumerate(recipes):
         w_hat, sens.nbytes[l, c] = _candidate_weight(w, r.weights, s, scaled, chain)
         d = (w - w_hat).double()
