@@ -27,7 +27,6 @@ from lowbit.pipeline import Recipe, get_recipe, quantize
 from lowbit.pipeline.recipe import _affine
 
 UNIFORM = ("w3g64", "w4g64-sym", "w4g64")
-BUDGETS = (3.5, 4.25)
 CANDIDATES = "w2g64,w3g64,w4g64-sym,w4g64,w8"
 # candidates beyond the named recipes: uint5/uint6 affine groups of 64, fp16 scales and zeros (5.5, 6.5 bits)
 EXTRA = {f"w{b}g64": Recipe(_affine(f"uint{b}", 64), name=f"w{b}g64") for b in (5, 6)}
@@ -45,6 +44,7 @@ def main() -> None:
                     "on (rtn, gptq, awq+gptq: on the full-precision inputs, each layer alone)")
     ap.add_argument("--sensitivity-only", action="store_true", help="measure and cache the costs, then stop")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--budgets", default="3.5,4.25", help="bits per weight, comma list, run in this order")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,7 @@ def main() -> None:
     rows = out / "rows.jsonl"
     for method in args.methods.split(","):
         recipes = [] if args.only_mixed else [(n, get_recipe(n, method)) for n in UNIFORM]
-        for b in BUDGETS:
+        for b in [float(x) for x in args.budgets.split(",")]:
             p = plan_mixed(sens, b, method)
             (out / f"mixed-{b:g}-{method}.json").write_text(p.recipe.to_json())
             print(f"mixed {b}: {p.counts()} {p.bits_per_weight:.4f} bits/w, expected KL {p.expected_kl:.4f}",
