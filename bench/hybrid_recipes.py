@@ -38,8 +38,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/out/mixed")
     ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if not models.WIKITEXT2.is_dir():  # a git worktree beside the main clone: ../shared is one level up
         models.WIKITEXT2 = Path("/work/shared/data/wikitext-2")
     model, tok = load_model("smollm2-135m")

@@ -7,7 +7,7 @@ valid.txt after those; everything is evaluated on the first 16 windows of 512 of
 (disjoint from calibration). For RTN and awq+gptq: uniform w3g64, w4g64-sym, w4g64, then mixed
 at 3.5 and 4.25 bits per weight (lowbit.search's recipe, one measurement for both budgets).
 
-    flock /tmp/lowbit-heavy.lock nice -n 5 env PYTHONPATH=. .venv/bin/python bench/mixed_precision.py
+    flock /tmp/lowbit-heavy.lock nice -n 5 env PYTHONPATH=. .venv/bin/python bench/mixed_precision.py --threads 1
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from lowbit.pipeline import Recipe, get_recipe, quantize
 from lowbit.pipeline.recipe import _affine
 
 UNIFORM = ("w3g64", "w4g64-sym", "w4g64")
-BUDGETS = (3.5, 4.25)
 CANDIDATES = "w2g64,w3g64,w4g64-sym,w4g64,w8"
 # candidates beyond the named recipes: uint5/uint6 affine groups of 64, fp16 scales and zeros (5.5, 6.5 bits)
 EXTRA = {f"w{b}g64": Recipe(_affine(f"uint{b}", 64), name=f"w{b}g64") for b in (5, 6)}
@@ -41,12 +40,15 @@ def main() -> None:
     ap.add_argument("--candidates", default=CANDIDATES, help=f"comma list; also {', '.join(EXTRA)}")
     ap.add_argument("--sensitivity-windows", type=int, default=4, help="windows of 256 tokens (max 4)")
     ap.add_argument("--only-mixed", action="store_true", help="skip the uniform rows")
-    ap.add_argument("--cost-method", default="rtn", help="the solver whose weights the costs are measured on "
-                    "(rtn, or gptq on the full-precision Hessians)")
+    ap.add_argument("--cost-method", default="rtn", help="the method chain whose weights the costs are measured "
+                    "on (rtn, gptq, awq+gptq: on the full-precision inputs, each layer alone)")
+    ap.add_argument("--sensitivity-only", action="store_true", help="measure and cache the costs, then stop")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--budgets", default="3.5,4.25", help="bits per weight, comma list, run in this order")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if not models.WIKITEXT2.is_dir():  # a git worktree beside the main clone: ../shared is one level up
         models.WIKITEXT2 = Path("/work/shared/data/wikitext-2")
     model, tok = load_model("smollm2-135m")
@@ -58,17 +60,21 @@ def main() -> None:
         sens = Sensitivity.from_dict(json.loads(cache.read_text()))
     else:
         candidates = [EXTRA.get(c, c) for c in args.candidates.split(",")]
-        sens = layer_sensitivity(model, sens_calib, candidates, method=args.cost_method, reference="w3g64")
+        # a calibrated cost method fits on the windows the recipes calibrate on, scored on sens_calib
+        sens = layer_sensitivity(model, sens_calib, candidates, method=args.cost_method, reference="w3g64",
+                                 solver_calibration=gptq_calib if args.cost_method != "rtn" else None)
         cache.write_text(json.dumps(sens.to_dict()))
     print(f"sensitivity: {sens.runs} runs, {sens.tokens} tokens each, {sens.seconds:.0f} s; "
           f"spearman {sens.spearman()}", flush=True)
+    if args.sensitivity_only:
+        return
     ref = Reference.capture(model, test[: args.windows * 512], window=512, max_windows=args.windows,
                             batch_size=4, progress=False)
     print(f"fp32 ppl {ref.ppl:.3f} on test windows 0-{args.windows - 1}", flush=True)
     rows = out / "rows.jsonl"
     for method in args.methods.split(","):
         recipes = [] if args.only_mixed else [(n, get_recipe(n, method)) for n in UNIFORM]
-        for b in BUDGETS:
+        for b in [float(x) for x in args.budgets.split(",")]:
             p = plan_mixed(sens, b, method)
             (out / f"mixed-{b:g}-{method}.json").write_text(p.recipe.to_json())
             print(f"mixed {b}: {p.counts()} {p.bits_per_weight:.4f} bits/w, expected KL {p.expected_kl:.4f}",

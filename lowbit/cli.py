@@ -159,7 +159,7 @@ def cmd_quantize(args) -> None:
     if args.budget is not None:  # per-layer schemes from the candidates, within the budget
         from .cli_search import budget_recipe
         recipe = budget_recipe(model, token_ids(tok, _text(args.text)), args.budget, args.candidates, recipe.method,
-                               args.window)
+                               args.window, args.calibration_windows)
     calib = None
     if recipe.observer or method_needs(recipe.method):
         calib, model.lowbit_calibration_text = _calibration(tok, args)
@@ -239,7 +239,7 @@ def cmd_compare(args) -> None:
     from tqdm import tqdm
 
     from .analysis import compare_recipes, parse_specs
-    from .analysis.compare import format_row, table_footer, table_head
+    from .analysis.compare import format_row, is_encoder, table_footer, table_head
     from .io import load_model
     from .pipeline import get_recipe
 
@@ -247,7 +247,7 @@ def cmd_compare(args) -> None:
     for name, method in specs:  # a bad name fails before the model loads
         get_recipe(name, method)
     model, tok = load_model(args.model)
-    tqdm.write(table_head(), file=sys.stdout)  # each row as it is done, above the progress bars
+    tqdm.write(table_head("cosine" if is_encoder(model) else "ppl"), file=sys.stdout)  # each row as it is done, above the progress bars
     cmp = compare_recipes(model, tok, _text(args.text), specs, window=args.window, windows=args.windows,
                           calibration_windows=args.calibration_windows, speed=not args.no_speed,
                           on_row=lambda r: tqdm.write(format_row(r), file=sys.stdout))

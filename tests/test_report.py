@@ -142,3 +142,25 @@ def test_compare_refuses_a_file_as_run_folder_before_loading(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["compare", "no-such-model", "--recipes", "w8", "--out", str(tmp_path / "f")])
     assert e.value.code == 2 and "is a file" in capsys.readouterr().err
+
+
+def test_compare_and_report_on_minilm(tmp_path, capsys):
+    """An encoder (all-MiniLM-L6-v2, real weights): `lowbit compare --out` scores sentence embeddings
+    and the report draws them; the page renders with every image."""
+    text = tmp_path / "text.txt"
+    text.write_text(wikitext_excerpt()[:30000])
+    run = tmp_path / "run"
+    assert main(["compare", "minilm-l6", "--recipes", "w8,w4g64:rtn,w2g64:rtn", "--text", str(text),
+                 "--windows", "2", "--no-speed", "--out", str(run)]) == 0
+    said = capsys.readouterr().out
+    assert "cosine" in said and "16 sentences" in said
+    rows = load_run(run)["table"]["comparison"]["rows"]
+    assert [r["recipe"] for r in rows] == ["fp32", "w8", "w4g64:rtn", "w2g64:rtn"]
+    assert rows[0]["cosine"] == pytest.approx(1.0, abs=1e-9) and rows[0]["ppl"] is None
+    cos = [r["cosine"] for r in rows]
+    assert cos[0] > cos[1] > cos[2] > cos[3]  # fewer bits, further from fp32
+    assert main(["report", str(run)]) == 0
+    page = (run / "index.html").read_text()
+    assert "Embedding error against size" in page and "<th>cosine</th>" in page
+    shown = render(run, tmp_path)
+    assert shown["broken"] == [] and shown["images"] == 2 and shown["failed_requests"] == []

@@ -1,7 +1,10 @@
 """The main job: quantize one model with several recipes and compare each with full precision.
 
 For causal LMs: perplexity, its change, KL(fp || quantized) and top-1 agreement on the
-evaluation windows, size and decode speed. The full-precision model runs once (its
+evaluation windows, size and decode speed. For encoders (no output layer, e.g. MiniLM): the
+fidelity of mean-pooled sentence embeddings (lowbit.eval.embedding_fidelity: mean and least
+cosine, Spearman of the pairwise similarities) on sentences from the text's first half;
+calibrated recipes read the windows at the text's end. The full-precision model runs once (its
 predictions are kept in a Reference); each recipe quantizes a fresh copy of the model.
 Recipes that calibrate (static activations, gptq/awq/smoothquant, `:auto` for low-bit
 weights) read the windows that follow the evaluated ones, never an evaluated token.
@@ -19,7 +22,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..eval import Reference, evaluate, generation_speed, linear_bits_per_weight, model_size, token_ids
+from ..eval import (Reference, embedding_fidelity, evaluate, generation_speed, linear_bits_per_weight, model_size,
+                    sentences_from_text, token_ids)
 from ..methods import method_needs
 from ..pipeline import Recipe, get_recipe, quantize
 
@@ -38,6 +42,9 @@ class CompareRow:
     decode_tok_s: float
     quantize_s: float
     calibrated: bool
+    cosine: float | None = None      # encoders: mean cosine of sentence embeddings against fp32
+    cosine_min: float | None = None  # the least of them
+    spearman: float | None = None    # rank correlation of the pairwise similarities with fp32's
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,8 @@ class Comparison:
     calibration_windows: int  # read by calibrated rows: the windows right after the evaluated ones
     text_tokens: int
     decode_tokens: int  # timed greedy decode steps per row (0: not measured)
+    metric: str = "ppl"  # "ppl" (causal LM: ppl, KL, top-1) or "cosine" (encoder: sentence embeddings)
+    sentences: int = 0   # encoders: the sentences compared (from the first half of the text)
 
 
 def parse_specs(specs: "str | list") -> list[tuple[str, str | None]]:
@@ -86,6 +95,9 @@ def compare_recipes(model, tokenizer, text: str, recipes: "str | list", *, windo
     """
     specs = parse_specs(recipes)
     resolved = [get_recipe(name, method) for name, method in specs]  # bad names fail before any work
+    if is_encoder(model):
+        return _compare_encoder(model, tokenizer, text, specs, resolved, window, windows, calibration_windows,
+                                progress, on_row)
     ids = token_ids(tokenizer, text)
     calibrated = any(_calibrates(r) for r in resolved)
     need = (windows + (calibration_windows if calibrated else 0)) * window
@@ -128,6 +140,41 @@ def compare_recipes(model, tokenizer, text: str, recipes: "str | list", *, windo
     return Comparison(rows, window, windows, calibration_windows if calibrated else 0, len(ids), decode_tokens)
 
 
+def is_encoder(model) -> bool:
+    """A model without an output layer that is not a decoder: scored by its sentence embeddings."""
+    return model.get_output_embeddings() is None and not getattr(model.config, "is_decoder", False)
+
+
+def _compare_encoder(model, tokenizer, text, specs, resolved, window, windows, calibration_windows, progress,
+                     on_row) -> Comparison:
+    """compare_recipes for an encoder: windows * 8 sentences of the text's first half, scored by
+    embedding fidelity against `model`; calibration windows from the end of the text."""
+    sents = sentences_from_text(text[: len(text) // 2], windows * 8)
+    ids = token_ids(tokenizer, text)
+    calibrated = any(_calibrates(r) for r in resolved)
+    calib = [ids[len(ids) - (i + 1) * window: len(ids) - i * window][None] for i in reversed(range(calibration_windows))]
+    if calibrated and len(ids) < 2 * calibration_windows * window:
+        raise ValueError(f"the text has {len(ids)} tokens; {calibration_windows} calibration windows of {window} "
+                         "from its second half need more: give a longer text or fewer windows")
+    rows = []
+    for (name, method), recipe in [(("fp32", None), None), *zip(specs, resolved)]:
+        q, took = model, 0.0
+        if recipe is not None:
+            q = copy.deepcopy(model)
+            t = time.perf_counter()
+            quantize(q, recipe, calibration=calib if _calibrates(recipe) else None, progress=progress)
+            took = time.perf_counter() - t
+        f = embedding_fidelity(q, model, tokenizer, sents)
+        nan = float("nan")
+        row = CompareRow(_spec(name, method), recipe.method if recipe else "-", _embedding_label(q),
+                         linear_bits_per_weight(q), model_size(q).bytes / 1e6, nan, nan, nan, nan, nan, took,
+                         bool(recipe and _calibrates(recipe)), f.cosine, f.cosine_min, f.spearman)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return Comparison(rows, window, 0, calibration_windows if calibrated else 0, len(ids), 0, "cosine", len(sents))
+
+
 def _row(name, method, model, report, tokenizer, decode_tokens, took, calibrated, progress) -> CompareRow:
     tok_s = float("nan")
     if decode_tokens:
@@ -157,13 +204,20 @@ def _embedding_label(model) -> str:
     return "+".join(parts) or "-"
 
 
-def table_head() -> str:
+def table_head(metric: str = "ppl") -> str:
+    if metric == "cosine":
+        head = (f"{'recipe':<14} {'method':<11} {'emb/out':<8} {'bits/w':>6} {'size MB':>8} {'cosine':>8} "
+                f"{'min cos':>8} {'Spearman':>8} {'quant s':>7}")
+        return head + "\n" + "-" * len(head)
     head = (f"{'recipe':<14} {'method':<11} {'emb/out':<8} {'bits/w':>6} {'size MB':>8} {'ppl':>8} {'Δppl':>8} "
             f"{'KL':>7} {'top-1':>6} {'tok/s':>6} {'quant s':>7}")
     return head + "\n" + "-" * len(head)
 
 
 def format_row(r: CompareRow) -> str:
+    if r.cosine is not None:
+        return (f"{r.recipe:<14} {r.method:<11} {r.embeddings:<8} {r.bits_per_weight:>6.2f} {r.size_mb:>8.1f} "
+                f"{r.cosine:>8.5f} {r.cosine_min:>8.4f} {r.spearman:>8.4f} {r.quantize_s:>7.1f}")
     return (f"{r.recipe:<14} {r.method:<11} {r.embeddings:<8} {r.bits_per_weight:>6.2f} {r.size_mb:>8.1f} "
             f"{r.ppl:>8.3f} {r.delta_ppl_pct:>+7.2f}% {r.kl:>7.4f} {r.top1:>6.3f} {r.decode_tok_s:>6.1f} "
             f"{r.quantize_s:>7.1f}")
@@ -171,13 +225,20 @@ def format_row(r: CompareRow) -> str:
 
 def format_table(cmp: Comparison) -> str:
     """The table, then what was evaluated, what calibrated on which windows, and how speed was timed."""
-    return "\n".join([table_head(), *map(format_row, cmp.rows), table_footer(cmp)])
+    return "\n".join([table_head(cmp.metric), *map(format_row, cmp.rows), table_footer(cmp)])
 
 
 def table_footer(cmp: Comparison) -> str:
     """What was evaluated, which windows calibrated which rows, how speed was timed."""
     lines = []
     w, n = cmp.window, cmp.windows
+    if cmp.metric == "cosine":
+        lines.append(f"evaluated: {cmp.sentences} sentences of the text's first half, mean-pooled embeddings against "
+                     "fp32 (cosine: mean and least; Spearman: the pairwise similarities' ranks).")
+        cal = [r.recipe for r in cmp.rows if r.calibrated]
+        if cal:
+            lines.append(f"calibration ({', '.join(cal)}): the last {cmp.calibration_windows} windows of {w} tokens.")
+        return "\n".join(lines)
     lines.append(f"evaluated: windows 0-{n - 1} of {w} tokens (tokens 0-{n * w - 1} of {cmp.text_tokens}).")
     cal = [r.recipe for r in cmp.rows if r.calibrated]
     if cal:

@@ -101,28 +101,34 @@ def plan_mixed(sens: Sensitivity, budget_bits: float, method: str = "rtn") -> Mi
                      8.0 * used / weights, float(sens.cost[torch.arange(len(choice)), torch.tensor(choice)].sum()))
 
 
-def cost_solver(method: str, candidates) -> str:
-    """The solver whose weights a search measures for `method`: the chain's own ("awq+gptq" -> gptq,
-    on the full-precision Hessians; transforms are left out); "auto" as lowbit.quantize resolves it
-    for the first candidate. Costs measured on RTN weights misprice a calibrated recipe: on
-    SmolLM2 they made mixed awq+gptq lose to uniform (docs/benchmarks.md)."""
+def cost_method(method: str, candidates) -> str:
+    """The method chain whose weights a search measures for `method`: the chain itself, transforms
+    included ("awq+gptq": AWQ scales for each layer alone, then GPTQ, on the full-precision inputs);
+    "auto" as lowbit.quantize resolves it for the first candidate. Costs measured on RTN weights
+    misprice a calibrated recipe: on SmolLM2 they made mixed awq+gptq lose to uniform
+    (docs/benchmarks.md)."""
     if method == "auto":
         method = auto_method(candidate_recipes(candidates)[0])
-    return parse_method(method)[1]
+    transforms, solver = parse_method(method)
+    return "+".join((*transforms, solver))
 
 
 def search(model, budget_bits: float, calibration, candidates=DEFAULT_CANDIDATES, method: str = "rtn", *,
-           sensitivity: "Sensitivity | None" = None, measure: str = "reference", progress: bool = True) -> Recipe:
+           sensitivity: "Sensitivity | None" = None, measure: str = "reference", solver_calibration=None,
+           progress: bool = True) -> Recipe:
     """A Recipe with per-layer overrides that minimises the expected KL of `model` with at most
     `budget_bits` bits per weight over the blocks' Linear layers (scales and zeros counted).
 
     calibration: token windows ([T] or [b, T]; e.g. 4 windows of 256 tokens) on which each layer's
     cost is measured (layer_sensitivity); candidates: recipe names or weight-only Recipes;
-    method: the method the recipe will run ("rtn", "awq+gptq", "auto"); its solver makes the
-    weights whose costs are measured. Pass `sensitivity` to reuse one measurement for several
-    budgets. Use the result as lowbit.quantize(model, recipe, calibration=...).
+    method: the method the recipe will run ("rtn", "awq+gptq", "auto"); the costs are measured on
+    the weights that chain makes (cost_method). Pass `sensitivity` to reuse one measurement for several
+    budgets. solver_calibration: for a calibrated method, the windows it will calibrate on (the
+    costs are then scored on `calibration`, held out from them; see layer_sensitivity). Use the
+    result as lowbit.quantize(model, recipe, calibration=...).
     """
     if sensitivity is None:
-        sensitivity = layer_sensitivity(model, calibration, candidates, method=cost_solver(method, candidates),
-                                        measure=measure, progress=progress)
+        sensitivity = layer_sensitivity(model, calibration, candidates, method=cost_method(method, candidates),
+                                        measure=measure, solver_calibration=solver_calibration,
+                                        progress=progress)
     return plan_mixed(sensitivity, budget_bits, method).recipe

@@ -45,8 +45,15 @@ def write_report(run_dir: "str | Path") -> Path:
     rows = table["comparison"]["rows"]
     parts = [f"<h1>lowbit report: {html.escape(str(table.get('model', '?')))}</h1>", _table_html(table["comparison"])]
     absent = []
-    parts.append(_figure(run, "ppl_vs_size.png", _plot_pareto(rows), "Perplexity against size",
-                         "Every recipe tried; the line joins the Pareto front (no row is both smaller and better)."))
+    if table["comparison"].get("metric", "ppl") == "cosine":  # an encoder: sentence-embedding fidelity
+        parts.append(_figure(run, "cosine_vs_size.png", _plot_pareto(rows, "cosine"),
+                             "Embedding error against size", "Every recipe tried, 1 - mean cosine of the sentence "
+                             "embeddings against fp32; the line joins the Pareto front (no row is both smaller "
+                             "and better). fp32 (1 - cos = 0) is left out of the log axis."))
+    else:
+        parts.append(_figure(run, "ppl_vs_size.png", _plot_pareto(rows), "Perplexity against size",
+                             "Every recipe tried; the line joins the Pareto front (no row is both smaller and "
+                             "better)."))
     if layers:
         parts.append(_figure(run, "layers.png", _plot_layers(layers), "Per-layer error and sensitivity",
                              "SQNR per layer (higher is better) and, where measured, the sensitivity of the loss "
@@ -90,27 +97,41 @@ COLUMNS = [("recipe", "recipe", "{}"), ("method", "method", "{}"), ("embeddings"
            ("decode_tok_s", "tok/s", "{:.1f}"), ("quantize_s", "quant s", "{:.1f}")]
 
 
+ENCODER_COLUMNS = COLUMNS[:5] + [("cosine", "cosine", "{:.5f}"), ("cosine_min", "min cosine", "{:.4f}"),
+                                 ("spearman", "Spearman", "{:.4f}"), ("quantize_s", "quant s", "{:.1f}")]
+
+
 def _table_html(cmp: dict) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in COLUMNS)
+    encoder = cmp.get("metric", "ppl") == "cosine"
+    columns = ENCODER_COLUMNS if encoder else COLUMNS
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in columns)
     body = []
     for r in cmp["rows"]:
-        cells = [fmt.format(r[k]) if r.get(k) is not None else "–" for k, _, fmt in COLUMNS]
+        cells = [fmt.format(r[k]) if r.get(k) is not None else "–" for k, _, fmt in columns]
         body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     n, w = cmp["windows"], cmp["window"]
     note = f"Evaluated on windows 0-{n - 1} of {w} tokens; calibrated rows read the {cmp['calibration_windows']} " \
            "windows after them."
+    if encoder:
+        note = f"Evaluated on {cmp.get('sentences', '?')} sentences of the text's first half (mean-pooled " \
+               f"embeddings against fp32); calibrated rows read the last {cmp['calibration_windows']} windows " \
+               f"of {w} tokens."
     return f"<h2>Headline table</h2><table><tr>{head}</tr>{''.join(body)}</table><p>{html.escape(note)}</p>"
 
 
 OFF_SCALE = 4.0  # rows above this many times the best perplexity are drawn at the top edge
 
 
-def _plot_pareto(rows: list[dict]):
+def _plot_pareto(rows: list[dict], metric: str = "ppl"):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8))
+    if metric == "cosine":  # 1 - cosine on a log axis; fp32 (exactly 0) has no place on it
+        rows = [{**r, "ppl": 1 - r["cosine"]} for r in rows if r["cosine"] is not None and r["cosine"] < 1]
+        ax.set_yscale("log")
     sizes = [r["size_mb"] for r in rows]
     ppls = [r["ppl"] for r in rows]
-    cap = OFF_SCALE * min(ppls)  # a collapsed recipe (ppl 1e6) would flatten the rest
+    # a collapsed recipe (ppl 1e6) would flatten the rest; the log axis of 1 - cos holds them all
+    cap = OFF_SCALE * min(ppls) if metric == "ppl" else max(ppls)
     shown = [min(p, cap) for p in ppls]
     front = pareto_front(sizes, ppls)
     ax.plot([sizes[i] for i in front], [shown[i] for i in front], color="tab:red", zorder=2, label="Pareto front")
@@ -119,11 +140,11 @@ def _plot_pareto(rows: list[dict]):
         ax.scatter([sizes[i]], [shown[i]], marker="^" if off else "o", zorder=3,
                    color="tab:red" if i in front else "tab:blue")
     ax.set_xscale("log")
-    ax.set_ylim(min(ppls) * 0.95, cap * 1.08)
+    ax.set_ylim(min(ppls) * (0.95 if metric == "ppl" else 0.7), cap * (1.08 if metric == "ppl" else 1.4))
     _labels(ax, [r["recipe"] + (f" ↑{ppls[i]:.2g}" if ppls[i] > cap else "") for i, r in enumerate(rows)],
             sizes, shown)
-    ax.set_xlabel("model size, MB (log); ↑: perplexity off the scale")
-    ax.set_ylabel("perplexity")
+    ax.set_xlabel("model size, MB (log)" + ("; ↑: perplexity off the scale" if metric == "ppl" else ""))
+    ax.set_ylabel("1 - mean cosine (log)" if metric == "cosine" else "perplexity")
     ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -5,6 +5,9 @@ quantized version Q, H = 2/n X^T X the layer's calibration Hessian):
 
     kl[l, c]          KL(fp || model with only layer l quantized at c), mean over scored tokens
     dloss[l, c]       the change of the next-token loss (nats) on the same tokens
+
+For an encoder (no output layer, e.g. MiniLM) `kl` holds 1 - cosine similarity of the mean-pooled
+last hidden states to the fp ones (Sensitivity.metric "1-cos") and dloss is nan.
     output_err[l, c]  ||(W - Q) X||^2 / ||W X||^2 = tr(D H D^T) / tr(W H W^T), D = W - Q
     proxy[l, c]       tr(H) / n_in * ||W - Q||^2 (HAWQ's trace-weighted weight error)
 
@@ -21,13 +24,15 @@ estimate.
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from ..methods import get_method
+from ..methods import TRANSFORMS, get_method, parse_method
+from ..methods.awq import awq_clip
 from ..pipeline.blocks import BlockInput, capture_inputs, find_blocks, run_block
 from ..pipeline.recipe import Recipe, get_recipe
 from ..pipeline.stats import StatsCollector
@@ -45,13 +50,14 @@ class Sensitivity:
     numel: torch.Tensor              # [L] int64 weights per layer
     output_err: torch.Tensor         # [L, C] relative output error on the calibration inputs
     proxy: torch.Tensor              # [L, C] tr(H)/n_in * ||W - Q||^2
-    kl: torch.Tensor                 # [L, C] measured KL, nan where not measured
+    kl: torch.Tensor                 # [L, C] measured KL (1 - cos: encoders), nan where not measured
     dloss: torch.Tensor              # [L, C] measured change of loss, nan where not measured
     reference: int                   # the candidate measured on every layer (measure="reference")
     method: str                      # the solver that made Q
     tokens: int                      # scored tokens per measurement
     seconds: float = 0.0
     runs: int = 0                    # tail runs measured
+    metric: str = "kl"               # what `kl` holds: "kl" (causal LM), "1-cos" (encoder embeddings)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -79,6 +85,7 @@ class Sensitivity:
         return {"names": self.names, "candidates": self.candidates,
                 "recipes": [r.to_dict() for r in self.recipes], "reference": self.reference,
                 "method": self.method, "tokens": self.tokens, "seconds": self.seconds, "runs": self.runs,
+                "metric": self.metric,
                 **{k: lst(getattr(self, k)) for k in ("nbytes", "numel", "output_err", "proxy", "kl", "dloss")}}
 
     @classmethod
@@ -87,7 +94,8 @@ class Sensitivity:
             return torch.tensor([[float("nan") if v is None else v for v in r] for r in x], dtype=torch.float64)
         return cls(d["names"], d["candidates"], [Recipe.from_dict(r) for r in d["recipes"]],
                    torch.tensor(d["nbytes"]), torch.tensor(d["numel"]), f64(d["output_err"]), f64(d["proxy"]),
-                   f64(d["kl"]), f64(d["dloss"]), d["reference"], d["method"], d["tokens"], d["seconds"], d["runs"])
+                   f64(d["kl"]), f64(d["dloss"]), d["reference"], d["method"], d["tokens"], d["seconds"], d["runs"],
+                   d.get("metric", "kl"))
 
     def rows(self) -> list[dict]:
         """One dict per layer: output error and measured KL at the reference candidate."""
@@ -140,11 +148,11 @@ def final_norm(model, prefix: str):
 class _Tail:
     """Runs blocks i.. on cached block-i inputs and scores logits against the fp ones."""
 
+    metric = "kl"
+
     def __init__(self, model, prefix, blocks, ids: torch.Tensor, stride: int):
         self.blocks, self.norm = blocks, final_norm(model, prefix)
         self.head = model.get_output_embeddings()
-        if self.head is None:
-            raise ValueError(f"{type(model).__name__} has no output layer: sensitivity measures a causal LM's KL")
         self.pos = torch.arange(0, ids.shape[1] - 1, stride)   # predicting positions pos + 1
         self.targets = ids[:, self.pos + 1]                   # [N, P]
         self.ref_logp = None
@@ -171,14 +179,50 @@ class _Tail:
         return kl, float(nll(logp) - nll(ref))
 
 
+class _EncoderTail(_Tail):
+    """An encoder (a sentence-embedding model such as MiniLM, no output layer): the blocks' last
+    hidden states mean-pooled over each window, scored by 1 - cosine similarity to the fp
+    embedding (as lowbit.eval.embedding_fidelity compares them; the windows carry no padding)."""
+
+    metric = "1-cos"
+
+    def __init__(self, model, prefix, blocks, ids: torch.Tensor, stride: int):
+        self.blocks, self.ref_logp = blocks, None
+
+    @torch.no_grad()
+    def logp(self, h: torch.Tensor) -> torch.Tensor:
+        return h.double().mean(1)  # [N, hidden]
+
+    def score(self, emb: torch.Tensor) -> tuple[float, float]:
+        """(mean 1 - cosine, nan: an encoder has no next-token loss)."""
+        cos = torch.nn.functional.cosine_similarity(emb, self.ref_logp, dim=-1)
+        return float((1 - cos).mean()), float("nan")
+
+
+def _tail_for(model, prefix, blocks, ids, stride) -> _Tail:
+    if model.get_output_embeddings() is not None:
+        return _Tail(model, prefix, blocks, ids, stride)
+    if getattr(model.config, "is_decoder", False):
+        raise ValueError(f"{type(model).__name__} has no output layer: sensitivity measures a causal LM's KL "
+                         "or an encoder's embedding cosine")
+    return _EncoderTail(model, prefix, blocks, ids, stride)
+
+
 def layer_sensitivity(model, calibration, candidates=DEFAULT_CANDIDATES, *, method: str = "rtn",
                       measure: str = "reference", reference: "str | None" = None, stride: int = 2,
-                      names: "list[str] | None" = None, progress: bool = True) -> Sensitivity:
+                      names: "list[str] | None" = None, solver_calibration=None,
+                      progress: bool = True) -> Sensitivity:
     """Sensitivity of every Linear layer of the blocks (or `names`) to each candidate scheme.
 
     calibration: token windows ([T] or [b, T], one length; e.g. 4 windows of 256 tokens).
-    method: the solver that makes each candidate's weights ("rtn", or a chain whose solver is used
-    on the fp Hessians, e.g. "awq+gptq" -> gptq; transforms are not applied here).
+    solver_calibration: the token windows whose fp inputs the method's statistics (GPTQ's Hessian,
+    AWQ's magnitudes) come from, e.g. the windows lowbit.quantize will calibrate on; by default
+    `calibration` itself. A calibrated solver fitted on the very tokens its cost is scored on
+    overfits them (GPTQ on 512 tokens and a 576- or 1536-wide input has directions its error can
+    hide in), and the costs come out far too low: give held-out windows.
+    method: the method chain that makes each candidate's weights on the fp inputs ("rtn", "gptq",
+    "awq+gptq": the transforms pick scales for the layer alone, then the solver runs on the
+    scaled weight and inputs; see _transformed and _candidate_weight).
     measure: "reference" (one candidate measured per layer, `reference`, by default the second
     fewest bits: low enough that its KL stands clear of noise; the others are scaled from it) or
     "all" (every pair). stride: logits at every stride-th position (the head is a
@@ -194,6 +238,7 @@ def layer_sensitivity(model, calibration, candidates=DEFAULT_CANDIDATES, *, meth
     if reference not in labels:
         raise ValueError(f"reference={reference!r} is not among the candidates {labels}")
     ref_c = labels.index(reference)
+    transforms, solver_name = parse_method(method)
     solver = get_method(method)
     prefix, blocks = find_blocks(model)
     all_linear = [n for n, m in model.named_modules() if n.startswith(prefix + ".") and is_linear(m)]
@@ -202,46 +247,88 @@ def layer_sensitivity(model, calibration, candidates=DEFAULT_CANDIDATES, *, meth
     if unknown:
         raise ValueError(f"names {unknown[:3]}: not Linear layers of the blocks ({prefix})")
     batches = _stack(calibration)
-    tail = _Tail(model, prefix, blocks, batches[0], stride)
+    tail = _tail_for(model, prefix, blocks, batches[0], stride)
     L, C = len(names), len(recipes)
     nan = torch.full((L, C), float("nan"), dtype=torch.float64)
     sens = Sensitivity(names, labels, recipes, torch.zeros(L, C, dtype=torch.long),
                        torch.zeros(L, dtype=torch.long), nan.clone(), nan.clone(), nan.clone(), nan.clone(),
-                       ref_c, method, tail.pos.numel() * batches[0].shape[0])
+                       ref_c, method, batches[0].shape[0] * (batches[0].shape[1] if tail.metric != "kl" else
+                                                              tail.pos.numel()), metric=tail.metric)
     row = {n: i for i, n in enumerate(names)}
+    own = solver_calibration is None or solver_name == "rtn" and not transforms  # data-free: nothing to fit
     with torch.no_grad():
         inputs = capture_inputs(model, blocks[0], batches)
+        fit = inputs if own else capture_inputs(model, blocks[0], _stack(solver_calibration))
         tail.ref_logp = tail.run(0, inputs)
         measured = [c for c in range(C) if measure == "all" or c == ref_c]
         bar = tqdm(total=L * len(measured), desc="sensitivity", unit="run", disable=not progress)
         for i, block in enumerate(blocks):
             head = f"{prefix}.{i}."
             local = [n[len(head):] for n in names if n.startswith(head)]
-            with StatsCollector(block, local, hessian=True, magnitudes=False) as col:
+            with StatsCollector(block, local, hessian=True, magnitudes=bool(transforms) and own) as col:
                 outs = [run_block(block, inp) for inp in inputs]
+            if own:
+                fitted, fit_outs = col, outs
+            else:
+                with StatsCollector(block, local, hessian=True, magnitudes=bool(transforms)) as fitted:
+                    fit_outs = [run_block(block, inp) for inp in fit]
             for n in local:
-                lin, st, l = block.get_submodule(n), col.stats[n], row[head + n]
-                _measure_layer(sens, l, lin, st, recipes, solver, measured, tail, i, inputs, bar)
+                lin, l = block.get_submodule(n), row[head + n]
+                _measure_layer(sens, l, lin, col.stats[n], fitted.stats[n], recipes,
+                               (transforms, solver_name, solver), measured, tail, i, inputs, bar)
             inputs = [BlockInput(y, x.kwargs) for x, y in zip(inputs, outs)]
+            fit = inputs if own else [BlockInput(y, x.kwargs) for x, y in zip(fit, fit_outs)]
         bar.close()
     sens.seconds = time.perf_counter() - t0
     return sens
 
 
-def _measure_layer(sens, l, lin, stats, recipes, solver, measured, tail, i, inputs, bar) -> None:
+def _transformed(w: torch.Tensor, scheme, stats, transforms) -> tuple["torch.Tensor | None", object]:
+    """The chain's transforms (AWQ) on this layer alone: (scales s [in] or None, the statistics of
+    the inputs X / s). The scales are picked once per layer, under the reference candidate's scheme,
+    and kept for every candidate (AWQ's search costs 20 quantizations of the layer per scheme; the
+    pipeline picks them per group of layers sharing an input, under those layers' own schemes)."""
+    if not transforms:
+        return None, stats
+    stats = copy.deepcopy(stats)  # the scales change the statistics; the original H prices the error
+    s = torch.ones(w.shape[1])
+    for kind in transforms:
+        t = TRANSFORMS[kind]([w * s], stats, scheme)
+        stats.scale_inputs(t)
+        s = s * t
+    return s, stats
+
+
+def _candidate_weight(w: torch.Tensor, scheme, s, stats, chain) -> tuple[torch.Tensor, int]:
+    """(the weight [out, in] the chain leaves for this layer under `scheme`, in the original input
+    basis; its QTensor.nbytes). With transform scales s the solver quantizes W s on inputs X / s and
+    the effective weight is Q(W s) / s; AWQ clips the scaled weight unless GPTQ solves next
+    (pipeline/transforms.py). Leaving the scales out misprices a calibrated recipe."""
+    transforms, solver_name, solver = chain
+    if s is not None:
+        w = w * s
+        if "awq" in transforms and solver_name != "gptq":
+            w = awq_clip(w, scheme, stats)
+    q = solver(w, scheme, stats=stats) if getattr(solver, "needs", ()) else solver(w, scheme)
+    w_hat = q.dequantize().float()
+    return (w_hat if s is None else w_hat / s), q.nbytes
+
+
+def _measure_layer(sens, l, lin, stats, fit_stats, recipes, chain, measured, tail, i, inputs, bar) -> None:
+    """stats: the scored windows' inputs (output error, proxy); fit_stats: what the method fits on."""
     w = linear_weight(lin).float()
     H = stats.hessian.double()
     sens.numel[l] = w.numel()
     signal = _quad(w.double(), H) or 1e-30
     mean_diag = float(H.diagonal().mean())
+    s, scaled = _transformed(w, recipes[sens.reference].weights, fit_stats, chain[0])
     for c, r in enumerate(recipes):
-        q = solver(w, r.weights, stats=stats) if getattr(solver, "needs", ()) else solver(w, r.weights)
-        d = (w - q.dequantize().float()).double()
-        sens.nbytes[l, c] = q.nbytes
+        w_hat, sens.nbytes[l, c] = _candidate_weight(w, r.weights, s, scaled, chain)
+        d = (w - w_hat).double()
         sens.output_err[l, c] = _quad(d, H) / signal
         sens.proxy[l, c] = mean_diag * float(d.pow(2).sum())
         if c in measured:
-            sens.kl[l, c], sens.dloss[l, c] = _swapped(lin, q.dequantize(), tail, i, inputs)
+            sens.kl[l, c], sens.dloss[l, c] = _swapped(lin, w_hat, tail, i, inputs)
             sens.runs += 1
             bar.update()
 

@@ -24,14 +24,19 @@ from ..core.granularity import PerChannel, PerGroup, PerTensor
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 down to 0.5
 
 
-def awq_scales(weights: list[torch.Tensor], stats, scheme: Scheme, *, grid: int = 20) -> torch.Tensor:
-    """weights: [out_i, in] of the layers sharing the input -> s: [in]."""
+def awq_scales(weights: list[torch.Tensor], stats, scheme, *, grid: int = 20) -> torch.Tensor:
+    """weights: [out_i, in] of the layers sharing the input -> s: [in]. scheme: one Scheme for all,
+    or one per weight (a mixed-precision recipe may give q/k/v different schemes: each layer's
+    error is then counted on its own grid)."""
     H, xm = stats.hessian, stats.absmean.clamp(min=1e-6)
+    schemes = list(scheme) if isinstance(scheme, (list, tuple)) else [scheme] * len(weights)
+    if len(schemes) != len(weights):
+        raise ValueError(f"awq_scales: {len(schemes)} schemes for {len(weights)} weights")
     best_loss, best = None, torch.ones_like(xm)
     for i in range(grid):
         s = xm.pow(i / grid)
         s = s / (s.max() * s.min()).sqrt()
-        loss = sum(_loss(w, fake_quantize(w * s, scheme) / s, H) for w in weights)
+        loss = sum(_loss(w, fake_quantize(w * s, sc) / s, H) for w, sc in zip(weights, schemes))
         if best_loss is None or loss < best_loss:
             best_loss, best = loss, s
     return best

@@ -51,7 +51,10 @@ def fold_scales(block: nn.Module, names: list[str], transforms: dict[str, tuple[
         st = stats[g.consumers[0]]
         for kind in transforms[g.consumers[0]]:
             ws = [linear_weight(block.get_submodule(c)).float() for c in g.consumers]
-            s = TRANSFORMS[kind](ws, st, schemes[g.consumers[0]], **(options or {}).get(kind, {}))
+            own = [schemes[c] for c in g.consumers]
+            # consumers under different schemes (mixed precision): each counted on its own grid
+            sc = own[0] if all(x == own[0] for x in own) else own
+            s = TRANSFORMS[kind](ws, st, sc, **(options or {}).get(kind, {}))
             _fold(block, g, s)
             st.scale_inputs(s)
     after = run_block(block, sample)
