@@ -60,7 +60,7 @@ def quantize_calibrated(model: nn.Module, recipe, parts: list, where: dict[str, 
 
     @contextlib.contextmanager
     def block_scope(i: int, block: nn.Module):
-        if i == resume.start and first is not None:  # quantized, and block 0's inputs captured: no longer needed
+        if i == resume.start and first is not None:  # quantized, and the first inputs at hand: no longer needed
             output.add(model, first)
         _materialize(model, blocks[i], where)
         yield
