@@ -117,7 +117,74 @@ def test_killed_gptq_run_resumes_to_the_same_bytes(tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     journal = json.loads((tmp_path / ".out.partial" / "journal.json").read_text())
     assert len(journal["shards"]) == 2 and not (tmp_path / "out").exists()
+    # killed writing block 1's shard: the inputs saved are block 1's (after the first shard)
+    assert journal["inputs"]["block"] == 1 and (tmp_path / ".out.partial" / journal["inputs"]["folder"]).is_dir()
     assert files(run(src, tmp_path / "out")) == files(whole)
+
+
+@pytest.mark.parametrize("spilled", [False, True])
+def test_resumed_gptq_run_starts_at_the_first_unfinished_block(tmp_path, monkeypatch, spilled):
+    """Interrupted (Ctrl-C) as block 2 starts: the resumed run loads and solves blocks 2 and 3 only."""
+    from lowbit.pipeline import sequential
+
+    src = tiny_llama(tmp_path / "src", layers=4)
+    kw = {"shard_bytes": 1, "activation_bytes": 2 * 24 * 128 * 4 if spilled else 4 << 30}  # a shard per part
+    whole = run(src, tmp_path / "whole", **kw)
+    solved, loaded = [], []
+    one_block, materialize = sequential._one_block, streaming._materialize
+
+    def solve(i, *args, **kwargs):
+        if i == 2 and interrupt:
+            raise KeyboardInterrupt
+        solved.append(i)
+        return one_block(i, *args, **kwargs)
+
+    def load(model, part, *args, **kwargs):
+        loaded.append(part.name)
+        return materialize(model, part, *args, **kwargs)
+    monkeypatch.setattr(sequential, "_one_block", solve)
+    monkeypatch.setattr(streaming, "_materialize", load)
+    interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        run(src, tmp_path / "out", **kw)
+    journal = json.loads((tmp_path / ".out.partial" / "journal.json").read_text())
+    assert journal["inputs"]["block"] == 2 and {"embeddings", "model.layers.0", "model.layers.1"} == {
+        p for s in journal["shards"] for p in s["parts"]}
+    assert solved == [0, 1]
+    interrupt, solved[:], loaded[:] = False, [], []
+    assert files(run(src, tmp_path / "out", **kw)) == files(whole)
+    assert solved == [2, 3]
+    assert not {"model.layers.0", "model.layers.1"} & set(loaded)
+    assert not (tmp_path / "out" / journal["inputs"]["folder"]).exists()
+
+
+def test_saved_block_inputs_come_back_bit_for_bit_and_are_checked(tmp_path):
+    from lowbit.io import block_inputs
+    from lowbit.pipeline.blocks import BlockInput
+
+    g = torch.Generator().manual_seed(3)
+    cos = torch.randn(1, 24, 32, generator=g)
+    inputs = [BlockInput(torch.randn(2, 24, 128, generator=g).to(torch.bfloat16),
+                         {"position_embeddings": (cos, cos[..., :16]), "attention_mask": None, "flag": True,
+                          "position_ids": torch.arange(24)[None], "scale": 0.5})]
+    block_inputs.save(tmp_path / "b", inputs, digest="abc", block=3)
+    assert block_inputs.batches(tmp_path / "b", digest="abc", block=3) == 1
+    back = []
+    block_inputs.load(tmp_path / "b", back, 1)
+    (a,), (b,) = inputs, back
+    assert a.hidden.dtype == b.hidden.dtype and torch.equal(a.hidden, b.hidden)
+    assert b.kwargs.keys() == a.kwargs.keys() and type(b.kwargs["position_embeddings"]) is tuple
+    assert all(torch.equal(x, y) for x, y in zip(a.kwargs["position_embeddings"], b.kwargs["position_embeddings"]))
+    assert torch.equal(b.kwargs["position_ids"], a.kwargs["position_ids"])
+    assert (b.kwargs["attention_mask"], b.kwargs["flag"], b.kwargs["scale"]) == (None, True, 0.5)
+    with pytest.raises(ValueError, match="another job or block"):
+        block_inputs.batches(tmp_path / "b", digest="abc", block=4)
+    (tmp_path / "b" / "00000.safetensors").write_bytes(b"12")
+    with pytest.raises(ValueError, match="truncated"):
+        block_inputs.batches(tmp_path / "b", digest="abc", block=3)
+    with pytest.raises(block_inputs.NotSaved, match="argument kw.cache is a object"):
+        block_inputs.save(tmp_path / "c", [BlockInput(a.hidden, {"cache": object()})], digest="abc", block=1)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "c.tmp").exists()
 
 
 def test_calibrated_recipes_need_calibration_and_static_activations_are_refused(tmp_path):

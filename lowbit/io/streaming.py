@@ -54,10 +54,12 @@ class Part:
 @dataclass
 class Journal:
     """What a run has finished: shards written (file name -> the parts in it) and the lowbit.json
-    entries of the quantized modules in them. `digest` names the inputs it belongs to."""
+    entries of the quantized modules in them. `digest` names the inputs it belongs to; `inputs`
+    (calibrated methods): the block boundary whose inputs are saved, {"block", "folder", "batches"}."""
     digest: str
     shards: list[dict] = field(default_factory=list)
     modules: dict = field(default_factory=dict)
+    inputs: dict | None = None
 
     def parts_done(self) -> set[str]:
         return {p for s in self.shards for p in s["parts"]}

@@ -73,7 +73,7 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
              batch_size: int = 8, calibration_dtype: "torch.dtype | str" = "auto",
              on_layer: "Callable | None" = None, modules: "set[str] | None" = None,
              solve: "Callable | None" = None, block_scope: "Callable | None" = None,
-             spill=None, call_solver: "Callable | None" = None, solve_workers: int = 2) -> nn.Module:
+             spill=None, call_solver: "Callable | None" = None, solve_workers: int = 2, resume=None) -> nn.Module:
     """Quantize `model` in place and return it.
 
     `calibration`: an iterable of input batches (token id tensors [batch, seq], or dicts
@@ -92,8 +92,9 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
     `solve(name, solver, scheme, options)`: with `modules`, may return a module's QTensor in place
     of quantizing its weight (None: quantize it as usual); io/streaming.py quantizes weights too
     big to hold whole there, rows read from disk (pipeline/rowwise.py), the module's weight on meta.
-    `block_scope`, `spill` (calibrated methods): passed to run_sequential; io/streaming.py loads
-    each block there and keeps activations past a memory limit on disk (pipeline/spill.py).
+    `block_scope`, `spill`, `resume` (calibrated methods): passed to run_sequential; io/streaming.py
+    loads each block there, keeps activations past a memory limit on disk (pipeline/spill.py) and
+    resumes an interrupted job at the block whose inputs it saved.
     `call_solver(fn, w, scheme, stats, options)`: runs a solver (default: call(), here); with
     `solve_workers` calls at once per block, io/streaming_ray.py runs each as a Ray task.
     """
@@ -142,7 +143,7 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
                                                   transform=_transform_step(targets, recipe.method_options),
                                                   propagate=propagate, compute_dtype=calibration_dtype,
                                                   progress=progress, block_scope=block_scope, spill=spill,
-                                                  workers=solve_workers)
+                                                  workers=solve_workers, resume=resume)
     else:
         for name in tqdm(targets, desc="quantize", unit="layer", disable=not progress):
             quantize_layer(name)

@@ -17,7 +17,9 @@ loss ||W X - Q X||^2 / ||W X||^2 of the chosen weights next to round-to-nearest'
 Two hooks serve io/streaming.py, which never holds the whole model: `block_scope(i, block)`, a
 context entered around block i's work (it loads the block's weights from disk, and writes and drops
 the quantized block on leaving), and `spill`, a limit on the activations held in memory past which
-they go to disk (spill.py).
+they go to disk (spill.py); and `resume`, with which an interrupted streaming job starts at a later
+block from that block's inputs saved at a boundary (io/streaming_calibrated.py): the inputs are all
+that passes from one block to the next (the report covers the blocks run).
 """
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
                    transform: Callable | None = None, propagate: str = "quantized",
                    compute_dtype: "torch.dtype | str" = "auto", progress: bool = True,
                    block_scope: Callable | None = None, spill: SpillPolicy | None = None,
-                   workers: int = 2) -> CalibrationReport:
+                   workers: int = 2, resume=None) -> CalibrationReport:
     """Quantize the layers `names` (full module names) of `model` block by block.
 
     transform(block, local names, stats, producers, sample input, block name) runs between
@@ -86,7 +88,10 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
     calibration_dtype); the weights being quantized stay in their own precision.
     block_scope(i, block): a context manager entered around block i's statistics, solves and
     forward (see the module docstring); spill: hold activations past its limit on disk.
-    workers: layer solves run at once (threads; each may wait on a Ray task, io/streaming_ray.py)."""
+    workers: layer solves run at once (threads; each may wait on a Ray task, io/streaming_ray.py).
+    resume: an object with `start` (the first block to run; those before it are left as they are),
+    `inputs(into)` (appends block `start`'s inputs to `into` when start > 0, in place of capturing
+    block 0's) and `save(i, inputs)` (called with block i's inputs before each block i > start runs)."""
     if propagate not in ("quantized", "full"):
         raise ValueError(f"propagate={propagate!r}: choose 'quantized' or 'full'")
     dtype = calibration_dtype(compute_dtype)
@@ -98,9 +103,17 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
                          "cannot reach them: exclude them or give them a data-free method in an override")
     report = CalibrationReport(blocks=f"{prefix} ({len(blocks)} x {type(blocks[0]).__name__})",
                                dtype=str(dtype).removeprefix("torch."))
-    inputs = capture_inputs(model, blocks[0], batches, into=Activations(spill, "block-00000-in"))
+    start = resume.start if resume is not None else 0
+    inputs = Activations(spill, f"block-{start:05d}-in")
+    if start > 0:
+        resume.inputs(inputs)
+    else:
+        capture_inputs(model, blocks[0], batches, into=inputs)
     report.tokens = inputs.tokens
-    for i, block in enumerate(tqdm(blocks, desc="calibrate+quantize", unit="block", disable=not progress)):
+    for i in tqdm(range(start, len(blocks)), desc="calibrate+quantize", unit="block", disable=not progress):
+        block = blocks[i]
+        if resume is not None and i > start:
+            resume.save(i, inputs)
         with block_scope(i, block) if block_scope is not None else contextlib.nullcontext():
             inputs = _one_block(i, block, inputs, prefix, names, quantize_layer, hessian, magnitudes, transform,
                                 propagate, dtype, spill, report, workers)
