@@ -2,7 +2,7 @@
 StableEmbedding, stochastic rounding for bf16 weights, compressed-gradient DDP hooks.
 
     from lowbit.optim import AdamW8bit
-    keep_embeddings_32bit(model)  # pretrained embeddings: 32-bit state (see its doc)
+    keep_embeddings_32bit(model)  # optional: Trainer's recipe, 32-bit embedding state (see its doc)
     opt = AdamW8bit(model.parameters(), lr=1e-4)
 """
 from .adam import Adam, Adam8bit, AdamW8bit, adam_math, state_nbytes
