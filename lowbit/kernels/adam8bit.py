@@ -156,7 +156,7 @@ def _step(p, g, c1, a1, c2, a2, block, b2, w1, w2, eps, wd, decay, decoupled, st
         for j in range(k):
             q1[j] = _round(m[j] / d1, _T1, lo1, hi1, n1)
             c2j = _round(v[j] / d2, _T2, lo2, hi2, n2)
-            q2[j] = c2j + np.uint8((c2j == 0) & (v[j] > 0))  # never 0 for v > 0 (see above)
+            q2[j] = max(c2j, np.uint8(v[j] > 0))  # never 0 for v > 0 (see above)
 
 
 def adam8bit_step(p, g, codes1, absmax1, codes2, absmax2, map1, map2, block, *, lr, beta1, beta2, eps,
