@@ -9,7 +9,7 @@ All parts fine-tune on wikitext-2 valid.txt (../shared), consecutive windows of 
 
 parity  AdamW8bit and torch.optim.AdamW(foreach=True) trained side by side, step by step (so both
         see the same machine load): losses, optimizer step times, state bytes per parameter;
-        docs/img/optim8bit_loss.png
+        docs/img/optim8bit_loss.png (optim8bit_loss_emb32.png with --embedding-bits 32)
 memory  bytes per parameter of weights, gradients and optimizer state after one real step, for
         fp32 weights + AdamW and bf16 weights + AdamW8bit (tensors counted, process RSS beside)
 steptime  the optimizer step alone on the full model's parameters, the two optimizers in turn
@@ -147,7 +147,7 @@ def parity(args) -> None:
          f"SmolLM2-135M{f' cut to {n_layers} layers' if args.layers else f' (full, {n_layers} layers)'}: {args.steps} "
          f"steps of {args.batch}x{args.seq} tokens, lr {args.lr}, warm-up {args.warmup}, 8-bit: embedding state "
          f"{args.embedding_bits}-bit",
-         IMG / "optim8bit_loss.png")
+         IMG / ("optim8bit_loss.png" if args.embedding_bits == 8 else "optim8bit_loss_emb32.png"))
 
 
 def _rss() -> int:

@@ -9,7 +9,8 @@ import torch
 
 from lowbit import formats
 from lowbit.kernels.adam8bit import adam8bit_step, round_to_map
-from lowbit.optim import Adam, Adam8bit, AdamW8bit, dequantize_blockwise, quantize_blockwise, state_nbytes
+from lowbit.optim import (Adam, Adam8bit, AdamW8bit, dequantize_blockwise, quantize_blockwise, quantize_second_moment,
+                          state_nbytes)
 from lowbit.optim.blockwise import BLOCK, SIGNED, UNSIGNED
 from lowbit.optim.stable_embedding import StableEmbedding, keep_embeddings_32bit
 from reference.adam8bit_ref import adamw8bit_step as ref_step
@@ -110,6 +111,45 @@ def test_fused_kernel_matches_torch_path(gen, decoupled):
     torch.testing.assert_close(fast[4], st["v_absmax"], rtol=1e-5, atol=0)
     assert (fast[1] == st["m_codes"]).float().mean() > 0.999
     assert (fast[3] == st["v_codes"]).float().mean() > 0.999
+
+
+
+def test_second_moment_never_rounds_a_positive_value_to_zero(gen):
+    v = torch.rand(BLOCK + 9, generator=gen) * torch.logspace(-14, 0, BLOCK + 9)
+    v[5], v[7] = 0.0, 1e-30
+    codes, absmax = quantize_second_moment(v)
+    plain, _ = quantize_blockwise(v, UNSIGNED)
+    back = dequantize_blockwise(codes, absmax, UNSIGNED, v.numel())
+    low = plain[: v.numel()] == UNSIGNED.zero
+    assert low.sum() > 100  # the case exists: round-to-nearest sends these to 0
+    assert ((back > 0) == (v > 0)).all() and codes[5] == UNSIGNED.zero
+    pos = low & (v > 0)
+    torch.testing.assert_close(back[pos], UNSIGNED.values[1] * absmax[(pos.nonzero()[:, 0] // BLOCK)], rtol=0, atol=0)
+    assert torch.equal(codes[: v.numel()][~pos], plain[: v.numel()][~pos])  # everything else: nearest, as before
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "torch"])
+def test_8bit_step_stays_bounded_where_v_is_far_below_its_block_absmax(use_kernel):
+    """A tied embedding's block: one large gradient sets the block's absmax, the rest are 1e-5 of
+    it (their v, 1e-10 of the absmax, lies under the unsigned map's smallest level), then stop (a
+    token not in the batch). With v rounded to 0, m / (sqrt(v) + eps) moved those weights by 0.37
+    (370x lr) in one step; exact Adam moves them by at most ~lr, and the 8-bit step must not exceed it."""
+    n = 2 * BLOCK
+    p0 = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    lr = 1e-3
+    ours = torch.nn.Parameter(p0.clone())
+    ref = torch.nn.Parameter(p0.clone())
+    opt = AdamW8bit([ours], lr=lr, weight_decay=0.0, use_kernel=use_kernel)
+    opt_ref = torch.optim.AdamW([ref], lr=lr, weight_decay=0.0)
+    for step in range(6):
+        g = torch.full((n,), 0.0 if step else 1e-5)
+        g[:: BLOCK] = 1.0  # each block's absmax
+        for q, o in ((ours, opt), (ref, opt_ref)):
+            q.grad = g.clone()
+            o.step()
+        moved, moved_ref = (ours - p0).abs().detach(), (ref - p0).abs().detach()
+        assert (moved <= moved_ref * (1 + 1e-3) + 1e-7).all(), f"step {step + 1}: {moved.max():.3g} vs {moved_ref.max():.3g}"
+        torch.testing.assert_close(moved[:: BLOCK], moved_ref[:: BLOCK], rtol=1e-3, atol=0)
 
 
 def _model():

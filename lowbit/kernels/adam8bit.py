@@ -1,5 +1,6 @@
 """One fused pass of block-wise 8-bit Adam with numba: decode both moments, update them and
-the parameter, find each block's new absmax and round the moments back to their maps,
+the parameter, find each block's new absmax and round the moments back to their maps
+(a positive second moment never to 0, as lowbit.optim.blockwise.quantize_second_moment),
 blocks in parallel. lowbit/optim/adam.py's torch path is the reference
 (tests/test_optim.py pins this kernel to it).
 
@@ -102,6 +103,9 @@ def _map(name: str) -> tuple[np.ndarray, int, int, np.ndarray]:
 _V1, _LO1, _HI1, _T1 = _map("dynamic8")
 _V2, _LO2, _HI2, _T2 = _map("dynamic8_unsigned")
 _MAPS = ("dynamic8", "dynamic8_unsigned")
+# a positive second moment never rounds to 0 (lowbit.optim.blockwise.quantize_second_moment says
+# why): where the nearest code is 0, code 1, the unsigned map's smallest positive level
+assert _V2[0] == 0 and _V2[1] > 0
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
@@ -151,7 +155,8 @@ def _step(p, g, c1, a1, c2, a2, block, b2, w1, w2, eps, wd, decay, decoupled, st
         d2 = mx2 if mx2 > 0 else F32(1.0)
         for j in range(k):
             q1[j] = _round(m[j] / d1, _T1, lo1, hi1, n1)
-            q2[j] = _round(v[j] / d2, _T2, lo2, hi2, n2)
+            c2j = _round(v[j] / d2, _T2, lo2, hi2, n2)
+            q2[j] = max(c2j, np.uint8(v[j] > 0))  # never 0 for v > 0 (see above)
 
 
 def adam8bit_step(p, g, codes1, absmax1, codes2, absmax2, map1, map2, block, *, lr, beta1, beta2, eps,

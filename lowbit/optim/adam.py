@@ -5,7 +5,8 @@ Loshchilov & Hutter 2019; 8-bit block-wise state as Dettmers et al. 2022).
 
 The update math is written once (`adam_math`); the 8-bit path decodes both moments to
 float32, runs the same math, and rounds them back: the first moment to the signed dynamic
-map, the second to the unsigned one, each block of 2048 scaled by its absmax. Tensors under
+map, the second to the unsigned one (a positive second moment never to 0: see
+blockwise.quantize_second_moment), each block of 2048 scaled by its absmax. Tensors under
 `min_8bit_size` (4096) elements keep 32-bit state, as bitsandbytes does. A parameter group's
 `state_bits`, or a parameter's `optim_bits` attribute (StableEmbedding sets 32 on its weight),
 overrides the optimizer's choice. bf16 parameters are updated in float32 and written back with
@@ -21,7 +22,7 @@ import torch
 
 from ..core.rounding import stochastic_round_bf16
 from ..kernels.adam8bit import adam8bit_step
-from .blockwise import BLOCK, SIGNED, UNSIGNED, dequantize_blockwise, quantize_blockwise
+from .blockwise import BLOCK, SIGNED, UNSIGNED, dequantize_blockwise, quantize_blockwise, quantize_second_moment
 
 STATE_BITS = (8, 32)
 MIN_8BIT_SIZE = 4096  # smaller tensors keep 32-bit state, as bitsandbytes does
@@ -109,7 +110,7 @@ class Adam(torch.optim.Optimizer):
             v = dequantize_blockwise(state["v_codes"], state["v_absmax"], UNSIGNED, p.numel()).view_as(p)
             adam_math(p32, p.grad.float(), m, v, **hyper)
             state["m_codes"], state["m_absmax"] = quantize_blockwise(m, SIGNED)
-            state["v_codes"], state["v_absmax"] = quantize_blockwise(v, UNSIGNED)
+            state["v_codes"], state["v_absmax"] = quantize_second_moment(v)
         if p32 is not p:
             p.copy_(stochastic_round_bf16(p32) if group["stochastic_rounding"] and p.dtype == torch.bfloat16 else p32)
 

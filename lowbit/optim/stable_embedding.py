@@ -35,8 +35,9 @@ def keep_embeddings_32bit(model: nn.Module) -> int:
     cannot become a StableEmbedding. A tied LM head shares the weight and so its state. Call before
     building the optimizer; returns the number of values marked (a shared weight counted once).
 
-    On SmolLM2-135M, 8-bit state on its tied embedding makes fine-tuning diverge from AdamW and
-    32-bit state tracks it (docs/benchmarks.md, issue 12)."""
+    lowbit's 8-bit state does not need it: on SmolLM2-135M all-8-bit state tracks AdamW too, since a
+    positive second moment never rounds to 0 (blockwise.quantize_second_moment); before that rule
+    the tied embedding's 8-bit state made fine-tuning diverge (docs/benchmarks.md, issue 12)."""
     marked = {}
     for module in model.modules():
         if isinstance(module, nn.Embedding):

@@ -2,7 +2,8 @@
 
 Per block of `block` values: decode m = map1[code] * absmax, v = map2[code] * absmax, take the
 AdamW step in float64 with the undecoded new m and v, then store each block's new absmax and the
-index of the nearest map value to m / absmax (v / absmax), ties to the larger value.
+index of the nearest map value to m / absmax (v / absmax), ties to the larger value; a positive
+v whose nearest value is 0 takes the smallest positive one (lowbit.optim.blockwise.quantize_second_moment).
 """
 import math
 
@@ -38,4 +39,6 @@ def adamw8bit_step(p, g, m_codes, m_absmax, v_codes, v_absmax, map1, map2, *, bl
         for j in idx:
             m_codes[j] = nearest_code(m[j] / m_absmax[b] if m_absmax[b] else 0.0, map1)
             v_codes[j] = nearest_code(v[j] / v_absmax[b] if v_absmax[b] else 0.0, map2)
+            if v[j] > 0 and map2[v_codes[j]] == 0:
+                v_codes[j] = int(np.flatnonzero(map2 > 0)[0])
     return p, m_codes, m_absmax, v_codes, v_absmax
