@@ -14,6 +14,7 @@ mode has it (call model.eval() first for deterministic steps).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -78,29 +79,40 @@ def finetune(model: nn.Module, params: list[nn.Parameter], batches: list, loss_f
     return losses
 
 
+@contextlib.contextmanager
+def _training_only(model: nn.Module, params: list[torch.Tensor]):
+    """Within the block only `params` take gradients; the model's trainable parameters are given
+    back their gradients after."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
 def retrain_pruned(model: nn.Module, layers: dict[str, nn.Linear], masks: dict[str, torch.Tensor], batches: list,
                    loss_fn: Callable, steps: int, lr: float = 5e-5, progress: bool = True) -> list[float]:
     """Retrain the kept weights of the pruned layers (every other parameter frozen, pruned weights
     held at zero) -> the losses."""
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     weights = [m.weight for m in layers.values()]
-    for w in weights:
-        w.requires_grad_(True)
 
     def reapply():  # Adam with zero gradients keeps zeros at zero; the mask makes it certain
         with torch.no_grad():
             for name, m in layers.items():
                 m.weight.mul_(masks[name])
-    hooks = [m.weight.register_hook(lambda g, k=masks[name]: g * k) for name, m in layers.items()]
-    try:
-        return finetune(model, weights, batches, loss_fn, steps, lr, reapply, desc="retrain pruned", progress=progress)
-    finally:
-        for h in hooks:
-            h.remove()
-        for p in frozen:
-            p.requires_grad_(True)
+    with _training_only(model, weights):
+        hooks = [m.weight.register_hook(lambda g, k=masks[name]: g * k) for name, m in layers.items()]
+        try:
+            return finetune(model, weights, batches, loss_fn, steps, lr, reapply, desc="retrain pruned",
+                            progress=progress)
+        finally:
+            for h in hooks:
+                h.remove()
 
 
 def share(model: nn.Module, layers: dict[str, nn.Linear], masks: dict[str, torch.Tensor], bits: int,
@@ -116,17 +128,9 @@ def share(model: nn.Module, layers: dict[str, nn.Linear], masks: dict[str, torch
 def finetune_centroids(model: nn.Module, shared: dict[str, SharedLinear], batches: list, loss_fn: Callable,
                        steps: int, lr: float = 1e-4, progress: bool = True) -> list[float]:
     """Train the centroids only (each by the summed gradient of its cluster) -> the losses."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
     centroids = [s.centroids for s in shared.values()]
-    for c in centroids:
-        c.requires_grad_(True)
-    try:
+    with _training_only(model, centroids):
         return finetune(model, centroids, batches, loss_fn, steps, lr, desc="fine-tune centroids", progress=progress)
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
 
 
 def deep_compress(model: nn.Module, *, sparsity: float, bits: int, batches: list | None = None,
