@@ -365,11 +365,17 @@ def test_int8_activations_decode_is_opt_in_and_bf16_prefill_is_auto(gen, monkeyp
     with qmatmul.activations("float"):
         xb = xs.bfloat16()
         assert torch.equal(qmatmul.linear(xb, p), F.linear(xb, q.dequantize(torch.bfloat16)))
-    qn = lowbit.core.quantize(torch.randn(64, 256, generator=gen), SCHEMES["nf4"])  # levels rounded: int8 mode only
+    qn = lowbit.core.quantize(torch.randn(64, 256, generator=gen), SCHEMES["nf4"])  # levels fitted: auto takes it
     pn, xb = plan(qn), xs.bfloat16()
-    assert torch.equal(qmatmul.linear(xb, pn), F.linear(xb, qn.dequantize(torch.bfloat16)))
-    with qmatmul.activations("int8"):
-        assert torch.equal(qmatmul.linear(xb, pn), qmatmul.gemm_i8(xb, pn).bfloat16())
+    assert torch.equal(qmatmul.linear(xb, pn), qmatmul.gemm_i8(xb, pn).bfloat16())
+    with qmatmul.activations("float"):
+        assert torch.equal(qmatmul.linear(xb, pn), F.linear(xb, qn.dequantize(torch.bfloat16)))
+    if qmatmul.has_lut8():  # fp8 levels on an int8 grid: int8 mode only
+        q8 = lowbit.core.quantize(torch.randn(64, 256, generator=gen), SCHEMES["fp8"])
+        p8 = plan(q8)
+        assert torch.equal(qmatmul.linear(xb, p8), F.linear(xb, q8.dequantize(torch.bfloat16)))
+        with qmatmul.activations("int8"):
+            assert torch.equal(qmatmul.linear(xb, p8), qmatmul.gemm_i8(xb, p8).bfloat16())
     with pytest.raises(ValueError, match="activations"):
         with qmatmul.activations("int4"):
             pass
@@ -393,19 +399,20 @@ def gemm_x_reference(x: torch.Tensor, block: int) -> torch.Tensor:
 
 def gemm_weight_reference(q: QTensor, p) -> QTensor | torch.Tensor:
     """The weight the prefill GEMM multiplies: q itself where its levels are exact in 8 bits, else
-    [N, K] float64 with each 4-bit level rounded to the GEMM's byte table."""
+    [N, K] float64 with each level (4-bit nf4, 8-bit fp8) rounded to the GEMM's byte table."""
     c = p.i8_gemm
     if c.exact:
         return q
     N, K = q.shape
-    levels = (c.table.double()[q.unpack_codes().reshape(N, K).long()] - c.offset) * c.scale_mul
+    levels = (c.table.double()[q.unpack_codes().reshape(N, K).long()] - c.offset) * c.scale_mul * p.scale_mul
     per_k = lambda t: t.double().reshape(N, -1).repeat_interleave(p.group, dim=1)[:, :K]
     z = q.zero_values()
     return (levels - (0 if z is None else per_k(z))) * per_k(q.scale_values())
 
 
 GEMM_I8 = ["w4g64", "w4g128", "w4g32", "int4-g64-fp32", "int4-g128-bf16", "int4-g64-fp16-affine-intzero", "w8",
-           "uint8-channel-affine", "int8-g128", "mxfp4", "nf4", "nf4-dq"]
+           "uint8-channel-affine", "int8-g128", "mxfp4", "nf4", "nf4-dq", "fp8", "fp8_e5m2-channel"]
+ROUNDED = ("nf4", "nf4-dq", "fp8", "fp8_e5m2-channel")  # levels rounded to 8 bits: not exact
 
 
 def check_gemm(y, x, q, p):
@@ -416,7 +423,7 @@ def check_gemm(y, x, q, p):
     ref = x.double() @ w.T
     assert ((y.double() - ref).abs() <= bound(x, w) + 1e-30).all()
     exact = F.linear(x.double(), q.dequantize().double())  # and what rounding the levels costs: 1/254 of the peak
-    peak = q.scale_values().double().abs().max() * p.i8_gemm.scale_mul * 127
+    peak = q.scale_values().double().abs().max() * p.i8_gemm.scale_mul * p.scale_mul * 127
     assert ((y.double() - exact).abs() <= peak / 254 * x.double().abs().sum(-1, keepdim=True) + bound(x, w)).all()
 
 
@@ -426,8 +433,11 @@ def test_int8_prefill_gemm_matches_float64_with_the_same_quantized_x(name, shape
     N, K = shape
     q = lowbit.core.quantize(torch.randn(N, K, generator=gen) * torch.rand(N, 1, generator=gen), SCHEMES[name])
     p = plan(q)
+    if name.startswith("fp8") and not qmatmul.has_lut8():  # its 256-byte table needs AVX512-VBMI
+        assert p.i8_gemm is None
+        return
     assert p.i8_gemm is not None, f"{name} should have the int8 prefill GEMM"
-    assert p.i8_gemm.exact == (name not in ("nf4", "nf4-dq"))
+    assert p.i8_gemm.exact == (name not in ROUNDED)
     block = 64 if p.group % 64 == 0 or p.group == K else 32
     for M, dtype in ((17, torch.float32), (40, torch.bfloat16), (7, torch.float32)):
         x = (torch.randn(M, K, generator=gen) * torch.rand(1, K, generator=gen) * 4).to(dtype)  # uneven blocks
@@ -437,10 +447,34 @@ def test_int8_prefill_gemm_matches_float64_with_the_same_quantized_x(name, shape
         assert (y.double() - plain).abs().max() <= 0.02 * plain.abs().max()
 
 
-@pytest.mark.parametrize("name", ["w4g64", "nf4"])
+def test_byte_codebook_is_the_least_squares_grid_over_multipliers(gen):
+    """nf4's levels in bytes: no multiplier m in 64..127.49 with its least-squares gain g, checked by
+    brute force in float64, rounds closer than the chosen one, and none is coarser than 1/254."""
+    from lowbit.formats.codebook import NF4_VALUES
+    from lowbit.nn.kernel_plan import _byte_codebook
+    rand = [torch.rand(16, generator=gen, dtype=torch.float64) * 2 - 1 for _ in range(20)]
+    for t in [torch.tensor(NF4_VALUES, dtype=torch.float64)] + rand:
+        t = t / t.abs().max()
+        levels, gain = _byte_codebook(t)
+        assert torch.equal(levels, levels.round()) and levels.abs().max() <= 128
+        err = float(((levels * gain - t) ** 2).sum())
+        assert (levels * gain - t).abs().max() <= 1 / 254 + 1e-12
+        plain = (t * 127).round()  # the old table: m = 127, gain 1 / 127
+        assert err <= float(((plain / 127 - t) ** 2).sum())
+        for m in (64.0, 90.5, 111.74, 127.0, 127.4):
+            lv = (t * m).round().clamp(-128, 127)
+            g = float(lv @ t / (lv @ lv))
+            if (lv * g - t).abs().max() <= 1 / 254:
+                assert err <= float(((lv * g - t) ** 2).sum()) + 1e-15
+
+
+@pytest.mark.parametrize("name", ["w4g64", "nf4", "fp8"])
 def test_int8_prefill_gemm_on_smollm2_weights(name, smollm2_weights, gen):
     for w in smollm2_weights.values():
         q = lowbit.core.quantize(w, SCHEMES[name])
         x = torch.randn(33, w.shape[1], generator=gen).bfloat16()
         p = plan(q)
+        if p.i8_gemm is None:  # fp8 on a CPU without AVX512-VBMI
+            assert name == "fp8" and not qmatmul.has_lut8()
+            continue
         check_gemm(qmatmul.gemm_i8(x, p), gemm_x_reference(x, 64), q, p)

@@ -22,6 +22,11 @@ inline bool cpu_has_avx512_vnni() {
   return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
 }
 
+inline bool cpu_has_avx512_vbmi() {
+  __builtin_cpu_init();
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512vbmi");
+}
+
 inline bool cpu_has_avx512_bf16() {
   __builtin_cpu_init();
   return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");

@@ -1,6 +1,7 @@
 // Prefill GEMM on int8 activations: y = x @ W^T for weights whose code levels are integers (uint4,
-// int4, fp4 e2m1 x 2, uint8, int8) or a 4-bit codebook rounded to 8 bits (nf4), in groups along the
-// input axis, read from lowbit's packed codes.
+// int4, fp4 e2m1 x 2, uint8, int8) or a codebook rounded to 8 bits (nf4's 16 levels; fp8's 256,
+// through a 256-byte table, on CPUs with AVX512-VBMI), in groups along the input axis, read from
+// lowbit's packed codes.
 //
 // Why int8: at prefill sizes the bf16 GEMM is compute-bound (torch's reaches about 80% of this
 // CPU's vdpbf16ps peak), so dequantizing W to bf16 first can only add time. vpdpbusd multiplies 64
@@ -9,7 +10,8 @@
 //
 //   x: each token quantized per block of BK = 64 inputs (32 for groups of 32): xs = max|x| / 127,
 //      xq = round(x / xs), as the int8 decode GEMV and llama.cpp's Q8 activations do;
-//   W: each code c becomes a byte u (4-bit: a 16-entry table; int8: c + 128), its level
+//   W: each code c becomes a byte u (4-bit: a 16-entry table; 8-bit codebooks: a 256-entry one;
+//      int8: c + 128), its level
 //      (u - off) * smul, the weight (level - z) * s per group;
 //   y[m, n] = sum_groups s_g smul [sum_blocks xs_b (u . xq)_b] - s_g (off smul + z_g) gsum[m, g]
 // with gsum the group sums of the quantized x (xq * xs). Integer dot products per block are exact;
@@ -39,7 +41,7 @@ namespace {
 
 using namespace lowbit_kernels;
 
-enum CodeKind : int64_t { FOUR = 0, UINT8 = 2, INT8 = 3 };
+enum CodeKind : int64_t { FOUR = 0, UINT8 = 2, INT8 = 3, LUT8 = 4 };
 
 constexpr int NR = 32;  // rows per tile
 constexpr int MR = 6;   // tokens per pass: 24 accumulators + 2 code vectors + 1 input in 32 registers
@@ -95,10 +97,21 @@ void quantize_x(const void* x, int64_t M, int64_t K, int64_t BK, int64_t g, int6
   });
 }
 
+// 64 codes -> their bytes in a 256-entry table (lut: four vectors of 64). Its own target: vpermi2b
+// needs AVX512-VBMI, which the rest of this file must not assume (Cascade Lake has VNNI without it).
+__attribute__((target("avx512f,avx512bw,avx512vbmi"), noinline)) void lookup256(const __m512i* lut, const uint8_t* src,
+                                                                              __mmask64 mask, __m512i* out) {
+  const __m512i c = _mm512_maskz_loadu_epi8(mask, src);
+  const __m512i lo = _mm512_permutex2var_epi8(lut[0], c, lut[1]);  // codes 0..127: bit 6 picks the vector
+  const __m512i hi = _mm512_permutex2var_epi8(lut[2], c, lut[3]);  // codes 128..255
+  *out = _mm512_mask_blend_epi8(_mm512_movepi8_mask(c), lo, hi);
+}
+
 struct Weights {
   const uint8_t* codes;
   int64_t kind, N, K, G, g;
   __m128i table;  // FOUR: code -> byte
+  const __m512i* lut;  // LUT8: code -> byte, 256 entries
   float off, smul;  // level = (byte - off) * smul
   const void* scales;
   int st;
@@ -143,6 +156,11 @@ inline __m512i row_block(const Weights& w, const uint8_t* row, int64_t k0, __m51
     return _mm512_shuffle_epi8(table, v);  // each code's byte, 16-entry look-up per 128-bit lane
   }
   const __mmask64 mask = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
+  if (w.kind == LUT8) {  // codes past K read as code 0: their inputs are 0, so they add nothing
+    __m512i u;
+    lookup256(w.lut, row + k0, mask, &u);
+    return u;
+  }
   return _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, row + k0), flip);
 }
 
@@ -233,7 +251,12 @@ at::Tensor gemm_i8_op(const at::Tensor& x, const at::Tensor& codes, const at::Te
   TORCH_CHECK(cpu_has_avx512_vnni(), "lowbit qgemm_i8: this CPU lacks AVX512-VNNI");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "lowbit qgemm_i8: x must be contiguous float32 or bfloat16 [M, K]");
-  TORCH_CHECK(kind == FOUR || kind == UINT8 || kind == INT8, "lowbit qgemm_i8: unknown code kind ", kind);
+  TORCH_CHECK(kind == FOUR || kind == UINT8 || kind == INT8 || kind == LUT8, "lowbit qgemm_i8: unknown code kind ",
+              kind);
+  TORCH_CHECK(kind != LUT8 || cpu_has_avx512_vbmi(), "lowbit qgemm_i8: 8-bit codebooks need AVX512-VBMI");
+  TORCH_CHECK(kind != LUT8 || (table.has_value() && table->scalar_type() == at::kByte && table->is_contiguous() &&
+                               table->numel() == 256),
+              "lowbit qgemm_i8: 8-bit codebooks need their byte table, 256 contiguous uint8");
   TORCH_CHECK(kind != FOUR || (table.has_value() && table->scalar_type() == at::kByte && table->is_contiguous() &&
                                table->numel() == 16),
               "lowbit qgemm_i8: 4-bit codes need their byte table, 16 contiguous uint8");
@@ -247,10 +270,15 @@ at::Tensor gemm_i8_op(const at::Tensor& x, const at::Tensor& codes, const at::Te
   TORCH_CHECK(scales.is_contiguous() && scales.numel() == N * G, "lowbit qgemm_i8: scales must be contiguous [N, G]");
   Weights w{codes.data_ptr<uint8_t>(), kind, N, K, G, G == 1 ? K : group,
             four ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(table->data_ptr<uint8_t>())) : _mm_setzero_si128(),
-            float(offset), float(scale_mul), scales.data_ptr(), scale_type(scales), nullptr, F32};
+            nullptr, float(offset), float(scale_mul), scales.data_ptr(), scale_type(scales), nullptr, F32};
   if (zeros.has_value()) {
     TORCH_CHECK(zeros->is_contiguous() && zeros->numel() == N * G, "lowbit qgemm_i8: zeros must be contiguous [N, G]");
     w.zeros = zeros->data_ptr(), w.zt = scale_type(*zeros);
+  }
+  __m512i lut[4];
+  if (kind == LUT8) {
+    std::memcpy(lut, table->data_ptr<uint8_t>(), 256);
+    w.lut = lut;
   }
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M == 0 || N == 0) return y;
@@ -296,9 +324,12 @@ at::Tensor gemm_i8_op(const at::Tensor& x, const at::Tensor& codes, const at::Te
   return y;
 }
 
+bool available_lut8() { return cpu_has_avx512_vnni() && cpu_has_avx512_vbmi(); }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lowbit_qmatmul, m) {
+  m.def("available_lut8() -> bool", &available_lut8);
   m.def("gemm_i8(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor? table, int N, int group, int kind, "
         "float offset, float scale_mul) -> Tensor",
         &gemm_i8_op);
