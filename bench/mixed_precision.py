@@ -20,16 +20,20 @@ from pathlib import Path
 import torch
 
 from lowbit.analysis.mixed import plan_mixed
-from lowbit.analysis.sensitivity import Sensitivity, layer_sensitivity
+from lowbit.analysis.sensitivity import DEFAULT_CANDIDATES, Sensitivity, layer_sensitivity
 from lowbit.eval import Reference, evaluate, linear_bits_per_weight, model_size, token_ids
 from lowbit.io import load_model, models, wikitext2
 from lowbit.pipeline import Recipe, get_recipe, quantize
+from lowbit.core import Scheme
+from lowbit.core.granularity import PerGroup
 from lowbit.pipeline.recipe import _affine
 
 UNIFORM = ("w3g64", "w4g64-sym", "w4g64")
-CANDIDATES = "w2g64,w3g64,w4g64-sym,w4g64,w8"
-# candidates beyond the named recipes: uint5/uint6 affine groups of 64, fp16 scales and zeros (5.5, 6.5 bits)
+CANDIDATES = ",".join(DEFAULT_CANDIDATES)
+# candidates beyond the named recipes: uint5/uint6 affine groups of 64, fp16 scales and zeros (5.5, 6.5
+# bits), and int4 symmetric groups of 128 (4.125 bits)
 EXTRA = {f"w{b}g64": Recipe(_affine(f"uint{b}", 64), name=f"w{b}g64") for b in (5, 6)}
+EXTRA["w4g128-sym"] = Recipe(Scheme("int4", PerGroup(128), scale_format="fp16"), name="w4g128-sym")
 
 
 def main() -> None:
@@ -40,6 +44,7 @@ def main() -> None:
     ap.add_argument("--candidates", default=CANDIDATES, help=f"comma list; also {', '.join(EXTRA)}")
     ap.add_argument("--sensitivity-windows", type=int, default=4, help="windows of 256 tokens (max 4)")
     ap.add_argument("--only-mixed", action="store_true", help="skip the uniform rows")
+    ap.add_argument("--uniform", default=",".join(UNIFORM), help="the uniform recipes to compare against")
     ap.add_argument("--cost-method", default="rtn", help="the method chain whose weights the costs are measured "
                     "on (rtn, gptq, awq+gptq: on the full-precision inputs, each layer alone)")
     ap.add_argument("--sensitivity-only", action="store_true", help="measure and cache the costs, then stop")
@@ -73,7 +78,7 @@ def main() -> None:
     print(f"fp32 ppl {ref.ppl:.3f} on test windows 0-{args.windows - 1}", flush=True)
     rows = out / "rows.jsonl"
     for method in args.methods.split(","):
-        recipes = [] if args.only_mixed else [(n, get_recipe(n, method)) for n in UNIFORM]
+        recipes = [] if args.only_mixed else [(n, get_recipe(n, method)) for n in args.uniform.split(",")]
         for b in [float(x) for x in args.budgets.split(",")]:
             p = plan_mixed(sens, b, method)
             (out / f"mixed-{b:g}-{method}.json").write_text(p.recipe.to_json())

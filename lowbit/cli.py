@@ -290,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="dtype of the calibration forwards (default auto: bf16 where the CPU has native bf16)")
     pq.add_argument("--budget", type=float, help="mixed precision: average bits per weight over the blocks' layers "
                     "(scales and zeros counted), e.g. 4.25; per-layer schemes chosen from --candidates")
-    pq.add_argument("--candidates", help="with --budget: comma list of recipes (default w2g64,w3g64,w4g64-sym,"
-                    "w4g64,w8)")
+    pq.add_argument("--candidates", help="with --budget: comma list of recipes (default w2g64,w3g64,nf4-dq,"
+                    "w4g64-sym,w4g64,w8)")
     pq.add_argument("--out", required=True, help="output folder, or a .gguf file (--recipe q8_0, q4_0, q4_k_m, ...)")
     pq.add_argument("--force", action="store_true", help="replace an existing checkpoint at --out")
     pq.add_argument("--ray", action="store_true", help="run the streaming quantization's independent work as Ray "
