@@ -28,19 +28,19 @@ Routes, by the number of tokens M (rows of x):
                            the largest level; fp8 through a 256-byte table on the format's int8
                            grid, AVX512-VBMI) in groups of 32k: gemm_i8 (csrc/qgemm_i8.cpp), each
                            token's x quantized to int8 per 64-block (32 for groups of 32),
-                           AVX512-VNNI dot products; otherwise (groups of 16, output-axis groups,
-                           fp8 unless int8 is asked for) dequantize once per call to bf16 (bf16
-                           input) or float32, into a reused per-thread buffer, then F.linear
+                           AVX512-VNNI dot products; otherwise (groups of 16, output-axis groups)
+                           dequantize once per call to bf16 (bf16 input) or float32, into a reused
+                           per-thread buffer, then F.linear
 
 Activations (LOWBIT_ACTIVATIONS, or `with qmatmul.activations("int8" | "float" | "auto"):`):
-    auto (default)  int8 for bf16/fp16 prefill only, on codes whose levels are exact in 8 bits and
-                    on nf4's fitted table (GemmCodes.auto; not fp8). A bf16 GEMM at prefill sizes is compute-bound,
+    auto (default)  int8 for bf16/fp16 prefill only, on every code gemm_i8 reads (the levels of nf4
+                    and fp8 rounded to 8 bits: GemmCodes.exact). A bf16 GEMM at prefill sizes is compute-bound,
                     so dequantize-then-GEMM cannot beat the bf16 model; int8 dot products run twice
                     the products per instruction. The activations' rounding (2^-8 of each 64-block's
                     max) is of the order of bf16's own (2^-9 of each value); docs/benchmarks.md
                     measures the perplexity it costs. float32 input stays exact: lowbit's
                     evaluations of fp32 models are not changed by the kernels.
-    int8            int8 for every float input, prefill and decode, fp8's int8 grid included
+    int8            int8 for every float input, prefill and decode
                     (the decode GEMV of uint4/int4
                     codes in groups of 64k on VNNI, as llama.cpp quantizes its activations, Q8_0).
     float           no int8 anywhere: prefill dequantizes (the reference route).
@@ -134,15 +134,12 @@ GEMM_FOUR, GEMM_UINT8, GEMM_INT8, GEMM_LUT8 = 0, 2, 3, 4
 class GemmCodes:
     """How gemm_i8 reads a weight's codes: as bytes u (4-bit codes through `table`, 16 uint8; 8-bit
     codebooks through 256), the level (u - offset) * scale_mul. exact: the levels are the format's
-    (else rounded to 8 bits). auto: LOWBIT_ACTIVATIONS=auto takes this route for bf16/fp16 prefill
-    (else only =int8 does): exact codes, and nf4's fitted table (+0.45% perplexity on SmolLM2,
-    within what auto already accepts for w4g64-sym), not fp8's (+1.27%; docs/benchmarks.md)."""
+    (else rounded to 8 bits: nf4's fitted table, fp8's int8 grid)."""
     kind: int
     table: torch.Tensor | None
     offset: float
     scale_mul: float
     exact: bool
-    auto: bool = True
 
 
 @dataclass
@@ -217,7 +214,7 @@ def linear(x: torch.Tensor, p: Plan | None, bias: torch.Tensor | None = None) ->
         y = y if x.dtype == torch.float32 else y.to(x.dtype)
         if bias is not None:
             y += bias.to(y.dtype)
-    elif p.i8_gemm is not None and _int8(x, prefill=True) and (p.i8_gemm.auto or _ACTIVATIONS[0] == "int8"):
+    elif p.i8_gemm is not None and _int8(x, prefill=True):
         xi = x2 if x.dtype in (torch.float32, torch.bfloat16) else x2.float()  # fp16: widened, not narrowed
         y = gemm_i8(xi.contiguous(), p)
         if bias is not None:

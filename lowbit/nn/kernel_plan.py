@@ -79,7 +79,7 @@ def _gemm_codes(fmt, decoder: int, table: torch.Tensor, scale_mul: float) -> qma
         peak = values.abs().max().item()
         levels = (values * (127 / peak)).round()
         return qmatmul.GemmCodes(qmatmul.GEMM_LUT8, (levels + 128).to(torch.uint8), 128.0,
-                                 peak / 127 / scale_mul, False, auto=False)
+                                 peak / 127 / scale_mul, False)
     if decoder != TABLE4:
         return None
     t = table.double()
