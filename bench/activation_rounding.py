@@ -3,8 +3,7 @@
 SmolLM2-135M quantized with each recipe (RTN), then perplexity on the first --windows windows of 512
 tokens of wikitext-2 test (each window one prefill, so the prefill route decides): fp32 activations
 (exact), bf16 activations on the dequantize route (activations="float"), and bf16 activations on the
-int8 GEMM (activations="int8": what "auto", the default, does for bf16 prefill, here also for the
-codebooks rounded to 8 bits, nf4 and fp8, whatever auto decides for them).
+int8 GEMM (activations="int8": for these prefills what "auto", the default, does in bf16).
 
     PYTHONPATH=. .venv/bin/python bench/activation_rounding.py --windows 8 --threads 2
 """
@@ -43,7 +42,7 @@ def main() -> None:
         q = lowbit.quantize(copy.deepcopy(model), recipe, progress=False)
         exact = ppl(q)
         q = q.to(torch.bfloat16)
-        dequant, int8 = ppl(q, "float"), ppl(q, "int8")  # int8: also the codebooks auto may leave out
+        dequant, int8 = ppl(q, "float"), ppl(q, "int8")
         print(f"| {recipe} | {exact:.3f} | {dequant:.3f} | {int8:.3f} | {(int8 / dequant - 1) * 100:+.2f}% |", flush=True)
 
 

@@ -77,7 +77,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def build(base: torch.nn.Module, kind: str) -> torch.nn.Module:
     """fp32 (the base itself), bf16, a recipe name, or recipe@bf16 (quantized, then .to(bf16):
     the codes stay as stored, activations are bf16), recipe@int8 (fp32 model, int8 activations
-    everywhere: LOWBIT_ACTIVATIONS=int8), or recipe@bf16+int8 (bf16 model, int8 everywhere)."""
+    everywhere: LOWBIT_ACTIVATIONS=int8), recipe@bf16+int8 (bf16 model, int8 everywhere) or
+    recipe@bf16+float (bf16 model, activations never int8: the dequantize route)."""
     if kind == "fp32":
         return base
     if kind == "bf16":
@@ -170,7 +171,7 @@ def main() -> None:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     ap.add_argument("--models", default=MODELS,
                     help="fp32, bf16, recipe names, recipe@bf16 (bf16 activations), recipe@int8 (int8 activations), "
-                    "recipe@bf16+int8 (bf16 model, int8 activations)")
+                    "recipe@bf16+int8 (bf16 model, int8 activations), recipe@bf16+float (no int8)")
     ap.add_argument("--gguf", default="q4_0,q8_0", help="llama.cpp types to write and run ('' for none)")
     ap.add_argument("--prompt-tokens", type=int, default=16, help="context before the timed decode steps")
     ap.add_argument("--prefill-tokens", type=int, default=128, help="prompt length of the prefill timing (0: skip)")
@@ -209,11 +210,12 @@ def main() -> None:
 
     for kind in a.models.split(","):
         m = build(base, kind)
-        with qmatmul.activations("int8" if kind.endswith("int8") else "auto"):  # decode and prefill alike
+        mode = "int8" if kind.endswith("int8") else "float" if kind.endswith("float") else "auto"
+        with qmatmul.activations(mode):  # decode and prefill alike
             tps = decode_speed(m, a.prompt_tokens, a.new_tokens, a.runs)
             pps = prefill_speed(m, a.prefill_tokens, a.runs) if a.prefill_tokens else float("nan")
         name = kind if "@" in kind or kind not in ("fp32", "bf16") else f"{kind} (torch)"
-        name = name.replace("@bf16+int8", " (bf16 model, int8 act, opt-in)")
+        name = name.replace("@bf16+int8", " (bf16 model, int8 act, opt-in)").replace("@bf16+float", " (bf16, float act)")
         row(name.replace("@bf16", " (bf16 act)").replace("@int8", " (int8 act, opt-in)"), tps, weight_bytes(m), f"{pps:.0f}")
         if m is not base:
             del m
