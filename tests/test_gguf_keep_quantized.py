@@ -111,3 +111,53 @@ def test_other_types_stay_float(tmp_path, smollm2_2layers):
 def test_keep_quantized_is_a_gguf_option(tmp_path):
     with pytest.raises(ValueError, match=r"keep_quantized=True\): the option chooses how a \.gguf file loads"):
         lowbit.load(tmp_path / "folder", keep_quantized=True)
+
+
+def test_q4_k_is_kept_within_float32_rounding_of_gguf_py(tmp_path, smollm2_2layers):
+    """q4_k (Q4_K_M's main type) as uint4 with float32 scales and zeros: (q - z) * s against gguf-py's
+    d sc q - dmin m, within a few float32 roundings of those two terms; then the model runs."""
+    model_in, tok = smollm2_2layers
+    path = lowbit.save(model_in, tmp_path / "small-q4_k.gguf", recipe="q4_k_s", source="smollm2-135m")
+    ref, model = lowbit.load(path), lowbit.load(path, keep_quantized=True)
+    layers = _kept(model)
+    by_key = {gguf_name(n + ".weight")[0]: n for n in layers}
+    heads = {"attn_q": model.config.num_attention_heads, "attn_k": model.config.num_key_value_heads}
+    n_q4_k = 0
+    for t in gguf.GGUFReader(path).tensors:
+        if t.tensor_type != gguf.GGMLQuantizationType.Q4_K:
+            continue
+        n_q4_k += 1
+        q = layers[by_key[t.name]].qweight  # every q4_k Linear weight is kept
+        assert q.scheme.format == "uint4" and q.zeros is not None and q.scales.dtype == torch.float32
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(q.shape).astype(np.float64)
+        kind = t.name.split(".")[-2]
+        if kind in heads:
+            w = unpermute_rows(w, heads[kind])
+        shift = (q.scales.double() * q.zeros.double()).abs().repeat_interleave(32, dim=1).numpy()
+        err = np.abs(q.dequantize().double().numpy() - w)
+        assert (err <= 2.0 ** -21 * (np.abs(w) + shift)).all(), t.name
+        assert plan(q) is None or plan(q).covered
+    assert n_q4_k >= 2  # the down projections (1536 wide); 576-wide rows fall back to q5_0
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        for x in (ids, ids[:, :1]):
+            torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=0, atol=LOGIT_ATOL)
+        assert torch.equal(ref.generate(ids, max_new_tokens=8, do_sample=False),
+                           model.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+def test_q4_k_split_matches_ggml_on_random_blocks():
+    """Random q4_k blocks (every 6-bit sc and m, both nibbles) through split_blocks, against gguf-py."""
+    from lowbit.io.gguf_qtensor import split_blocks, to_qtensor
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, size=(6, 144), dtype=np.uint8)
+    blocks[:, 0:4] = np.array([0.01, 0.003], dtype=np.float16).view(np.uint8)  # d, dmin: finite
+    blocks[:, 4:16] |= 1  # no sub-block with sc = 0 (and m > 0), which the scheme cannot hold
+    codes, scales, zeros = split_blocks(blocks.reshape(-1), "q4_k", (3, 512))
+    got = to_qtensor(codes, scales, "q4_k", zeros).dequantize().double().numpy()
+    want = gguf.quants.dequantize(blocks.reshape(-1), gguf.GGMLQuantizationType.Q4_K).reshape(3, 512)
+    shift = np.repeat(scales.astype(np.float64) * zeros, 32, axis=1)
+    assert (np.abs(got - want) <= 2.0 ** -21 * (np.abs(want) + np.abs(shift))).all()
+    blocks[0, 4] = 0  # sub-block 0: sc = 0 ...
+    blocks[0, 8] |= 1  # ... and m > 0: a constant -dmin m
+    assert split_blocks(blocks.reshape(-1), "q4_k", (3, 512)) is None

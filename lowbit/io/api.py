@@ -54,7 +54,7 @@ def save(model: nn.Module, path: str | Path, format: str | None = None, *, token
 def load(path: str | Path, model: nn.Module | None = None, *, keep_quantized: bool = False) -> nn.Module:
     """Rebuild a quantized model saved by lowbit.save (see load_lowbit); a .gguf file loads as a
     transformers model with dequantized float32 weights (see gguf_read.load_gguf), or with
-    keep_quantized=True its q4_0 and q8_0 Linear weights as QuantLinear layers (the file's codes
+    keep_quantized=True its q4_0, q8_0 and q4_k Linear weights as QuantLinear layers (the file's codes
     and scales, run by lowbit's kernels); a Deep Compression file (save(format="deep-compression"))
     decodes to nn.Linear layers holding exactly its shared weights; a Hugging Face folder quantized by another tool
     (compressed-tensors, GPTQ, AWQ) loads into QuantLinear layers (see hf_quantized)."""

@@ -2,7 +2,7 @@
 
     w = read_gguf_tensors("model.gguf", ["blk.0.attn_q.weight"])   # GGUF names and layout
     model = load_gguf("model.gguf")                                 # transformers names, q/k un-permuted
-    model = load_gguf("model.gguf", keep_quantized=True)            # q4_0/q8_0 Linear layers as QuantLinear
+    model = load_gguf("model.gguf", keep_quantized=True)            # q4_0/q8_0/q4_k Linear layers as QuantLinear
 
 Blocks are decoded by lowbit.core.ggml_blocks; types lowbit has no decoder for go through gguf-py.
 A GGUF file is data from outside: any file, truncated, corrupt or with impossible sizes, gives a
@@ -103,11 +103,12 @@ def load_gguf(path: str | Path, keep_quantized: bool = False):
     """A transformers model (eval mode, float32, dequantized) from a GGUF file of a Llama-family model;
     lowbit.load_model(path) also builds its tokenizer (through transformers, slower).
 
-    keep_quantized: every Linear weight stored as q4_0 or q8_0 becomes a QuantLinear holding the
-    file's codes and scales as a QTensor (int4 or int8, PerGroup(32), fp16 scales; see gguf_qtensor),
-    which runs lowbit's packed-code kernels and dequantizes bit for bit to the float model's weight.
-    Every other type (f32, f16, bf16, q4_1, q5_0, q5_1, the k-quants, i-quants), the embeddings and
-    the norms load as float32, as they do by default."""
+    keep_quantized: every Linear weight stored as q4_0, q8_0 or q4_k becomes a QuantLinear holding the
+    file's codes and scales as a QTensor (int4 or int8 with fp16 scales, dequantizing bit for bit to
+    the float model's weight; q4_k as uint4 with float32 scales and zeros, within float32 rounding;
+    PerGroup(32); see gguf_qtensor), which runs lowbit's packed-code kernels. Every other type (f32,
+    f16, bf16, q4_1, q5_0, q5_1, the other k-quants, i-quants), the embeddings and the norms load as
+    float32, as they do by default."""
     from .gguf_write import gguf_name, permuted_heads
 
     f = parse_gguf(path)
@@ -131,11 +132,12 @@ def load_gguf(path: str | Path, keep_quantized: bool = False):
             raise ValueError(f"{f.path}: tensor {name!r} has shape {info.shape}, the config says {expected}")
         n_head = permuted_heads(name, arch, config)
         t = _kept_type(model, key, info) if keep_quantized else None
-        if t is not None:
-            codes, scales = split_blocks(tensor_bytes(f, info, t.block_size, t.type_size), t.name, info.shape)
+        split = split_blocks(tensor_bytes(f, info, t.block_size, t.type_size), t.name, info.shape) if t else None
+        if split is not None:
             if n_head:
-                codes, scales = unpermute_rows(codes, n_head), unpermute_rows(scales, n_head)
-            kept[key.removesuffix(".weight")] = to_qtensor(codes, scales, t.name)
+                split = [None if a is None else unpermute_rows(a, n_head) for a in split]
+            codes, scales, zeros = split
+            kept[key.removesuffix(".weight")] = to_qtensor(codes, scales, t.name, zeros)
             continue
         w = _dequantize(f, info)
         state[key] = _tensor(unpermute_rows(w, n_head) if n_head else w)
