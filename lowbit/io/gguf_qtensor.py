@@ -70,7 +70,7 @@ def _split_q4_k(b: np.ndarray, out: int, n: int):
     """[blocks, 144] q4_k blocks: fp16 d, fp16 dmin, 12 bytes of eight 6-bit (sc, m), 128 bytes of codes."""
     d = b[:, 0:2].copy().view(np.float16).astype(np.float32)  # [blocks, 1]
     dmin = b[:, 2:4].copy().view(np.float16).astype(np.float32)
-    k = b[:, 4:16].astype(np.uint8)
+    k = b[:, 4:16]
     # sub-blocks 0-3: the low 6 bits of bytes 0-3 (sc) and 4-7 (m); 4-7: a nibble of bytes 8-11
     # below the top 2 bits of bytes 0-3 (sc) and 4-7 (m)
     sc = np.concatenate([k[:, 0:4] & 63, (k[:, 8:12] & 0x0F) | ((k[:, 0:4] >> 6) << 4)], axis=1)

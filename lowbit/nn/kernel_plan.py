@@ -73,7 +73,7 @@ def _gemm_codes(fmt, decoder: int, table: torch.Tensor, scale_mul: float) -> qma
         return qmatmul.GemmCodes(qmatmul.GEMM_INT8, None, 128.0, 1.0, True)
     if decoder in (qmatmul.FP8_E4M3, qmatmul.FP8_E5M2) and qmatmul.has_lut8():
         # fp8 levels span 2^-9..448 (e4m3): no byte holds them all, so the table is int8 on the
-        # format's peak, the per-channel int8 grid that w8 shows costs next to nothing
+        # format's peak; that double rounding costs fp8 +0.8% perplexity on SmolLM2 (docs/benchmarks.md)
         values = fmt.decode(torch.arange(256, dtype=torch.uint8)).double()
         values = torch.where(values.isfinite(), values, torch.zeros_like(values))  # e5m2's inf/nan codes
         peak = values.abs().max().item()
