@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gguf_check import FTYPE_NAMES, bins, llama_ppl, run  # noqa: E402
 
 from lowbit.io import load_model, save, wikitext2  # noqa: E402
-from lowbit.io.gguf_quantize import quantize_gguf  # noqa: E402
+from lowbit.io.gguf.calibrated import quantize_gguf  # noqa: E402
 
 
 def main() -> int:

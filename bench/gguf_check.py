@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowbit.core.ggml_blocks import type_by_id  # noqa: E402
 from lowbit.io import load, load_model, save, wikitext2  # noqa: E402
-from lowbit.io.gguf_file import parse_gguf, tensor_bytes  # noqa: E402
+from lowbit.io.gguf.file import parse_gguf, tensor_bytes  # noqa: E402
 
 FTYPE_NAMES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1",
                "q5_0": "Q5_0", "q5_1": "Q5_1", "q2_k": "Q2_K", "q3_k_s": "Q3_K_S", "q3_k_m": "Q3_K_M",

@@ -51,7 +51,7 @@ def main() -> int:
         run([b / "llama-quantize", f32, ref, FTYPE_NAMES[recipe], 2])
         bad = same_tensors(ours, ref)
         bad_total += len(bad)
-        from lowbit.io.gguf_file import parse_gguf
+        from lowbit.io.gguf.file import parse_gguf
         n = len(parse_gguf(ours).tensors)
         print(f"| {recipe} | {n} | {len(bad)}{': ' + ', '.join(bad[:4]) if bad else ''} |", flush=True)
     return 1 if bad_total else 0

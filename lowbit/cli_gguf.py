@@ -17,7 +17,7 @@ def wants_gguf(args) -> bool:
 
 
 def gguf_method(recipe: str, method: str) -> str:
-    from .io.gguf_mixtures import file_type
+    from .io.gguf.mixtures import file_type
 
     ft = file_type(recipe)  # fail on a bad name before loading anything
     if method == "auto":
@@ -40,7 +40,7 @@ def cmd_quantize_gguf(args) -> None:
     else:
         model, tok = load_model(args.model)
     if method != "rtn":
-        from .io.gguf_quantize import quantize_gguf
+        from .io.gguf.calibrated import quantize_gguf
 
         calib, where = calibration_split(token_ids(tok, _text(args.text)), args.window, args.calibration_windows)
         print(f"calibrating {method} on windows {where['first_window']}-{where['first_window'] + where['windows'] - 1}"

@@ -9,9 +9,9 @@ import torch
 
 import lowbit
 from lowbit.core.ggml_blocks import GGML_TYPES, dequantize_rows, quantize_rows
-from lowbit.io.gguf_file import parse_gguf, tensor_bytes
+from lowbit.io.gguf.file import parse_gguf, tensor_bytes
 from lowbit.methods.gptq_ggml import gptq_ggml
-from lowbit.io.gguf_quantize import quantize_gguf, tensor_types
+from lowbit.io.gguf.calibrated import quantize_gguf, tensor_types
 
 from conftest import wikitext_excerpt
 

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.io.gguf_file import parse_gguf
-from lowbit.io.gguf_read import unpermute_rows
-from lowbit.io.gguf_write import gguf_name
+from lowbit.io.gguf.file import parse_gguf
+from lowbit.io.gguf.arch import unpermute_rows
+from lowbit.io.gguf.arch import gguf_name
 from lowbit.nn.kernel_plan import plan
 from lowbit.nn.linear import QuantLinear
 
@@ -148,7 +148,7 @@ def test_q4_k_is_kept_within_float32_rounding_of_gguf_py(tmp_path, smollm2_2laye
 
 def test_q4_k_split_matches_ggml_on_random_blocks():
     """Random q4_k blocks (every 6-bit sc and m, both nibbles) through split_blocks, against gguf-py."""
-    from lowbit.io.gguf_qtensor import split_blocks, to_qtensor
+    from lowbit.io.gguf.qtensor import split_blocks, to_qtensor
     rng = np.random.default_rng(0)
     blocks = rng.integers(0, 256, size=(6, 144), dtype=np.uint8)
     blocks[:, 0:4] = np.array([0.01, 0.003], dtype=np.float16).view(np.uint8)  # d, dmin: finite

@@ -9,7 +9,7 @@ import torch
 
 import lowbit
 from lowbit.io import builtin_model_path, read_gguf_tensors
-from lowbit.io.gguf_file import parse_gguf
+from lowbit.io.gguf.file import parse_gguf
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import torch
 
 import lowbit
 from lowbit.io import builtin_model_path
-from lowbit.io.gguf_file import parse_gguf
-from lowbit.io.gguf_tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_name, tokenizer_fields
+from lowbit.io.gguf.file import parse_gguf
+from lowbit.io.gguf.tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_name, tokenizer_fields
 
 # SmolLM2-135M-Instruct's published tokenizer.json splits digits one by one before GPT-2's byte-level
 # regex; transformers' GGUF reader does not rebuild that (it knows no "smollm") and writes plain ByteLevel.

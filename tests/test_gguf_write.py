@@ -13,7 +13,7 @@ import torch
 
 import lowbit
 from lowbit.io import builtin_model_path
-from lowbit.io.gguf_mixtures import FILE_TYPES, file_type
+from lowbit.io.gguf.mixtures import FILE_TYPES, file_type
 
 
 def _gguf_py_roundtrip(w: torch.Tensor, name: str) -> torch.Tensor:

@@ -140,8 +140,8 @@ def _from_hf_dir(path: Path) -> ModelShapes:
 
 
 def _from_gguf(path: Path) -> ModelShapes:
-    from ..io.gguf_file import parse_gguf
-    from ..io.gguf_read import _config
+    from ..io.gguf.file import parse_gguf
+    from ..io.gguf.read import _config
 
     f = parse_gguf(path)
     cls, config, _ = _config(f)

@@ -20,7 +20,7 @@ def save(model: nn.Module, path: str | Path, format: str | None = None, *, token
     "deep-compression": one safetensors file of a model compressed by
     lowbit.pipeline.deep_compress (Huffman-coded SharedLinear layers, io/deep_compression.py).
     GGUF: `recipe` is a llama.cpp file type (f16 by default, q8_0, q4_0, q4_k_m, ...; see
-    lowbit.io.gguf_mixtures), weights are rounded to nearest in its blocks, and the tokenizer is
+    lowbit.io.gguf.mixtures), weights are rounded to nearest in its blocks, and the tokenizer is
     copied from the GGUF file given as `source` (or the one the model was loaded from).
         lowbit.save(model, "smollm2-q8_0.gguf", recipe="q8_0", source="smollm2-135m")
     """
@@ -41,7 +41,7 @@ def save(model: nn.Module, path: str | Path, format: str | None = None, *, token
 
         return save_compressed_tensors(model, path, tokenizer=tokenizer)
     if format == "gguf":
-        from .gguf_write import save_gguf
+        from .gguf.write import save_gguf
 
         recipe = recipe or getattr(model, "lowbit_gguf_recipe", None) or "f16"  # quantize_gguf's file type
         return save_gguf(model, path, recipe, tokenizer=tokenizer, source=source)
@@ -53,7 +53,7 @@ def save(model: nn.Module, path: str | Path, format: str | None = None, *, token
 
 def load(path: str | Path, model: nn.Module | None = None, *, keep_quantized: bool = False) -> nn.Module:
     """Rebuild a quantized model saved by lowbit.save (see load_lowbit); a .gguf file loads as a
-    transformers model with dequantized float32 weights (see gguf_read.load_gguf), or with
+    transformers model with dequantized float32 weights (see gguf.read.load_gguf), or with
     keep_quantized=True its q4_0, q8_0 and q4_k Linear weights as QuantLinear layers (the file's codes
     and scales, run by lowbit's kernels); a Deep Compression file (save(format="deep-compression"))
     decodes to nn.Linear layers holding exactly its shared weights; a Hugging Face folder quantized by another tool
@@ -69,7 +69,7 @@ def load(path: str | Path, model: nn.Module | None = None, *, keep_quantized: bo
                              "drop keep_quantized=True")
         return load_deep_compressed(path, model)
     if Path(path).suffix == ".gguf":
-        from .gguf_read import load_gguf
+        from .gguf.read import load_gguf
 
         if model is not None:
             raise ValueError("lowbit.load: a .gguf file builds its own model; do not pass model=")

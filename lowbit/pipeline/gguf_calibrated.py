@@ -3,7 +3,7 @@ tensor's own GGML type, block by block through the sequential runner.
 
     solve_ggml(model, {"model.layers.0.mlp.up_proj": "q4_k", ...}, calibration)
 
-io/gguf_quantize.py gives each Linear the type llama.cpp's quantizer picks for a file type
+io/gguf/calibrated.py gives each Linear the type llama.cpp's quantizer picks for a file type
 (quantize_gguf(model, "q4_k_m", calibration)), so the file has the same tensor types and size
 as `llama-quantize` of the same type. The model keeps
 float nn.Linear layers whose weights are exactly the dequantized blocks (what the next block's

@@ -9,10 +9,10 @@ from typing import Iterable
 
 from torch import nn
 
-from ..pipeline.gguf_calibrated import solve_ggml
-from ..pipeline.walk import is_linear
-from .gguf_mixtures import file_type
-from .gguf_write import gguf_name, model_arch
+from ...pipeline.gguf_calibrated import solve_ggml
+from ...pipeline.walk import is_linear
+from .mixtures import file_type
+from .arch import gguf_name, model_arch
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 

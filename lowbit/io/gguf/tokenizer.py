@@ -13,7 +13,7 @@ tokenizer.json + tokenizer_config.json. Two BPE flavours are converted:
   merge rank: llama.cpp's SPM tokenizer merges the pair whose result scores highest), <0xNN> tokens as BYTE.
 
 Anything else (Unigram, WordPiece, BPE that is neither) is a ValueError. The result's dict form is the one
-gguf_write copies from a GGUF source, so both paths write through GGUFWriter.add_key_value.
+gguf.write copies from a GGUF source, so both paths write through GGUFWriter.add_key_value.
 """
 from __future__ import annotations
 

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.ggml_blocks import type_by_id
-from ..nn.linear import QuantLinear
-from .gguf_file import GGUFFile, TensorInfo, parse_gguf, tensor_bytes
-from .gguf_qtensor import SCHEMES, split_blocks, to_qtensor
+from ...core.ggml_blocks import type_by_id
+from ...nn.linear import QuantLinear
+from .arch import ARCHS, gguf_name, permuted_heads, unpermute_rows
+from .file import GGUFFile, TensorInfo, parse_gguf, tensor_bytes
+from .qtensor import SCHEMES, split_blocks, to_qtensor
 
 
 def _dequantize(f: GGUFFile, info: TensorInfo) -> np.ndarray:
@@ -57,16 +58,9 @@ def _tensor(w: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(w if w.flags.writeable else w.copy())
 
 
-def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of gguf_write.permute_rows: interleaved rotary pairs back to (first half, second half)."""
-    d = w.shape[0] // n_head
-    return w.reshape(n_head, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _config(f: GGUFFile):
     import transformers as tf
 
-    from .gguf_write import ARCHS
 
     a = f.meta.get("general.architecture")
     model_type = next((k for k, v in ARCHS.items() if v.gguf == a), None)
@@ -106,10 +100,9 @@ def load_gguf(path: str | Path, keep_quantized: bool = False):
     keep_quantized: every Linear weight stored as q4_0, q8_0 or q4_k becomes a QuantLinear holding the
     file's codes and scales as a QTensor (int4 or int8 with fp16 scales, dequantizing bit for bit to
     the float model's weight; q4_k as uint4 with float32 scales and zeros, within float32 rounding;
-    PerGroup(32); see gguf_qtensor), which runs lowbit's packed-code kernels. Every other type (f32,
+    PerGroup(32); see gguf.qtensor), which runs lowbit's packed-code kernels. Every other type (f32,
     f16, bf16, q4_1, q5_0, q5_1, the other k-quants, i-quants), the embeddings and the norms load as
     float32, as they do by default."""
-    from .gguf_write import gguf_name, permuted_heads
 
     f = parse_gguf(path)
     cls, config, arch = _config(f)
@@ -153,7 +146,7 @@ def load_gguf(path: str | Path, keep_quantized: bool = False):
 
 
 def _kept_type(model, key: str, info: TensorInfo):
-    """The GGML type of a Linear layer's weight that gguf_qtensor keeps quantized, else None."""
+    """The GGML type of a Linear layer's weight that gguf.qtensor keeps quantized, else None."""
     t = type_by_id(info.type_id)
     if t is None or t.name not in SCHEMES or not key.endswith(".weight") or len(info.shape) != 2:
         return None

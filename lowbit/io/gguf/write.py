@@ -4,84 +4,29 @@
 
 The container is written by the `gguf` package (GGUFWriter); the blocks come from
 lowbit.core.ggml_blocks; which tensor gets which type follows llama.cpp's quantizer
-(gguf_mixtures). The tokenizer is copied from a GGUF source (the `tokenizer.*` keys as they are), or,
-for a model with no GGUF source, converted from the transformers tokenizer (gguf_tokenizer).
+(gguf.mixtures). The tokenizer is copied from a GGUF source (the `tokenizer.*` keys as they are), or,
+for a model with no GGUF source, converted from the transformers tokenizer (gguf.tokenizer).
 Written to a temporary file beside the target and renamed into place, so a failed save leaves nothing.
 """
 from __future__ import annotations
 
 import functools
 import os
-import re
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..core.ggml_blocks import dequantize_rows, get_type, quantize_rows
-from .gguf_mixtures import file_type
-
-
-@dataclass(frozen=True)
-class Arch:
-    """How one transformers model_type maps to llama.cpp: its GGUF architecture name and whether
-    attn_q / attn_k rows are permuted (llama.cpp's llama graph expects rotary pairs (i, i + d/2)
-    interleaved as (2i, 2i + 1); transformers' GGUF reader undoes the same permutation)."""
-    gguf: str
-    permute_qk: bool
-
-
-ARCHS = {"llama": Arch("llama", True), "mistral": Arch("llama", True), "qwen2": Arch("qwen2", False)}
-
-# transformers parameter name -> GGUF tensor name ({i}: block index)
-_LAYER = {
-    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.bias": "attn_v.bias",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight"}
-_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
-
-
-def gguf_name(hf_name: str) -> tuple[str, int]:
-    """("model.layers.3.mlp.up_proj.weight") -> ("blk.3.ffn_up.weight", 3); layer -1 outside the blocks."""
-    if hf_name in _TOP:
-        return _TOP[hf_name], -1
-    m = _LAYER_RE.fullmatch(hf_name)
-    if m and m.group(2) in _LAYER:
-        return f"blk.{m.group(1)}.{_LAYER[m.group(2)]}", int(m.group(1))
-    raise ValueError(f"tensor {hf_name!r} has no GGUF name in lowbit's table for this architecture")
-
-
-def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """w: [n_head * d, in] -> same shape, rows of each head reordered from (first half, second half)
-    to interleaved pairs, as llama.cpp's converter does for q/k of Llama models."""
-    d = w.shape[0] // n_head
-    return w.reshape(n_head, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def permuted_heads(name: str, arch: Arch, config) -> int:
-    """The head count by which a GGUF q/k tensor's rows are permuted (llama.cpp's converter interleaves
-    rotary pairs for Llama models), 0 for every other tensor."""
-    if arch.permute_qk and ".attn_q." in name:
-        return config.num_attention_heads
-    if arch.permute_qk and ".attn_k." in name:
-        return config.num_key_value_heads
-    return 0
+from ...core.ggml_blocks import dequantize_rows, get_type, quantize_rows
+from .arch import gguf_name, model_arch, permute_rows, permuted_heads, write_hparams
+from .mixtures import file_type
 
 
 def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter as a float tensor; QuantLinear layers give their dequantized weight."""
-    from ..nn import QuantLinear
+    from ...nn import QuantLinear
 
     out = {}
     for name, m in model.named_modules():
@@ -94,41 +39,6 @@ def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         out[key] = t.detach().float()
     return out
-
-
-def model_arch(model: nn.Module):
-    config = getattr(model, "config", None)
-    arch = ARCHS.get(getattr(config, "model_type", None))
-    if arch is None:
-        raise ValueError(f"GGUF export knows the architectures {', '.join(ARCHS)}; this model is "
-                         f"{getattr(config, 'model_type', type(model).__name__)!r}")
-    return config, arch
-
-
-def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    kind = params.get("rope_type", "default") if params else getattr(config, "rope_scaling", None)
-    if kind not in (None, "default"):
-        raise ValueError(f"GGUF export: rope scaling {kind!r} is not supported yet (only plain RoPE)")
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-
-
-def _hparams(w, config, arch: Arch) -> None:
-    a = arch.gguf
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    w.add_uint32(f"{a}.context_length", config.max_position_embeddings)
-    w.add_uint32(f"{a}.embedding_length", config.hidden_size)
-    w.add_uint32(f"{a}.feed_forward_length", config.intermediate_size)
-    w.add_uint32(f"{a}.block_count", config.num_hidden_layers)
-    w.add_uint32(f"{a}.attention.head_count", config.num_attention_heads)
-    w.add_uint32(f"{a}.attention.head_count_kv", config.num_key_value_heads)
-    w.add_float32(f"{a}.rope.freq_base", _rope_theta(config))
-    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", config.rms_norm_eps)
-    w.add_uint32(f"{a}.vocab_size", config.vocab_size)
-    w.add_uint32(f"{a}.rope.dimension_count", head_dim)
-    if head_dim * config.num_attention_heads != config.hidden_size:
-        w.add_uint32(f"{a}.attention.key_length", head_dim)
-        w.add_uint32(f"{a}.attention.value_length", head_dim)
 
 
 _COPIED_GENERAL = ("general.name", "general.organization", "general.finetune", "general.basename",
@@ -144,7 +54,7 @@ def tokenizer_metadata(model: nn.Module, tokenizer, source: str | Path | None,
         fields = _source_fields(str(src), src.stat().st_mtime_ns)
         what = f"tokenizer source {src}"
     elif tokenizer is not None:
-        from .gguf_tokenizer import tokenizer_fields
+        from .tokenizer import tokenizer_fields
 
         fields = tokenizer_fields(tokenizer, vocab_size)
         what = "the tokenizer"
@@ -179,7 +89,7 @@ def _source_fields(source: str, mtime_ns: int) -> dict:
 def tokenizer_source(model: nn.Module, source: str | Path | None) -> Path | None:
     """The GGUF file whose tokenizer is copied: `source` (a .gguf path or built-in alias), else the file
     the model was loaded from; None when there is neither (the tokenizer is then converted)."""
-    from .builtin import BUILTIN, builtin_model_path
+    from ..builtin import BUILTIN, builtin_model_path
 
     src = source if source is not None else getattr(model, "lowbit_gguf_source", None)
     if src is None:
@@ -253,7 +163,7 @@ def save_gguf(model: nn.Module, path: str | Path, recipe: str = "f16", *, tokeni
     os.close(fd)
     try:
         w = gguf.GGUFWriter(tmp, arch.gguf)
-        _hparams(w, config, arch)
+        write_hparams(w, config, arch)
         w.add_file_type(ft.ftype)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for key, (value, vtype, sub) in tok_fields.items():

@@ -30,10 +30,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..core.granularity import PerGroup
-from ..core.packing import pack_bits_le
-from ..core.qtensor import QTensor
-from ..core.scheme import Scheme
+from ...core.granularity import PerGroup
+from ...core.packing import pack_bits_le
+from ...core.qtensor import QTensor
+from ...core.scheme import Scheme
 
 BLOCK = 32
 SCHEMES = {
