@@ -100,7 +100,7 @@ def first_blocks(folder: Path, blocks: int) -> Path:
 
 def child(a) -> None:
     """In the measured process: quantize_checkpoint with per-part times; prints RESULT {json}."""
-    from lowbit.cli import calibration_split
+    from lowbit.cli.common import calibration_split
     from lowbit.eval import token_ids
     from lowbit.io import models
     from lowbit.io.streaming import quantize_checkpoint
@@ -115,7 +115,7 @@ def child(a) -> None:
         calib = calibration_split(token_ids(tok, text), a.window, a.windows)[0]
     pool = None
     if a.ray:
-        from lowbit.io.streaming_ray import RayPool
+        from lowbit.io.streaming.ray import RayPool
         pool = RayPool(num_cpus=a.ray)
     quantize_checkpoint(a.dir, get_recipe(a.recipe, a.method), a.out, calibration=calib, calibration_dtype="auto",
                         activation_bytes=int(a.activation_mb * 2**20), progress=False, ray=pool,
@@ -124,9 +124,9 @@ def child(a) -> None:
 
 
 def run(a, folder: Path, out: Path) -> None:
-    from lowbit.io.streaming import source_tensors
+    from lowbit.io.streaming.source import source_tensors
 
-    from lowbit.io.safetensors_rows import stored_tensors
+    from lowbit.io.streaming.rows import stored_tensors
 
     where = source_tensors(folder)
     wanted = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]  # what is read

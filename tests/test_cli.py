@@ -57,11 +57,11 @@ def test_quantize_and_eval_commands_on_a_truncated_model(smollm2_2layers, tmp_pa
 
 
 def test_method_option_parsing():
-    from lowbit.cli import _method_options
-    assert _method_options(["gptq.damp=0.05", "gptq.act_order=false", "smoothquant.alpha=0.8"], {}) == \
+    from lowbit.cli.common import method_options
+    assert method_options(["gptq.damp=0.05", "gptq.act_order=false", "smoothquant.alpha=0.8"], {}) == \
         {"gptq": {"damp": 0.05, "act_order": False}, "smoothquant": {"alpha": 0.8}}
     with pytest.raises(ValueError, match="METHOD.OPTION=VALUE"):
-        _method_options(["damp=0.05"], {})
+        method_options(["damp=0.05"], {})
 
 
 def test_out_is_checked_before_any_work(tmp_path, capsys, monkeypatch):
@@ -101,7 +101,8 @@ def test_ctrl_c_exits_with_one_line_and_writes_nothing(tmp_path, capsys, monkeyp
 
 
 def test_calibration_and_evaluation_windows_are_disjoint():
-    from lowbit.cli import calibration_split, check_disjoint, text_digest
+    from lowbit.cli.common import calibration_split, text_digest
+    from lowbit.cli.eval import check_disjoint
 
     ids = torch.arange(10 * 64 + 17)
     batches, where = calibration_split(ids, 64, 3)

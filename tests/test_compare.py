@@ -6,7 +6,8 @@ import torch
 
 import lowbit.analysis.compare as compare_mod
 from lowbit.analysis import compare_recipes, format_table, parse_specs
-from lowbit.cli import MAIN_RECIPES, main
+from lowbit.cli import main
+from lowbit.cli.compare import MAIN_RECIPES
 from lowbit.eval import token_ids
 from lowbit.io import default_text
 

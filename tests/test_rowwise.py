@@ -13,7 +13,7 @@ from lowbit.core.granularity import PerChannel, PerGroup, PerTensor
 from lowbit.methods import METHODS
 from lowbit.pipeline import get_recipe
 from lowbit.pipeline.rowwise import by_rows, quantize_by_rows
-from lowbit.io.safetensors_rows import stored_tensors
+from lowbit.io.streaming.rows import stored_tensors
 
 SCHEMES = {
     "w4g64": get_recipe("w4g64").weights,  # uint4 affine, fp16 scales and zero points

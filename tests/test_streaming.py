@@ -1,4 +1,4 @@
-"""Quantizing a sharded checkpoint a block at a time (io/streaming.py): the same model as quantizing
+"""Quantizing a sharded checkpoint a block at a time (io/streaming/): the same model as quantizing
 in memory, byte-identical after kill -9 and a resume, clear errors that keep finished work."""
 import errno
 import json
@@ -14,7 +14,7 @@ import torch
 
 import lowbit
 from lowbit.cli import main as cli
-from lowbit.io import streaming
+from lowbit.io.streaming import journal, parts
 from lowbit.io.streaming import quantize_checkpoint
 
 SHARD = 60_000  # bytes: a handful of output shards for the tiny model
@@ -61,15 +61,15 @@ def test_same_inputs_give_byte_identical_files(tmp_path):
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    from lowbit.io import streaming
-    write, written = streaming._write_shard, []
+    from lowbit.io.streaming import journal, quantize_checkpoint
+    write, written = journal.write_shard, []
     def write_then_die(*args):
         write(*args)
         written.append(1)
         if len(written) == int(sys.argv[3]):
             os.kill(os.getpid(), signal.SIGKILL)  # as kill -9 would: no cleanup runs
-    streaming._write_shard = write_then_die
-    streaming.quantize_checkpoint(sys.argv[1], "w4g64", sys.argv[2], shard_bytes=60_000, progress=False)
+    journal.write_shard = write_then_die
+    quantize_checkpoint(sys.argv[1], "w4g64", sys.argv[2], shard_bytes=60_000, progress=False)
 """)
 
 
@@ -149,7 +149,7 @@ def test_cli_streams_a_hugging_face_folder(tmp_path, capsys):
 
 @pytest.mark.parametrize("tied,recipe", [(True, "w4g64"), (False, "w4g64"), (False, "w8")])
 def test_big_weights_read_a_block_of_rows_at_a_time_give_the_same_bytes(tmp_path, monkeypatch, tied, recipe):
-    from lowbit.io.safetensors_rows import StoredTensor
+    from lowbit.io.streaming.rows import StoredTensor
 
     src = tiny_llama(tmp_path / "src", tied, layers=2)
     whole = quantize_checkpoint(src, recipe, tmp_path / "whole", shard_bytes=SHARD, progress=False)
@@ -178,20 +178,20 @@ def test_a_shard_truncated_during_the_run_is_named_and_the_finished_shards_are_k
     index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
     last = src / index["model.layers.5.mlp.down_proj.weight"]
     data, st = last.read_bytes(), last.stat()
-    write, parts_quantized = streaming._write_shard, []
+    write, parts_quantized = journal.write_shard, []
 
     def write_then_truncate(*args):
         write(*args)
         last.write_bytes(data[: len(data) // 2])  # the file goes bad under the running job
-    monkeypatch.setattr(streaming, "_write_shard", write_then_truncate)
+    monkeypatch.setattr(journal, "write_shard", write_then_truncate)
     with pytest.raises(ValueError, match=rf"{last.name} is unreadable or truncated \(reading part model.layers.5\).*\n\(the 5 output shards finished "
                                          r"are kept in .*\.out\.partial"):
         quantize_checkpoint(src, "w4g64", tmp_path / "out", shard_bytes=SHARD, progress=False)
-    monkeypatch.setattr(streaming, "_write_shard", write)
+    monkeypatch.setattr(journal, "write_shard", write)
     last.write_bytes(data)
     os.utime(last, ns=(st.st_atime_ns, st.st_mtime_ns))  # the same file again: the journal matches
-    quantize_part = streaming._quantize_part
-    monkeypatch.setattr(streaming, "_quantize_part", lambda m, r, part, *a: parts_quantized.append(part.name)
+    quantize_part = parts.quantize_part
+    monkeypatch.setattr(parts, "quantize_part", lambda m, r, part, *a: parts_quantized.append(part.name)
                         or quantize_part(m, r, part, *a))
     assert files(quantize_checkpoint(src, "w4g64", tmp_path / "out", shard_bytes=SHARD, progress=False)) == files(whole)
     assert "embeddings" not in parts_quantized and "model.layers.5" in parts_quantized  # resumed after shard 1

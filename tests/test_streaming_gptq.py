@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.io import streaming
+from lowbit.io.streaming import journal, parts
 from lowbit.io.streaming import quantize_checkpoint
 from lowbit.nn import QuantEmbedding, QuantLinear
 from lowbit.pipeline import get_recipe
@@ -44,12 +44,12 @@ def test_streamed_gptq_equals_gptq_in_memory(tmp_path, monkeypatch, tied):
 
     src = tiny_llama(tmp_path / "src", tied, layers=3)
     loaded = []  # blocks holding real weights whenever a part is written
-    add = streaming.Output.add
+    add = journal.Output.add
 
     def add_and_count(self, model, part):
         loaded.append(sum(any(not p.is_meta for p in b.parameters()) for b in model.model.layers))
         add(self, model, part)
-    monkeypatch.setattr(streaming.Output, "add", add_and_count)
+    monkeypatch.setattr(journal.Output, "add", add_and_count)
     out = run(src, tmp_path / "out", block_bytes=16 << 10)  # the 384 x 128 table read 32 rows at a time
     assert max(loaded) == 1  # one block in memory at a time
     streamed = lowbit.load(out)
@@ -90,19 +90,19 @@ def test_spilled_activations_give_the_same_bytes_and_say_so(tmp_path, capsys, mo
 
 KILLER = textwrap.dedent("""
     import os, signal, sys, torch
-    from lowbit.io import streaming
+    from lowbit.io.streaming import journal, quantize_checkpoint
     from lowbit.pipeline import get_recipe
-    write, written = streaming._write_shard, []
+    write, written = journal.write_shard, []
     def write_then_die(*args):
         write(*args)
         written.append(1)
         if len(written) == 2:
             os.kill(os.getpid(), signal.SIGKILL)
-    streaming._write_shard = write_then_die
+    journal.write_shard = write_then_die
     g = torch.Generator().manual_seed(7)
     calib = [torch.randint(0, 384, (1, 24), generator=g) for _ in range(4)]
-    streaming.quantize_checkpoint(sys.argv[1], get_recipe("w4g64", "gptq"), sys.argv[2], calibration=calib,
-                                  shard_bytes=60_000, calibration_dtype="fp32", batch_size=2, progress=False)
+    quantize_checkpoint(sys.argv[1], get_recipe("w4g64", "gptq"), sys.argv[2], calibration=calib,
+                        shard_bytes=60_000, calibration_dtype="fp32", batch_size=2, progress=False)
 """)
 
 
@@ -131,7 +131,7 @@ def test_resumed_gptq_run_starts_at_the_first_unfinished_block(tmp_path, monkeyp
     kw = {"shard_bytes": 1, "activation_bytes": 2 * 24 * 128 * 4 if spilled else 4 << 30}  # a shard per part
     whole = run(src, tmp_path / "whole", **kw)
     solved, loaded = [], []
-    one_block, materialize = sequential._one_block, streaming._materialize
+    one_block, materialize = sequential._one_block, parts.materialize
 
     def solve(i, *args, **kwargs):
         if i == 2 and interrupt:
@@ -143,7 +143,7 @@ def test_resumed_gptq_run_starts_at_the_first_unfinished_block(tmp_path, monkeyp
         loaded.append(part.name)
         return materialize(model, part, *args, **kwargs)
     monkeypatch.setattr(sequential, "_one_block", solve)
-    monkeypatch.setattr(streaming, "_materialize", load)
+    monkeypatch.setattr(parts, "materialize", load)
     interrupt = True
     with pytest.raises(KeyboardInterrupt):
         run(src, tmp_path / "out", **kw)
@@ -159,7 +159,7 @@ def test_resumed_gptq_run_starts_at_the_first_unfinished_block(tmp_path, monkeyp
 
 
 def test_saved_block_inputs_come_back_bit_for_bit_and_are_checked(tmp_path):
-    from lowbit.io import block_inputs
+    from lowbit.io.streaming import block_inputs
     from lowbit.pipeline.blocks import BlockInput
 
     g = torch.Generator().manual_seed(3)
@@ -209,7 +209,8 @@ def byte_level_bpe(text: str, vocab: int):
 
 def test_cli_streams_gptq_with_calibration_windows_of_the_text(tmp_path, capsys):
     from conftest import wikitext_excerpt
-    from lowbit.cli import calibration_split, main as cli
+    from lowbit.cli import main as cli
+    from lowbit.cli.common import calibration_split
     from lowbit.eval import token_ids
     from lowbit.io import load_model
 

@@ -4,9 +4,9 @@ import pytest
 import ray  # the optional `scale` extra; scripts/env.sh installs it for the tests
 import torch
 
-from lowbit.io.safetensors_rows import StoredTensor
+from lowbit.io.streaming.rows import StoredTensor
 from lowbit.io.streaming import quantize_checkpoint
-from lowbit.io.streaming_ray import RayPool
+from lowbit.io.streaming.ray import RayPool
 from lowbit.pipeline import get_recipe
 
 from test_streaming import SHARD, files, tiny_llama

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..pipeline.blocks import BlockInput
-from . import atomic
+from ...pipeline.blocks import BlockInput
+from .. import atomic
 
 
 class NotSaved(ValueError):

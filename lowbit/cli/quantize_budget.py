@@ -1,10 +1,11 @@
-"""`lowbit quantize SRC --budget BITS`: the mixed-precision recipe from lowbit.search, for cli.py."""
+"""`lowbit quantize SRC --budget BITS`: the mixed-precision recipe from lowbit.search, for quantize.py."""
 from __future__ import annotations
 
-from .analysis.mixed import DEFAULT_CANDIDATES, cost_method, plan_mixed
-from .analysis.sensitivity import layer_sensitivity
-from .methods import method_needs
-from .pipeline import Recipe
+from ..analysis.mixed import DEFAULT_CANDIDATES, cost_method, plan_mixed
+from ..analysis.sensitivity import layer_sensitivity
+from ..methods import method_needs
+from ..pipeline import Recipe
+from .common import calibration_split
 
 SENSITIVITY_WINDOWS, SENSITIVITY_WINDOW = 4, 256
 
@@ -16,8 +17,6 @@ def budget_recipe(model, ids, budget: float, candidates: str | None, method: str
     windows lowbit.quantize will calibrate on (the last `calibration_windows` of `window`) and
     its costs are scored on the 4 windows just before them (a solver scored on the tokens it was
     fitted to looks far better than it is); round to nearest scores the last 4 windows."""
-    from .cli import calibration_split  # cli imports this module where --budget is given
-
     names = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else list(DEFAULT_CANDIDATES)
     chain = cost_method(method, names)
     n, w = SENSITIVITY_WINDOWS, min(SENSITIVITY_WINDOW, window)

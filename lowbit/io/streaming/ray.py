@@ -21,6 +21,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import parts
+from .parts import quantize_stored, under
+
 
 class RayPool:
     """A connection to a Ray cluster: the local machine by default (`ray.init()`), or `address`
@@ -48,7 +51,7 @@ class RayPool:
 
     def call_solver(self, fn, w: torch.Tensor, scheme, stats, options: dict):
         """pipeline.quantize's call_solver: the solve as a task (its InputStats travel along)."""
-        from ..pipeline.quantize import call
+        from ...pipeline.quantize import call
 
         return self.get(self.submit(call, fn, w, scheme, stats, options))
 
@@ -58,19 +61,18 @@ def _run(fn, args, kwargs, threads: int):
     return fn(*args, **kwargs)
 
 
-def quantize_parts(model: nn.Module, recipe, parts: list, where: dict[str, Path], output, pool: RayPool, *,
+def quantize_parts(model: nn.Module, recipe, all_parts: list, where: dict[str, Path], output, pool: RayPool, *,
                    block_bytes: int, progress: bool = True) -> None:
     """The data-free loop of streaming.quantize_checkpoint with the weights quantized by Ray tasks."""
-    from ..pipeline.quantize import weight_plan
-    from .safetensors_rows import stored_tensors
-    from .streaming import _materialize, _quantize_part, _under, quantize_stored
+    from ...pipeline.quantize import weight_plan
+    from .rows import stored_tensors
 
-    todo = [p for p in parts if p.name not in output.done]
+    todo = [p for p in all_parts if p.name not in output.done]
     headers: dict[Path, dict] = {}
 
     def submit(part) -> dict:
         """{module name: the task quantizing its weight} for the part's weights the recipe rounds."""
-        names = {n for n, _ in model.named_modules() if _under(n, part.modules)}
+        names = {n for n, _ in model.named_modules() if under(n, part.modules)}
         futures = {}
         for name, (solver, scheme, options) in weight_plan(model, recipe, modules=names).items():
             key = f"{name}.weight"
@@ -86,9 +88,9 @@ def quantize_parts(model: nn.Module, recipe, parts: list, where: dict[str, Path]
     for i, part in enumerate(bar):
         futures, ahead = ahead, (submit(todo[i + 1]) if i + 1 < len(todo) else {})
         bar.set_postfix_str(part.name)
-        _materialize(model, part, where, set(futures), defer_bytes=0)  # the tasks read those weights
+        parts.materialize(model, part, where, set(futures), defer_bytes=0)  # the tasks read those weights
 
         def solve(name, solver, scheme, options):
             return pool.get(futures[name]) if name in futures else None
-        _quantize_part(model, recipe, part, solve)
+        parts.quantize_part(model, recipe, part, solve)
         output.add(model, part)

@@ -36,25 +36,25 @@ from pathlib import Path
 
 from torch import nn
 
-from . import block_inputs
+from . import block_inputs, parts
+from .journal import write_journal
 
 
-def quantize_calibrated(model: nn.Module, recipe, parts: list, where: dict[str, Path], output, batches: list, *,
+def quantize_calibrated(model: nn.Module, recipe, all_parts: list, where: dict[str, Path], output, batches: list, *,
                         quantized: set[str], block_bytes: int, activation_bytes: int,
                         calibration_dtype="auto", batch_size: int = 8, progress: bool = True, ray=None) -> None:
     """Quantize `model` (the skeleton) part by part into `output` (streaming.Output); with `ray` (a
     streaming_ray.RayPool) each layer's solve is a Ray task, a block's layers at once."""
-    from ..pipeline import quantize
-    from ..pipeline.blocks import find_blocks
-    from ..pipeline.spill import SpillPolicy
-    from .streaming import _materialize, _row_solver
+    from ...pipeline import quantize
+    from ...pipeline.blocks import find_blocks
+    from ...pipeline.spill import SpillPolicy
 
     prefix, _ = find_blocks(model)
-    blocks = [p for p in parts if p.name.startswith(prefix + ".")]
-    others = [p for p in parts if p not in blocks]
+    blocks = [p for p in all_parts if p.name.startswith(prefix + ".")]
+    others = [p for p in all_parts if p not in blocks]
     deferred = {}
     for part in others:
-        deferred.update(_materialize(model, part, where, quantized, block_bytes))
+        deferred.update(parts.materialize(model, part, where, quantized, block_bytes))
     first = others[0] if others and others[0].name == "embeddings" else None
     resume = Boundaries(output, prefix)
 
@@ -62,13 +62,13 @@ def quantize_calibrated(model: nn.Module, recipe, parts: list, where: dict[str, 
     def block_scope(i: int, block: nn.Module):
         if i == resume.start and first is not None:  # quantized, and the first inputs at hand: no longer needed
             output.add(model, first)
-        _materialize(model, blocks[i], where)
+        parts.materialize(model, blocks[i], where)
         yield
         output.add(model, blocks[i])
 
     spill = SpillPolicy(activation_bytes, output.partial / "activations")
     solves = {} if ray is None else {"call_solver": ray.call_solver, "solve_workers": max(2, ray.width)}
-    quantize(model, recipe, batches, solve=_row_solver(deferred, block_bytes), block_scope=block_scope,
+    quantize(model, recipe, batches, solve=parts.row_solver(deferred, block_bytes), block_scope=block_scope,
              spill=spill, calibration_dtype=calibration_dtype, batch_size=batch_size, progress=progress,
              resume=resume, **solves)
     shutil.rmtree(spill.folder, ignore_errors=True)  # emptied block by block; not part of the checkpoint
@@ -110,8 +110,6 @@ class Boundaries:
     def save(self, i: int, inputs) -> None:
         """Keep block i's inputs when every block before it lies in a finished shard (a resume
         redoes the blocks after the last finished shard anyway: their parts were lost)."""
-        from .streaming import _write_journal
-
         if self.output.pending or f"{self.prefix}.{i - 1}" not in self.journal.parts_done():
             return
         old = self.journal.inputs
@@ -126,15 +124,13 @@ class Boundaries:
                 self._told = True
             return
         self.journal.inputs = {"block": i, "folder": folder, "batches": len(inputs)}
-        _write_journal(self.partial, self.journal)
+        write_journal(self.partial, self.journal)
         if old is not None:
             shutil.rmtree(self.partial / old["folder"], ignore_errors=True)
 
     def forget(self) -> None:
         """The blocks are done: the saved inputs are no part of the checkpoint."""
-        from .streaming import _write_journal
-
         old, self.journal.inputs = self.journal.inputs, None
         if old is not None:
-            _write_journal(self.partial, self.journal)
+            write_journal(self.partial, self.journal)
             shutil.rmtree(self.partial / old["folder"], ignore_errors=True)

@@ -1,6 +1,6 @@
 """`lowbit quantize SRC --recipe q4_k_m --out model.gguf`: the GGUF path of the quantize command.
 
-Kept apart from cli.py so the lowbit-checkpoint path stays as it is. --method rtn rounds to nearest
+Kept apart from quantize.py so the lowbit-checkpoint path stays as it is. --method rtn rounds to nearest
 in llama.cpp's blocks (byte for byte llama-quantize's output); auto (default) runs AWQ + GPTQ on
 each tensor's own type, calibrated on --text (pipeline/gguf_calibrated.py), for every quantized
 file type but q8_0 (8 bits: round to nearest is already within 0.3% of float).
@@ -8,6 +8,8 @@ file type but q8_0 (8 bits: round to nearest is already within 0.3% of float).
 from __future__ import annotations
 
 from pathlib import Path
+
+from .common import calibration_split, check_out, method_options, read_text
 
 CALIBRATED = ("awq+gptq", "gptq", "awq")
 
@@ -17,7 +19,7 @@ def wants_gguf(args) -> bool:
 
 
 def gguf_method(recipe: str, method: str) -> str:
-    from .io.gguf.mixtures import file_type
+    from ..io.gguf.mixtures import file_type
 
     ft = file_type(recipe)  # fail on a bad name before loading anything
     if method == "auto":
@@ -28,9 +30,8 @@ def gguf_method(recipe: str, method: str) -> str:
 
 
 def cmd_quantize_gguf(args) -> None:
-    from .cli import _text, calibration_split, check_out
-    from .eval import token_ids
-    from .io import load, load_model, save
+    from ..eval import token_ids
+    from ..io import load, load_model, save
 
     method = gguf_method(args.recipe, args.method)
     options = _gptq_options(args.method_option, method)
@@ -40,9 +41,9 @@ def cmd_quantize_gguf(args) -> None:
     else:
         model, tok = load_model(args.model)
     if method != "rtn":
-        from .io.gguf.calibrated import quantize_gguf
+        from ..io.gguf.calibrated import quantize_gguf
 
-        calib, where = calibration_split(token_ids(tok, _text(args.text)), args.window, args.calibration_windows)
+        calib, where = calibration_split(token_ids(tok, read_text(args.text)), args.window, args.calibration_windows)
         print(f"calibrating {method} on windows {where['first_window']}-{where['first_window'] + where['windows'] - 1}"
               f" of {args.window} tokens (the end of {args.text or 'the default text'})")
         quantize_gguf(model, args.recipe, calib, method=method, calibration_dtype=args.calibration_dtype, **options)
@@ -54,9 +55,7 @@ def cmd_quantize_gguf(args) -> None:
 
 def _gptq_options(items: list[str] | None, method: str) -> dict:
     """--method-option gptq.damp=0.05 / gptq.act_order=false for the calibrated GGUF solve."""
-    from .cli import _method_options
-
-    opts = _method_options(items or [], {})
+    opts = method_options(items or [], {})
     if opts and method == "rtn":
         raise ValueError("--method-option: rtn GGUF export has no options")
     unknown = [f"{m}.{k}" for m, kw in opts.items() for k in kw if m != "gptq" or k not in ("damp", "act_order")]
