@@ -25,7 +25,7 @@ FORMAT = "lowbit"
 VERSION = 1
 META = "lowbit.json"
 WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"  # sharded checkpoints (io/streaming.py), as Hugging Face names it
+INDEX = "model.safetensors.index.json"  # sharded checkpoints (io/streaming/), as Hugging Face names it
 TQ1_LAYOUT = "tq1_0"  # ternary codes in llama.cpp TQ1_0's base-3 block layout (core/trits.py)
 _PARTS = ("codes", "zeros", "tensor_scale", "codebook", "offset")
 
@@ -115,7 +115,7 @@ def checkpoint_meta(model: nn.Module, modules: dict, source: str | None) -> dict
 def model_entries(model: nn.Module, owners: dict, under: "tuple[str, ...] | None" = None
                   ) -> tuple[dict[str, torch.Tensor], dict]:
     """-> (every tensor to store, lowbit.json's entry per quantized module), for the whole model or
-    only the modules `under` these names (io/streaming.py writes a model a part at a time).
+    only the modules `under` these names (io/streaming/ writes a model a part at a time).
     `owners`: id(QTensor) -> the module it is stored under, kept across parts (tied weights
     are stored once)."""
     from ..nn import LLMInt8Linear, QuantEmbedding, QuantLinear
@@ -158,7 +158,7 @@ def model_entries(model: nn.Module, owners: dict, under: "tuple[str, ...] | None
 
 
 def weight_files(path: Path) -> list[Path]:
-    """model.safetensors, or the shards model.safetensors.index.json lists (io/streaming.py)."""
+    """model.safetensors, or the shards model.safetensors.index.json lists (io/streaming/)."""
     index = path / INDEX
     if not index.is_file():
         return [path / WEIGHTS]

@@ -87,16 +87,16 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
     quantized ([out, in], after any transform), its QTensor and its statistics (None when
     data-free); the per-layer analysis (analysis.layer_errors) reads errors there.
     `modules`: quantize only these modules (and the embeddings/output layer only if named), the
-    rest of the model may be on the meta device: how io/streaming.py quantizes a checkpoint one
+    rest of the model may be on the meta device: how io/streaming/ quantizes a checkpoint one
     block at a time. Data-free methods only.
     `solve(name, solver, scheme, options)`: with `modules`, may return a module's QTensor in place
-    of quantizing its weight (None: quantize it as usual); io/streaming.py quantizes weights too
+    of quantizing its weight (None: quantize it as usual); io/streaming/ quantizes weights too
     big to hold whole there, rows read from disk (pipeline/rowwise.py), the module's weight on meta.
-    `block_scope`, `spill`, `resume` (calibrated methods): passed to run_sequential; io/streaming.py
+    `block_scope`, `spill`, `resume` (calibrated methods): passed to run_sequential; io/streaming/
     loads each block there, keeps activations past a memory limit on disk (pipeline/spill.py) and
     resumes an interrupted job at the block whose inputs it saved.
     `call_solver(fn, w, scheme, stats, options)`: runs a solver (default: call(), here); with
-    `solve_workers` calls at once per block, io/streaming_ray.py runs each as a Ray task.
+    `solve_workers` calls at once per block, io/streaming/ray.py runs each as a Ray task.
     """
     recipe = get_recipe(recipe, method)
     targets = plan(model, recipe, allow_empty=modules is not None)

@@ -4,7 +4,7 @@ Round to nearest (and its MSE clipping search) treats each row alone when the sc
 are per row or per group along the row: the rows of rtn(w) are rtn of w's rows. So a weight
 [out, in] read from disk `rows` at a time and joined with QTensor.cat_rows is the very QTensor that
 quantizing it whole gives, bit for bit (tests/test_rowwise.py), at the memory of one block of rows.
-io/streaming.py quantizes the embedding table, the output layer and an 8B model's MLP weights so.
+io/streaming/ quantizes the embedding table, the output layer and an 8B model's MLP weights so.
 
 Not row-wise, so quantized whole: hqq (it stops when no group of the whole tensor improves; its
 recipes group along the output axis), gptq (left to the calibrated path), schemes with a

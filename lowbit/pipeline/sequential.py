@@ -14,11 +14,11 @@ solved two at a time. Only one block's inputs and outputs are held at a time; th
 size, the process's peak RSS and, for every layer with a Hessian, the layer-wise
 loss ||W X - Q X||^2 / ||W X||^2 of the chosen weights next to round-to-nearest's.
 
-Two hooks serve io/streaming.py, which never holds the whole model: `block_scope(i, block)`, a
+Two hooks serve io/streaming/, which never holds the whole model: `block_scope(i, block)`, a
 context entered around block i's work (it loads the block's weights from disk, and writes and drops
 the quantized block on leaving), and `spill`, a limit on the activations held in memory past which
 they go to disk (spill.py); and `resume`, with which an interrupted streaming job starts at a later
-block from that block's inputs saved at a boundary (io/streaming_calibrated.py): the inputs are all
+block from that block's inputs saved at a boundary (io/streaming/calibrated.py): the inputs are all
 that passes from one block to the next (the report covers the blocks run).
 """
 from __future__ import annotations
@@ -88,7 +88,7 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
     calibration_dtype); the weights being quantized stay in their own precision.
     block_scope(i, block): a context manager entered around block i's statistics, solves and
     forward (see the module docstring); spill: hold activations past its limit on disk.
-    workers: layer solves run at once (threads; each may wait on a Ray task, io/streaming_ray.py).
+    workers: layer solves run at once (threads; each may wait on a Ray task, io/streaming/ray.py).
     resume: an object with `start` (the first block to run; those before it are left as they are),
     `inputs(into)` (appends block `start`'s inputs to `into` when start > 0, in place of capturing
     block 0's) and `save(i, inputs)` (called with block i's inputs before each block i > start runs)."""

@@ -3,7 +3,7 @@
 lowbit.quantize runs a calibrated method block by block already (pipeline/sequential.py): the
 embeddings quantized first, block 0's inputs captured, then for each block its statistics, the
 solves, and its quantized forward for the next block's inputs. Here the same call runs on the
-skeleton model (io/streaming.py) with two hooks:
+skeleton model (run.py) with two hooks:
 
 - block_scope loads block i's weights from the source shards before its statistics, and after
   its quantized forward hands the quantized block to the output shards and drops it: one block's

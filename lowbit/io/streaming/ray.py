@@ -1,7 +1,7 @@
 """Ray as the engine for the independent work of streaming quantization (`lowbit quantize --ray`).
 
 - Data-free methods: one Ray task per weight. The task reads its weight from the source shard
-  itself (io/safetensors_rows.py, a block of rows at a time for rtn/mse) and returns the QTensor;
+  itself (io/streaming/rows.py, a block of rows at a time for rtn/mse) and returns the QTensor;
   the driver holds the skeleton, assembles each part and writes the output shards. The next part's
   tasks are submitted before the current part is assembled, so the workers do not wait on the
   driver's writes. On a cluster the checkpoint must be on storage every node reads at the same path.

@@ -4,7 +4,7 @@ A safetensors file is 8 bytes (little-endian header length), a JSON header {name
 data_offsets: [begin, end]}} and the tensors' bytes, row-major. Rows [a, b) of a tensor are one
 contiguous byte range, read here with a plain file read into a fresh buffer: unlike a memory map,
 no page of the file stays counted in the process's resident memory after the read, so quantizing
-a 2 GB table a block of rows at a time holds one block (io/streaming.py).
+a 2 GB table a block of rows at a time holds one block (io/streaming/).
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ quantized by the same code as lowbit.quantize (pipeline.quantize with `modules=`
 tensors go to the output. A weight larger than `block_bytes` in float32 (the embedding table,
 the output layer, an 8B model's MLP weights) is not loaded: a row-wise solver (rtn, mse) reads
 and quantizes it `block_bytes` of rows at a time from the file (pipeline/rowwise.py,
-io/safetensors_rows.py), so memory holds one block of rows, not the tensor. A calibrated
+io/streaming/rows.py), so memory holds one block of rows, not the tensor. A calibrated
 method (gptq) needs each block's inputs: streaming_calibrated.py runs the blocks in order with the
 sequential runner lowbit.quantize uses, one block's weights loaded at a time.
 
