@@ -234,6 +234,9 @@ def load_lowbit(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             raise ValueError(f"{shard} is missing or corrupt: {e}") from e
     if model is None:
         model = _skeleton(meta, path)
+    if any(".experts." in name for name in meta["modules"]):  # quantized experts are one Linear each
+        from ..pipeline.experts import unfuse_experts
+        unfuse_experts(model)
     loaded = {}  # module name -> its QTensor, for the modules tied to it
     for name, m in sorted(meta["modules"].items(), key=lambda item: isinstance(item[1], dict) and "tied_to" in item[1]):
         new = _quant_module(tensors, name, m, model, path, loaded)

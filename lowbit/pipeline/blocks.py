@@ -21,12 +21,15 @@ from .walk import is_linear
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(name, ModuleList) of the model's repeated blocks, or a clear error."""
-    best = None
+    best, outer = None, []
     for name, m in model.named_modules():
         if not isinstance(m, nn.ModuleList) or len(m) < 2:
             continue
         if len({type(c) for c in m}) != 1 or not any(is_linear(x) for x in m[0].modules()):
             continue
+        if any(name.startswith(o + ".") for o in outer):  # a block's own list (its experts), not the blocks
+            continue
+        outer.append(name)
         if best is None or len(m) > len(best[1]):
             best = (name, m)
     if best is None:

@@ -22,6 +22,7 @@ from ..methods import rtn as rtn_method
 from ..methods.bitnet import is_bitnet
 from ..nn import BitLinear, LLMInt8Linear, QuantLinear
 from .embeddings import embedding_jobs, quantize_embeddings
+from .experts import coverage, is_router, unfuse_experts
 from .recipe import Recipe, get_recipe
 from .transforms import apply_transforms
 from .sequential import LayerReport, layer_loss, run_sequential
@@ -38,6 +39,11 @@ def plan(model: nn.Module, recipe: Recipe, allow_empty: bool = False) -> dict[st
             continue
         if is_linear(m):
             out[name] = r
+        elif _fused_weights(m) and not is_router(name, m):
+            raise ValueError(f"module {name!r} ({type(m).__name__}) holds weights of shape "
+                             f"{[tuple(p.shape) for p in _fused_weights(m)]} that lowbit cannot quantize yet; "
+                             f"exclude it (exclude=[..., {name.rpartition('.')[0] + '.*' if '.' in name else name!r}]) "
+                             "to keep it in float")
         elif _named_explicitly(name, recipe):
             raise ValueError(f"module {name!r} ({type(m).__name__}) cannot be quantized: lowbit quantizes "
                              "Linear layers; change the recipe's include patterns")
@@ -62,6 +68,18 @@ def weight_plan(model: nn.Module, recipe: Recipe, modules: "set[str] | None" = N
             solver = parse_method(r.method)[1]
             out[name] = (solver, r.weights, r.method_options.get(solver, {}))
     return out
+
+
+def _fused_weights(m: nn.Module) -> list:
+    """Parameters of 3 or more dimensions outside convolutions: fused experts of a kind lowbit does not unfuse."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return []
+    return [p for p in m.parameters(recurse=False) if p.dim() >= 3]
+
+
+# An expert the calibration routes fewer tokens to is rounded to nearest: a Hessian of a handful of
+# tokens makes GPTQ fit those tokens, not the expert's inputs.
+MIN_EXPERT_TOKENS = 16
 
 
 def _named_explicitly(name: str, recipe: Recipe) -> bool:
@@ -99,6 +117,8 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
     `solve_workers` calls at once per block, io/streaming/ray.py runs each as a Ray task.
     """
     recipe = get_recipe(recipe, method)
+    if modules is None:  # streaming keeps the checkpoint's own tensor names
+        unfuse_experts(model, covered=lambda n: recipe.for_module(f"{n}.0.gate_proj") is not None)
     targets = plan(model, recipe, allow_empty=modules is not None)
     taken = set(targets)
     if modules is not None:
@@ -118,6 +138,9 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
         opts = r.method_options.get(solver, {})
         qweight = solve(name, solver, r.weights, opts) if solve is not None and stats is None else None
         w = linear_weight(old).float() if qweight is None or on_layer is not None else None
+        fallback, seen = (_expert_fallback(name, stats) if needs else None), stats
+        if fallback:
+            fn, stats, opts = rtn_method, None, {}
         if qweight is None:
             qweight = (call_solver or call)(fn, w, r.weights, stats, opts)
         scale, zero = act_ranges.get(name, (None, None))
@@ -130,7 +153,10 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
         set_module(model, name, new)
         if on_layer is not None:
             on_layer(name, w, qweight, stats)
-        return _layer_report(name, r, w, qweight, stats)
+        report = _layer_report(name, r, w, qweight, stats)
+        if needs and ".experts." in name:
+            report.tokens, report.fallback = 0 if seen is None else seen.n, fallback
+        return report
 
     needs = {k for r in targets.values() for k in method_needs(r.method)}
     if needs:
@@ -151,7 +177,18 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
         for name, (scale, zero) in _calibrate(model, targets, calibration, progress).items():
             model.get_submodule(name).set_activation_range(scale, zero)
     model.lowbit_recipe = recipe
+    model.lowbit_coverage = coverage(model)
+    if progress:
+        tqdm.write(model.lowbit_coverage.summary())
     return model
+
+
+def _expert_fallback(name: str, stats) -> str | None:
+    """Why an expert layer is rounded to nearest instead of solved on its statistics, or None."""
+    n = 0 if stats is None else stats.n
+    if ".experts." in name and n < MIN_EXPERT_TOKENS:
+        return f"fewer than {MIN_EXPERT_TOKENS} calibration tokens routed"
+    return None
 
 
 def call(fn, w: torch.Tensor, scheme: Scheme, stats, options: dict):

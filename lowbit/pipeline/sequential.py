@@ -45,6 +45,8 @@ class LayerReport:
     method: str
     loss: float | None = None  # ||(W - Q) X||^2 / ||W X||^2 over the calibration tokens
     rtn_loss: float | None = None
+    tokens: int | None = None  # calibration tokens that reached the layer (routed ones, for an expert)
+    fallback: str | None = None  # why the layer was rounded to nearest instead of solved
 
 
 @dataclass
@@ -70,7 +72,18 @@ class CalibrationReport:
             ratios = torch.tensor([r.loss / r.rtn_loss for r in with_loss])
             lines.append(f"layer loss vs round-to-nearest: median {ratios.median():.3f}x, "
                          f"worst {ratios.max():.3f}x over {len(with_loss)} layers")
+        experts = [r for r in self.layers if ".experts." in r.name and r.tokens is not None]
+        if experts:
+            counts = torch.tensor([r.tokens for r in experts], dtype=torch.float64)
+            fell = [r for r in experts if r.fallback]
+            lines.append(f"experts: {len(experts)} layers, routed tokens per layer min {counts.min():.0f}, "
+                         f"median {counts.median():.0f}, max {counts.max():.0f}"
+                         + (f"; {len(fell)} rounded to nearest ({fell[0].fallback})" if fell else ""))
         return "\n".join(lines)
+
+    def expert_tokens(self) -> dict[str, int]:
+        """{expert layer name: calibration tokens routed to it}."""
+        return {r.name: r.tokens for r in self.layers if ".experts." in r.name and r.tokens is not None}
 
 
 def run_sequential(model: nn.Module, names: list[str], batches: list,
@@ -148,7 +161,7 @@ def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hes
     # Each layer's solve is independent; a Python-bound loop of small tensor ops (GPTQ's
     # columns) leaves a core idle, so two solves run at once (more when they are Ray tasks).
     with ThreadPoolExecutor(workers) as pool:
-        report.layers.extend(pool.map(lambda n: quantize_layer(head + n, c.stats[n]), local))
+        report.layers.extend(pool.map(lambda n: quantize_layer(head + n, c.stats.get(n)), local))
     if propagate == "quantized":
         with autocast():
             for inp in inputs:

@@ -1,0 +1,120 @@
+"""Mixture-of-experts models (transformers 5's fused experts): every expert quantized, calibrated
+experts reported, nothing left in float without a word (pipeline/experts.py, nn/experts.py)."""
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import lowbit
+from lowbit.nn import QuantLinear, RoutedExperts
+from lowbit.pipeline.experts import coverage, is_fused_experts
+
+CONFIGS = {
+    "mixtral": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=256, head_dim=16),
+    "qwen3_moe": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+                      vocab_size=256, head_dim=16, decoder_sparse_step=1, mlp_only_layers=[]),
+}
+
+
+def tiny(model_type: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = transformers.AutoConfig.for_model(model_type, **CONFIGS[model_type])
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def fused_modules(model):
+    return [n for n, m in model.named_modules() if is_fused_experts(m)]
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_unfused_experts_give_the_fused_outputs(model_type):
+    model = tiny(model_type)
+    assert fused_modules(model), "transformers should build fused experts (3-D parameters) here"
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+        from lowbit.pipeline.experts import unfuse_experts
+        names = unfuse_experts(model)
+        got = model(ids).logits
+    assert len(names) == 2 and all(isinstance(model.get_submodule(n), RoutedExperts) for n in names)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_data_free_recipe_quantizes_every_expert(model_type, capsys):
+    model = tiny(model_type)
+    float_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    lowbit.quantize(model, "w4g32", method="rtn")
+    experts = {n: m for n, m in model.named_modules() if ".experts." in n and n.endswith(("_proj"))}
+    assert experts and all(isinstance(m, QuantLinear) for m in experts.values())
+    assert sum(m.qweight.shape[0] * m.qweight.shape[1] for m in experts.values()) == float_params
+    cov = model.lowbit_coverage
+    assert set(cov.float_weights) <= {n for n in cov.float_weights if "embed" in n or "lm_head" in n
+                                      or n.endswith("gate.weight")}, cov.float_weights
+    assert "quantized 9" in capsys.readouterr().out
+    with torch.no_grad():
+        got = model(ids).logits
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 0.2, rel  # 4-bit: close, not equal
+
+
+def test_calibrated_experts_report_their_tokens_and_none_is_float_or_nan():
+    model = tiny("qwen3_moe")
+    g = torch.Generator().manual_seed(3)
+    calib = [torch.randint(0, 256, (1, 32), generator=g) for _ in range(4)]
+    lowbit.quantize(model, "w4g32", method="gptq", calibration=calib, calibration_dtype="fp32", progress=False)
+    report = model.lowbit_calibration
+    tokens = report.expert_tokens()
+    assert len(tokens) == 2 * 8 * 3  # 2 blocks x 8 experts x (gate, up, down)
+    assert sum(tokens[f"model.layers.0.mlp.experts.{e}.down_proj"] for e in range(8)) == 4 * 32 * 2  # top-2
+    fell = {r.name for r in report.layers if r.fallback}
+    assert fell == {n for n, t in tokens.items() if t < 16}
+    assert "experts: 48 layers" in report.summary()
+    for n, m in model.named_modules():
+        if ".experts." in n and n.endswith("_proj"):
+            assert isinstance(m, QuantLinear) and torch.isfinite(m.qweight.dequantize()).all(), n
+
+
+def test_round_trip_through_lowbit_format(tmp_path):
+    model = tiny("mixtral")
+    lowbit.quantize(model, "w4g32", method="rtn", progress=False)
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(2))
+    lowbit.save(model, tmp_path / "q")
+    back = lowbit.load(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits)
+
+
+class Fused3D(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 8, 8))
+
+    def forward(self, x):
+        return x @ self.w.sum(0)
+
+
+def test_a_weight_lowbit_cannot_quantize_is_an_error_naming_it():
+    model = nn.Sequential(nn.Linear(8, 8), Fused3D())
+    with pytest.raises(ValueError, match=r"module '1' \(Fused3D\) holds weights of shape \[\(4, 8, 8\)\]"):
+        lowbit.quantize(model, "w4g32", method="rtn", progress=False)
+    model[1] = nn.Linear(8, 8)
+    lowbit.quantize(model, "w8", method="rtn", progress=False)
+    assert coverage(model).share == 1.0
+
+
+def test_experts_with_too_few_routed_tokens_are_rounded_to_nearest_and_said_so():
+    model = tiny("mixtral")
+    calib = [torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(5))]
+    lowbit.quantize(model, "w4g32", method="gptq", calibration=calib, calibration_dtype="fp32", progress=False)
+    report = model.lowbit_calibration
+    experts = [r for r in report.layers if ".experts." in r.name]
+    assert experts and all(r.fallback == "fewer than 16 calibration tokens routed" for r in experts)
+    assert "48 rounded to nearest" in report.summary()
+    attn = [r for r in report.layers if "self_attn" in r.name]
+    assert attn and not any(r.fallback for r in attn)
