@@ -4,13 +4,13 @@ Shares no solver code with lowbit: from lowbit it takes only the type's block se
 pinned byte for byte to llama.cpp elsewhere), which says each block's scales, offsets and levels.
 
     dead inputs (H_jj == 0): W[:, j] = 0, H_jj = 1;  H += damp * mean(diag H) * I
-    Hinv = H^-1;  U = upper Cholesky factor of Hinv (U^T U = Hinv)
     order: columns by decreasing diag(H) (act_order, block parameters fitted up front on W), else left
     to right (each type block fitted on the updated weights when the solve reaches its first column)
     for each column j in order:
         q_j = the grid value nearest w_j:  s * levels[k] + o, k = argmin |w_j - s * levels[k] - o|
         e = (w_j - q_j) / U_jj
         w_k -= e U_jk   for every later column k          (no lazy batches: the same arithmetic)
+    where U is the upper Cholesky factor of H^-1 with rows and columns in solve order (U^T U = H^-1)
 """
 from __future__ import annotations
 
@@ -29,9 +29,8 @@ def gptq_ggml_reference(w: torch.Tensor, H: torch.Tensor, t, *, damp: float = 0.
     W[:, dead] = 0
     Hd[dead, dead] = 1.0
     Hd += damp * np.mean(np.diag(Hd)) * np.eye(C)
-    U = np.linalg.cholesky(np.linalg.inv(Hd)).T
     order = np.argsort(-np.diag(H.double().numpy()), kind="stable") if act_order else np.arange(C)
-    U = U[np.ix_(order, order)] if not act_order else np.linalg.cholesky(np.linalg.inv(Hd[np.ix_(order, order)])).T
+    U = np.linalg.cholesky(np.linalg.inv(Hd[np.ix_(order, order)])).T  # in solve order
     scale, offset = np.zeros((R, C)), np.zeros((R, C))
     levels = None
 
