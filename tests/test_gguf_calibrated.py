@@ -14,6 +14,7 @@ from lowbit.methods.gptq_ggml import gptq_ggml
 from lowbit.io.gguf.calibrated import quantize_gguf, tensor_types
 
 from conftest import wikitext_excerpt
+from reference.gptq_ggml_ref import gptq_ggml_reference
 
 GRID_TYPES = [t.name for t in GGML_TYPES.values() if t.fit is not None]
 
@@ -63,6 +64,22 @@ def test_gptq_beats_round_to_nearest_on_the_layer_loss(name, act_order, gen):
         q = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType(t.id)).reshape(w.shape)
         return float(((w.double() - torch.from_numpy(q).double()) @ X.double().T).pow(2).sum())
     assert out_err(data) < 0.9 * out_err(rtn)
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q5_1", "iq4_nl", "q2_k", "q4_k", "q6_k"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_equals_the_plain_float64_column_loop(name, act_order, gen):
+    """The solver (before any keep-the-better rule) lands on the grid values of GPTQ's column loop
+    written out in float64 (tests/reference/gptq_ggml_ref.py), value for value: the lazy batch
+    updates, the Cholesky factor, the act_order permutation and the block fits all have to be right.
+    Measured: every value equal for every type here; round to nearest agrees on 10-79% of them."""
+    t = GGML_TYPES[name]
+    X = correlated_inputs(1024, 256, gen)
+    w = torch.randn(16, 256, generator=gen) * 0.05
+    st = Stats(X)
+    ours = dequantize_rows(gptq_ggml(w, name, stats=st, act_order=act_order, fallback_to_rtn=False), name, 256)
+    ref = gptq_ggml_reference(w, st.hessian, t, act_order=act_order)
+    assert np.isclose(ours, ref, rtol=1e-5, atol=1e-8).mean() >= 0.995
 
 
 def test_gptq_refuses_what_it_cannot_solve(gen):
@@ -126,8 +143,10 @@ def test_calibrated_codes_track_the_model_better_than_round_to_nearest(calibrate
         kl = {k: float((ref.exp() * (ref - torch.log_softmax(mm(x).logits.double(), -1))).sum(-1).mean())
               for k, mm in (("gptq", m), ("rtn", rtn))}
     assert kl["gptq"] < 0.8 * kl["rtn"], kl
+    # GPTQ's layer loss against round to nearest's in the same blocks: measured 0.06-0.23 on these 14
+    # layers. (Only "<=" would hold for any solver: the pipeline keeps RTN's bytes where GPTQ loses.)
     losses = [(r.loss, r.rtn_loss) for r in m.lowbit_calibration.layers]
-    assert len(losses) == 14 and all(a <= b for a, b in losses)
+    assert len(losses) == 14 and all(a < 0.5 * b for a, b in losses), losses
 
 
 def test_changed_weights_fall_back_to_round_to_nearest(calibrated, tmp_path):

@@ -88,7 +88,7 @@ def test_k_mixture_fallbacks_for_576_wide_rows():
     assert ft.tensor_type("blk.0.ffn_down.weight", ne0=1536, layer=0, **kw) == "q6_k"
     assert ft.tensor_type("blk.4.ffn_down.weight", ne0=1536, layer=4, **kw) == "q4_k"
     assert ft.tensor_type("token_embd.weight", ne0=576, layer=-1, **kw) == "q8_0"
-    assert FILE_TYPES["q3_k_m"].tensor_type("blk.9.ffn_up.weight", ne0=576, layer=9, **kw) == "iq4_nl"
+    assert FILE_TYPES["q3_k_m"].tensor_type("blk.9.ffn_up.weight", ne0=576, layer=9, **kw) == "q4_0"
 
 
 def test_suffix_picks_the_format_and_lowbit_rejects_a_gguf_recipe(small, tmp_path):
@@ -110,7 +110,7 @@ def test_q2_k_and_q3_k_s_on_256_multiple_rows():
                              ("token_embd.weight", "q2_k", "q2_k")):
         assert (q2.tensor_type(name, n_gqa=3, **kw), q2.tensor_type(name, n_gqa=4, **kw)) == (gqa3, gqa4), name
         assert q3s.tensor_type(name, n_gqa=4, **kw) == ("q6_k" if name == "output.weight" else "q3_k"), name
-    assert q2.tensor_type("blk.7.attn_q.weight", ne0=576, layer=7, n_layer=24, n_gqa=3) == "iq4_nl"
+    assert q2.tensor_type("blk.7.attn_q.weight", ne0=576, layer=7, n_layer=24, n_gqa=3) == "q4_0"
 
 
 def test_llama_quantize_aliases():
@@ -122,11 +122,11 @@ def test_llama_quantize_aliases():
 
 
 def test_q2_k_file_reads_back_as_gguf_py_blocks(small, tmp_path):
-    """SmolLM2's 576-wide rows fall back to IQ4_NL (embedding: Q8_0); ffn_down (1536 wide) is Q3_K."""
+    """SmolLM2's 576-wide rows fall back to Q4_0 (embedding: Q8_0); ffn_down (1536 wide) is Q3_K."""
     path = lowbit.save(small, tmp_path / "m.gguf", recipe="q2_k", source="smollm2-135m")
     r = gguf.GGUFReader(path)
     types = {t.name: t.tensor_type.name for t in r.tensors}
-    assert types["blk.0.ffn_down.weight"] == "Q3_K" and types["blk.1.attn_q.weight"] == "IQ4_NL"
+    assert types["blk.0.ffn_down.weight"] == "Q3_K" and types["blk.1.attn_q.weight"] == "Q4_0"
     assert types["token_embd.weight"] == "Q8_0" and r.fields["general.file_type"].contents() == 10
     t = next(t for t in r.tensors if t.name == "blk.1.ffn_down.weight")
     ref = gguf.quants.dequantize(t.data, t.tensor_type)

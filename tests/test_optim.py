@@ -247,6 +247,47 @@ def test_state_dict_round_trip_resumes_identically():
         assert torch.equal(pa, pb)
 
 
+def _half_params(dtype):
+    torch.manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(2 * BLOCK).to(dtype)), torch.nn.Parameter(torch.randn(BLOCK).to(dtype))]
+
+
+def _half_steps(params, opt, first, last):
+    """Steps first..last-1 with gradients fixed by the step number; the second parameter's are
+    ~1e-5, so its v_absmax (~1e-13) lies far below fp16's smallest subnormal (6e-8)."""
+    for step in range(first, last):
+        g = torch.Generator().manual_seed(step)
+        params[0].grad = torch.randn(2 * BLOCK, generator=g).to(params[0].dtype)
+        params[1].grad = (torch.randn(BLOCK, generator=g) * 1e-5).to(params[1].dtype)
+        opt.step()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_8bit_state_of_half_parameters_resumes_bit_for_bit(dtype):
+    """torch's load_state_dict casts floating state to the parameter's dtype: absmax in bf16/fp16
+    loses bits and an fp16 v_absmax under 6e-8 becomes 0, which the second-moment rule forbids."""
+    straight = _half_params(dtype)
+    opt = AdamW8bit(straight, lr=1e-3, min_8bit_size=1024)
+    _half_steps(straight, opt, 0, 6)
+
+    first = _half_params(dtype)
+    opt_a = AdamW8bit(first, lr=1e-3, min_8bit_size=1024)
+    _half_steps(first, opt_a, 0, 3)
+    buf = io.BytesIO()
+    torch.save(opt_a.state_dict(), buf)
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in first]
+    opt_b = AdamW8bit(resumed, lr=1e-3, min_8bit_size=1024)
+    opt_b.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    for sa, sb in zip(opt_a.state.values(), opt_b.state.values()):
+        assert all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+    assert 0 < opt_b.state[resumed[1]]["v_absmax"].max() < 6e-8  # the tiny case is exercised
+    _half_steps(resumed, opt_b, 3, 6)
+    for p, q in zip(straight, resumed):
+        assert torch.equal(p, q)
+    for sa, sb in zip(opt.state.values(), opt_b.state.values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_adam8bit_adds_l2_decay_to_the_gradient():
     p = torch.nn.Parameter(torch.ones(BLOCK * 2))
     opt = Adam8bit([p], lr=0.1, weight_decay=1.0)

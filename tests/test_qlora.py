@@ -218,3 +218,29 @@ def test_register_refuses_what_it_cannot_run(nf4_model):
         _peft(model, use_dora=True)
     with pytest.raises(ValueError, match="peft model"):
         lowbit.qat.merge_lora(copy.deepcopy(model))
+
+
+def _qtensor_parts(q: QTensor) -> list[torch.Tensor]:
+    """Every tensor a QTensor holds, nested scales (nf4-dq) included."""
+    parts = [q.codes, q.zeros, q.tensor_scale, q.codebook, q.offset]
+    parts += _qtensor_parts(q.scales) if isinstance(q.scales, QTensor) else [q.scales]
+    return [t for t in parts if t is not None]
+
+
+@pytest.mark.parametrize("scheme", ["nf4-dq", "mxfp4"])
+def test_unmerge_restores_the_quantized_base_bit_for_bit(gen, scheme):
+    """Re-quantizing W + BA - BA moves codes and scales; unmerge must give back the base as it was."""
+    w = torch.randn(64, 128, generator=gen) * 0.05
+    model = torch.nn.Sequential(QuantLinear(quantize(w, lowbit.core.SCHEMES[scheme]), torch.zeros(64)))
+    pm = get_peft_model(model, register(LoraConfig(r=4, target_modules=["0"], lora_dropout=0.0)))
+    layer = pm.base_model.model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05, generator=gen)
+    before = _qtensor_parts(layer.get_base_layer().qweight)
+    x = torch.randn(5, 128, generator=gen)
+    with torch.no_grad():
+        y = pm(x)
+        layer.merge()
+        assert not all(torch.equal(a, b) for a, b in zip(before, _qtensor_parts(layer.get_base_layer().qweight)))
+        layer.unmerge()
+        assert all(torch.equal(a, b) for a, b in zip(before, _qtensor_parts(layer.get_base_layer().qweight)))
+        assert torch.equal(pm(x), y)

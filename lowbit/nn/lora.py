@@ -9,8 +9,8 @@ does. The forward is peft's own LoRA Linear forward:
 QuantLinear gives gradients for x without keeping its dequantized weight (nn/linear.py), so
 training holds the packed codes only. `merge` (peft's merge_and_unload) adds B A * scaling to the
 dequantized weight and quantizes the sum again on the base's scheme (round to nearest), as peft
-does for bitsandbytes and HQQ layers; over a full-precision base (lowbit.qat.merge_lora swaps
-one in) it adds in place. Adapters saved with save_pretrained are standard peft adapters.
+does for bitsandbytes and HQQ layers, keeping the base it replaced so that `unmerge` restores it
+code for code; over a full-precision base (lowbit.qat.merge_lora swaps one in) it adds in place. Adapters saved with save_pretrained are standard peft adapters.
 
     config = register(LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))
     model = get_peft_model(quantized_model, config)
@@ -58,16 +58,25 @@ class QuantLoraLinear(LoraLinear):
         return None
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """W <- W + scaling * B A for the adapters; a QuantLinear base is quantized again on its scheme."""
+        """W <- W + scaling * B A for the adapters; a QuantLinear base is quantized again on its scheme
+        (the base as it was is kept, so that `unmerge` gives it back code for code)."""
         adapter_names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.lora_A]
         if adapter_names:
             delta = sum(self.get_delta_weight(a).float() for a in adapter_names)
+            unmerged = self.get_base_layer()
             self._set_base_weight(delta, safe_merge)
+            if isinstance(unmerged, QuantLinear) and not self.merged_adapters:
+                self._unmerged_base = [unmerged]  # a list: kept out of the module tree and state_dict
             self.merged_adapters.extend(adapter_names)
 
     def unmerge(self) -> None:
+        """Undo every merge: a QuantLinear base comes back as it was before the first merge (quantizing
+        W + BA - BA again would move its codes); a float base has the deltas subtracted."""
         adapters = [a for a in self.merged_adapters if a in self.lora_A]
-        if adapters:
+        unmerged = self.__dict__.pop("_unmerged_base", None)
+        if unmerged is not None:
+            self.base_layer = unmerged[0]
+        elif adapters:
             self._set_base_weight(-sum(self.get_delta_weight(a).float() for a in adapters), False)
         self.merged_adapters = []
 

@@ -115,13 +115,22 @@ class Adam(torch.optim.Optimizer):
             p.copy_(stochastic_round_bf16(p32) if group["stochastic_rounding"] and p.dtype == torch.bfloat16 else p32)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch.optim's, except that state keeps its own dtypes (torch casts every tensor to the
-        parameter's dtype, which would turn uint8 codes into floats)."""
+        """As torch.optim's, except that state keeps the dtypes it was saved in.
+
+        torch casts every floating state tensor to its parameter's dtype: uint8 codes would turn
+        into floats, and for bf16/fp16 parameters the float32 absmax and moments would lose bits
+        (an fp16 v_absmax under 6e-8 becomes 0, the failure quantize_second_moment rules out), so a
+        resumed run would differ from an uninterrupted one. The saved tensors are taken again,
+        uncast, once torch has matched them to the parameters.
+        """
         super().load_state_dict(state_dict)
-        for state in self.state.values():
+        saved_ids = (i for group in state_dict["param_groups"] for i in group["params"])
+        params = (p for group in self.param_groups for p in group["params"])
+        for param_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(param_id, {})
             for key, dtype in STATE_DTYPES.items():
-                if key in state:
-                    state[key] = state[key].to(dtype)
+                if key in saved:
+                    self.state[p][key] = saved[key].to(device=p.device, dtype=dtype)
 
     def _init_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
         state["step"] = torch.tensor(0.0)

@@ -19,7 +19,7 @@ FLOAT_TYPES = ("f32", "f16", "bf16")
 
 def tensor_types(model: nn.Module, recipe: str) -> dict[str, str]:
     """{Linear module name: the GGML type llama.cpp's quantizer gives its weight} for the quantized ones."""
-    config, _ = model_arch(model)
+    config, arch = model_arch(model)
     ft = file_type(recipe)
     tied = getattr(config, "tie_word_embeddings", False)
     n_gqa = config.num_attention_heads // config.num_key_value_heads
@@ -29,7 +29,7 @@ def tensor_types(model: nn.Module, recipe: str) -> dict[str, str]:
             continue
         gname, layer = gguf_name(f"{name}.weight")
         t = ft.tensor_type(gname, ne0=m.in_features, layer=layer, n_layer=config.num_hidden_layers, n_gqa=n_gqa,
-                           has_output=not tied)
+                           has_output=not tied, arch=arch.gguf)
         if t not in FLOAT_TYPES:
             out[name] = t
     return out

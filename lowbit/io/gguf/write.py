@@ -120,7 +120,7 @@ def gguf_tensors(model: nn.Module, recipe: str):
         n_head = permuted_heads(name, arch, config)
         w = permute_rows(t.numpy(), n_head) if n_head else t.numpy()
         kind = (ft.tensor_type(name, ne0=w.shape[-1], layer=layer, n_layer=n_layer, n_gqa=n_gqa,
-                               has_output=not tied)
+                               has_output=not tied, arch=arch.gguf)
                 if ft.quantizes(name, w.ndim) else "f32")
         data = _solved_blocks(solved[key], kind, t, name) if key in solved else None
         if data is not None:  # solved on the layer's own rows: permuted like the weight
