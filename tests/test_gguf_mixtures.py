@@ -4,7 +4,7 @@ a 70B-shaped llama (80 layers, 8 query heads per KV head, untied output, rows mu
 SmolLM2-shaped one (30 layers, GQA 3, tied embedding, 576-wide rows that K blocks do not fit)."""
 import pytest
 
-from lowbit.io.gguf_mixtures import FILE_TYPES, category
+from lowbit.io.gguf.mixtures import FILE_TYPES, category
 
 KINDS = ("attn_v", "ffn_down", "attn_output", "attn_q", "ffn_up", "attn_k")
 
