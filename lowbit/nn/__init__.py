@@ -1,9 +1,10 @@
 """L3: modules that run quantized models (no math of their own)."""
 from .bitlinear import BitLinear
+from .cache import cache_keyword
 from .embedding import QuantEmbedding
 from .linear import QuantLinear
 from .llm_int8 import LLMInt8Linear, OutlierStats, outlier_stats
 from .shared_linear import SharedLinear
 
 __all__ = ["BitLinear", "QuantEmbedding", "QuantLinear", "LLMInt8Linear", "OutlierStats", "outlier_stats",
-           "SharedLinear"]
+           "SharedLinear", "cache_keyword"]
