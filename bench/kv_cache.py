@@ -32,6 +32,7 @@ import lowbit
 from lowbit.eval.perplexity import token_ids, windows
 from lowbit.io import load_model
 from lowbit.io.models import wikitext2
+from lowbit.nn import cache_keyword
 
 
 def settings(config, group: int, residual: int) -> dict:
@@ -75,7 +76,7 @@ def score_window(model, ids: torch.Tensor, cache, chunk: int) -> tuple[float, in
     nll, prev_last = 0.0, None
     for s in range(0, ids.numel(), chunk):
         part = ids[s:s + chunk]
-        logits = model(part[None], past_key_values=cache, use_cache=True).logits[0].float()
+        logits = model(part[None], **{cache_keyword(model): cache}, use_cache=True).logits[0].float()
         if prev_last is not None:  # the previous chunk's last position predicts this chunk's first token
             logits = torch.cat([prev_last, logits])
             targets = part
@@ -91,7 +92,7 @@ def decode_rate(model, cache, last_id: int, steps: int) -> float:
     tok = torch.tensor([[last_id]])
     t0 = time.perf_counter()
     for _ in range(steps):
-        tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        tok = model(tok, **{cache_keyword(model): cache}, use_cache=True).logits[:, -1:].argmax(-1)
     return steps / (time.perf_counter() - t0)
 
 

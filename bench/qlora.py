@@ -94,7 +94,9 @@ def run(config: str, args, out: mp.Queue) -> None:
         params, lr = [p for p in model.parameters() if p.requires_grad], args.lora_lr
     checkpointing = args.checkpointing or config.endswith("-ckpt")
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5.2x renamed it activation_checkpointing_enable (the old name warns)
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
 
     def ppl() -> float:
         return perplexity(model, test_ids, max_windows=args.windows, progress=False).ppl

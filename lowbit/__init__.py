@@ -7,7 +7,7 @@
     lowbit.eval.perplexity(model, tokenizer, text)
     recipe = lowbit.search(model, budget_bits=4.25, calibration=windows)   # mixed precision
     lowbit.qat.prepare(model, "w3g64"); train; lowbit.qat.convert(model)
-    model.generate(ids, past_key_values=lowbit.kv_cache("int4"))
+    model.generate(ids, cache=lowbit.kv_cache("int4"))   # past_key_values= before transformers 5.2x
 """
 from . import core, eval, formats
 from .core import QTensor, Scheme, error_stats, quantize_tensor
@@ -22,7 +22,10 @@ __version__ = "0.1.0"
 def kv_cache(format: str = "int4", **options):
     """A quantized KV cache for transformers' generate()/forward (nn/kv_cache.py; needs transformers).
 
-        >>> model.generate(ids, past_key_values=lowbit.kv_cache("int4", group_size=64), max_new_tokens=32)
+        >>> model.generate(ids, cache=lowbit.kv_cache("int4", group_size=64), max_new_tokens=32)
+
+    The keyword is `cache` from transformers 5.2x on, `past_key_values` before;
+    `lowbit.nn.cache_keyword(model)` says which one a model takes.
     """
     from .nn.kv_cache import kv_cache as make  # transformers is optional: imported when asked for
     return make(format, **options)

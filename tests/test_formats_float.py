@@ -5,6 +5,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lowbit import formats
 
@@ -123,6 +125,69 @@ def test_e8m0_saturate_and_specials():
     x = torch.tensor([0.0, -1.0, float("inf"), 2.0**200, 1.5, 3.0, 0.75])
     assert f.encode(x, saturate=False).tolist() == [255, 255, 255, 255, 128, 129, 127]
     assert f.encode(x, saturate=True).tolist() == [0, 0, 254, 254, 128, 129, 127]
+
+
+E8M0_POWERS = 2.0 ** np.arange(128, -128, -1)  # 2^128 (past the top: overflow) down to 2^-127, float64-exact
+
+
+def e8m0_nearest_codes(x: np.ndarray, saturate: bool) -> np.ndarray:
+    """The e8m0 rule in float64 arithmetic, independent of any library's version: the power of
+    two nearest x by |x - 2^e|, ties to the larger one (the candidates are listed largest first and
+    argmin keeps the first minimum). Near x both differences are exact in float64 (Sterbenz).
+    2^128 stands for overflow: NaN, or 2^127 when saturating; zero and negatives: NaN or 2^-127."""
+    x = x.astype(np.float64)
+    pos = np.isfinite(x) & (x > 0)
+    idx = np.argmin(np.abs(x[pos, None] - E8M0_POWERS[None, :]), axis=1)
+    e = 128 - idx
+    codes = np.full(x.shape, 255, np.int64)
+    codes[pos] = np.where(e > 127, 254 if saturate else 255, e + 127)
+    if saturate:
+        codes[np.isposinf(x)] = 254
+        codes[~np.isnan(x) & ((x <= 0) | np.isneginf(x))] = 0
+    return codes
+
+
+def e8m0_edge_inputs() -> np.ndarray:
+    """Every power of two a float32 holds (subnormals too), the midpoints 1.5 * 2^k (exact ties)
+    and their float32 neighbours, the issue's 7.33e-39, the float32 extremes and the specials."""
+    powers = (2.0 ** np.arange(-149, 128)).astype(np.float32)
+    mids = (1.5 * 2.0 ** np.arange(-150, 128)).astype(np.float32)
+    near = np.concatenate([np.nextafter(mids, np.float32(0)), np.nextafter(mids, np.float32(np.inf))])
+    specials = [7.33e-39, 1e-45, 2.0**-126 * 0.999, np.finfo(np.float32).max, np.finfo(np.float32).tiny,
+                0.0, -0.0, -1.0, -7.33e-39, np.inf, -np.inf, np.nan]
+    return np.concatenate([powers, mids, near, np.array(specials, np.float32)])
+
+
+@pytest.mark.parametrize("saturate", [False, True])
+def test_e8m0_rounds_to_nearest_power_of_two_on_edges(saturate):
+    x = e8m0_edge_inputs()
+    mine = formats.get("e8m0").encode(torch.from_numpy(x), saturate=saturate).numpy().astype(np.int64)
+    want = e8m0_nearest_codes(x, saturate)
+    bad = np.flatnonzero(mine != want)
+    assert bad.size == 0, f"x={x[bad[:4]]} -> codes {mine[bad[:4]]}, nearest is {want[bad[:4]]}"
+    assert mine[x == np.float32(7.33e-39)].tolist() == [0]  # 2^-127, not 2^-126 (issue 23)
+
+
+@given(st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=300),
+       st.lists(st.integers(1, 2**23 - 1), min_size=1, max_size=100), st.booleans())
+def test_e8m0_rounds_float32_to_nearest_power_of_two(values, subnormal_bits, saturate):
+    subnormals = np.array(subnormal_bits, np.uint32).view(np.float32)  # spread evenly over (0, 2^-126)
+    x = np.concatenate([np.array(values, np.float32), subnormals])
+    mine = formats.get("e8m0").encode(torch.from_numpy(x), saturate=saturate).numpy().astype(np.int64)
+    assert mine.tolist() == e8m0_nearest_codes(x, saturate).tolist()
+
+
+@given(st.lists(st.floats(allow_nan=False), min_size=1, max_size=300), st.booleans())
+def test_e8m0_rounds_float64_to_nearest_power_of_two(values, saturate):
+    x = np.array(values, np.float64)  # far below 2^-127 and past 2^128 too
+    mine = formats.get("e8m0").encode(torch.from_numpy(x), saturate=saturate).numpy().astype(np.int64)
+    assert mine.tolist() == e8m0_nearest_codes(x, saturate).tolist()
+
+
+def test_e8m0_edges_match_ml_dtypes():
+    x = e8m0_edge_inputs()
+    mine = formats.get("e8m0").encode(torch.from_numpy(x), saturate=False).numpy().astype(np.int64)
+    assert mine.tolist() == ref_codes(x, "e8m0").tolist()
 
 
 @pytest.mark.parametrize("name,exp_bits,man_bits,special", [

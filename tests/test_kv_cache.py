@@ -7,6 +7,7 @@ import torch
 import lowbit
 from lowbit.core import quantize
 from lowbit.methods.kivi import append_tokens, kv_schemes
+from lowbit.nn import cache_keyword
 from lowbit.nn.kv_cache import QuantizedKVLayer
 
 B, H, D, G, R = 2, 3, 32, 16, 16
@@ -111,6 +112,19 @@ def test_bad_options_are_named():
         lowbit.kv_cache("int4", keys="head")
 
 
+def test_cache_keyword_is_the_one_the_forward_declares():
+    class Renamed(torch.nn.Module):  # transformers >= 5.2x
+        def forward(self, input_ids, cache=None, use_cache=None, **kwargs):
+            return input_ids
+
+    class Before(torch.nn.Module):  # transformers 4.46 .. 5.1x
+        def forward(self, input_ids, past_key_values=None, use_cache=None, **kwargs):
+            return input_ids
+
+    assert cache_keyword(Renamed()) == "cache"
+    assert cache_keyword(Before()) == "past_key_values"
+
+
 @pytest.fixture(scope="module")
 def tiny_smollm(smollm2_2layers):
     model, tok = smollm2_2layers
@@ -124,7 +138,7 @@ def test_generate_int8_matches_full_precision_greedy(tiny_smollm):
     model, ids = tiny_smollm
     ref = model.generate(ids, max_new_tokens=12, do_sample=False)
     cache = lowbit.kv_cache("int8", group_size=16, residual_length=8)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False)
+    out = model.generate(ids, **{cache_keyword(model): cache}, max_new_tokens=12, do_sample=False)
     assert cache.layers[0].quantized_length >= ids.shape[1] - 8 - 15  # the prompt really went into codes
     assert torch.equal(out, ref)
 
@@ -138,9 +152,9 @@ def test_forward_with_cache_reads_the_quantized_tokens(tiny_smollm):
 
         def chunked(fmt):
             cache = lowbit.kv_cache(fmt, group_size=8, residual_length=0)
-            model(ids[:, :24], past_key_values=cache, use_cache=True)
+            model(ids[:, :24], **{cache_keyword(model): cache}, use_cache=True)
             assert cache.layers[0].quantized_length == 24
-            return model(ids[:, 24:], past_key_values=cache, use_cache=True).logits[0]
+            return model(ids[:, 24:], **{cache_keyword(model): cache}, use_cache=True).logits[0]
         err8 = (chunked("int8") - full).abs().max() / full.abs().max()
         err2 = (chunked("int2") - full).abs().max() / full.abs().max()
     assert err8 < 0.01 and err2 > 5 * err8

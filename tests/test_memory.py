@@ -15,6 +15,7 @@ from lowbit.core import PerChannel, PerGroup, PerTensor, Scheme, quantize
 from lowbit.core.layout import qtensor_layout
 from lowbit.core.scheme import SCHEMES
 from lowbit.eval import model_size
+from lowbit.nn import cache_keyword
 from lowbit.pipeline import quantize as quantize_model
 from lowbit.pipeline.recipe import RECIPES
 
@@ -73,7 +74,7 @@ def test_kv_cache_matches_a_real_cache(smollm2_2layers):
     model, _ = smollm2_2layers
     ids = torch.arange(7)[None].repeat(2, 1)
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = getattr(model(ids, use_cache=True), cache_keyword(model))
     real = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     t = memory_table(model, ["fp32"], context=7, batch=2, kv_dtype="fp32")
     assert t.rows[0].kv_cache_bytes == real

@@ -80,13 +80,20 @@ def test_lora_trains_adapters_only_over_a_frozen_nf4_base(nf4_model, ids):
         assert m.lora_B["default"].weight.abs().sum() > 0
 
 
+def _enable_checkpointing(pm) -> None:
+    """transformers 5.2x's activation_checkpointing_enable (its gradient_checkpointing_enable warns
+    there), or gradient_checkpointing_enable where that is all the installed version has."""
+    enable = getattr(pm, "activation_checkpointing_enable", None) or pm.gradient_checkpointing_enable
+    enable()
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(nf4_model, ids):
     model, _ = nf4_model
     grads = []
     for checkpointing in (False, True):
         pm = _peft(model)
         if checkpointing:
-            pm.gradient_checkpointing_enable()
+            _enable_checkpointing(pm)
             assert pm.base_model.model.model.gradient_checkpointing
         pm.train()
         pm(input_ids=ids, labels=ids).loss.backward()
@@ -143,7 +150,7 @@ def test_bf16_compute_with_gradient_checkpointing(nf4_model, ids, monkeypatch):
         pm = _peft(bf16)
         assert all(p.dtype == torch.float32 for p in pm.parameters() if p.requires_grad)
         if checkpointing:
-            pm.gradient_checkpointing_enable()
+            _enable_checkpointing(pm)
             assert pm.base_model.model.model.gradient_checkpointing
         pm.train()
         seen = _dequantize_dtypes(monkeypatch, shapes)

@@ -1,13 +1,14 @@
 """Generation speed: prefill and greedy decode tokens per second with a KV cache."""
 from __future__ import annotations
 
-import inspect
 import statistics
 import time
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+
+from ..nn.cache import cache_keyword
 
 
 @dataclass(frozen=True)
@@ -31,18 +32,8 @@ def _prompt(tokenizer, text: str | None, prompt_tokens: int) -> torch.Tensor:
     return torch.tensor(ids[:prompt_tokens])[None]                                 # [1, prompt_tokens]
 
 
-def _cache_name(model) -> str:
-    """The KV-cache argument and output field: `cache` in transformers 5.2x (`past_key_values`,
-    its old name, now raises a FutureWarning), `past_key_values` before."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def _run(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    name = _cache_name(model)
+    name = cache_keyword(model)  # also the output field holding the cache
     t0 = time.perf_counter()
     out = model(input_ids=prompt, use_cache=True)
     t1 = time.perf_counter()

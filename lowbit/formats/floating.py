@@ -136,9 +136,14 @@ class FloatFormat(Format):
 class E8M0Format(Format):
     """The MX scale format: 2^(code - 127) for codes 0..254, code 255 is NaN.
 
-    No sign and no zero: zero and negative inputs are NaN (saturate=False) or
-    the smallest value (saturate=True). Ties between powers of two round up
-    (1.5 -> 2, 3 -> 4), as ml_dtypes does.
+    encode rounds to the nearest power of two by value, |x - 2^e| smallest over 2^-127..2^127,
+    for every positive input (float32 subnormals included: 7.33e-39 -> 2^-127); a tie
+    (x = 1.5 * 2^k, the arithmetic midpoint) rounds up to 2^(k+1), as ml_dtypes does (0.5 and
+    0.7): with no mantissa bit there is no even neighbour, and rounding up keeps x within the
+    encoded scale. Inputs below 2^-127 become 2^-127 (there is no zero). Inputs from
+    1.5 * 2^127 up would round to 2^128: they overflow to NaN (saturate=False) or 2^127.
+    No sign and no zero: zero and negative inputs are NaN (saturate=False) or the smallest
+    value (saturate=True). NaN is NaN either way.
     """
 
     kind = "float"
@@ -172,15 +177,15 @@ class E8M0Format(Format):
         x = check_float_input(x, self)
         a = x.double()
         mant, ex = torch.frexp(a)  # a = mant * 2^ex, mant in [0.5, 1)
+        # 0.75 * 2^ex is the midpoint of 2^(ex-1) and 2^ex; float32 subnormals are normal in float64.
         e = ex - 1 + (mant >= 0.75).long()  # ties (1.5 * 2^k) round up
-        # Below 2^-126 (float32 subnormals) the reference compares with 2^-127 only.
-        tiny = a < 2.0**-126
-        e = torch.where(tiny, torch.where(a > 2.0**-127, -126, -127), e)
+        e = torch.clamp(e, min=-127)  # below 2^-127 the nearest value is 2^-127
         code = torch.clamp(e + 127, 0, 255)
         bad = torch.isnan(a) | (a <= 0) | torch.isinf(a) | (e > 127)
         if saturate:
             code = torch.where((e > 127) | torch.isposinf(a), 254, code)
             code = torch.where((a <= 0) & ~torch.isnan(a) | torch.isneginf(a), 0, code)
+            code = torch.where(torch.isnan(a), 255, code)  # saturation clamps values; NaN stays NaN
         else:
             code = torch.where(bad, 255, code)
         return code.to(torch.uint8)

@@ -1,5 +1,6 @@
 """L3: modules that run quantized models (no math of their own)."""
 from .bitlinear import BitLinear
+from .cache import cache_keyword
 from .embedding import QuantEmbedding
 from .experts import ExpertMLP, RoutedExperts
 from .linear import QuantLinear
@@ -7,4 +8,4 @@ from .llm_int8 import LLMInt8Linear, OutlierStats, outlier_stats
 from .shared_linear import SharedLinear
 
 __all__ = ["BitLinear", "QuantEmbedding", "QuantLinear", "LLMInt8Linear", "OutlierStats", "outlier_stats",
-           "SharedLinear", "ExpertMLP", "RoutedExperts"]
+           "SharedLinear", "ExpertMLP", "RoutedExperts", "cache_keyword"]

@@ -8,11 +8,12 @@ quantized part dequantized, then the residual window, then the tokens of the cur
 full precision, as transformers' own QuantizedCache does.
 
     >>> cache = lowbit.kv_cache("int4", group_size=64, residual_length=128)
-    >>> out = model.generate(ids, past_key_values=cache, max_new_tokens=32)
+    >>> out = model.generate(ids, cache=cache, max_new_tokens=32)   # past_key_values= before 5.2x
     >>> cache.nbytes()          # exact bytes held: codes, scales, zero points, residual window
 
 Built on transformers' Cache / DynamicLayer interface (transformers >= 5), so any decoder whose
-attention calls `past_key_values.update(k, v, layer_idx)` can use it. transformers is an
+attention calls `cache.update(k, v, layer_idx)` can use it; transformers 5.2x takes it as
+`cache=`, earlier 5.x releases as `past_key_values=` (nn/cache.py's `cache_keyword` says which). transformers is an
 optional dependency: this module imports it, `lowbit.kv_cache` imports this module when called.
 """
 from __future__ import annotations
@@ -129,14 +130,15 @@ class QuantizedKVCache(Cache):
 
 def kv_cache(format: str = "int4", *, group_size: int = 64, residual_length: int = 128,
              keys: str = "channel", scale_format: str = "fp16") -> QuantizedKVCache:
-    """A quantized KV cache for `model.generate(past_key_values=...)` or a forward's `past_key_values`.
+    """A quantized KV cache for `model.generate(cache=...)` or a forward's `cache` (`past_key_values`
+    before transformers 5.2x: `lowbit.nn.cache_keyword(model)` names it).
 
     format: "int8", "int4", "int2" (affine, KIVI's min/max) or "fp8" (e4m3, absmax); keys: "channel"
     (KIVI: per channel over groups of `group_size` tokens) or "token" (groups along the head dim);
     values are per token in groups of `group_size` along the head dim; the last `residual_length`
     tokens stay in full precision. Scales and zero points are stored in `scale_format`.
 
-        >>> cache = kv_cache("int4"); model(ids, past_key_values=cache, use_cache=True)
+        >>> cache = kv_cache("int4"); model(ids, cache=cache, use_cache=True)
     """
     if not isinstance(residual_length, int) or residual_length < 0:
         raise ValueError(f"residual_length={residual_length!r}: must be an int >= 0 (tokens kept in full precision)")
