@@ -128,7 +128,7 @@ def _config(f: GGUFFile):
 def _block_count(f: GGUFFile, n: int) -> int:
     """block_count, if the tensor table holds blocks 0..n-1 (a model of n blocks is built from it)."""
     blocks = {int(k.split(".")[1]) for k in f.tensors if k.startswith("blk.") and k.split(".")[1].isdigit()}
-    if blocks != set(range(n)):
+    if len(blocks) != n or max(blocks, default=-1) != n - 1:  # (never range(n): n is the file's number)
         held = f"blocks 0..{max(blocks)} ({len(blocks)} of them)" if blocks else "no block"
         raise ValueError(f"{f.path}: metadata block_count is {n} but the tensor table holds {held}")
     return n

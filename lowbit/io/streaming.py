@@ -64,7 +64,7 @@ class Journal:
     shards: list[dict] = field(default_factory=list)
     modules: dict = field(default_factory=dict)
     inputs: dict | None = None
-    lowbit: str = __version__
+    lowbit: str = field(default_factory=lambda: __version__)
 
     def parts_done(self) -> set[str]:
         return {p for s in self.shards for p in s["parts"]}
