@@ -118,7 +118,7 @@ def _alignment(path: Path, align) -> int:
     """general.alignment, checked as llama.cpp's gguf.cpp checks it: a power of two (0 would divide
     by zero, 3 would misplace every tensor)."""
     if not (isinstance(align, int) and not isinstance(align, bool) and 0 < align < 2**32 and align & (align - 1) == 0):
-        raise ValueError(f"{path}: metadata general.alignment is {str(align)[:40]!r}; GGUF needs a uint32 power "
+        raise ValueError(f"{path}: metadata general.alignment is {align!r:.40}; GGUF needs a uint32 power "
                          "of two (32 by default)")
     return align
 

@@ -95,7 +95,7 @@ def _config(f: GGUFFile):
         v = f.meta.get(f"{a}.{key}", default)
         ok = isinstance(v, int) and v > 0 if kind is int else isinstance(v, (int, float)) and v >= 0
         if isinstance(v, bool) or not ok:
-            raise ValueError(f"{f.path}: metadata {a}.{key} is {str(v)[:40]!r}; it must be a "
+            raise ValueError(f"{f.path}: metadata {a}.{key} is {v!r:.40}; it must be a "
                              f"{'positive integer' if kind is int else 'non-negative number'}")
         return v
 
