@@ -394,11 +394,7 @@ def _open_journal(partial: Path, digest: str) -> Journal:
     if (partial / JOURNAL).is_file():
         try:
             j = _read_journal(partial)
-            why = (f"it was started by lowbit {j.lowbit}, this is lowbit {__version__} (the shards of two "
-                   "versions are not mixed)" if j.lowbit != __version__ else
-                   "it had other inputs (source files, recipe, shard size or calibration)" if j.digest != digest else
-                   next((f"its shard {s['file']} is missing" for s in j.shards if not (partial / s["file"]).is_file()),
-                        None))
+            why = _why_not_resumed(partial, j, digest)
         except ValueError as e:
             why = str(e)
         if why is None:
@@ -410,6 +406,14 @@ def _open_journal(partial: Path, digest: str) -> Journal:
     j = Journal(digest)
     _write_journal(partial, j)
     return j
+
+
+def _why_not_resumed(partial: Path, j: Journal, digest: str) -> str | None:
+    if j.lowbit != __version__:
+        return f"it was started by lowbit {j.lowbit}, this is lowbit {__version__} (two versions' shards are not mixed)"
+    if j.digest != digest:
+        return "it had other inputs (source files, recipe, shard size or calibration)"
+    return next((f"its shard {s['file']} is missing" for s in j.shards if not (partial / s["file"]).is_file()), None)
 
 
 def _read_journal(partial: Path) -> Journal:
