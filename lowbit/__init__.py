@@ -9,14 +9,13 @@
     lowbit.qat.prepare(model, "w3g64"); train; lowbit.qat.convert(model)
     model.generate(ids, cache=lowbit.kv_cache("int4"))   # past_key_values= before transformers 5.2x
 """
+from .version import __version__
 from . import core, eval, formats
 from .core import QTensor, Scheme, error_stats, quantize_tensor
 from .io import load, load_model, save
 from .pipeline import Recipe, quantize
 from .analysis import layer_report, search
 from . import qat  # noqa: E402  (after pipeline, which it builds on)
-
-__version__ = "0.1.0"
 
 
 def kv_cache(format: str = "int4", **options):

@@ -255,3 +255,244 @@ def test_tensor_dtypes_and_shapes_are_checked(tmp_path, key, change, match):
     with pytest.raises(ValueError, match=match) as e:
         load_lowbit(tmp_path / "q")
     assert str(w) in str(e.value)
+
+
+# -- load_gguf: a tiny Llama written by gguf-py, its metadata and tensor table damaged ------------
+LLAMA_META = {"block_count": 1, "embedding_length": 64, "feed_forward_length": 128, "attention.head_count": 4,
+              "attention.head_count_kv": 2, "context_length": 64, "vocab_size": 32}
+LLAMA_FLOATS = {"attention.layer_norm_rms_epsilon": 1e-6, "rope.freq_base": 10000.0}
+
+
+def llama_tensors(meta=LLAMA_META) -> dict[str, tuple[int, ...]]:
+    h, f, v = meta["embedding_length"], meta["feed_forward_length"], meta["vocab_size"]
+    kv = meta["attention.head_count_kv"] * h // meta["attention.head_count"]
+    shapes = {"token_embd.weight": (v, h), "output_norm.weight": (h,)}
+    for i in range(meta["block_count"]):
+        shapes.update({f"blk.{i}.{k}": s for k, s in {
+            "attn_norm.weight": (h,), "ffn_norm.weight": (h,), "attn_q.weight": (h, h), "attn_k.weight": (kv, h),
+            "attn_v.weight": (kv, h), "attn_output.weight": (h, h), "ffn_gate.weight": (f, h),
+            "ffn_up.weight": (f, h), "ffn_down.weight": (h, f)}.items()})
+    return shapes
+
+
+def write_llama_gguf(path, meta: dict | None = None, tensors: dict | None = None, extra=None):
+    """A random 1-block Llama GGUF (f32, tied output): `meta` overrides llama.* values (int ->
+    uint32, float -> float32, str -> string, KeyError -> dropped), `tensors` overrides shapes
+    (None drops one); extra(writer) adds anything else."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for k, v in {**LLAMA_META, **LLAMA_FLOATS, **(meta or {})}.items():
+        if v is KeyError:
+            continue
+        add = (w.add_string if isinstance(v, str) else w.add_float32 if isinstance(v, float)
+               else w.add_uint64 if v >= 2**32 else w.add_uint32)
+        add(f"llama.{k}", v)
+    if extra:
+        extra(w)
+    rng = np.random.default_rng(0)
+    for name, shape in {**llama_tensors(), **(tensors or {})}.items():
+        if shape is not None:
+            w.add_tensor(name, (0.1 * rng.standard_normal(shape)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def loads_gguf_or_names_the_file(path, what: str) -> str:
+    from lowbit.io.gguf.read import load_gguf
+
+    with deadline(30):
+        try:
+            model = load_gguf(path)
+        except ValueError as e:
+            assert str(path) in str(e), f"{what}: error does not name the file: {e}"
+            return "error"
+        with torch.no_grad():
+            model(torch.arange(8)[None])
+    return "ok"
+
+
+def test_tiny_llama_gguf_loads_and_runs(tmp_path):
+    assert loads_gguf_or_names_the_file(write_llama_gguf(tmp_path / "t.gguf"), "as written") == "ok"
+
+
+def test_damaged_gguf_model(tmp_path):
+    """Every hyper-parameter set to odd numbers and types, tensors dropped, reshaped or renamed,
+    and the bytes of the file cut or flipped: load_gguf loads a model that runs, or names the file."""
+    rng, seen = random.Random(3), set()
+    numbers = [0, 1, 2, 3, 5, 31, 2**31, 2**32 - 1, 2**40, 2**63]
+    good = write_llama_gguf(tmp_path / "good.gguf").read_bytes()
+    for i in range(3 * CASES):
+        path, kind = tmp_path / "case.gguf", ("meta", "table", "bytes")[i % 3]
+        if kind == "meta":
+            key = rng.choice(sorted({**LLAMA_META, **LLAMA_FLOATS}))
+            value = rng.choice(numbers + [KeyError, "64", 0.5, LLAMA_META.get(key, 1) * 2])
+            write_llama_gguf(path, {key: value})
+            what = f"#{i}: llama.{key} = {value!r}"
+        elif kind == "table":
+            name = rng.choice(sorted(llama_tensors()))
+            shape = rng.choice([None, (3,), (64, 3), (2, 64), (1, 1, 64)])
+            tensors = {name: shape} if rng.random() < 0.7 else {name: None, "blk.7.attn_q.weight": (64, 64)}
+            write_llama_gguf(path, tensors=tensors)
+            what = f"#{i}: {tensors}"
+        else:
+            b = bytearray(good)
+            if rng.random() < 0.5:
+                b = b[:rng.randrange(len(b))]
+            else:
+                for _ in range(rng.randint(1, 4)):
+                    b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+            path.write_bytes(bytes(b))
+            what = f"#{i}: bytes"
+        seen.add(loads_gguf_or_names_the_file(path, what))
+    assert seen == {"ok", "error"}
+
+
+# -- the Deep Compression reader ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def deep_compressed(tmp_path_factory):
+    """A 1-layer Qwen2 whose Linear layers share 8 values each, 60% pruned, as a .safetensors file."""
+    from lowbit.io.deep_compression import save_deep_compressed
+    from lowbit.methods.deep_compression import magnitude_mask, share_weights
+    from lowbit.nn import SharedLinear
+
+    model = tiny_transformer("qwen2", 1)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, torch.nn.Linear) and name != "lm_head":
+            c, codes = share_weights(m.weight, magnitude_mask(m.weight, 0.6), 3)
+            model.set_submodule(name, SharedLinear.from_linear(m, c, codes))
+    path = tmp_path_factory.mktemp("dc") / "m.safetensors"
+    save_deep_compressed(model, path)
+    return path
+
+
+def loads_dc_or_names_the_file(path, what: str) -> str:
+    from lowbit.io.deep_compression import load_deep_compressed
+
+    with deadline(30):
+        try:
+            model = load_deep_compressed(path)
+        except ValueError as e:
+            assert str(path) in str(e), f"{what}: error does not name the file: {e}"
+            return "error"
+        with torch.no_grad():
+            model(torch.arange(8)[None])
+    return "ok"
+
+
+def test_damaged_deep_compression_file(deep_compressed, tmp_path):
+    """The JSON entry's fields set to junk (kept, gap_symbols, gap_bits, shape, config...), the
+    safetensors bytes cut or flipped: a model that runs, or a ValueError naming the file."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    from lowbit.io.deep_compression import KEY
+
+    with safe_open(str(deep_compressed), "pt") as f:
+        meta, tensors = json.loads(f.metadata()[KEY]), {k: f.get_tensor(k) for k in f.keys()}
+    where = [p for p, _ in paths(meta) if p and p[0] in ("layers", "tied", "model") and p[:2] != ("model", "config")]
+    where += [("model", "config", k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size")]
+    rng, seen = random.Random(4), set()
+    data = deep_compressed.read_bytes()
+    for i in range(2 * CASES):
+        path = tmp_path / "case.safetensors"
+        if i % 4 == 3:
+            b = bytearray(data)
+            for _ in range(rng.randint(1, 3)):
+                b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+            path.write_bytes(bytes(b))
+            what = f"#{i}: bytes"
+        else:
+            m = json.loads(json.dumps(meta))
+            at = rng.choice(where)
+            value = rng.choice(JUNK + [2**31, 2**40, 17, [2**20, 2**20], [1, 2**40]])
+            put(m, at, value)
+            path.write_bytes(save(tensors, metadata={KEY: json.dumps(m)}))
+            what = f"#{i}: {'.'.join(map(str, at))} = {str(value)[:30]!r}"
+        seen.add(loads_dc_or_names_the_file(path, what))
+    assert seen == {"ok", "error"}
+
+
+# -- the streaming job's journal ------------------------------------------------------------------
+def test_damaged_journal_resumes_or_starts_again_inside_its_folder(tmp_path):
+    """journal.json's fields set to junk or to paths leaving the folder: _open_journal resumes a
+    journal whose names all lie inside .partial, or starts again; nothing outside is touched."""
+    import warnings
+
+    from lowbit import version
+    from lowbit.io.streaming.journal import open_journal
+    from lowbit.io.checks import name_in
+
+    partial = tmp_path / "job" / ".out.partial"
+    outside = tmp_path / "job" / "keep"
+    journal = {"digest": "d", "shards": [{"file": "model-00001.safetensors", "parts": ["embeddings"],
+                                          "tensors": ["model.embed_tokens.weight"]}],
+               "modules": {}, "inputs": {"block": 1, "folder": "inputs-00001", "batches": 2},
+               "lowbit": version.__version__}
+    escapes = ["..", ".", "", "../keep", str(outside), "a/b", "/", "keep/../x", "model\x00"]
+    rng, seen = random.Random(5), set()
+    for i in range(2 * CASES):
+        shutil.rmtree(tmp_path / "job", ignore_errors=True)
+        (outside / "sub").mkdir(parents=True)
+        (outside / "model-00001.safetensors").write_bytes(b"x")
+        (partial / "inputs-00001").mkdir(parents=True)
+        (partial / "model-00001.safetensors").write_bytes(b"x")
+        j = json.loads(json.dumps(journal))
+        at = rng.choice([p for p, _ in paths(j) if p])
+        put(j, at, rng.choice(escapes if at[-1] in ("file", "folder") or i % 3 == 0 else JUNK + [KeyError]))
+        (partial / "journal.json").write_text(json.dumps(j))
+        with deadline(10), warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            got = open_journal(partial, "d")
+        assert sorted(p.name for p in outside.iterdir()) == ["model-00001.safetensors", "sub"], at
+        for s in got.shards:
+            name_in(partial, s["file"], "journal", "file")
+        if got.inputs is not None:
+            name_in(partial, got.inputs["folder"], "journal", "folder")
+        seen.add("resumed" if got.shards else "again")
+    assert seen == {"resumed", "again"}
+
+
+# -- the safetensors row reader -------------------------------------------------------------------
+def test_damaged_safetensors_rows(tmp_path):
+    """Header values set to junk (dtype, shape, data_offsets), bytes cut or flipped: stored_tensors
+    names the file, or every tensor it returns reads whole with the bytes its shape says."""
+    from safetensors.torch import save
+
+    from lowbit.io.streaming.rows import stored_tensors
+
+    data = save({"a": torch.randn(6, 5), "b": torch.arange(12, dtype=torch.int16).reshape(3, 4),
+                 "c": torch.ones(2, 3, 2, dtype=torch.bfloat16)})
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    rng, seen = random.Random(6), set()
+    for i in range(3 * CASES):
+        if i % 3 == 2:
+            b = bytearray(data)
+            b = b[:rng.randrange(len(b))] if rng.random() < 0.5 else b
+            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+            raw, what = bytes(b), f"#{i}: bytes"
+        else:
+            h = json.loads(json.dumps(header))
+            at = rng.choice([p for p, _ in paths(h) if len(p) >= 2])
+            value = rng.choice(JUNK + [[2**20, 2**20], [0, 2**40], [2**40, 2**40 + 4], "F64", [60, 0]])
+            put(h, at, value)
+            text = json.dumps(h).encode()
+            raw, what = struct.pack("<Q", len(text)) + text + data[8 + n:], f"#{i}: {at} = {str(value)[:30]!r}"
+        path = tmp_path / "case.safetensors"
+        path.write_bytes(raw)
+        with deadline(10):
+            try:
+                found = stored_tensors(path)
+            except ValueError as e:
+                assert str(path) in str(e), f"{what}: error does not name the file: {e}"
+                seen.add("error")
+                continue
+        for t in found.values():
+            rows = t.read_rows(0, t.shape[0]) if t.shape else None
+            assert rows is None or rows.shape == t.shape, what
+        seen.add("ok")
+    assert seen == {"ok", "error"}

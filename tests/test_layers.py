@@ -9,6 +9,8 @@ LEVEL = {"formats": 0, "core": 1, "methods": 2, "nn": 3, "optim": 3, "pipeline":
 # kernels are optional fast paths that core dispatches to; they see formats only
 ALLOWED = {layer: {o for o, lv in LEVEL.items() if lv < level} | {"kernels"} for layer, level in LEVEL.items()}
 ALLOWED["kernels"] = {"formats"}
+for allowed in ALLOWED.values():
+    allowed.add("version")  # lowbit/version.py: one constant, no imports
 
 
 def module_name(path: Path) -> str:

@@ -1,6 +1,6 @@
 """Quantizing a weight a block of rows at a time (pipeline/rowwise.py) gives the QTensor of quantizing
 it whole, bit for bit; rows come from a safetensors file without loading the rest
-(io/safetensors_rows.py)."""
+(io/streaming/rows.py)."""
 import pytest
 import torch
 from hypothesis import given

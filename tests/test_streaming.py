@@ -14,7 +14,9 @@ import torch
 
 import lowbit
 from lowbit.cli import main as cli
+from lowbit import version
 from lowbit.io.streaming import journal, parts
+from lowbit.io.streaming.source import skeleton, source_tensors
 from lowbit.io.streaming import quantize_checkpoint
 
 SHARD = 60_000  # bytes: a handful of output shards for the tiny model
@@ -195,3 +197,62 @@ def test_a_shard_truncated_during_the_run_is_named_and_the_finished_shards_are_k
                         or quantize_part(m, r, part, *a))
     assert files(quantize_checkpoint(src, "w4g64", tmp_path / "out", shard_bytes=SHARD, progress=False)) == files(whole)
     assert "embeddings" not in parts_quantized and "model.layers.5" in parts_quantized  # resumed after shard 1
+
+
+def _crafted_journal(src: Path, partial: Path, **fields) -> list[str]:
+    """A journal.json that matches src's inputs (so that a run would resume it), with `fields`."""
+    names = [p.name for p in parts.model_parts(skeleton(src))]
+    digest = journal.digest(src, source_tensors(src), lowbit.pipeline.get_recipe("w4g64"), SHARD)
+    partial.mkdir()
+    (partial / "journal.json").write_text(json.dumps({"digest": digest, "shards": [], "modules": {}, **fields}))
+    return names
+
+
+@pytest.mark.parametrize("escape", ["../victim.safetensors", "ABSOLUTE"])
+def test_journal_shard_names_never_leave_the_partial_folder(tmp_path, escape):
+    """A journal naming a file outside .partial (absolute or ..) was resumed, and _finish moved that
+    file into the output; now the journal is refused and the job starts again."""
+    src = tiny_llama(tmp_path / "src", layers=2)
+    victim = tmp_path / "victim.safetensors"
+    victim.write_bytes(b"precious")
+    name = str(victim) if escape == "ABSOLUTE" else escape
+    parts = _crafted_journal(src, tmp_path / ".out.partial")
+    journal = json.loads((tmp_path / ".out.partial" / "journal.json").read_text())
+    journal["shards"] = [{"file": name, "parts": parts, "tensors": []}]
+    (tmp_path / ".out.partial" / "journal.json").write_text(json.dumps(journal))
+    with pytest.warns(UserWarning, match=r"cannot be resumed: .*shards\[0\]\.file is .*not a plain name inside"):
+        out = quantize_checkpoint(src, "w4g64", tmp_path / "out", shard_bytes=SHARD, progress=False)
+    assert victim.read_bytes() == b"precious"
+    assert files(out) == files(quantize_checkpoint(src, "w4g64", tmp_path / "again", shard_bytes=SHARD,
+                                                   progress=False))
+
+
+def test_journal_inputs_folder_never_leaves_the_partial_folder(tmp_path):
+    """inputs.folder is deleted once the blocks are done: a journal naming another folder is refused."""
+    src = tiny_llama(tmp_path / "src", layers=2)
+    (tmp_path / "precious").mkdir()
+    _crafted_journal(src, tmp_path / ".out.partial",
+                     inputs={"block": 1, "folder": str(tmp_path / "precious"), "batches": 1})
+    digest = json.loads((tmp_path / ".out.partial" / "journal.json").read_text())["digest"]
+    with pytest.warns(UserWarning, match=r"inputs\.folder is .*precious'?, which is not a plain name inside"):
+        j = journal.open_journal(tmp_path / ".out.partial", digest)
+    assert j.inputs is None and j.shards == [] and (tmp_path / "precious").is_dir()
+
+
+def test_resume_by_another_lowbit_version_starts_again_and_says_why(tmp_path, monkeypatch):
+    """The digest covers lowbit's version: shards from two versions' quantizers are never mixed."""
+    src = tiny_llama(tmp_path / "src", layers=2)
+    whole = quantize_checkpoint(src, "w4g64", tmp_path / "whole", shard_bytes=SHARD, progress=False)
+    write = journal.write_shard
+
+    def write_one_then_stop(*args):
+        write(*args)
+        raise RuntimeError("stopped after one shard")
+    monkeypatch.setattr(journal, "write_shard", write_one_then_stop)
+    with pytest.raises(RuntimeError, match="stopped"):
+        quantize_checkpoint(src, "w4g64", tmp_path / "out", shard_bytes=SHARD, progress=False)
+    monkeypatch.setattr(journal, "write_shard", write)
+    monkeypatch.setattr(version, "__version__", "9.9.9")
+    with pytest.warns(UserWarning, match=rf"started by lowbit {lowbit.__version__}, this is lowbit 9\.9\.9"):
+        out = quantize_checkpoint(src, "w4g64", tmp_path / "out", shard_bytes=SHARD, progress=False)
+    assert files(out) == files(whole)

@@ -1,4 +1,4 @@
-"""GPTQ over a sharded checkpoint a block at a time (io/streaming_calibrated.py): the same QTensors
+"""GPTQ over a sharded checkpoint a block at a time (io/streaming/calibrated.py): the same QTensors
 as lowbit.quantize in memory, one block's weights loaded at a time, activations spilled to disk
 past a limit with the same result, and a killed run resumed to the same bytes."""
 import json

@@ -1,5 +1,5 @@
 """`--ray`: streaming quantization with the weights (data-free) or the layer solves (gptq) as tasks on
-a local Ray cluster of 2 workers gives the single process's bytes (io/streaming_ray.py)."""
+a local Ray cluster of 2 workers gives the single process's bytes (io/streaming/ray.py)."""
 import pytest
 import ray  # the optional `scale` extra; scripts/env.sh installs it for the tests
 import torch

@@ -119,10 +119,12 @@ def decode_tables(lengths: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.nda
 
 def huffman_decode(data: torch.Tensor, lengths: torch.Tensor, n: int, *, kernel: bool = True) -> torch.Tensor:
     """uint8 bytes -> int64 symbols [n]; kernel=False runs the pure-Python reference loop."""
+    buf = np.ascontiguousarray(torch.as_tensor(data, dtype=torch.uint8).numpy())
     if n < 0:
         raise ValueError(f"huffman_decode: n must be >= 0, got {n}")
+    if n > 8 * buf.size:  # every code takes a bit at least: refuse before sizing the output by n
+        raise ValueError(f"Huffman stream of {buf.size} bytes cannot hold {n} symbols (truncated data)")
     first, count, symbols = decode_tables(lengths)
-    buf = np.ascontiguousarray(torch.as_tensor(data, dtype=torch.uint8).numpy())
     if kernel:
         from .. import kernels
 

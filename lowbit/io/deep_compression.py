@@ -27,7 +27,7 @@ from torch import nn
 
 from .atomic import write_atomic
 from .lowbit_format import _model_meta, _skeleton
-from ..methods.deep_compression import EncodedLayer, decode_layer, encode_layer
+from ..methods.deep_compression import EncodedLayer, check_layer, decode_layer, encode_layer
 from ..nn import SharedLinear
 
 KEY = "lowbit_deep_compression"
@@ -125,7 +125,11 @@ def read_deep_compressed(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
                          f"this lowbit reads version {VERSION}")
     state = {}
     for name, info in _field(p, "layers", meta.get("layers"), dict).items():
-        state[f"{name}.weight"] = decode_layer(_encoded(p, name, info, tensors))
+        e = _encoded(p, name, info, tensors)
+        try:
+            state[f"{name}.weight"] = decode_layer(e)
+        except ValueError as err:
+            raise ValueError(f"{p}: layer {name}: {err}") from err
     for key, t in tensors.items():
         if key.rpartition(".")[0] not in meta["layers"] or key.rpartition(".")[2] not in _PARTS:
             state[key] = t
@@ -143,7 +147,8 @@ def load_deep_compressed(path: str | Path, model: nn.Module | None = None) -> nn
     p = Path(path)
     state, meta = read_deep_compressed(p)
     if model is None:
-        model = _skeleton({"model": meta.get("model") or {}}, p)
+        model = _skeleton({"model": meta.get("model") or {}}, p, sum(t.numel() * t.element_size() for t in state.values()),
+                          len(state))
     for name, info in meta["layers"].items():
         try:
             old = model.get_submodule(name)
@@ -178,10 +183,11 @@ def _encoded(p: Path, name: str, info, tensors: dict) -> EncodedLayer:
     if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape)):
         raise ValueError(f"{p}: layers.{name}.shape must be [out, in] positive integers, got {shape!r}")
     ints = {k: info.get(k) for k in ("kept", "gap_symbols", "gap_bits")}
-    if not all(isinstance(v, int) and v >= 0 for v in ints.values()):
-        raise ValueError(f"{p}: layers.{name} needs integer kept, gap_symbols, gap_bits; got {ints}")
-    if parts["index_lengths"].numel() != parts["centroids"].numel() or \
-            parts["gap_lengths"].numel() != 1 << ints["gap_bits"]:
-        raise ValueError(f"{p}: layer {name}: Huffman tables do not match the codebook ({parts['centroids'].numel()}) "
-                         f"or 2^gap_bits ({1 << ints['gap_bits']})")
-    return EncodedLayer(tuple(shape), **parts, **ints)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints.values()):
+        raise ValueError(f"{p}: layers.{name} needs integer kept, gap_symbols, gap_bits; got {str(ints)[:200]}")
+    e = EncodedLayer(tuple(shape), **parts, **ints)
+    try:  # before any count sizes an allocation
+        check_layer(e)
+    except ValueError as err:
+        raise ValueError(f"{p}: layer {name}: {err}") from err
+    return e

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import atomic
+from . import atomic, checks
 from . import lowbit_checks as check
 from ..core import QTensor, pack_bits_le
 from ..core.trits import pack_trits_tq1, tq1_nbytes, unpack_trits_tq1
@@ -167,10 +167,7 @@ def weight_files(path: Path) -> list[Path]:
         files = sorted(set(weight_map.values()))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{index} is corrupt: {e}") from e
-    bad = [n for n in files if not isinstance(n, str) or Path(n).name != n]
-    if bad:
-        raise ValueError(f"{index}: shard name {bad[0]!r} is not a file name in {path}")
-    return [path / n for n in files]
+    return [checks.name_in(path, n, index, "a shard name in weight_map") for n in files]
 
 
 def _is_whole(folder: Path) -> bool:
@@ -233,7 +230,8 @@ def load_lowbit(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"{shard} is missing or corrupt: {e}") from e
     if model is None:
-        model = _skeleton(meta, path)
+        model = _skeleton(meta, path, sum(t.numel() * t.element_size() for t in tensors.values()),
+                          len(tensors) + len(meta["modules"]))
     if any(".experts." in name for name in meta["modules"]):  # quantized experts are one Linear each
         from ..pipeline.experts import unfuse_experts
         unfuse_experts(model)
@@ -339,7 +337,18 @@ def _is_tied(model: nn.Module, key: str) -> bool:
     return key in keys
 
 
-def _skeleton(meta: dict, path: Path) -> nn.Module:
+# The model a config describes may take at most this many times the bytes of the tensors it is
+# built from (a 1-bit code becomes a float32 parameter until its module is replaced), plus room
+# for buffers computed from the config (rotary tables): a few bytes of JSON cannot ask for gigabytes.
+MAX_EXPANSION, SLACK_BYTES = 32, 64 << 20
+# config fields that count modules built in a loop: each such module holds at least one tensor
+_COUNTS = ("num_hidden_layers", "num_local_experts", "num_experts", "n_routed_experts")
+
+
+def _skeleton(meta: dict, path: Path, file_bytes: int, file_tensors: int) -> nn.Module:
+    """The transformers model of meta["model"] (class and config), uninitialised, once its size is
+    checked against the `file_bytes` of tensors (`file_tensors` of them) it is to be loaded from:
+    the config's counts first, then the whole model built on the meta device (no memory)."""
     info = meta.get("model") or {}
     if not info.get("config"):
         raise ValueError(f"{path} holds a {info.get('class', 'torch')} model without a transformers config: "
@@ -356,12 +365,26 @@ def _skeleton(meta: dict, path: Path) -> nn.Module:
         raise ValueError(f"{f}: field model.config is not a valid {model_type!r} config: {e}") from e
     if not isinstance(config, cls.config_class):
         raise ValueError(f"{f}: field model.class {cls.__name__} does not take a {model_type!r} config")
+    for name in _COUNTS:
+        n = getattr(config, name, None)
+        if isinstance(n, int) and n > file_tensors:
+            raise ValueError(f"{f}: field model.config.{name} is {n}, but the checkpoint holds {file_tensors} "
+                             "tensors in all")
     try:  # skip random initialisation: every weight is about to be replaced
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4.x
         from transformers.modeling_utils import no_init_weights
-    try:
+
+    def build():
         with no_init_weights():
             return cls(config)
-    except Exception as e:  # as above: any field value can reach the model's constructor
+    # as above: any field value can reach the model's constructor
+    need = checks.model_bytes(checks.on_meta(build, f, f"field model.config cannot build a {cls.__name__}"))
+    if need > MAX_EXPANSION * file_bytes + SLACK_BYTES:
+        raise ValueError(f"{f}: field model.config describes a {cls.__name__} of {need:,} bytes, more than "
+                         f"{MAX_EXPANSION} times the {file_bytes:,} bytes of tensors the checkpoint holds "
+                         "(a corrupt or foreign config?)")
+    try:
+        return build()
+    except Exception as e:
         raise ValueError(f"{f}: field model.config cannot build a {cls.__name__}: {e}") from e

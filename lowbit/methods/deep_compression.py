@@ -111,8 +111,32 @@ def encode_layer(centroids: torch.Tensor, codes: torch.Tensor, gap_bits: int = 5
                         gl, huffman_encode(gaps, gl), int(index.numel()), int(gaps.numel()), gap_bits)
 
 
+# A layer stores at least this many bits per weight of its dense shape: 1/64 bit, beyond any
+# sparsity Deep Compression uses (its most pruned layers keep about 0.4 bits per weight), so that a
+# few bytes claiming a huge shape are refused before the dense weight is allocated.
+MIN_BITS_PER_WEIGHT = 1 / 64
+
+
+def check_layer(e: EncodedLayer) -> None:
+    """The counts and the shape of an EncodedLayer (read from a file) against what its streams can
+    hold, before any of them sizes an allocation: a ValueError saying which does not fit."""
+    n = e.shape[0] * e.shape[1]
+    if not 1 <= e.gap_bits <= 16:
+        raise ValueError(f"gap_bits is {e.gap_bits}; relative indices take 1..16 bits")
+    if e.gap_lengths.numel() != 1 << e.gap_bits or e.index_lengths.numel() != e.centroids.numel():
+        raise ValueError(f"Huffman tables of {e.index_lengths.numel()} and {e.gap_lengths.numel()} lengths do not "
+                         f"match the codebook ({e.centroids.numel()}) and 2^gap_bits ({1 << e.gap_bits})")
+    if not e.kept <= e.gap_symbols <= e.kept + n:
+        raise ValueError(f"{e.kept} kept weights and {e.gap_symbols} relative indices do not fit a "
+                         f"{e.shape[0]}x{e.shape[1]} tensor: corrupt data")
+    if n * MIN_BITS_PER_WEIGHT > 8 * e.nbytes:
+        raise ValueError(f"a {e.shape[0]}x{e.shape[1]} tensor stored in {e.nbytes} bytes is below "
+                         f"{MIN_BITS_PER_WEIGHT:.4f} bits per weight: corrupt data (or pruned beyond any use)")
+
+
 def decode_layer(e: EncodedLayer) -> torch.Tensor:
     """EncodedLayer -> the dense shared weight W~ fp32 [out, in] (exactly [C, 0][codes])."""
+    check_layer(e)
     index = huffman_decode(e.index_stream, e.index_lengths, e.kept)
     positions = absolute_positions(huffman_decode(e.gap_stream, e.gap_lengths, e.gap_symbols), e.gap_bits)
     n = e.shape[0] * e.shape[1]

@@ -8,6 +8,7 @@ naming the file and what was being read, never an error from inside numpy or str
 """
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,7 @@ def parse_gguf(path: str | Path) -> GGUFFile:
         dims = [c.scalar("Q", f"tensor {name!r}") for _ in range(ndim)]
         type_id, offset = c.scalar("I", f"tensor {name!r}"), c.scalar("Q", f"tensor {name!r}")
         infos.append((name, type_id, tuple(reversed(dims)), offset))
-    align = int(meta.get("general.alignment", 32))
+    align = _alignment(path, meta.get("general.alignment", 32))
     start = -(-c.pos // align) * align
     tensors = {n: TensorInfo(n, t, s, start + o) for n, t, s, o in infos}
     if len(tensors) != len(infos):
@@ -113,17 +114,31 @@ def parse_gguf(path: str | Path) -> GGUFFile:
     return GGUFFile(path, version, meta, types, tensors)
 
 
-def tensor_bytes(f: GGUFFile, info: TensorInfo, block_size: int, type_size: int) -> np.ndarray:
-    """The raw blocks of one tensor as a read-only uint8 array [rows, bytes per row] (memory-mapped)."""
+def _alignment(path: Path, align) -> int:
+    """general.alignment, checked as llama.cpp's gguf.cpp checks it: a power of two (0 would divide
+    by zero, 3 would misplace every tensor)."""
+    if not (isinstance(align, int) and not isinstance(align, bool) and 0 < align < 2**32 and align & (align - 1) == 0):
+        raise ValueError(f"{path}: metadata general.alignment is {align!r:.40}; GGUF needs a uint32 power "
+                         "of two (32 by default)")
+    return align
+
+
+def tensor_nbytes(f: GGUFFile, info: TensorInfo, block_size: int, type_size: int) -> int:
+    """Bytes of one tensor's blocks, checked: whole blocks per row, and inside the file."""
     n = info.shape[-1]
     if n % block_size:
         raise ValueError(f"{f.path}: tensor {info.name!r} has rows of {n} values, not a multiple of its "
                          f"type's {block_size}-value blocks")
-    rows = int(np.prod(info.shape[:-1], dtype=np.int64))
-    nbytes = rows * (n // block_size) * type_size
+    nbytes = math.prod(info.shape[:-1]) * (n // block_size) * type_size  # Python ints: no overflow
     size = f.path.stat().st_size
     if info.offset + nbytes > size:
         raise ValueError(f"{f.path} is truncated: tensor {info.name!r} needs bytes {info.offset}..{info.offset + nbytes}"
                          f" but the file has {size}")
+    return nbytes
+
+
+def tensor_bytes(f: GGUFFile, info: TensorInfo, block_size: int, type_size: int) -> np.ndarray:
+    """The raw blocks of one tensor as a read-only uint8 array [rows, bytes per row] (memory-mapped)."""
+    nbytes = tensor_nbytes(f, info, block_size, type_size)
     data = np.memmap(f.path, dtype=np.uint8, mode="r", offset=info.offset, shape=(nbytes,))
-    return data.reshape(rows, -1)
+    return data.reshape(math.prod(info.shape[:-1]), -1)

@@ -17,28 +17,41 @@ import torch
 
 from ...core.ggml_blocks import type_by_id
 from ...nn.linear import QuantLinear
+from .. import checks
 from .arch import ARCHS, gguf_name, permuted_heads, unpermute_rows
-from .file import GGUFFile, TensorInfo, parse_gguf, tensor_bytes
+from .file import GGUFFile, TensorInfo, parse_gguf, tensor_bytes, tensor_nbytes
 from .qtensor import SCHEMES, split_blocks, to_qtensor
+
+
+def _block_of(f: GGUFFile, info: TensorInfo) -> tuple[int, int]:
+    """(values per block, bytes per block) of a tensor's GGML type."""
+    t = type_by_id(info.type_id)
+    if t is not None:
+        return t.block_size, t.type_size
+    gguf = _gguf_package(f, info)
+    try:
+        return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(info.type_id)]
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{f.path}: tensor {info.name!r} has unknown GGML type {info.type_id}") from e
+
+
+def _gguf_package(f: GGUFFile, info: TensorInfo):
+    try:
+        import gguf
+    except ImportError as e:  # optional dependency
+        raise ValueError(f"{f.path}: tensor {info.name!r} has GGML type {info.type_id}, which lowbit reads "
+                         "through the 'gguf' package: pip install 'lowbit[models]'") from e
+    return gguf
 
 
 def _dequantize(f: GGUFFile, info: TensorInfo) -> np.ndarray:
     t = type_by_id(info.type_id)
+    data = np.ascontiguousarray(tensor_bytes(f, info, *_block_of(f, info)))
     if t is not None:
-        data = tensor_bytes(f, info, t.block_size, t.type_size)
-        return t.dequantize(np.ascontiguousarray(data).reshape(-1, t.type_size)).reshape(info.shape)
-    try:
-        import gguf
-        from gguf.quants import dequantize
-    except ImportError as e:  # optional dependency
-        raise ValueError(f"{f.path}: tensor {info.name!r} has GGML type {info.type_id}, which lowbit reads "
-                         "through the 'gguf' package: pip install 'lowbit[models]'") from e
-    try:
-        qt = gguf.GGMLQuantizationType(info.type_id)
-    except ValueError as e:
-        raise ValueError(f"{f.path}: tensor {info.name!r} has unknown GGML type {info.type_id}") from e
-    block, size = gguf.GGML_QUANT_SIZES[qt]
-    data = np.ascontiguousarray(tensor_bytes(f, info, block, size))
+        return t.dequantize(data.reshape(-1, t.type_size)).reshape(info.shape)
+    from gguf.quants import dequantize
+
+    qt = _gguf_package(f, info).GGMLQuantizationType(info.type_id)
     return dequantize(data, qt).reshape(info.shape)
 
 
@@ -59,38 +72,83 @@ def _tensor(w: np.ndarray) -> torch.Tensor:
 
 
 def _config(f: GGUFFile):
+    """(model class, config, Arch) from the metadata; every size checked to be a positive integer and
+    the block count to match the tensor table, before a model of that size is built."""
     import transformers as tf
 
 
     a = f.meta.get("general.architecture")
     model_type = next((k for k, v in ARCHS.items() if v.gguf == a), None)
     if model_type is None:
-        raise ValueError(f"{f.path}: architecture {a!r} is not one lowbit builds a model for "
+        raise ValueError(f"{f.path}: architecture {str(a)[:40]!r} is not one lowbit builds a model for "
                          f"({', '.join(sorted({v.gguf for v in ARCHS.values()}))}); read_gguf_tensors reads its tensors")
 
-    def get(key, default=None):
+    def get(key, default=None, kind=int):
         if f"{a}.{key}" not in f.meta and default is None:
             raise ValueError(f"{f.path}: metadata {a}.{key} is missing")
-        return f.meta.get(f"{a}.{key}", default)
+        v = f.meta.get(f"{a}.{key}", default)
+        ok = isinstance(v, int) and v > 0 if kind is int else isinstance(v, (int, float)) and v >= 0
+        if isinstance(v, bool) or not ok:
+            raise ValueError(f"{f.path}: metadata {a}.{key} is {v!r:.40}; it must be a "
+                             f"{'positive integer' if kind is int else 'non-negative number'}")
+        return v
 
     n_head = get("attention.head_count")
     vocab = get("vocab_size", len(f.meta.get("tokenizer.ggml.tokens", [])) or None)
     kw = dict(vocab_size=vocab, hidden_size=get("embedding_length"), intermediate_size=get("feed_forward_length"),
-              num_hidden_layers=get("block_count"), num_attention_heads=n_head,
+              num_hidden_layers=_block_count(f, get("block_count")), num_attention_heads=n_head,
               num_key_value_heads=get("attention.head_count_kv", n_head),
-              max_position_embeddings=get("context_length"), rms_norm_eps=get("attention.layer_norm_rms_epsilon"),
-              rope_theta=get("rope.freq_base", 10000.0), tie_word_embeddings="output.weight" not in f.tensors,
+              max_position_embeddings=get("context_length"),
+              rms_norm_eps=get("attention.layer_norm_rms_epsilon", kind=float),
+              rope_theta=get("rope.freq_base", 10000.0, kind=float), tie_word_embeddings="output.weight" not in f.tensors,
               bos_token_id=f.meta.get("tokenizer.ggml.bos_token_id"),
               eos_token_id=f.meta.get("tokenizer.ggml.eos_token_id"),
               pad_token_id=f.meta.get("tokenizer.ggml.padding_token_id"))
     if model_type == "llama":
-        kw["head_dim"] = get("attention.key_length", kw["hidden_size"] // n_head)
-        cls = tf.LlamaForCausalLM
-        config = tf.LlamaConfig(**kw)
+        kw["head_dim"] = get("attention.key_length", kw["hidden_size"] // n_head or None)
+        if kw["head_dim"] % 2:  # rotary pairs; q/k rows are un-permuted by pairs
+            raise ValueError(f"{f.path}: metadata {a}.attention.key_length is {kw['head_dim']}; rotary heads "
+                             "need an even size")
+        cls, config_cls = tf.LlamaForCausalLM, tf.LlamaConfig
     else:
-        cls = tf.Qwen2ForCausalLM
-        config = tf.Qwen2Config(**kw)
+        cls, config_cls = tf.Qwen2ForCausalLM, tf.Qwen2Config
+    try:
+        config = config_cls(**kw)
+    except Exception as e:  # transformers validates config fields with several exception kinds
+        raise ValueError(f"{f.path}: the metadata is not a valid {model_type} config: {e}") from e
     return cls, config, ARCHS[model_type]
+
+
+def _block_count(f: GGUFFile, n: int) -> int:
+    """block_count, if the tensor table holds blocks 0..n-1 (a model of n blocks is built from it)."""
+    blocks = {int(k.split(".")[1]) for k in f.tensors if k.startswith("blk.") and k.split(".")[1].isdigit()}
+    if len(blocks) != n or max(blocks, default=-1) != n - 1:  # (never range(n): n is the file's number)
+        held = f"blocks 0..{max(blocks)} ({len(blocks)} of them)" if blocks else "no block"
+        raise ValueError(f"{f.path}: metadata block_count is {n} but the tensor table holds {held}")
+    return n
+
+
+def _plan(f: GGUFFile, cls, config, arch) -> dict[str, str]:
+    """GGUF tensor name -> the model's parameter name, once the tensor table matches the model the
+    config describes (built on the meta device: no memory) name for name and shape for shape, and
+    every tensor lies inside the file. After this the model's size is the file's, dequantized."""
+
+    model = checks.on_meta(lambda: cls(config), f.path, f"the metadata cannot build a {cls.__name__}")
+    by_gguf = {gguf_name(k)[0]: k for k in model.state_dict() if not k.endswith("rotary_emb.inv_freq")}
+    if config.tie_word_embeddings:
+        by_gguf.pop("output.weight", None)
+    plan = {}
+    for name, info in f.tensors.items():
+        if name not in by_gguf:
+            raise ValueError(f"{f.path}: tensor {name!r} does not belong to a {arch.gguf} model")
+        key = plan[name] = by_gguf.pop(name)
+        expected = tuple(model.get_parameter(key).shape)
+        if info.shape != expected:
+            raise ValueError(f"{f.path}: tensor {name!r} has shape {info.shape}, the config says {expected}")
+        tensor_nbytes(f, info, *_block_of(f, info))
+    if by_gguf:
+        raise ValueError(f"{f.path}: tensor {sorted(by_gguf)[0]!r} is missing ({len(by_gguf)} in all)")
+    return plan
 
 
 def load_gguf(path: str | Path, keep_quantized: bool = False):
@@ -102,27 +160,23 @@ def load_gguf(path: str | Path, keep_quantized: bool = False):
     the float model's weight; q4_k as uint4 with float32 scales and zeros, within float32 rounding;
     PerGroup(32); see gguf.qtensor), which runs lowbit's packed-code kernels. Every other type (f32,
     f16, bf16, q4_1, q5_0, q5_1, the other k-quants, i-quants), the embeddings and the norms load as
-    float32, as they do by default."""
+    float32, as they do by default.
+
+    Every number in the metadata is checked against the tensor table before the model is built, so
+    a few bytes asking for a model of gigabytes are a ValueError, not an allocation."""
 
     f = parse_gguf(path)
     cls, config, arch = _config(f)
+    plan = _plan(f, cls, config, arch)
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4.x
         from transformers.modeling_utils import no_init_weights
     with no_init_weights():
         model = cls(config)
-    by_gguf = {gguf_name(k)[0]: k for k in model.state_dict() if not k.endswith("rotary_emb.inv_freq")}
-    if config.tie_word_embeddings:
-        by_gguf.pop("output.weight", None)
     state, kept = {}, {}
-    for name, info in f.tensors.items():
-        if name not in by_gguf:
-            raise ValueError(f"{f.path}: tensor {name!r} does not belong to a {arch.gguf} model")
-        key = by_gguf.pop(name)
-        expected = tuple(model.get_parameter(key).shape)
-        if info.shape != expected:
-            raise ValueError(f"{f.path}: tensor {name!r} has shape {info.shape}, the config says {expected}")
+    for name, key in plan.items():
+        info = f.tensors[name]
         n_head = permuted_heads(name, arch, config)
         t = _kept_type(model, key, info) if keep_quantized else None
         split = split_blocks(tensor_bytes(f, info, t.block_size, t.type_size), t.name, info.shape) if t else None
@@ -134,8 +188,6 @@ def load_gguf(path: str | Path, keep_quantized: bool = False):
             continue
         w = _dequantize(f, info)
         state[key] = _tensor(unpermute_rows(w, n_head) if n_head else w)
-    if by_gguf:
-        raise ValueError(f"{f.path}: tensor {sorted(by_gguf)[0]!r} is missing ({len(by_gguf)} in all)")
     model.load_state_dict(state, strict=False, assign=True)
     for name, q in kept.items():  # after the state: QuantLinear copies the layer's (loaded) bias
         model.set_submodule(name, QuantLinear.from_linear(model.get_submodule(name), q))

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .. import checks
 from . import block_inputs, parts
 from .journal import write_journal
 
@@ -44,7 +45,7 @@ def quantize_calibrated(model: nn.Module, recipe, all_parts: list, where: dict[s
                         quantized: set[str], block_bytes: int, activation_bytes: int,
                         calibration_dtype="auto", batch_size: int = 8, progress: bool = True, ray=None) -> None:
     """Quantize `model` (the skeleton) part by part into `output` (streaming.Output); with `ray` (a
-    streaming_ray.RayPool) each layer's solve is a Ray task, a block's layers at once."""
+    ray.RayPool) each layer's solve is a Ray task, a block's layers at once."""
     from ...pipeline import quantize
     from ...pipeline.blocks import find_blocks
     from ...pipeline.spill import SpillPolicy
@@ -91,7 +92,7 @@ class Boundaries:
         saved = self.journal.inputs
         if saved is not None:
             try:
-                folder = self.partial / saved["folder"]
+                folder = self._folder(saved)
                 self._batches = block_inputs.batches(folder, digest=self.journal.digest, block=saved["block"])
                 if self._batches != saved["batches"]:
                     raise ValueError(f"{folder} holds {self._batches} batches, the journal says {saved['batches']}")
@@ -104,8 +105,13 @@ class Boundaries:
             if stale.name != keep:
                 shutil.rmtree(stale, ignore_errors=True)
 
+    def _folder(self, saved: dict) -> Path:
+        """The folder of saved inputs the journal names: a name inside the .partial folder, never a
+        path elsewhere (a resume reads it, a later save deletes it)."""
+        return checks.name_in(self.partial, saved.get("folder"), f"the journal in {self.partial}", "inputs.folder")
+
     def inputs(self, into) -> None:
-        block_inputs.load(self.partial / self.journal.inputs["folder"], into, self._batches)
+        block_inputs.load(self._folder(self.journal.inputs), into, self._batches)
 
     def save(self, i: int, inputs) -> None:
         """Keep block i's inputs when every block before it lies in a finished shard (a resume
@@ -126,11 +132,11 @@ class Boundaries:
         self.journal.inputs = {"block": i, "folder": folder, "batches": len(inputs)}
         write_journal(self.partial, self.journal)
         if old is not None:
-            shutil.rmtree(self.partial / old["folder"], ignore_errors=True)
+            shutil.rmtree(self._folder(old), ignore_errors=True)
 
     def forget(self) -> None:
         """The blocks are done: the saved inputs are no part of the checkpoint."""
         old, self.journal.inputs = self.journal.inputs, None
         if old is not None:
             write_journal(self.partial, self.journal)
-            shutil.rmtree(self.partial / old["folder"], ignore_errors=True)
+            shutil.rmtree(self._folder(old), ignore_errors=True)

@@ -7,13 +7,16 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import atomic
+from ... import version
+from .. import atomic, checks
+from .. import lowbit_checks as check
 from ..lowbit_format import INDEX, META, VERSION, checkpoint_meta, model_entries
 from .parts import Part, release
 
@@ -25,12 +28,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 @dataclass
 class Journal:
     """What a run has finished: shards written (file name -> the parts in it) and the lowbit.json
-    entries of the quantized modules in them. `digest` names the inputs it belongs to; `inputs`
-    (calibrated methods): the block boundary whose inputs are saved, {"block", "folder", "batches"}."""
+    entries of the quantized modules in them. `digest` names the inputs it belongs to, `lowbit` the
+    version that wrote it; `inputs` (calibrated methods): the block boundary whose inputs are saved,
+    {"block", "folder", "batches"}."""
     digest: str
     shards: list[dict] = field(default_factory=list)
     modules: dict = field(default_factory=dict)
     inputs: dict | None = None
+    lowbit: str = field(default_factory=lambda: version.__version__)
 
     def parts_done(self) -> set[str]:
         return {p for s in self.shards for p in s["parts"]}
@@ -76,14 +81,14 @@ class Output:
 def digest(src: Path, where: dict[str, Path], recipe, shard_bytes: int, calibration=None,
             calibration_dtype="auto", batch_size: int = 8) -> str:
     """What a journal must match to be resumed: the source files (names, sizes, times), the
-    recipe, the shard size and the calibration (token ids, dtype, batch size)."""
+    recipe, the shard size, the calibration (token ids, dtype, batch size) and lowbit's version."""
     h = hashlib.sha256()
     for shard in sorted(set(where.values())):
         st = shard.stat()
         h.update(f"{shard.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     h.update((src / "config.json").read_bytes())
     h.update(json.dumps(recipe.to_dict(), sort_keys=True).encode())
-    h.update(f"{shard_bytes};{VERSION}".encode())
+    h.update(f"{shard_bytes};{VERSION};{version.__version__}".encode())  # another lowbit may quantize otherwise
     if calibration is not None:
         for x in calibration:
             h.update(f"{tuple(x.shape)}:".encode() + x.to(torch.int64).numpy().tobytes())
@@ -92,20 +97,56 @@ def digest(src: Path, where: dict[str, Path], recipe, shard_bytes: int, calibrat
 
 
 def open_journal(partial: Path, digest: str) -> Journal:
-    f = partial / JOURNAL
-    if f.is_file():
+    """The journal of an earlier run with the same inputs, to resume; else a new one (the earlier
+    run's folder is emptied, with a warning that says why it cannot be resumed)."""
+    if (partial / JOURNAL).is_file():
         try:
-            j = Journal(**json.loads(f.read_text(encoding="utf-8")))
-            if j.digest == digest and all((partial / s["file"]).is_file() for s in j.shards):
-                return j
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError):
-            pass
-        print(f"{partial} holds an earlier run with other inputs: starting again")
+            j = read_journal(partial)
+            why = (f"it was started by lowbit {j.lowbit}, this is lowbit {version.__version__} (the shards of "
+                   "two versions are not mixed)" if j.lowbit != version.__version__ else
+                   "it had other inputs (source files, recipe, shard size or calibration)" if j.digest != digest else
+                   next((f"its shard {s['file']} is missing" for s in j.shards if not (partial / s["file"]).is_file()),
+                        None))
+        except ValueError as e:
+            why = str(e)
+        if why is None:
+            return j
+        warnings.warn(f"{partial} holds an earlier run that cannot be resumed: {why}; starting again", stacklevel=3)
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     j = Journal(digest)
     write_journal(partial, j)
+    return j
+
+
+def read_journal(partial: Path) -> Journal:
+    """journal.json, every field checked: the file names in it are names inside `partial` (a
+    path elsewhere would let finish move, or a resume delete, any file)."""
+    f = partial / JOURNAL
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{f} is corrupt: {e!r}") from e
+    check.field(f, "(top level)", d, dict)
+    extra = set(d) - {"digest", "shards", "modules", "inputs", "lowbit"}
+    if extra:
+        raise ValueError(f"{f}: unknown field {sorted(extra)[0]!r}")
+    j = Journal(check.field(f, "digest", d.get("digest"), str), check.field(f, "shards", d.get("shards", []), list),
+                check.field(f, "modules", d.get("modules", {}), dict),
+                check.field(f, "inputs", d.get("inputs"), dict, allow_none=True),
+                check.field(f, "lowbit", d.get("lowbit", "(unrecorded: an older one)"), str))
+    for i, s in enumerate(j.shards):
+        check.field(f, f"shards[{i}]", s, dict)
+        checks.name_in(partial, s.get("file"), f, f"shards[{i}].file")
+        for key in ("parts", "tensors"):
+            if not all(isinstance(x, str) for x in check.field(f, f"shards[{i}].{key}", s.get(key), list)):
+                raise ValueError(f"{f}: shards[{i}].{key} must be a list of names")
+    if j.inputs is not None:
+        checks.name_in(partial, j.inputs.get("folder"), f, "inputs.folder")
+        for key in ("block", "batches"):
+            if check.field(f, f"inputs.{key}", j.inputs.get(key), int) < 0:
+                raise ValueError(f"{f}: inputs.{key} must be >= 0")
     return j
 
 

@@ -6,7 +6,7 @@
   tasks are submitted before the current part is assembled, so the workers do not wait on the
   driver's writes. On a cluster the checkpoint must be on storage every node reads at the same path.
 - Calibrated methods (gptq): the driver runs the blocks' forwards and gathers the statistics
-  (streaming_calibrated.py); each layer's solve (its weight and Hessian) is a task, all the layers
+  (calibrated.py); each layer's solve (its weight and Hessian) is a task, all the layers
   of a block at once.
 
 A task runs the very function the single process runs, with the driver's torch thread count (so

@@ -9,6 +9,7 @@ a 2 GB table a block of rows at a time holds one block (io/streaming/).
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,9 @@ class StoredTensor:
 
     def read_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of the tensor: [stop - start, *shape[1:]] in its stored dtype."""
-        row = self.dtype.itemsize
-        for d in self.shape[1:]:
-            row *= d
+        if not (self.shape and 0 <= start <= stop <= self.shape[0]):
+            raise ValueError(f"{self.path}: tensor {self.name!r} of shape {list(self.shape)}: rows {start}:{stop} asked")
+        row = self.dtype.itemsize * math.prod(self.shape[1:])
         buf = bytearray((stop - start) * row)
         with open(self.path, "rb") as f:
             f.seek(self.begin + start * row)
@@ -55,16 +56,33 @@ def stored_tensors(path: str | Path) -> dict[str, StoredTensor]:
             raise ValueError(f"{path} is not a safetensors file or is truncated (header length {n}, file {size} bytes)")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: the safetensors header is not JSON: {e}") from e
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        if info["dtype"] not in DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']!r}, which lowbit does not read")
-        if 8 + n + end > size:
-            raise ValueError(f"{path} is truncated: tensor {name!r} ends at byte {8 + n + end} of {size}")
-        out[name] = StoredTensor(path, name, DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + begin)
-    return out
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ValueError(f"{path}: the safetensors header is not JSON: {e!r}") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is not a JSON object")
+    return {name: _stored(path, name, info, 8 + n, size) for name, info in header.items() if name != "__metadata__"}
+
+
+def _stored(path: Path, name: str, info, data_start: int, size: int) -> StoredTensor:
+    """One header entry, checked: a known dtype, a shape of non-negative integers, and data offsets
+    spanning exactly shape x dtype bytes inside the file (the rows are read from them)."""
+    def bad(what):
+        return ValueError(f"{path}: tensor {str(name)[:80]!r} {what}")
+
+    if not isinstance(info, dict):
+        raise bad("has no header entry {dtype, shape, data_offsets}")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise bad(f"has dtype {str(dtype)[:20]!r}, which lowbit does not read")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise bad(f"has shape {str(shape)[:60]}, not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"has data_offsets {str(offsets)[:60]}, not [begin, end] with 0 <= begin <= end")
+    begin, end = offsets
+    nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+    if end - begin != nbytes:
+        raise bad(f"is {dtype} {shape} ({nbytes} bytes) but its data_offsets span {end - begin} bytes")
+    if data_start + end > size:
+        raise ValueError(f"{path} is truncated: tensor {name!r} ends at byte {data_start + end} of {size}")
+    return StoredTensor(path, name, DTYPES[dtype], tuple(shape), data_start + begin)

@@ -8,7 +8,7 @@ tensors go to the output. A weight larger than `block_bytes` in float32 (the emb
 the output layer, an 8B model's MLP weights) is not loaded: a row-wise solver (rtn, mse) reads
 and quantizes it `block_bytes` of rows at a time from the file (pipeline/rowwise.py,
 io/streaming/rows.py), so memory holds one block of rows, not the tensor. A calibrated
-method (gptq) needs each block's inputs: streaming_calibrated.py runs the blocks in order with the
+method (gptq) needs each block's inputs: calibrated.py runs the blocks in order with the
 sequential runner lowbit.quantize uses, one block's weights loaded at a time.
 
 Output: a lowbit checkpoint folder with shards model-0000K-of-0000N.safetensors and
@@ -46,9 +46,9 @@ def quantize_checkpoint(src: str | Path, recipe, out: str | Path, *, calibration
     calibration (batches of token ids, as lowbit.quantize takes): for a calibrated solver (gptq),
     run block by block as lowbit.quantize runs it (calibration_dtype, batch_size alike), one
     block's weights in memory, and activations past `activation_bytes` per block boundary
-    spilled to disk (streaming_calibrated.py); calibration_text: where the calibration windows lay
+    spilled to disk (calibrated.py); calibration_text: where the calibration windows lay
     in the text (lowbit.json's calibration_text). on_part(name, seconds): called after each part.
-    ray: a streaming_ray.RayPool: the weights (data-free) or the layers' solves (calibrated) run as
+    ray: a ray.RayPool: the weights (data-free) or the layers' solves (calibrated) run as
     Ray tasks; the output is the same bytes.
     """
     from ...methods import method_needs
