@@ -32,7 +32,8 @@ from ..pipeline import get_recipe
 from ..pipeline.embeddings import _tied_scheme, embedding_targets
 from ..pipeline.quantize import plan
 from ..pipeline.walk import linear_weight
-from .compare import parse_specs
+from ..eval.size import BITS_LAYERS, BITS_MODEL
+from .compare import bits_legend, parse_specs
 from .shapes import ModelShapes, model_shapes
 
 DTYPE_ROWS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -58,13 +59,15 @@ class MemoryRow:
     embedding_bytes: int   # input embedding tables and the output layer (once when tied)
     other_bytes: int       # the rest: norms, float layers, buffers
     kv_cache_bytes: int    # for the table's context and batch (0: not asked, or no KV cache)
+    bits_per_weight_layers: float = float("nan")  # BITS_LAYERS (a dtype row: the dtype's width)
 
     @property
     def weights_bytes(self) -> int:
         return self.quantized_bytes + self.embedding_bytes + self.other_bytes
 
     @property
-    def bits_per_weight(self) -> float:
+    def bits_per_weight_model(self) -> float:
+        """BITS_MODEL: every byte of the weights over every parameter."""
         return 8.0 * self.weights_bytes / max(self.params, 1)
 
     @property
@@ -162,10 +165,12 @@ def weight_row(shapes: ModelShapes, spec: str, kv_cache_bytes: int = 0) -> Memor
     recipe = None if spec in DTYPE_ROWS else get_recipe(*parse_specs(spec)[0])
     targets = plan(model, recipe) if recipe is not None else {}
     counted: set[int] = set()  # ids of tensors already counted
-    quantized = 0
+    quantized = layer_bytes = layer_weights = 0
     for name, r in targets.items():
         m = model.get_submodule(name)
-        quantized += qtensor_layout(tuple(linear_weight(m).shape), r.weights).nbytes
+        layout = qtensor_layout(tuple(linear_weight(m).shape), r.weights)
+        quantized += layout.nbytes
+        layer_bytes, layer_weights = layer_bytes + layout.nbytes, layer_weights + layout.numel
         bias = getattr(m, "bias", None)
         quantized += _nbytes(bias, dtype) if isinstance(bias, torch.Tensor) else 0
         if r.observer is not None:  # static activations: an fp32 scale (and zero point) per layer
@@ -178,7 +183,10 @@ def weight_row(shapes: ModelShapes, spec: str, kv_cache_bytes: int = 0) -> Memor
             if id(t) not in counted:
                 counted.add(id(t))
                 other += _nbytes(t, dtype if isinstance(t, nn.Parameter) else None)
-    return MemoryRow(spec, _params(model), quantized, embedding, other, kv_cache_bytes)
+    # as eval.linear_bits_per_weight counts a model: the codes, scales and zeros of the quantized layers;
+    # an unquantized model: its dtype's width
+    layers = 8.0 * layer_bytes / layer_weights if layer_weights else 8.0 * torch.empty((), dtype=dtype).element_size()
+    return MemoryRow(spec, _params(model), quantized, embedding, other, kv_cache_bytes, layers)
 
 
 def _embedding_bytes(model: nn.Module, recipe, dtype, counted: set[int], taken: set[str]) -> int:
@@ -245,14 +253,16 @@ def format_memory(t: MemoryTable) -> str:
     gb, unit = (1e9, "GB") if big else (1e6, "MB")
     lines = [f"{t.source}: {t.params / 1e6:,.1f}M parameters, unquantized tensors in {t.dtype}"
              + (f" (checkpoint headers: {t.checkpoint_params / 1e6:,.1f}M elements)" if t.checkpoint_params else "")]
-    head = (f"{'recipe':<14} {'bits/w':>6} {'weights ' + unit:>10} {'quantized':>10} {'emb/out':>9} {'other':>8} "
-            f"{'KV cache':>9} {'total ' + unit:>9}")
+    head = (f"{'recipe':<14} {BITS_LAYERS.short:>13} {BITS_MODEL.short:>12} {'weights ' + unit:>10} {'quantized':>10} "
+            f"{'emb/out':>9} {'other':>8} {'KV cache':>9} {'total ' + unit:>9}")
     lines += [head, "-" * len(head)]
     for r in t.rows:
-        lines.append(f"{r.recipe:<14} {r.bits_per_weight:>6.2f} {r.weights_bytes / gb:>10.4f} "
+        lines.append(f"{r.recipe:<14} {r.bits_per_weight_layers:>13.2f} {r.bits_per_weight_model:>12.2f} "
+                     f"{r.weights_bytes / gb:>10.4f} "
                      f"{r.quantized_bytes / gb:>10.4f} {r.embedding_bytes / gb:>9.4f} {r.other_bytes / gb:>8.4f} "
                      f"{r.kv_cache_bytes / gb:>9.4f} {r.total_bytes / gb:>9.4f}")
     lines.append(t.kv_note)
+    lines.append(bits_legend())
     if t.training:
         head = (f"{'training':<10} {'trainable':>10} {'weights ' + unit:>10} {'grads ' + unit:>9} "
                 f"{'optim ' + unit:>9} {'total ' + unit:>9} {'B/param':>7}")
