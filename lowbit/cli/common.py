@@ -103,7 +103,7 @@ def check_text_options(args) -> None:
     """--text (an existing file), --window and --calibration-windows (>= 1)."""
     if args.text is not None and not Path(args.text).is_file():
         raise ValueError(f"--text {args.text}: no such file")
-    check_at_least("--window", args.window)
+    check_at_least("--window", args.window, 2)  # a window predicts its tokens from the ones before
     check_at_least("--calibration-windows", args.calibration_windows)
 
 
@@ -167,7 +167,8 @@ def check_recipe(name: str, method: str | None = None, option: str = "--recipe")
                          f"--out NAME.gguf (lowbit recipes, for a folder: {', '.join(RECIPES)})")
     if name not in RECIPES:
         raise ValueError(f"{option} {name}: unknown recipe. lowbit recipes (a checkpoint folder): "
-                         f"{', '.join(RECIPES)}; GGUF file types (need --out NAME.gguf): {gguf_file_types()}")
+                         f"{', '.join(RECIPES)}; GGUF file types (`lowbit quantize` writes them to --out NAME.gguf): "
+                         f"{gguf_file_types()}")
     if method is not None:
         check_method(method)
     return get_recipe(name, method)
