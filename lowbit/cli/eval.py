@@ -86,7 +86,7 @@ def cmd_eval(args) -> None:
     print("scoring " + check_disjoint(calibrated, text, args.window, args.windows, len(ids)))
     if path.suffix == ".gguf":  # the file's own bytes; the model here is its dequantized float copy
         w = gguf_weights(path)
-        print(f"file {w.bytes / 1e6:.1f} MB of tensors, {BITS_LAYERS.label} {w.bits_per_weight_layers:.2f}, "
+        print(f"file {w.weights_bytes / 1e6:.1f} MB of tensors, {BITS_LAYERS.label} {w.bits_per_weight_layers:.2f}, "
               f"{BITS_MODEL.label} {w.bits_per_weight_model:.2f} (from its tensor table; run here dequantized to "
               "fp32)")
     else:
