@@ -206,7 +206,7 @@ def gguf_row(shapes: ModelShapes, spec: str, kv_cache_bytes: int = 0) -> MemoryR
 
 def weight_row(shapes: ModelShapes, spec: str, kv_cache_bytes: int = 0) -> MemoryRow:
     """Bytes of the model's weights under one recipe spec or dtype (see the module doc)."""
-    if _is_gguf_type(spec):
+    if spec not in DTYPE_ROWS and _is_gguf_type(spec):
         return gguf_row(shapes, spec, kv_cache_bytes)
     model, dtype = shapes.model, DTYPE_ROWS.get(spec, shapes.dtype)
     recipe = None if spec in DTYPE_ROWS else get_recipe(*parse_specs(spec)[0])

@@ -48,15 +48,15 @@ def check_args(args) -> list:
     """Every argument of `lowbit compare`, before anything is loaded -> the (recipe, method) specs."""
     from ..analysis import parse_specs
 
-    check_model(args.model, source_model=True)
-    check_at_least("--windows", args.windows)
-    check_text_options(args)
     try:
         specs = parse_specs(args.recipes)
     except ValueError as e:
         raise ValueError(f"--recipes {args.recipes!r}: {e}") from None
     for name, method in specs:
         check_recipe(name, method, option="--recipes")
+    check_model(args.model, source_model=True)
+    check_at_least("--windows", args.windows)
+    check_text_options(args)
     earlier = [f for f in RUN_FILES if args.out and (Path(args.out) / f).exists()]
     if earlier and not args.force:
         raise ValueError(f"--out {args.out}: holds an earlier run ({', '.join(earlier)}); pass --force to replace it, "
