@@ -99,6 +99,12 @@ def check_at_least(option: str, value: "int | float", least: "int | float" = 1) 
         raise ValueError(f"{option} {value:g}: give a number >= {least:g}")
 
 
+def check_positive(option: str, value: float) -> None:
+    """A size option (MB): refuse zero or less, naming the option."""
+    if not value > 0:
+        raise ValueError(f"{option} {value:g}: give a size above 0")
+
+
 def check_text_options(args) -> None:
     """--text (an existing file), --window and --calibration-windows (>= 1)."""
     if args.text is not None and not Path(args.text).is_file():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import (add_text_options, calibration, check_at_least, check_model, check_out,
+from .common import (add_text_options, calibration, check_model, check_out, check_positive,
                      check_recipe, check_text_options, gguf_file_types, method_options, read_text)
 from .quantize_gguf import check_gguf_args, cmd_quantize_gguf, wants_gguf
 
@@ -55,8 +55,8 @@ def check_args(args):
 
     check_model(args.model, source_model=True)
     check_text_options(args)
-    check_at_least("--shard-size", args.shard_size, 1)
-    check_at_least("--activation-memory", args.activation_memory, 1)
+    check_positive("--shard-size", args.shard_size)
+    check_positive("--activation-memory", args.activation_memory)
     if wants_gguf(args):  # --out x.gguf: llama.cpp file types, a separate path
         if args.ray or args.ray_address:
             raise ValueError("--ray spreads the streaming quantization to a lowbit checkpoint, not a .gguf --out")

@@ -145,7 +145,7 @@ def _check_data_ranges(path: Path, tensors, file_size: int) -> None:
         n = data_nbytes(info)
         end = info.offset + (n or 0)
         if end > file_size:
-            raise ValueError(f"{path} is truncated or corrupt: tensor {info.name!r} needs bytes {info.offset}..{end} "
+            raise ValueError(f"{path} is truncated: tensor {info.name!r} needs bytes {info.offset}..{end} "
                              f"but the file has {file_size} (an interrupted download or copy?)")
 
 
