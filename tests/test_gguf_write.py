@@ -174,8 +174,8 @@ def test_cli_quantize_writes_a_gguf(small, tmp_path, capsys):
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
     assert types["blk.1.ffn_up.weight"] == "Q4_0" and types["token_embd.weight"] == "Q8_0"
     assert main(["quantize", str(src), "--recipe", "q4_0", "--method", "hqq", "--out", str(tmp_path / "h.gguf")]) == 2
-    assert "GGUF files take rtn, auto" in capsys.readouterr().err
+    assert "--method hqq: a .gguf --out takes auto (default), rtn" in capsys.readouterr().err
     assert main(["quantize", str(src), "--recipe", "q4_0", "--method", "rtn", "--out", str(out)]) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
     assert main(["quantize", str(src), "--recipe", "q4_x", "--out", str(tmp_path / "x.gguf")]) == 2
-    assert "unknown GGUF recipe 'q4_x'" in capsys.readouterr().err
+    assert "--recipe q4_x: unknown GGUF file type" in capsys.readouterr().err

@@ -68,8 +68,8 @@ def render(run_dir: Path, tmp_path: Path) -> dict:
 
 
 def _row(recipe, bits, size, ppl):
-    return CompareRow(recipe, "rtn", "fp32", bits, size, ppl, 100 * (ppl / 20 - 1), 0.1, 0.9, float("nan"), 1.0,
-                      False)
+    return CompareRow(recipe, "rtn", "fp32", bits, bits + 1.0, size, ppl, 100 * (ppl / 20 - 1), 0.1, 0.9,
+                      float("nan"), 1.0, False)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..eval import (Reference, embedding_fidelity, evaluate, generation_speed, linear_bits_per_weight, model_size,
                     sentences_from_text, token_ids)
+from ..eval.size import BITS_LAYERS, BITS_MODEL
 from ..methods import method_needs
 from ..pipeline import Recipe, get_recipe, quantize
 
@@ -33,7 +34,8 @@ class CompareRow:
     recipe: str  # as asked: "w4g64:auto"
     method: str  # the chain that ran: "awq+gptq"
     embeddings: str  # how the embedding table / output layer are stored: "int8/ch", "fp32"
-    bits_per_weight: float  # over the quantized layers of the blocks
+    bits_per_weight_layers: float  # BITS_LAYERS: over the quantized layers of the blocks
+    bits_per_weight_model: float   # BITS_MODEL: over the whole model
     size_mb: float  # whole model, embeddings included
     ppl: float
     delta_ppl_pct: float
@@ -166,9 +168,10 @@ def _compare_encoder(model, tokenizer, text, specs, resolved, window, windows, c
             took = time.perf_counter() - t
         f = embedding_fidelity(q, model, tokenizer, sents)
         nan = float("nan")
+        size = model_size(q)
         row = CompareRow(_spec(name, method), recipe.method if recipe else "-", _embedding_label(q),
-                         linear_bits_per_weight(q), model_size(q).bytes / 1e6, nan, nan, nan, nan, nan, took,
-                         bool(recipe and _calibrates(recipe)), f.cosine, f.cosine_min, f.spearman)
+                         linear_bits_per_weight(q), size.bits_per_weight, size.bytes / 1e6, nan, nan, nan, nan, nan,
+                         took, bool(recipe and _calibrates(recipe)), f.cosine, f.cosine_min, f.spearman)
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -180,8 +183,9 @@ def _row(name, method, model, report, tokenizer, decode_tokens, took, calibrated
     if decode_tokens:
         tok_s = generation_speed(model, tokenizer, prompt_tokens=32, new_tokens=decode_tokens, runs=1,
                                  warmup_tokens=2, progress=progress).decode_tokens_per_s
-    return CompareRow(name, method, _embedding_label(model), linear_bits_per_weight(model),
-                      model_size(model).bytes / 1e6, report.ppl, report.delta_ppl_pct, report.kl,
+    size = model_size(model)
+    return CompareRow(name, method, _embedding_label(model), linear_bits_per_weight(model), size.bits_per_weight,
+                      size.bytes / 1e6, report.ppl, report.delta_ppl_pct, report.kl,
                       report.top1_agreement, tok_s, took, calibrated)
 
 
@@ -204,21 +208,28 @@ def _embedding_label(model) -> str:
     return "+".join(parts) or "-"
 
 
+_BITS = f"{BITS_LAYERS.short:>13} {BITS_MODEL.short:>12}"
+
+
+def _bits(r: CompareRow) -> str:
+    return f"{r.bits_per_weight_layers:>13.2f} {r.bits_per_weight_model:>12.2f}"
+
+
 def table_head(metric: str = "ppl") -> str:
     if metric == "cosine":
-        head = (f"{'recipe':<14} {'method':<11} {'emb/out':<8} {'bits/w':>6} {'size MB':>8} {'cosine':>8} "
+        head = (f"{'recipe':<14} {'method':<11} {'emb/out':<8} {_BITS} {'size MB':>8} {'cosine':>8} "
                 f"{'min cos':>8} {'Spearman':>8} {'quant s':>7}")
         return head + "\n" + "-" * len(head)
-    head = (f"{'recipe':<14} {'method':<11} {'emb/out':<8} {'bits/w':>6} {'size MB':>8} {'ppl':>8} {'Δppl':>8} "
+    head = (f"{'recipe':<14} {'method':<11} {'emb/out':<8} {_BITS} {'size MB':>8} {'ppl':>8} {'Δppl':>8} "
             f"{'KL':>7} {'top-1':>6} {'tok/s':>6} {'quant s':>7}")
     return head + "\n" + "-" * len(head)
 
 
 def format_row(r: CompareRow) -> str:
     if r.cosine is not None:
-        return (f"{r.recipe:<14} {r.method:<11} {r.embeddings:<8} {r.bits_per_weight:>6.2f} {r.size_mb:>8.1f} "
+        return (f"{r.recipe:<14} {r.method:<11} {r.embeddings:<8} {_bits(r)} {r.size_mb:>8.1f} "
                 f"{r.cosine:>8.5f} {r.cosine_min:>8.4f} {r.spearman:>8.4f} {r.quantize_s:>7.1f}")
-    return (f"{r.recipe:<14} {r.method:<11} {r.embeddings:<8} {r.bits_per_weight:>6.2f} {r.size_mb:>8.1f} "
+    return (f"{r.recipe:<14} {r.method:<11} {r.embeddings:<8} {_bits(r)} {r.size_mb:>8.1f} "
             f"{r.ppl:>8.3f} {r.delta_ppl_pct:>+7.2f}% {r.kl:>7.4f} {r.top1:>6.3f} {r.decode_tok_s:>6.1f} "
             f"{r.quantize_s:>7.1f}")
 
@@ -226,6 +237,11 @@ def format_row(r: CompareRow) -> str:
 def format_table(cmp: Comparison) -> str:
     """The table, then what was evaluated, what calibrated on which windows, and how speed was timed."""
     return "\n".join([table_head(cmp.metric), *map(format_row, cmp.rows), table_footer(cmp)])
+
+
+def bits_legend() -> str:
+    """The two bits-per-weight columns in words (compare's and memory's tables end with it)."""
+    return f"{BITS_LAYERS.label}: {BITS_LAYERS.means}; {BITS_MODEL.label}: {BITS_MODEL.means}."
 
 
 def table_footer(cmp: Comparison) -> str:
@@ -238,15 +254,15 @@ def table_footer(cmp: Comparison) -> str:
         cal = [r.recipe for r in cmp.rows if r.calibrated]
         if cal:
             lines.append(f"calibration ({', '.join(cal)}): the last {cmp.calibration_windows} windows of {w} tokens.")
-        return "\n".join(lines)
+        return "\n".join([*lines, bits_legend()])
     lines.append(f"evaluated: windows 0-{n - 1} of {w} tokens (tokens 0-{n * w - 1} of {cmp.text_tokens}).")
     cal = [r.recipe for r in cmp.rows if r.calibrated]
     if cal:
         c = cmp.calibration_windows
         lines.append(f"calibration ({', '.join(cal)}): windows {n}-{n + c - 1} (tokens {n * w}-{(n + c) * w - 1}), "
                      f"{c} windows, none of them evaluated.")
-    lines.append("bits/w: the blocks' quantized layers; size: the whole model; emb/out: the embedding table and "
-                 "output layer (one tensor when tied).")
+    lines.append(bits_legend())
+    lines.append("size: the whole model; emb/out: the embedding table and output layer (one tensor when tied).")
     lines.append(f"tok/s: {cmp.decode_tokens} greedy decode steps after a 32-token prompt and a 2-step warm-up, "
                  "batch 1." if cmp.decode_tokens else "tok/s: not measured.")
     return "\n".join(lines)

@@ -32,8 +32,9 @@ from ..pipeline import get_recipe
 from ..pipeline.embeddings import _tied_scheme, embedding_targets
 from ..pipeline.quantize import plan
 from ..pipeline.walk import linear_weight
-from .compare import parse_specs
-from .shapes import ModelShapes, model_shapes
+from ..eval.size import BITS_LAYERS, BITS_MODEL
+from .compare import bits_legend, parse_specs
+from .shapes import ModelShapes, gguf_saved, model_shapes
 
 DTYPE_ROWS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_RECIPES = ("fp32", "bf16", "w8", "fp8", "w4g64", "w4g64-sym", "nf4", "mxfp4", "nvfp4", "w3g64", "w2g64")
@@ -58,13 +59,15 @@ class MemoryRow:
     embedding_bytes: int   # input embedding tables and the output layer (once when tied)
     other_bytes: int       # the rest: norms, float layers, buffers
     kv_cache_bytes: int    # for the table's context and batch (0: not asked, or no KV cache)
+    bits_per_weight_layers: float = float("nan")  # BITS_LAYERS (a dtype row: the dtype's width)
 
     @property
     def weights_bytes(self) -> int:
         return self.quantized_bytes + self.embedding_bytes + self.other_bytes
 
     @property
-    def bits_per_weight(self) -> float:
+    def bits_per_weight_model(self) -> float:
+        """BITS_MODEL: every byte of the weights over every parameter."""
         return 8.0 * self.weights_bytes / max(self.params, 1)
 
     @property
@@ -102,6 +105,7 @@ class MemoryTable:
     kv_note: str           # the KV cache arithmetic, or why there is none
     rows: list[MemoryRow]
     training: list[TrainingRow] = field(default_factory=list)
+    saved: MemoryRow | None = None  # a checkpoint given as the source: its own bytes as stored
 
 
 def memory_table(source: "str | nn.Module", recipes: "str | list" = DEFAULT_RECIPES, *, context: int = 0,
@@ -125,9 +129,10 @@ def memory_table(source: "str | nn.Module", recipes: "str | list" = DEFAULT_RECI
     shapes = model_shapes(source, dtype)
     kv, note = _kv_cache(shapes, context, batch, kv_dtype)
     rows = [weight_row(shapes, spec, kv) for spec in specs]
+    saved = MemoryRow(kv_cache_bytes=kv, **shapes.saved) if shapes.saved is not None else None
     training = [_training_row(shapes, t, lora_rank) for t in train]
     return MemoryTable(shapes.source, str(shapes.dtype).removeprefix("torch."), _params(shapes.model),
-                       shapes.checkpoint_params, context, batch, kv_dtype, note, rows, training)
+                       shapes.checkpoint_params, context, batch, kv_dtype, note, rows, training, saved)
 
 
 def _specs(recipes) -> list[str]:
@@ -137,7 +142,7 @@ def _specs(recipes) -> list[str]:
         raise ValueError("recipes: give at least one recipe or dtype, e.g. bf16,w4g64")
     out = []
     for item in items:
-        if isinstance(item, str) and item in DTYPE_ROWS:
+        if isinstance(item, str) and (item in DTYPE_ROWS or _is_gguf_type(item)):
             out.append(item)
         else:
             name, method = parse_specs([item])[0]
@@ -156,16 +161,63 @@ def _nbytes(t: torch.Tensor, dtype: torch.dtype | None = None) -> int:
     return t.numel() * size
 
 
+def _is_gguf_type(name: str) -> bool:
+    from ..io.gguf.mixtures import ALIASES, FILE_TYPES
+
+    return name in FILE_TYPES or name in ALIASES
+
+
+def gguf_row(shapes: ModelShapes, spec: str, kv_cache_bytes: int = 0) -> MemoryRow:
+    """Bytes of the model written as GGUF file type `spec` (q8_0, q4_k_m, ...): each tensor's GGML type
+    as llama.cpp's quantizer picks it (io.gguf.mixtures), blocks sized by core.ggml_blocks, as
+    lowbit.save(format="gguf") writes them (tensor data only: the header and tokenizer are not counted)."""
+    from ..core.ggml_blocks import get_type
+    from ..io.gguf.arch import gguf_name, model_arch
+    from ..io.gguf.mixtures import file_type
+
+    model = shapes.model
+    try:
+        config, _ = model_arch(model)
+    except ValueError as e:
+        raise ValueError(f"recipe {spec!r} is a GGUF file type: {e}") from None
+    ft = file_type(spec)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
+    tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in state
+    if tied:
+        state.pop("lm_head.weight", None)
+    n_layer, n_gqa = config.num_hidden_layers, config.num_attention_heads // config.num_key_value_heads
+    quantized = embedding = other = layer_weights = 0
+    for key, t in state.items():
+        name, layer = gguf_name(key)
+        shape = tuple(t.shape)
+        kind = (ft.tensor_type(name, ne0=shape[-1], layer=layer, n_layer=n_layer, n_gqa=n_gqa, has_output=not tied)
+                if ft.quantizes(name, len(shape)) else "f32")
+        g = get_type(kind)
+        n = math.prod(shape) // g.block_size * g.type_size
+        if name in ("token_embd.weight", "output.weight"):
+            embedding += n
+        elif layer >= 0 and len(shape) >= 2:
+            quantized, layer_weights = quantized + n, layer_weights + math.prod(shape)
+        else:
+            other += n
+    return MemoryRow(spec, _params(model), quantized, embedding, other, kv_cache_bytes,
+                     8.0 * quantized / max(layer_weights, 1))
+
+
 def weight_row(shapes: ModelShapes, spec: str, kv_cache_bytes: int = 0) -> MemoryRow:
     """Bytes of the model's weights under one recipe spec or dtype (see the module doc)."""
+    if spec not in DTYPE_ROWS and _is_gguf_type(spec):
+        return gguf_row(shapes, spec, kv_cache_bytes)
     model, dtype = shapes.model, DTYPE_ROWS.get(spec, shapes.dtype)
     recipe = None if spec in DTYPE_ROWS else get_recipe(*parse_specs(spec)[0])
     targets = plan(model, recipe) if recipe is not None else {}
     counted: set[int] = set()  # ids of tensors already counted
-    quantized = 0
+    quantized = layer_bytes = layer_weights = 0
     for name, r in targets.items():
         m = model.get_submodule(name)
-        quantized += qtensor_layout(tuple(linear_weight(m).shape), r.weights).nbytes
+        layout = qtensor_layout(tuple(linear_weight(m).shape), r.weights)
+        quantized += layout.nbytes
+        layer_bytes, layer_weights = layer_bytes + layout.nbytes, layer_weights + layout.numel
         bias = getattr(m, "bias", None)
         quantized += _nbytes(bias, dtype) if isinstance(bias, torch.Tensor) else 0
         if r.observer is not None:  # static activations: an fp32 scale (and zero point) per layer
@@ -178,7 +230,10 @@ def weight_row(shapes: ModelShapes, spec: str, kv_cache_bytes: int = 0) -> Memor
             if id(t) not in counted:
                 counted.add(id(t))
                 other += _nbytes(t, dtype if isinstance(t, nn.Parameter) else None)
-    return MemoryRow(spec, _params(model), quantized, embedding, other, kv_cache_bytes)
+    # as eval.linear_bits_per_weight counts a model: the codes, scales and zeros of the quantized layers;
+    # an unquantized model: its dtype's width
+    layers = 8.0 * layer_bytes / layer_weights if layer_weights else 8.0 * torch.empty((), dtype=dtype).element_size()
+    return MemoryRow(spec, _params(model), quantized, embedding, other, kv_cache_bytes, layers)
 
 
 def _embedding_bytes(model: nn.Module, recipe, dtype, counted: set[int], taken: set[str]) -> int:
@@ -239,20 +294,29 @@ def _training_row(shapes: ModelShapes, regime: str, lora_rank: int) -> TrainingR
     return TrainingRow(regime, n + adapters, adapters, w, 4 * adapters, 8 * adapters)
 
 
+def gguf_weights(path) -> MemoryRow:
+    """A .gguf file's own bytes and bits per weight, from its tensor table (shapes.gguf_saved)."""
+    from ..io.gguf.file import parse_gguf
+
+    return MemoryRow(kv_cache_bytes=0, **gguf_saved(parse_gguf(path)))
+
+
 def format_memory(t: MemoryTable) -> str:
     """The table as text: one row per recipe, then the training rows when asked."""
-    big = max([r.total_bytes for r in t.rows] + [r.total_bytes for r in t.training]) >= 1e9
+    big = max([r.total_bytes for r in t.rows + ([t.saved] if t.saved else [])] + [r.total_bytes for r in t.training]) >= 1e9
     gb, unit = (1e9, "GB") if big else (1e6, "MB")
     lines = [f"{t.source}: {t.params / 1e6:,.1f}M parameters, unquantized tensors in {t.dtype}"
              + (f" (checkpoint headers: {t.checkpoint_params / 1e6:,.1f}M elements)" if t.checkpoint_params else "")]
-    head = (f"{'recipe':<14} {'bits/w':>6} {'weights ' + unit:>10} {'quantized':>10} {'emb/out':>9} {'other':>8} "
-            f"{'KV cache':>9} {'total ' + unit:>9}")
+    head = (f"{'recipe':<18} {BITS_LAYERS.short:>13} {BITS_MODEL.short:>12} {'weights ' + unit:>10} {'quantized':>10} "
+            f"{'emb/out':>9} {'other':>8} {'KV cache':>9} {'total ' + unit:>9}")
     lines += [head, "-" * len(head)]
-    for r in t.rows:
-        lines.append(f"{r.recipe:<14} {r.bits_per_weight:>6.2f} {r.weights_bytes / gb:>10.4f} "
+    for r in ([t.saved] if t.saved else []) + t.rows:
+        lines.append(f"{r.recipe:<18} {r.bits_per_weight_layers:>13.2f} {r.bits_per_weight_model:>12.2f} "
+                     f"{r.weights_bytes / gb:>10.4f} "
                      f"{r.quantized_bytes / gb:>10.4f} {r.embedding_bytes / gb:>9.4f} {r.other_bytes / gb:>8.4f} "
                      f"{r.kv_cache_bytes / gb:>9.4f} {r.total_bytes / gb:>9.4f}")
     lines.append(t.kv_note)
+    lines.append(bits_legend())
     if t.training:
         head = (f"{'training':<10} {'trainable':>10} {'weights ' + unit:>10} {'grads ' + unit:>9} "
                 f"{'optim ' + unit:>9} {'total ' + unit:>9} {'B/param':>7}")

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ..io.atomic import write_atomic
+from ..eval.size import BITS_LAYERS, BITS_MODEL
+from .compare import bits_legend
 from .plots import atomic_png, pyplot
 from .run_dir import load_run
 
@@ -92,12 +94,13 @@ def _figure(run: Path, name: str, fig, title: str, caption: str) -> str:
 
 
 COLUMNS = [("recipe", "recipe", "{}"), ("method", "method", "{}"), ("embeddings", "emb/out", "{}"),
-           ("bits_per_weight", "bits/w", "{:.2f}"), ("size_mb", "size MB", "{:.1f}"), ("ppl", "ppl", "{:.3f}"),
+           (BITS_LAYERS.key, BITS_LAYERS.label, "{:.2f}"), (BITS_MODEL.key, BITS_MODEL.label, "{:.2f}"),
+           ("size_mb", "size MB", "{:.1f}"), ("ppl", "ppl", "{:.3f}"),
            ("delta_ppl_pct", "Δppl %", "{:+.2f}"), ("kl", "KL", "{:.4f}"), ("top1", "top-1", "{:.3f}"),
            ("decode_tok_s", "tok/s", "{:.1f}"), ("quantize_s", "quant s", "{:.1f}")]
 
 
-ENCODER_COLUMNS = COLUMNS[:5] + [("cosine", "cosine", "{:.5f}"), ("cosine_min", "min cosine", "{:.4f}"),
+ENCODER_COLUMNS = COLUMNS[:6] + [("cosine", "cosine", "{:.5f}"), ("cosine_min", "min cosine", "{:.4f}"),
                                  ("spearman", "Spearman", "{:.4f}"), ("quantize_s", "quant s", "{:.1f}")]
 
 
@@ -116,6 +119,7 @@ def _table_html(cmp: dict) -> str:
         note = f"Evaluated on {cmp.get('sentences', '?')} sentences of the text's first half (mean-pooled " \
                f"embeddings against fp32); calibrated rows read the last {cmp['calibration_windows']} windows " \
                f"of {w} tokens."
+    note += f" {bits_legend()}"
     return f"<h2>Headline table</h2><table><tr>{head}</tr>{''.join(body)}</table><p>{html.escape(note)}</p>"
 
 
@@ -237,11 +241,11 @@ def _plot_memory(memory: dict):
             ax.bar(names, vals, bottom=bottom, label=label)
             bottom += vals
     for i, r in enumerate(rows):
-        ax.text(i, bottom[i], f"{r['bits_per_weight']:.2f} b/w", ha="center", va="bottom", fontsize=7)
+        ax.text(i, bottom[i], f"{r[BITS_MODEL.key]:.2f}", ha="center", va="bottom", fontsize=7)
     ax.set_ylabel("MB")
     ax.tick_params(axis="x", rotation=45, labelsize=8)
     ax.legend(fontsize=8)
-    ax.set_title(f"{memory['params'] / 1e6:.1f}M parameters; context {memory['context']}, batch {memory['batch']}",
-                 fontsize=9)
+    ax.set_title(f"{memory['params'] / 1e6:.1f}M parameters; context {memory['context']}, batch {memory['batch']}; "
+                 f"above each bar: {BITS_MODEL.label}", fontsize=9)
     fig.tight_layout()
     return fig

@@ -32,7 +32,7 @@ def _plain(x):
     """JSON-ready: dataclasses as dicts (properties of memory rows included), NaN as null."""
     if dataclasses.is_dataclass(x):
         d = {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
-        for prop in ("weights_bytes", "bits_per_weight", "total_bytes", "bytes_per_param"):
+        for prop in ("weights_bytes", "bits_per_weight_model", "total_bytes", "bytes_per_param"):
             if hasattr(type(x), prop):
                 d[prop] = _plain(getattr(x, prop))
         return d

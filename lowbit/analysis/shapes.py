@@ -50,6 +50,7 @@ class ModelShapes:
     kv_heads: int | None = None
     head_dim: int | None = None
     checkpoint_params: int | None = None  # elements in the checkpoint's headers, when read
+    saved: dict | None = None  # a checkpoint's own bytes as stored (saved_parts), when read
 
 
 def parse_size(text: str) -> float | None:
@@ -74,7 +75,9 @@ def model_shapes(source: "str | Path | nn.Module", dtype: torch.dtype | None = N
         from ..io.models import model_path
 
         path = model_path(source)
-        if path.is_dir():
+        if path.is_dir() and (path / "lowbit.json").is_file():
+            out = _from_lowbit_dir(path)
+        elif path.is_dir():
             out = _from_hf_dir(path)
         elif path.suffix == ".gguf":
             out = _from_gguf(path)
@@ -149,11 +152,106 @@ def _from_gguf(path: Path) -> ModelShapes:
         model = cls(config)
     params = sum(math.prod(t.shape) for t in f.tensors.values())
     return ModelShapes(model, torch.float32, f"{path.name}: GGUF metadata (held in fp32, as lowbit loads it)",
-                       checkpoint_params=params, **_kv_shape(config, True))
+                       checkpoint_params=params, saved=gguf_saved(f), **_kv_shape(config, True))
+
+
+def _from_lowbit_dir(path: Path) -> ModelShapes:
+    """A lowbit checkpoint folder: the architecture from lowbit.json's model config (on the meta device),
+    unquantized tensors in the dtype most of its float tensors are stored in."""
+    import transformers
+
+    from ..io.lowbit_format import read_meta, weight_files
+
+    meta = read_meta(path)
+    info = meta.get("model") or {}
+    if not info.get("config"):
+        raise ValueError(f"memory: {path} holds a {info.get('class', 'torch')} model without a transformers config; "
+                         "give the source model")
+    cfg = dict(info["config"])
+    try:
+        config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        cls = getattr(transformers, info.get("class", ""), None) or transformers.AutoModelForCausalLM
+        with META:
+            model = cls(config) if isinstance(cls, type) and issubclass(cls, nn.Module) else cls.from_config(config)
+    except Exception as e:  # transformers raises several kinds for a config it cannot build
+        raise ValueError(f"{path / 'lowbit.json'}: its model config cannot build a model ({e})") from e
+    headers = {k: v for f in weight_files(path) for k, v in safetensors_header(f).items()}
+    plain = {k: v for k, v in headers.items() if ".qweight." not in k}
+    recipe = (meta.get("recipe") or {}).get("name") or "custom recipe"
+    return ModelShapes(model, _common_dtype(plain or headers, path), f"{path.name}: lowbit checkpoint ({recipe}), "
+                       "lowbit.json and safetensors headers", saved=_saved_row(model, meta, headers, f"as saved ({recipe})"),
+                       **_kv_shape(config, _is_causal(config)))
+
+
+def _saved_row(model: nn.Module, meta: dict, headers: dict, label: str):
+    """The bytes a lowbit checkpoint stores, split as memory's rows are: quantized Linear layers (their
+    codes, scales, zeros, bias), embedding tables and the output layer, the rest."""
+    nbytes = {k: math.prod(shape) * _ITEMSIZE.get(dt, 4) for k, (shape, dt) in headers.items()}
+    modules = meta["modules"]
+    tables = {n for n, m in modules.items() if isinstance(m, dict) and m.get("kind") == "embedding"}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    quantized = embedding = other = layer_bytes = layer_weights = 0
+    for key, n in nbytes.items():
+        owner = key.split(".qweight.")[0] if ".qweight." in key else key.rpartition(".")[0]
+        if owner in tables or owner == head_name or "embed" in owner:
+            embedding += n
+        elif owner in modules:
+            quantized += n
+            if ".qweight." in key:
+                layer_bytes += n
+        else:
+            other += n
+    for name, m in modules.items():
+        if name not in tables and name != head_name and isinstance(m, dict) and isinstance(m.get("shape"), list):
+            layer_weights += math.prod(m["shape"])
+    return saved_parts(label, sum(p.numel() for p in model.parameters()), quantized, embedding, other,
+                       layer_bytes, layer_weights)
+
+
+def saved_parts(label: str, params: int, quantized: int, embedding: int, other: int, layer_bytes: int,
+                layer_weights: int) -> dict:
+    """A checkpoint's bytes as stored, in the fields of memory.MemoryRow (ModelShapes.saved)."""
+    return {"recipe": label, "params": params, "quantized_bytes": quantized, "embedding_bytes": embedding,
+            "other_bytes": other,
+            "bits_per_weight_layers": 8.0 * layer_bytes / layer_weights if layer_weights else float("nan")}
+
+
+def gguf_saved(f) -> dict:
+    """A parsed .gguf file's own bytes from its tensor table (each tensor's GGML type and shape): what
+    llama.cpp holds, not the float model lowbit dequantizes it to. The blocks' 2-D weights are its
+    quantized layers; token_embd and output its embedding table and output layer."""
+    from ..io.gguf.file import data_nbytes
+    from ..io.gguf.mixtures import FILE_TYPES
+
+    quantized = embedding = other = layer_weights = params = 0
+    for name, info in f.tensors.items():
+        n = data_nbytes(info)
+        if n is None:
+            raise ValueError(f"{f.path}: tensor {name!r} has a GGML type ({info.type_id}) lowbit has no size for")
+        params += math.prod(info.shape)
+        if name in ("token_embd.weight", "output.weight"):
+            embedding += n
+        elif name.startswith("blk.") and len(info.shape) >= 2:
+            quantized, layer_weights = quantized + n, layer_weights + math.prod(info.shape)
+        else:
+            other += n
+    ftype = f.meta.get("general.file_type")
+    label = next((k for k, t in FILE_TYPES.items() if t.ftype == ftype), "GGUF")
+    return saved_parts(f"as saved ({label})", params, quantized, embedding, other, quantized, layer_weights)
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1,
+             "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def _from_safetensors(path: Path) -> ModelShapes:
     tensors = safetensors_header(path)
+    if any(".qweight." in k for k in tensors):  # packed codes and scales, not a model's weights
+        where = (f"give its folder, {path.parent}" if (path.parent / "lowbit.json").is_file()
+                 else "give the checkpoint folder with its lowbit.json")
+        raise ValueError(f"memory: {path} holds a lowbit checkpoint's packed codes and scales, which need the "
+                         f"checkpoint's lowbit.json to be read: {where}")
     root = nn.Module()
     for name, (shape, dt) in tensors.items():
         module_name, _, leaf = name.rpartition(".")
@@ -195,9 +293,18 @@ def safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
             if n > 100_000_000:
                 raise ValueError("header length out of range")
             header = json.loads(f.read(n))
+        size = path.stat().st_size
     except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-    return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"}
+    try:
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        out = {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"}
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file (a tensor entry lacks {e})") from e
+    if 8 + n + max(ends, default=0) > size:
+        raise ValueError(f"{path} is truncated or corrupt: its header places tensor data up to byte "
+                         f"{8 + n + max(ends)} but the file has {size} (an interrupted download or copy?)")
+    return out
 
 
 def _common_dtype(tensors: dict, path: Path) -> torch.dtype:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .common import add_text_options, read_text
+from .common import add_text_options, check_at_least, check_model, check_recipe, check_text_options, read_text
 
 # w4g64 twice: round to nearest, and `auto` (AWQ scales then GPTQ), what `lowbit quantize` does by default
 MAIN_RECIPES = "w8,w8a8-dynamic,fp8,nf4,w4g64:rtn,w4g64:auto,w4g64:hqq,mxfp4,nvfp4"
@@ -25,6 +25,8 @@ def register(sub) -> dict:
     add_text_options(pc, calibration_windows=8)  # read after the evaluated windows; 8 keep the main job short
     pc.add_argument("--out", metavar="RUN_DIR", type=_run_dir, help="also write RUN_DIR/table.json (the table and "
                     "the model's memory per recipe) for `lowbit report RUN_DIR`")
+    pc.add_argument("--force", action="store_true", help="replace an earlier run in RUN_DIR (its table.json; "
+                    "its index.html, now stale, is removed)")
     return {"compare": cmd_compare}
 
 
@@ -39,17 +41,37 @@ def _run_dir(text: str) -> str:
     return text
 
 
+RUN_FILES = ("table.json", "index.html")  # what compare and report write in RUN_DIR
+
+
+def check_args(args) -> list:
+    """Every argument of `lowbit compare`, before anything is loaded -> the (recipe, method) specs."""
+    from ..analysis import parse_specs
+
+    try:
+        specs = parse_specs(args.recipes)
+    except ValueError as e:
+        raise ValueError(f"--recipes {args.recipes!r}: {e}") from None
+    for name, method in specs:
+        check_recipe(name, method, option="--recipes")
+    check_model(args.model, source_model=True)
+    check_at_least("--windows", args.windows)
+    check_text_options(args)
+    earlier = [f for f in RUN_FILES if args.out and (Path(args.out) / f).exists()]
+    if earlier and not args.force:
+        raise ValueError(f"--out {args.out}: holds an earlier run ({', '.join(earlier)}); pass --force to replace it, "
+                         "or choose a new folder")
+    return specs
+
+
 def cmd_compare(args) -> None:
     from tqdm import tqdm
 
-    from ..analysis import compare_recipes, parse_specs
+    from ..analysis import compare_recipes
     from ..analysis.compare import format_row, is_encoder, table_footer, table_head
     from ..io import load_model
-    from ..pipeline import get_recipe
 
-    specs = parse_specs(args.recipes)
-    for name, method in specs:  # a bad name fails before the model loads
-        get_recipe(name, method)
+    specs = check_args(args)
     model, tok = load_model(args.model)
     tqdm.write(table_head("cosine" if is_encoder(model) else "ppl"), file=sys.stdout)  # each row as it is done, above the progress bars
     cmp = compare_recipes(model, tok, read_text(args.text), specs, window=args.window, windows=args.windows,
@@ -66,6 +88,7 @@ def save_compare(args, model, cmp) -> None:
 
     from ..analysis import memory_table, save_run
 
+    (Path(args.out) / "index.html").unlink(missing_ok=True)  # drawn from the table this run replaces
     specs = ["fp32", "bf16"] + [r.recipe for r in cmp.rows if r.recipe not in ("fp32", "bf16")]
     memory = memory_table(model, specs, context=cmp.window, batch=1)
     memory = dataclasses.replace(memory, source=f"{args.model} ({memory.source})")

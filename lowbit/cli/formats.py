@@ -48,6 +48,11 @@ def explain_value(name: str, value: float) -> str:
         lines.append(f"  exponent {bits} (2^{code - 127})")
     elif isinstance(f, formats.CodebookFormat):
         lines.append(f"  index {code} of {f.values.numel()} codebook values")
+    limit = _out_of_range(f, value, got)
+    if limit:
+        lines.append(limit)
+    if math.isnan(value) or math.isinf(value):
+        return "\n".join(lines)
     err = got - value
     rel = abs(err) / abs(value) if value else 0.0
     lines.append(f"  error {err:+.6g} (relative {rel:.3%})")
@@ -56,7 +61,35 @@ def explain_value(name: str, value: float) -> str:
     return "\n".join(lines)
 
 
+def _out_of_range(f, value: float, got: float) -> str | None:
+    """A line saying the value was not represented but replaced: NaN where the format has none, or a
+    value beyond its range, saturated (float formats) or clipped (integers, codebooks) to its end."""
+    if math.isnan(value):
+        return (f"  NaN: stored as {f.name}'s NaN code" if math.isnan(got) else
+                f"  NaN: {f.name} has no NaN; the encoder stores it as {got!r}, an ordinary value")
+    if f.min <= value <= f.max or got == value:
+        return None
+    word = "saturated" if f.kind == "float" else "clipped"
+    return (f"  {word}: {value!r} is outside {f.name}'s range [{_fmt_num(f.min)}, {_fmt_num(f.max)}]; stored as "
+            f"{got!r}" + (f" ({f.name} has no infinity)" if math.isinf(value) else ""))
+
+
+def check_args(args) -> None:
+    """`lowbit formats`: names known and --out's folder existing, before anything is drawn."""
+    from pathlib import Path
+
+    for name in [*(args.plot or []), *([args.name] if args.name else [])]:
+        formats.get(name)  # unknown format 'x': the known ones listed
+    if args.plot:
+        parent = Path(args.out).absolute().parent
+        if not parent.is_dir():
+            raise ValueError(f"--out {args.out}: the folder {parent} does not exist; create it or choose another")
+    if args.value and not args.name:
+        raise ValueError("--value: give a format name too, e.g. lowbit formats fp8_e4m3 --value 500")
+
+
 def cmd_formats(args) -> None:
+    check_args(args)
     if args.plot:
         from ..analysis import plot_formats
 

@@ -9,8 +9,20 @@ from . import compare, eval as eval_cmd, formats, memory, quantize, report
 SUBCOMMANDS = (formats, quantize, eval_cmd, compare, memory, report)
 
 
+def version() -> str:
+    """The installed lowbit's version (its package metadata: pyproject.toml's version)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("lowbit")
+    except PackageNotFoundError:
+        return "unknown (lowbit is not installed; pip install -e .)"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lowbit", description="Neural-network quantization toolkit.")
+    p.add_argument("--version", action="version", version=f"lowbit {version()}")
     sub = p.add_subparsers(dest="command", required=True)
     handlers = {}
     for module in SUBCOMMANDS:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import calibration_split, check_out, method_options, read_text
+from .common import calibration_split, check_out, gguf_file_types, method_options, read_text
 
 CALIBRATED = ("awq+gptq", "gptq", "awq")
 
@@ -19,13 +19,29 @@ def wants_gguf(args) -> bool:
 
 
 def gguf_method(recipe: str, method: str) -> str:
-    from ..io.gguf.mixtures import file_type
+    from ..io.gguf.mixtures import ALIASES, FILE_TYPES, file_type
+    from ..pipeline.recipe import RECIPES
 
-    ft = file_type(recipe)  # fail on a bad name before loading anything
+    if recipe in RECIPES:
+        raise ValueError(f"--recipe {recipe} is a lowbit recipe: it writes a checkpoint folder (an --out not ending "
+                         f"in .gguf); a .gguf --out takes a GGUF file type: {gguf_file_types()}")
+    if recipe not in FILE_TYPES and recipe not in ALIASES:
+        raise ValueError(f"--recipe {recipe}: unknown GGUF file type; a .gguf --out takes {gguf_file_types()} "
+                         f"(lowbit recipes, for a folder --out: {', '.join(RECIPES)})")
+    ft = file_type(recipe)
     if method == "auto":
         return "rtn" if ft.default in ("f32", "f16", "bf16", "q8_0") else "awq+gptq"
     if method != "rtn" and method not in CALIBRATED:
-        raise ValueError(f"--method {method}: GGUF files take rtn, auto, {', '.join(CALIBRATED)}")
+        raise ValueError(f"--method {method}: a .gguf --out takes auto (default), rtn, {', '.join(CALIBRATED)}")
+    return method
+
+
+def check_gguf_args(args) -> str:
+    """The GGUF path's own arguments (recipe, method, its options, --out), before anything is loaded
+    -> the method that will run."""
+    method = gguf_method(args.recipe, args.method)
+    _gptq_options(args.method_option, method)
+    check_out(args.out, args.force, writes="gguf")
     return method
 
 
@@ -33,9 +49,9 @@ def cmd_quantize_gguf(args) -> None:
     from ..eval import token_ids
     from ..io import load, load_model, save
 
-    method = gguf_method(args.recipe, args.method)
+    method = check_gguf_args(args)
     options = _gptq_options(args.method_option, method)
-    out = check_out(args.out, args.force)
+    out = Path(args.out)
     if str(args.model).endswith(".gguf") and method == "rtn":  # our reader; the tokenizer is copied from the file
         model, tok = load(args.model), None
     else:

@@ -111,7 +111,43 @@ def parse_gguf(path: str | Path) -> GGUFFile:
     tensors = {n: TensorInfo(n, t, s, start + o) for n, t, s, o in infos}
     if len(tensors) != len(infos):
         raise ValueError(f"{path}: a tensor name appears twice (corrupt file?)")
+    _check_data_ranges(path, tensors.values(), len(data))
     return GGUFFile(path, version, meta, types, tensors)
+
+
+def type_sizes(type_id: int) -> tuple[int, int] | None:
+    """(values per block, bytes per block) of GGML type `type_id`: lowbit's own table, else gguf-py's
+    (when installed); None when neither knows the type."""
+    from ...core.ggml_blocks import type_by_id
+
+    t = type_by_id(type_id)
+    if t is not None:
+        return t.block_size, t.type_size
+    try:
+        import gguf
+        return tuple(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)])
+    except (ImportError, ValueError, KeyError):
+        return None
+
+
+def data_nbytes(info: TensorInfo) -> int | None:
+    """Bytes of one tensor's data in the file, from its shape and type (None: a type no table knows)."""
+    sizes = type_sizes(info.type_id)
+    if sizes is None:
+        return None
+    block, size = sizes
+    return int(np.prod(info.shape, dtype=object)) // block * size
+
+
+def _check_data_ranges(path: Path, tensors, file_size: int) -> None:
+    """Every tensor's data lies inside the file: a file cut short (an interrupted download or copy)
+    is refused here, by name, before anything reads a tensor."""
+    for info in tensors:
+        n = data_nbytes(info)
+        end = info.offset + (n or 0)
+        if end > file_size:
+            raise ValueError(f"{path} is truncated: tensor {info.name!r} needs bytes {info.offset}..{end} "
+                             f"but the file has {file_size} (an interrupted download or copy?)")
 
 
 def _alignment(path: Path, align) -> int:

@@ -19,20 +19,17 @@ from ...core.ggml_blocks import type_by_id
 from ...nn.linear import QuantLinear
 from .. import checks
 from .arch import ARCHS, gguf_name, permuted_heads, unpermute_rows
-from .file import GGUFFile, TensorInfo, parse_gguf, tensor_bytes, tensor_nbytes
+from .file import GGUFFile, TensorInfo, parse_gguf, tensor_bytes, tensor_nbytes, type_sizes
 from .qtensor import SCHEMES, split_blocks, to_qtensor
 
 
 def _block_of(f: GGUFFile, info: TensorInfo) -> tuple[int, int]:
-    """(values per block, bytes per block) of a tensor's GGML type."""
-    t = type_by_id(info.type_id)
-    if t is not None:
-        return t.block_size, t.type_size
-    gguf = _gguf_package(f, info)
-    try:
-        return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(info.type_id)]
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{f.path}: tensor {info.name!r} has unknown GGML type {info.type_id}") from e
+    """(values per block, bytes per block) of a tensor's GGML type, or a clear error."""
+    sizes = type_sizes(info.type_id)
+    if sizes is None:
+        _gguf_package(f, info)  # without gguf-py, say that is what is missing
+        raise ValueError(f"{f.path}: tensor {info.name!r} has unknown GGML type {info.type_id}")
+    return sizes
 
 
 def _gguf_package(f: GGUFFile, info: TensorInfo):
