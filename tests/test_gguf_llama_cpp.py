@@ -16,8 +16,8 @@ BYTE_EXACT = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q
               "q6_k": "Q6_K"}
 TEXT = ("The tower is 324 metres (1,063 ft) tall, about the same height as an 81-storey building, and the "
         "tallest structure in Paris. Its base is square, measuring 125 metres (410 ft) on each side.")
-# measured: 2-layer SmolLM2, f32 file, 48 tokens: 4e-6 (llama.cpp's f32 matmuls sum in another order)
-F32_REL_ERR = 1e-4
+# measured: 2-layer SmolLM2, f32 file, 60 tokens: 7.3e-7 (llama.cpp's f32 matmuls sum in another order)
+F32_REL_ERR = 1e-5
 
 
 @pytest.fixture(scope="module")

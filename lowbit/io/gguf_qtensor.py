@@ -30,7 +30,8 @@ the codes GPTQ or AWQ chose: int8 / int4 / int5 with one scale per 32 values of 
 64, ..., or one per row or tensor, repeated over its blocks) is q8_0 / q4_0 / q5_0 when every scale
 is an fp16 value; uint4 / uint5 affine is q4_1 / q5_1 when also every -z * s is an fp16 value
 (ggml adds a stored minimum m, d q + m, where lowbit subtracts a zero point, (q - z) s; with
-integer zeros that holds for few blocks, so most affine tensors have no exact block). The blocks
+integer zeros that holds for 36-39% of the blocks of a SmolLM2 w4g32 layer, so such a tensor
+almost never has an exact block type). The blocks
 are kept only when ggml's dequantizer gives every value the same float32 as QTensor.dequantize().
 """
 from __future__ import annotations
