@@ -85,7 +85,11 @@ def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
     dequantized weight."""
     from ..nn import QuantLinear
 
-    out = {f"{name}.weight": q.dequantize().float() for name, q in quantized_weights(model).items()}
+    out, seen = {}, set()
+    for name, q in quantized_weights(model).items():
+        if id(q) not in seen:  # a tied head shares the table's QTensor: dequantized once, under the table's name
+            seen.add(id(q))
+            out[f"{name}.weight"] = q.dequantize().float()
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear) and m.bias is not None:
             out[f"{name}.bias"] = m.bias.detach().float()
@@ -101,8 +105,7 @@ def quantized_weights(model: nn.Module) -> dict:
     live outside state_dict."""
     from ..nn import QuantEmbedding, QuantLinear
 
-    return {name.removesuffix(".weight"): m.qweight for name, m in model.named_modules()
-            if isinstance(m, (QuantLinear, QuantEmbedding))}
+    return {name: m.qweight for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
 
 
 def model_arch(model: nn.Module):
