@@ -1,17 +1,18 @@
 """lowbit.load(x.gguf, keep_quantized=True): q4_0 / q8_0 Linear weights as QuantLinear layers.
 
 Each kept weight must dequantize bit for bit to the float model's weight (lowbit.load(x.gguf)), and
-for llama.cpp's own q4_0 file to gguf-py's dequantizer (an independent reference); the model then runs
+for llama.cpp's own q4_0 file (llama-cpp-python's quantizer) to gguf-py's dequantizer (an independent
+reference); the model then runs
 lowbit's packed-code kernels, whose GEMV sums in another order than F.linear: logits agree within
 LOGIT_ATOL and greedy tokens are the same.
 """
-import subprocess
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
+from llama_cpp_judge import quantize_file
 from torch import nn
 
 import lowbit
@@ -21,7 +22,6 @@ from lowbit.io.gguf.arch import gguf_name
 from lowbit.nn.kernel_plan import plan
 from lowbit.nn.linear import QuantLinear
 
-LLAMA_QUANTIZE = Path("/tmp/llama.cpp/build/bin/llama-quantize")
 # Logits of the 2-layer SmolLM2 reach |60|; the kernels' float32 sums differ from F.linear's by ~3e-5.
 LOGIT_ATOL = 1e-3
 PROMPT = "The capital of France is"
@@ -35,13 +35,9 @@ def lowbit_file(request, smollm2_2layers, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama_cpp_q4_0(smollm2_2layers, tmp_path_factory):
-    if not LLAMA_QUANTIZE.is_file():
-        pytest.skip("llama.cpp's llama-quantize is not built here (/tmp/llama.cpp/build/bin)")
     d = tmp_path_factory.mktemp("keep_llama")
     f32 = lowbit.save(smollm2_2layers[0], d / "small-f32.gguf", recipe="f32", source="smollm2-135m")
-    out = d / "small-q4_0.gguf"
-    subprocess.run([str(LLAMA_QUANTIZE), str(f32), str(out), "Q4_0"], check=True, capture_output=True)
-    return out
+    return quantize_file(f32, d / "small-q4_0.gguf", "q4_0")
 
 
 def _kept(model) -> dict[str, QuantLinear]:

@@ -1,16 +1,15 @@
-"""Hugging Face tokenizer -> GGUF tokenizer.* metadata (lowbit/io/gguf_tokenizer.py).
+"""Hugging Face tokenizer -> GGUF tokenizer.* metadata (lowbit/io/gguf/tokenizer.py).
 
 References: the tokenizer.* fields llama.cpp's converter wrote into SmolLM2's GGUF, transformers' GGUF
 tokenizer reader (what lowbit.load and other tools build from our file), and llama.cpp's own tokenizer
-(`llama-tokenize`, only where it is built: /tmp/llama.cpp/build/bin; see docs/gguf.md).
+(llama-cpp-python's Llama(vocab_only=True).tokenize, tests/llama_cpp_judge.py).
 """
 import copy
 import json
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
+from llama_cpp_judge import tokenize as llama_cpp_tokenize
 
 import lowbit
 from lowbit.io import builtin_model_path
@@ -180,13 +179,24 @@ def test_save_needs_a_tokenizer_or_source(tmp_path, smollm2_tok):
     assert not list(tmp_path.iterdir())
 
 
-LLAMA_TOKENIZE = Path("/tmp/llama.cpp/build/bin/llama-tokenize")
-
-
-@pytest.mark.skipif(not LLAMA_TOKENIZE.is_file(), reason="llama.cpp's llama-tokenize is not built here")
 def test_llama_cpp_tokenizes_the_written_file_like_transformers(written, smollm2_tok):
-    for s in SENTENCES[:-1]:  # llama-tokenize reads an empty -p as no prompt
-        assert _llama_tokenize(written, s, bos=False) == smollm2_tok.encode(s, add_special_tokens=False), s
+    for s in SENTENCES + _wikitext_paragraphs():
+        assert llama_cpp_tokenize(written, s) == smollm2_tok.encode(s, add_special_tokens=False), s[:80]
+
+
+def test_llama_cpp_tokenizes_the_packaged_smollm2_like_transformers(smollm2_tok):
+    """The reference pair itself: llama.cpp over the GGUF file lowbit ships SmolLM2 in (written by
+    llama.cpp's converter) against transformers' tokenizer, on real text; BOS-less, as SmolLM2 is."""
+    path = builtin_model_path("smollm2-135m")
+    for s in SENTENCES + _wikitext_paragraphs():
+        assert llama_cpp_tokenize(path, s) == smollm2_tok.encode(s, add_special_tokens=False), s[:80]
+    assert llama_cpp_tokenize(path, "Hi", add_bos=True) == smollm2_tok.encode("Hi")  # add_bos_token is False
+
+
+def _wikitext_paragraphs(n: int = 12) -> list[str]:
+    from conftest import wikitext_excerpt
+
+    return [p for p in wikitext_excerpt().split("\n") if len(p) > 200][:n]
 
 
 def _spm_bpe_tokenizer(n_merged: int = 800):
@@ -232,13 +242,5 @@ def test_byte_fallback_bpe_is_written_as_llama(tmp_path):
     for s in SENTENCES:
         if not s.startswith(" "):
             assert back.encode(s) == tok.encode(s), s
-    if LLAMA_TOKENIZE.is_file():
-        for s in SENTENCES[:-1]:
-            assert _llama_tokenize(path, s, bos=True) == tok.encode(s), s
-
-
-def _llama_tokenize(path: Path, text: str, bos: bool) -> list[int]:
-    out = subprocess.run([str(LLAMA_TOKENIZE), "-m", str(path), "-p", text, "--ids", "--log-disable"]
-                         + ([] if bos else ["--no-bos"]), capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    for s in SENTENCES + _wikitext_paragraphs(4):
+        assert llama_cpp_tokenize(path, s, add_bos=True) == tok.encode(s), s[:80]

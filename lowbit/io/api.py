@@ -20,7 +20,9 @@ def save(model: nn.Module, path: str | Path, format: str | None = None, *, token
     "deep-compression": one safetensors file of a model compressed by
     lowbit.pipeline.deep_compress (Huffman-coded SharedLinear layers, io/deep_compression.py).
     GGUF: `recipe` is a llama.cpp file type (f16 by default, q8_0, q4_0, q4_k_m, ...; see
-    lowbit.io.gguf.mixtures), weights are rounded to nearest in its blocks, and the tokenizer is
+    lowbit.io.gguf.mixtures), float weights are rounded to nearest in its blocks (a quantized layer
+    whose scheme a GGML type holds exactly, int8/int4 groups of 32 with fp16 scales as q8_0/q4_0,
+    keeps its codes; the others are rounded again, with a warning), and the tokenizer is
     copied from the GGUF file given as `source` (or the one the model was loaded from).
         lowbit.save(model, "smollm2-q8_0.gguf", recipe="q8_0", source="smollm2-135m")
     """

@@ -1,5 +1,5 @@
 """GGML block types that a lowbit Scheme holds exactly: their blocks as QTensors, for
-load_gguf(path, keep_quantized=True).
+load_gguf(path, keep_quantized=True), and QTensors as blocks, for save_gguf (join_blocks).
 
     q4_0  value = d * (q - 8), q in 0..15, fp16 d per 32  ->  Scheme("int4", PerGroup(32), scale_format="fp16")
     q8_0  value = d * q, q int8, fp16 d per 32             ->  Scheme("int8", PerGroup(32), scale_format="fp16")
@@ -24,13 +24,23 @@ take 6.0 bits per weight against the file's 4.5. A tensor with a sub-block of sc
 The other types have no scheme: q4_1/q5_1 add an fp16 minimum per 32 (kept as q4_k is, they would
 gain little over it), the other k-quants nest sub-block scales over 3-, 5- or 6-bit codes, which
 qmatmul does not read (4- and 8-bit codes), nor q5_0's int5.
+
+Writing (join_blocks) goes the other way for any 2-D QTensor a lowbit recipe made, so a file keeps
+the codes GPTQ or AWQ chose: int8 / int4 / int5 with one scale per 32 values of a row (groups of 32,
+64, ..., or one per row or tensor, repeated over its blocks) is q8_0 / q4_0 / q5_0 when every scale
+is an fp16 value; uint4 / uint5 affine is q4_1 / q5_1 when also every -z * s is an fp16 value
+(ggml adds a stored minimum m, d q + m, where lowbit subtracts a zero point, (q - z) s; with
+integer zeros that holds for 36-39% of the blocks of a SmolLM2 w4g32 layer, so such a tensor
+almost never has an exact block type). The blocks
+are kept only when ggml's dequantizer gives every value the same float32 as QTensor.dequantize().
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from ...core.granularity import PerGroup
+from ...core.ggml_blocks import _f16_bytes, _pack_fifth_bits, _pack_nibbles, dequantize_rows
+from ...core.granularity import GroupView, PerGroup
 from ...core.packing import pack_bits_le
 from ...core.qtensor import QTensor
 from ...core.scheme import Scheme
@@ -92,3 +102,57 @@ def to_qtensor(codes: np.ndarray, scales: np.ndarray, type_name: str, zeros: "np
     packed = pack_bits_le(torch.from_numpy(np.ascontiguousarray(codes, dtype=np.uint8)), scheme.bits)
     z = None if zeros is None else torch.from_numpy(np.ascontiguousarray(zeros))
     return QTensor(packed, tuple(codes.shape), scheme, scales=torch.from_numpy(np.ascontiguousarray(scales)), zeros=z)
+
+
+# lowbit format -> the GGML type whose blocks hold it: symmetric d * q, or affine d * q + m
+_JOINED = {"int8": "q8_0", "int4": "q4_0", "int5": "q5_0", "uint4": "q4_1", "uint5": "q5_1"}
+
+
+def join_blocks(q: QTensor) -> tuple[str, np.ndarray] | None:
+    """(GGML type name, uint8 blocks [rows, bytes]) holding the 2-D QTensor `q` exactly: the inverse
+    of split_blocks, for every int8/int4/int5 (symmetric) or uint4/uint5 (affine) scheme whose scales
+    (and zero points) are constant over each 32 values of a row and fit the block's fp16 fields;
+    None when no GGML type holds q exactly (the caller rounds its values again)."""
+    kind = _JOINED.get(q.scheme.format)
+    affine = kind in ("q4_1", "q5_1")
+    if kind is None or len(q.shape) != 2 or q.shape[1] % BLOCK or q.codebook is not None \
+            or (q.zeros is not None) != affine:
+        return None
+    d = _per_block(q, q.scale_values())
+    m = _per_block(q, q.zero_values()) if affine else None
+    if d is None or (affine and m is None):
+        return None
+    if affine:
+        m = -(m.astype(np.float64) * d)  # ggml's d q + m is lowbit's (q - z) d when m = -z d exactly
+    if not (_is_f16(d) and (m is None or _is_f16(m))):
+        return None
+    blocks = _pack(kind, q.unpack_codes().numpy().reshape(-1, BLOCK), d.reshape(-1, 1),
+                   None if m is None else m.reshape(-1, 1)).reshape(q.shape[0], -1)
+    same = np.array_equal(dequantize_rows(blocks, kind, q.shape[1]), q.dequantize().numpy())
+    return (kind, blocks) if same else None
+
+
+def _per_block(q: QTensor, stats: torch.Tensor) -> "np.ndarray | None":
+    """Per-group statistics (scales or zero points) as one float32 value per 32 values of a row
+    [rows, in // 32], or None where a block of 32 spans two values."""
+    view = GroupView(q.shape, q.scheme.granularity)
+    ones = [torch.ones_like(p, dtype=torch.float32) for p in view.parts(torch.zeros(q.shape))]
+    each = view.merge([s * o for s, o in zip(view.split_stats(stats.float()), ones)])
+    each = each.reshape(q.shape[0], -1, BLOCK)
+    if not torch.equal(each, each[..., :1].expand_as(each)):
+        return None
+    return each[..., 0].numpy()
+
+
+def _is_f16(x: np.ndarray) -> bool:
+    return bool(np.all(x.astype(np.float16).astype(np.float64) == x))
+
+
+def _pack(kind: str, codes: np.ndarray, d: np.ndarray, m: "np.ndarray | None") -> np.ndarray:
+    """codes [blocks, 32] (lowbit's, one per byte), d and m [blocks, 1] -> [blocks, type size] uint8."""
+    head = [_f16_bytes(d)] + ([] if m is None else [_f16_bytes(m.astype(np.float32))])
+    if kind == "q8_0":
+        return np.concatenate(head + [codes], axis=1)  # int8 codes are two's complement bytes
+    q = codes ^ {"q4_0": 8, "q5_0": 16}.get(kind, 0)  # ggml's q - 8 (q - 16) is lowbit's signed code
+    fifth = [_pack_fifth_bits(q)] if kind in ("q5_0", "q5_1") else []
+    return np.concatenate(head + fifth + [_pack_nibbles(q & 0x0F)], axis=1)

@@ -22,23 +22,35 @@ from torch import nn
 from ...core.ggml_blocks import dequantize_rows, get_type, quantize_rows
 from .arch import gguf_name, model_arch, permute_rows, permuted_heads, write_hparams
 from .mixtures import file_type
+from .qtensor import join_blocks
 
 
 def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter as a float tensor; QuantLinear layers give their dequantized weight."""
+    """Every parameter as a float tensor; quantized layers (QuantLinear, QuantEmbedding) give their
+    dequantized weight."""
     from ...nn import QuantLinear
 
-    out = {}
+    out, seen = {}, set()
+    for name, q in quantized_weights(model).items():
+        if id(q) not in seen:  # a tied head shares the table's QTensor: dequantized once, under the table's name
+            seen.add(id(q))
+            out[f"{name}.weight"] = q.dequantize().float()
     for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            out[f"{name}.weight"] = m.qweight.dequantize().float()
-            if m.bias is not None:
-                out[f"{name}.bias"] = m.bias.detach().float()
+        if isinstance(m, QuantLinear) and m.bias is not None:
+            out[f"{name}.bias"] = m.bias.detach().float()
     for key, t in model.state_dict().items():
         if ".qweight." in key or key.endswith((".act_scale", ".act_zero")) or key in out:
             continue
         out[key] = t.detach().float()
     return out
+
+
+def quantized_weights(model: nn.Module) -> dict:
+    """{module name: QTensor} of every quantized layer (QuantLinear, QuantEmbedding): their weights
+    live outside state_dict."""
+    from ...nn import QuantEmbedding, QuantLinear
+
+    return {name: m.qweight for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
 
 
 _COPIED_GENERAL = ("general.name", "general.organization", "general.finetune", "general.basename",
@@ -103,16 +115,22 @@ def tokenizer_source(model: nn.Module, source: str | Path | None) -> Path | None
 
 
 def gguf_tensors(model: nn.Module, recipe: str):
-    """Yield (gguf name, uint8 blocks [rows, bytes], GGML type name, shape) in file order."""
+    """Yield (gguf name, uint8 blocks [rows, bytes], GGML type name, shape) in file order.
+
+    A quantized layer's QTensor that a GGML block type holds exactly (qtensor.join_blocks: q8_0,
+    q4_0, q5_0, q4_1, q5_1) is written as it is, whatever type the recipe gives that tensor; the
+    others are rounded again to the recipe's type, with one warning naming them."""
     config, arch = model_arch(model)
     ft = file_type(recipe)
     state = float_state(model)
+    quantized = {f"{name}.weight": q for name, q in quantized_weights(model).items()}
     solved = getattr(model, "lowbit_gguf_blocks", None) or {}
     tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in state
     if tied:
         state.pop("lm_head.weight", None)
     n_layer = config.num_hidden_layers
     n_gqa = config.num_attention_heads // config.num_key_value_heads
+    rerounded = []
     for key, t in state.items():
         if key.endswith("rotary_emb.inv_freq"):
             continue
@@ -123,14 +141,25 @@ def gguf_tensors(model: nn.Module, recipe: str):
                                has_output=not tied, arch=arch.gguf)
                 if ft.quantizes(name, w.ndim) else "f32")
         data = _solved_blocks(solved[key], kind, t, name) if key in solved else None
-        if data is not None:  # solved on the layer's own rows: permuted like the weight
+        joined = join_blocks(quantized[key]) if data is None and key in quantized else None
+        if joined is not None:
+            kind, data = joined
+        if data is not None:  # solved or joined on the layer's own rows: permuted like the weight
             data = permute_rows(data, n_head) if n_head else data
         else:
+            if key in quantized and kind != "f32":  # f32 holds the dequantized values exactly
+                rerounded.append(name)
             try:
                 data = quantize_rows(w.reshape(-1, w.shape[-1]), kind)
             except ValueError as e:
                 raise ValueError(f"tensor {name!r} ({key}, shape {tuple(w.shape)}): {e}") from e
         yield name, data, kind, tuple(w.shape)
+    if rerounded:
+        warnings.warn(f"GGUF export: {len(rerounded)} quantized tensor(s) have no GGML block type that holds "
+                      f"their scheme exactly ({', '.join(rerounded[:3])}{', ...' if len(rerounded) > 3 else ''}); "
+                      f"their dequantized weights were rounded again to the {recipe} file's types, which loses "
+                      "the codes the quantizer chose (q8_0, q4_0, q5_0 keep int8/int4/int5 groups of 32 with fp16 "
+                      "scales as they are)", stacklevel=3)
 
 
 def _solved_blocks(solved: tuple, kind: str, t: torch.Tensor, name: str):
@@ -151,7 +180,9 @@ def _solved_blocks(solved: tuple, kind: str, t: torch.Tensor, name: str):
 def save_gguf(model: nn.Module, path: str | Path, recipe: str = "f16", *, tokenizer=None,
               source: str | Path | None = None) -> Path:
     """Write `model` to GGUF file `path` with llama.cpp file type `recipe` (f32, f16, bf16, q8_0, q4_0,
-    q4_1, q5_0, q5_1, ...), quantizing each weight by round to nearest; atomically."""
+    q4_1, q5_0, q5_1, ...), quantizing each float weight by round to nearest; atomically. A model
+    quantized by a lowbit recipe keeps the codes of every layer a GGML type holds exactly (see
+    gguf_tensors), its embedding table included."""
     import gguf
 
     path = Path(path)
