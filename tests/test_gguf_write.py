@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.io import builtin_model_path
 from lowbit.io.gguf.mixtures import FILE_TYPES, file_type
 
 

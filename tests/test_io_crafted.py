@@ -4,7 +4,6 @@ fresh start with a warning) within seconds, decided before anything of the asked
 import json
 import struct
 
-import numpy as np
 import pytest
 import torch
 

@@ -1,5 +1,4 @@
 """lowbit.kv_cache: KIVI-style quantized KV cache in transformers' Cache interface."""
-import copy
 
 import pytest
 import torch

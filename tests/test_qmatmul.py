@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import lowbit
 from lowbit.core import QTensor, Scheme
-from lowbit.core.granularity import PerChannel, PerGroup, PerTensor
+from lowbit.core.granularity import PerChannel, PerGroup
 from lowbit.kernels import qmatmul
 from lowbit.nn import QuantLinear
 from lowbit.nn.kernel_plan import plan
