@@ -15,7 +15,9 @@ import torch
 
 import lowbit
 from lowbit.io.gguf.file import parse_gguf
-from lowbit.io.gguf.tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT, QWEN35_SPLIT
+
+# The split regexes transformers' GGUF reader rebuilds for llama.cpp's names (an outside reference)
+from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS as SPLITS
 
 TEXT = ("Hello, world! It's a test; we'll see what they've done.\n"
         "Grüße aus München: Äpfel, Öl und Übermut für 3 Kinder.\n"
@@ -26,6 +28,7 @@ TEXT = ("Hello, world! It's a test; we'll see what they've done.\n"
         "Numbers 1234567, 3.14159 and 2026-05-09.\n"
         "def f(x):\n\tif x:\n\t\treturn x  # two spaces\n\n\n"
         "spaces:     five,    four   and three   \n")
+UNSEEN = "Ελληνικά και 한국어 ✓ ǅ"  # scripts the trained tokenizers never saw: byte fallback, <unk>
 CHAT = "<|im_start|>user\nWie spät ist es? 12:30<|im_end|>\n<|im_start|>assistant\n"
 
 _LLAMA_CPP = """
@@ -97,12 +100,12 @@ def test_smollm2_folder_tokenizes_in_llama_cpp_like_transformers(folder, pre, re
     tj = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     assert len(tj["model"]["merges"]) == 48900
     path = write(folder, tmp_path / "smollm2.gguf", 49152)
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    assert llama_cpp_ids(path, [TEXT, UNSEEN]) == [hf_ids(tok, TEXT), hf_ids(tok, UNSEEN)]
+    assert llama_cpp_ids(path, [CHAT], special=True) == [hf_ids(tok, CHAT)]  # control tokens parsed as such
     meta = parse_gguf(path).meta
     assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == ("gpt2", pre)
     assert len(meta["tokenizer.ggml.merges"]) == 48900
-    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    assert llama_cpp_ids(path, [TEXT]) == [hf_ids(tok, TEXT)]
-    assert llama_cpp_ids(path, [CHAT], special=True) == [hf_ids(tok, CHAT)]  # control tokens parsed as such
 
 
 # --- (b) tokenizers of each kind, trained here ---------------------------------------------------------
@@ -110,7 +113,7 @@ def test_smollm2_folder_tokenizes_in_llama_cpp_like_transformers(folder, pre, re
 def corpus() -> list[str]:
     from conftest import wikitext_excerpt
 
-    return wikitext_excerpt().splitlines()[:3000] + TEXT.splitlines() * 20
+    return wikitext_excerpt().splitlines()[:1000] + TEXT.splitlines() * 20
 
 
 def wrap(tokenizer, **specials):
@@ -158,16 +161,16 @@ def _smollm():
 def _qwen2():
     from tokenizers import normalizers
 
-    return byte_level_bpe(split_then_bytes(QWEN2_SPLIT), normalizer=normalizers.NFC())
+    return byte_level_bpe(split_then_bytes(SPLITS["qwen2"]), normalizer=normalizers.NFC())
 
 
 BYTE_LEVEL = {
     "gpt-2": _gpt2,
     "smollm": _smollm,
-    "llama-bpe": lambda: byte_level_bpe(split_then_bytes(LLAMA3_SPLIT), ignore_merges=True),
-    "dbrx": lambda: byte_level_bpe(split_then_bytes(LLAMA3_SPLIT)),  # Llama 3's split, merges always applied
+    "llama-bpe": lambda: byte_level_bpe(split_then_bytes(SPLITS["llama-bpe"]), ignore_merges=True),
+    "dbrx": lambda: byte_level_bpe(split_then_bytes(SPLITS["dbrx"])),  # Llama 3's split, merges always applied
     "qwen2": _qwen2,
-    "qwen35": lambda: byte_level_bpe(split_then_bytes(QWEN35_SPLIT)),
+    "qwen35": lambda: byte_level_bpe(split_then_bytes(SPLITS["qwen35"])),
 }
 
 
@@ -175,10 +178,10 @@ BYTE_LEVEL = {
 def test_trained_byte_level_bpe_tokenizes_in_llama_cpp_like_transformers(pre, tmp_path):
     tok = BYTE_LEVEL[pre]()
     path = write(tok, tmp_path / f"{pre}.gguf", len(tok))
+    assert llama_cpp_ids(path, [TEXT, UNSEEN]) == [hf_ids(tok, TEXT), hf_ids(tok, UNSEEN)]
+    assert llama_cpp_ids(path, [CHAT], special=True) == [hf_ids(tok, CHAT)]
     meta = parse_gguf(path).meta
     assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == ("gpt2", pre)
-    assert llama_cpp_ids(path, [TEXT]) == [hf_ids(tok, TEXT)]
-    assert llama_cpp_ids(path, [CHAT], special=True) == [hf_ids(tok, CHAT)]
 
 
 def sentencepiece_bpe(style: str):
@@ -229,9 +232,8 @@ SENTENCEPIECE = {"llama2": lambda: sentencepiece_bpe("llama2"), "mistral": lambd
 def test_trained_sentencepiece_tokenizes_in_llama_cpp_like_transformers(style, tmp_path):
     tok = SENTENCEPIECE[style]()
     path = write(tok, tmp_path / f"{style}.gguf", len(tok))
-    meta = parse_gguf(path).meta
-    assert meta["tokenizer.ggml.model"] == ("t5" if style == "unigram" else "llama")
-    assert llama_cpp_ids(path, [TEXT]) == [hf_ids(tok, TEXT)]
+    assert llama_cpp_ids(path, [TEXT, UNSEEN]) == [hf_ids(tok, TEXT), hf_ids(tok, UNSEEN)]
+    assert parse_gguf(path).meta["tokenizer.ggml.model"] == ("t5" if style == "unigram" else "llama")
 
 
 # --- the pre-tokenizer is recognised, or named in the error; the override ----------------------------
@@ -261,3 +263,21 @@ def test_override_is_checked(tmp_path):
     with pytest.raises(ValueError, match="pre_tokenizer='gpt-2'.*format='lowbit'"):
         lowbit.save(tiny_llama(len(tok)), tmp_path / "x", format="lowbit", tokenizer=tok, pre_tokenizer="gpt-2")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("ignore_merges, pre", [(True, "llama-bpe"), (False, "dbrx")])
+def test_ignore_merges_picks_the_name(ignore_merges, pre, tmp_path):
+    """Llama 3's split with and without ignore_merges: "abc" is a token, but merging b+c first leaves
+    a + bc, which no merge joins; only ignore_merges (llama.cpp's llama-bpe) takes the whole word."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet + ["bc", "ab", "abc"])}
+    bpe = Tokenizer(models.BPE(vocab, [("b", "c"), ("a", "b"), ("ab", "c")], ignore_merges=ignore_merges))
+    bpe.pre_tokenizer = split_then_bytes(SPLITS["llama-bpe"])
+    bpe.decoder = decoders.ByteLevel()
+    tok = wrap(bpe)
+    path = write(tok, tmp_path / "m.gguf", len(tok))
+    assert hf_ids(tok, "abc") == ([vocab["abc"]] if ignore_merges else [vocab["a"], vocab["bc"]])
+    assert llama_cpp_ids(path, ["abc"]) == [hf_ids(tok, "abc")]
+    assert parse_gguf(path).meta["tokenizer.ggml.pre"] == pre
