@@ -281,3 +281,24 @@ def test_ignore_merges_picks_the_name(ignore_merges, pre, tmp_path):
     assert hf_ids(tok, "abc") == ([vocab["abc"]] if ignore_merges else [vocab["a"], vocab["bc"]])
     assert llama_cpp_ids(path, ["abc"]) == [hf_ids(tok, "abc")]
     assert parse_gguf(path).meta["tokenizer.ggml.pre"] == pre
+
+
+def test_cli_pre_tokenizer_override(tmp_path, capsys):
+    """`lowbit quantize FOLDER --out x.gguf`: an unknown split is refused by name, --pre-tokenizer writes one."""
+    from lowbit.cli import main
+
+    tok = byte_level_bpe(split_then_bytes(r"\p{L}+|\p{N}+|[^\p{L}\p{N}]+"))
+    folder = tmp_path / "hf"
+    tiny_llama(len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out = tmp_path / "x.gguf"
+    assert main(["quantize", str(folder), "--recipe", "f32", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "pre-tokenizer" in err and "--pre-tokenizer NAME" in err and not out.exists()
+    assert main(["quantize", str(folder), "--recipe", "f32", "--out", str(out), "--pre-tokenizer", "gpt-2"]) == 0
+    assert parse_gguf(out).meta["tokenizer.ggml.pre"] == "gpt-2"
+    assert main(["quantize", str(folder), "--out", str(tmp_path / "q"), "--pre-tokenizer", "gpt-2"]) == 2
+    assert "give an --out ending in .gguf" in capsys.readouterr().err
+    assert main(["quantize", str(folder), "--recipe", "f32", "--out", str(tmp_path / "y.gguf"),
+                 "--pre-tokenizer", "Llama 3"]) == 2
+    assert "--pre-tokenizer='Llama 3'" in capsys.readouterr().err
