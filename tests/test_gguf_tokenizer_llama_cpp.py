@@ -71,8 +71,16 @@ def hf_ids(tok, text: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def smollm2_folder(tmp_path_factory):
-    """SmolLM2's tokenizer loaded from the packaged GGUF (lowbit.load_model) and saved by transformers."""
-    _, tok = lowbit.load_model("smollm2-135m")
+    """SmolLM2's tokenizer loaded from the packaged GGUF as lowbit.load_model loads it (transformers' GGUF
+    reader, then llama.cpp's "smollm" digit split put back), without the model, and saved by transformers."""
+    from transformers import AutoTokenizer
+
+    from lowbit.io import builtin_model_path
+    from lowbit.io.models import _fix_gguf_pre_tokenizer
+
+    path = builtin_model_path("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    _fix_gguf_pre_tokenizer(tok, path)
     folder = tmp_path_factory.mktemp("smollm2")
     tok.save_pretrained(folder)
     return folder
