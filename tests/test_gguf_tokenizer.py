@@ -14,7 +14,8 @@ from llama_cpp_judge import tokenize as llama_cpp_tokenize
 import lowbit
 from lowbit.io import builtin_model_path
 from lowbit.io.gguf.file import parse_gguf
-from lowbit.io.gguf.tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_name, tokenizer_fields
+from lowbit.io.gguf.tokenizer import (LLAMA3_SPLIT, PRE_TOKENIZERS, QWEN2_SPLIT, pre_tokenizer_name,
+                                     tokenizer_fields)
 
 # SmolLM2-135M-Instruct's published tokenizer.json splits digits one by one before GPT-2's byte-level
 # regex; transformers' GGUF reader does not rebuild that (it knows no "smollm") and writes plain ByteLevel.
@@ -76,8 +77,8 @@ def test_pre_tokenizer_names(smollm2_tok_dir):
     tj = json.loads((smollm2_tok_dir / "tokenizer.json").read_text())
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
 
-    def named(pre, tok=None):
-        return pre_tokenizer_name(dict(tj, pre_tokenizer=pre), tok)
+    def named(pre, tok=None, ignore_merges=False):
+        return pre_tokenizer_name(dict(tj, pre_tokenizer=pre, model=dict(tj["model"], ignore_merges=ignore_merges)), tok)
 
     def split(regex):
         return {"type": "Sequence", "pretokenizers": [
@@ -88,18 +89,22 @@ def test_pre_tokenizer_names(smollm2_tok_dir):
                                                      dict(byte_level, use_regex=True)]}) == "smollm"  # lowbit.load_model's spelling
     assert named(SMOLLM2_PRE, type("T", (), {"clean_up_tokenization_spaces": True})) == "starcoder"
     assert named(SMOLLM2_PRE["pretokenizers"][1]) == "gpt-2"
-    assert named(split(LLAMA3_SPLIT)) == "llama-bpe"
+    assert named(split(LLAMA3_SPLIT), ignore_merges=True) == "llama-bpe"
+    assert named(split(LLAMA3_SPLIT)) == "dbrx"  # the same split; llama.cpp's llama-bpe ignores merges
     assert named(split(QWEN2_SPLIT)) == "qwen2"
-    with pytest.warns(UserWarning, match="'default'"):
-        assert named(split(r"\p{L}+")) == "default"
+    with pytest.raises(ValueError, match=r"pre-tokenizer .*Split.*not one lowbit recognises.*pre_tokenizer="):
+        named(split(r"\p{L}+"))
+    with pytest.raises(ValueError, match="ignore_merges True"):
+        named(SMOLLM2_PRE, ignore_merges=True)
 
 
 def test_pre_tokenizer_regexes_are_transformers(smollm2_tok_dir):
-    """Our Llama 3 / Qwen2 regexes are the ones transformers rebuilds for llama.cpp's names."""
+    """Our split regexes are the ones transformers rebuilds for llama.cpp's names."""
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
-    assert GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"] == LLAMA3_SPLIT
-    assert GGUF_PRE_TOKENIZER_SPLITS["qwen2"] == QWEN2_SPLIT
+    for (steps, _), name in PRE_TOKENIZERS.items():
+        if steps[0][0] == "Split":
+            assert GGUF_PRE_TOKENIZER_SPLITS[name] == steps[0][1], name
 
 
 def test_token_types_padding_and_added_tokens(smollm2_tok_dir):
@@ -118,15 +123,24 @@ def test_token_types_padding_and_added_tokens(smollm2_tok_dir):
 
 
 def test_refuses_what_it_cannot_convert(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     wp = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
-    with pytest.raises(ValueError, match="BPE tokenizers only; this one is 'WordPiece'"):
+    with pytest.raises(ValueError, match="found model 'WordPiece'"):
         tokenizer_fields(PreTrainedTokenizerFast(tokenizer_object=wp), 2)
     bpe = Tokenizer(models.BPE({"a": 0, "b": 1, "ab": 2}, [("a", "b")]))
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(ValueError, match=r"found model 'BPE', pre_tokenizer \['Whitespace'\]"):
+        tokenizer_fields(PreTrainedTokenizerFast(tokenizer_object=bpe), 3)
+    # spaces as "▁" but no <0xNN> tokens: llama.cpp's SentencePiece tokenizer would have no byte to fall back to
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    with pytest.raises(ValueError, match="without byte fallback"):
+        tokenizer_fields(PreTrainedTokenizerFast(tokenizer_object=bpe), 3)
+    # byte-level BPE under a normalizer llama.cpp does not apply
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bpe.normalizer = normalizers.Lowercase()
+    with pytest.raises(ValueError, match=r"normalizer \['Lowercase'\]"):
         tokenizer_fields(PreTrainedTokenizerFast(tokenizer_object=bpe), 3)
     with pytest.raises(ValueError, match="tokenizer.json"):
         tokenizer_fields(tmp_path, 3)

@@ -44,6 +44,8 @@ def register(sub) -> dict:
                     "and vLLM; needs an int, fp8 or nvfp4 recipe such as w4g64-sym, w8, fp8, w8a8-dynamic, "
                     "fp8-dynamic, nvfp4); "
                     "an --out ending in .gguf writes GGUF")
+    pq.add_argument("--pre-tokenizer", metavar="NAME", help="a .gguf --out from a Hugging Face folder: llama.cpp's "
+                    "pre-tokenizer name (e.g. llama-bpe) for a byte-level BPE tokenizer lowbit does not recognise")
     add_text_options(pq)
     return {"quantize": cmd_quantize}
 
@@ -66,6 +68,8 @@ def check_args(args):
             raise ValueError(f"--format {args.format}: an --out ending in .gguf writes GGUF; drop --format")
         check_gguf_args(args)
         return None
+    if args.pre_tokenizer is not None:
+        raise ValueError("--pre-tokenizer names llama.cpp's split in a GGUF file; give an --out ending in .gguf")
     if args.format not in FORMATS:
         raise ValueError(f"--format {args.format}: choose {' or '.join(FORMATS)}, or give an --out ending in .gguf "
                          f"for llama.cpp (with a GGUF file type as --recipe: {gguf_file_types()})")

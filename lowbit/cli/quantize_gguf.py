@@ -39,8 +39,11 @@ def gguf_method(recipe: str, method: str) -> str:
 def check_gguf_args(args) -> str:
     """The GGUF path's own arguments (recipe, method, its options, --out), before anything is loaded
     -> the method that will run."""
+    from ..io.gguf.tokenizer import check_pre_tokenizer
+
     method = gguf_method(args.recipe, args.method)
     _gptq_options(args.method_option, method)
+    check_pre_tokenizer(args.pre_tokenizer, option="--pre-tokenizer")
     check_out(args.out, args.force, writes="gguf")
     return method
 
@@ -64,7 +67,7 @@ def cmd_quantize_gguf(args) -> None:
               f" of {args.window} tokens (the end of {args.text or 'the default text'})")
         quantize_gguf(model, args.recipe, calib, method=method, calibration_dtype=args.calibration_dtype, **options)
         print(model.lowbit_calibration.summary())
-    out = save(model, out, format="gguf", recipe=args.recipe, tokenizer=tok,
+    out = save(model, out, format="gguf", recipe=args.recipe, tokenizer=tok, pre_tokenizer=args.pre_tokenizer,
                source=getattr(model, "lowbit_gguf_source", None))  # no GGUF source: tok is converted
     print(f"saved {args.recipe} ({method}) to {out} ({out.stat().st_size / 1e6:.1f} MB)")
 

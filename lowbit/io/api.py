@@ -12,7 +12,7 @@ SAVE_FORMATS = ("lowbit", "gguf", "compressed-tensors", "deep-compression")
 
 
 def save(model: nn.Module, path: str | Path, format: str | None = None, *, tokenizer=None,
-         source: str | None = None, recipe: str | None = None) -> Path:
+         source: str | None = None, recipe: str | None = None, pre_tokenizer: str | None = None) -> Path:
     """Write a model quantized by lowbit.quantize. `source` (e.g. "smollm2-135m") is recorded so
     `lowbit eval` can compare with the full-precision model later.
 
@@ -23,7 +23,9 @@ def save(model: nn.Module, path: str | Path, format: str | None = None, *, token
     lowbit.io.gguf.mixtures), float weights are rounded to nearest in its blocks (a quantized layer
     whose scheme a GGML type holds exactly, int8/int4 groups of 32 with fp16 scales as q8_0/q4_0,
     keeps its codes; the others are rounded again, with a warning), and the tokenizer is
-    copied from the GGUF file given as `source` (or the one the model was loaded from).
+    copied from the GGUF file given as `source` (or the one the model was loaded from), else converted
+    from `tokenizer`; `pre_tokenizer` names llama.cpp's split for a byte-level BPE tokenizer lowbit does
+    not recognise (e.g. "llama-bpe"; see docs/gguf.md).
         lowbit.save(model, "smollm2-q8_0.gguf", recipe="q8_0", source="smollm2-135m")
     """
     if format is None:
@@ -31,6 +33,9 @@ def save(model: nn.Module, path: str | Path, format: str | None = None, *, token
     if format not in SAVE_FORMATS:
         raise ValueError(f"format={format!r}: this lowbit writes {', '.join(SAVE_FORMATS)} "
                          "(give format=None to choose by the path's suffix)")
+    if pre_tokenizer is not None and format != "gguf":
+        raise ValueError(f"save(pre_tokenizer={pre_tokenizer!r}) names llama.cpp's split for a GGUF file's "
+                         f"tokenizer; format={format!r} keeps the tokenizer as transformers saves it: drop it")
     if format == "deep-compression":
         if recipe is not None or tokenizer is not None:
             raise ValueError("save(format='deep-compression') writes the model alone: drop recipe= and tokenizer=")
@@ -43,10 +48,12 @@ def save(model: nn.Module, path: str | Path, format: str | None = None, *, token
 
         return save_compressed_tensors(model, path, tokenizer=tokenizer)
     if format == "gguf":
+        from .gguf.tokenizer import check_pre_tokenizer
         from .gguf.write import save_gguf
 
+        check_pre_tokenizer(pre_tokenizer)
         recipe = recipe or getattr(model, "lowbit_gguf_recipe", None) or "f16"  # quantize_gguf's file type
-        return save_gguf(model, path, recipe, tokenizer=tokenizer, source=source)
+        return save_gguf(model, path, recipe, tokenizer=tokenizer, source=source, pre_tokenizer=pre_tokenizer)
     if recipe is not None:
         raise ValueError("save(recipe=...) chooses GGUF tensor types; a lowbit checkpoint keeps the recipe "
                          "the model was quantized with (lowbit.quantize)")

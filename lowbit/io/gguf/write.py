@@ -58,17 +58,20 @@ _COPIED_GENERAL = ("general.name", "general.organization", "general.finetune", "
 
 
 def tokenizer_metadata(model: nn.Module, tokenizer, source: str | Path | None,
-                       vocab_size: int) -> dict[str, tuple]:
+                       vocab_size: int, pre_tokenizer: str | None = None) -> dict[str, tuple]:
     """{key: (value, value type, array item type)} for the tokenizer.* keys: copied (with the descriptive
     general.* keys) from a GGUF source when there is one, else converted from `tokenizer`."""
     src = tokenizer_source(model, source)
+    if src is not None and pre_tokenizer is not None:
+        raise ValueError(f"pre_tokenizer={pre_tokenizer!r} names the split of a converted tokenizer; the tokenizer "
+                         f"is copied from {src} as it is: drop pre_tokenizer=, or pass tokenizer= without a source")
     if src is not None:
         fields = _source_fields(str(src), src.stat().st_mtime_ns)
         what = f"tokenizer source {src}"
     elif tokenizer is not None:
         from .tokenizer import tokenizer_fields
 
-        fields = tokenizer_fields(tokenizer, vocab_size)
+        fields = tokenizer_fields(tokenizer, vocab_size, pre_tokenizer)
         what = "the tokenizer"
     else:
         raise ValueError("GGUF export needs a tokenizer: pass tokenizer=<the transformers tokenizer> (converted), "
@@ -178,17 +181,18 @@ def _solved_blocks(solved: tuple, kind: str, t: torch.Tensor, name: str):
 
 
 def save_gguf(model: nn.Module, path: str | Path, recipe: str = "f16", *, tokenizer=None,
-              source: str | Path | None = None) -> Path:
+              source: str | Path | None = None, pre_tokenizer: str | None = None) -> Path:
     """Write `model` to GGUF file `path` with llama.cpp file type `recipe` (f32, f16, bf16, q8_0, q4_0,
     q4_1, q5_0, q5_1, ...), quantizing each float weight by round to nearest; atomically. A model
     quantized by a lowbit recipe keeps the codes of every layer a GGML type holds exactly (see
-    gguf_tensors), its embedding table included."""
+    gguf_tensors), its embedding table included. `pre_tokenizer`: the llama.cpp pre-tokenizer name for a
+    converted byte-level BPE tokenizer (gguf.tokenizer.tokenizer_fields)."""
     import gguf
 
     path = Path(path)
     config, arch = model_arch(model)
     ft = file_type(recipe)
-    tok_fields = tokenizer_metadata(model, tokenizer, source, config.vocab_size)
+    tok_fields = tokenizer_metadata(model, tokenizer, source, config.vocab_size, pre_tokenizer)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
