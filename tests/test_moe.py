@@ -139,3 +139,30 @@ def test_compressed_tensors_export_of_experts_loads_in_transformers(tmp_path, re
     # float32 summation order only (measured 2.3e-5 for w4g64-sym): a swapped gate/up or expert
     # order moves logits by the quantization's own size, ~1e-1 here
     assert ((got - want).norm() / want.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_streamed_checkpoint_quantizes_every_expert_as_in_memory(tmp_path, model_type, method):
+    """A Hugging Face folder as transformers 5 saves it (per-expert names; Mixtral's legacy
+    block_sparse_moe.experts.{e}.w1/w2/w3) streamed a block at a time: the same QTensors as
+    lowbit.quantize in memory, and lowbit.load gives the same logits."""
+    from lowbit.io.streaming import quantize_checkpoint
+
+    model = tiny(model_type)
+    model.save_pretrained(tmp_path / "src", max_shard_size="200KB")
+    g = torch.Generator().manual_seed(3)
+    calib = [torch.randint(0, 256, (1, 32), generator=g) for _ in range(4)] if method == "gptq" else None
+    kw = dict(calibration=calib, calibration_dtype="fp32") if calib else {}
+    out = quantize_checkpoint(tmp_path / "src", lowbit.pipeline.get_recipe("w4g32", method), tmp_path / "out",
+                              progress=False, **kw)
+    lowbit.quantize(model, "w4g32", method=method, progress=False, batch_size=8, **kw)
+    back = lowbit.load(out)
+    mine = {n: m.qweight for n, m in back.named_modules() if isinstance(m, QuantLinear)}
+    want = {n: m.qweight for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert sorted(mine) == sorted(want) and any(".experts.7.down_proj" in n for n in mine)
+    for n in want:
+        torch.testing.assert_close(mine[n].dequantize(), want[n].dequantize(), rtol=0, atol=0, msg=n)
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits)

@@ -3,12 +3,12 @@ from the source shards, quantizing it with pipeline.quantize, and freeing it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .rows import StoredTensor
+from .source import SourceTensors
 
 
 @dataclass
@@ -50,7 +50,7 @@ def under(name: str, prefixes) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def materialize(model: nn.Module, part: Part, where: dict[str, Path], quantized: set[str] = frozenset(),
+def materialize(model: nn.Module, part: Part, where: SourceTensors, quantized: set[str] = frozenset(),
                  defer_bytes: int | None = None) -> "dict[str, StoredTensor]":
     """Load the part's tensors still on the meta device from the source shards (float32, as
     lowbit.load_model reads). The weights of `quantized` modules over `defer_bytes` in float32
@@ -67,14 +67,14 @@ def materialize(model: nn.Module, part: Part, where: dict[str, Path], quantized:
             module = k.rpartition(".")[0]
             if (k.endswith(".weight") and module in quantized and k in where and state[k].dim() == 2
                     and state[k].numel() * 4 > defer_bytes):
-                deferred[module] = stored_tensors(where[k])[k]
+                deferred[module] = stored_tensors(where[k])[where.stored_name(k)]
                 tensors[k] = torch.empty(state[k].shape, dtype=torch.float32, device="meta")
     for shard in sorted({where[k] for k in keys if k in where and k not in tensors}):
         try:
             with safe_open(str(shard), framework="pt") as f:
                 for k in keys:
                     if where.get(k) == shard and k not in tensors:
-                        t = f.get_tensor(k)
+                        t = f.get_tensor(where.stored_name(k))
                         tensors[k] = t.float() if t.is_floating_point() else t
         except Exception as e:  # safetensors' own error kinds, OSError: the file changed under the run
             raise ValueError(f"{shard} is unreadable or truncated (reading part {part.name}): {e}") from e

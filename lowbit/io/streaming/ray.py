@@ -79,7 +79,8 @@ def quantize_parts(model: nn.Module, recipe, all_parts: list, where: dict[str, P
             if key in where:
                 if where[key] not in headers:
                     headers[where[key]] = stored_tensors(where[key])
-                futures[name] = pool.submit(quantize_stored, headers[where[key]][key], solver, scheme, options,
+                stored = headers[where[key]][where.stored_name(key)]
+                futures[name] = pool.submit(quantize_stored, stored, solver, scheme, options,
                                             block_bytes)
         return futures
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import parts
 from .journal import Output, digest, finish, open_journal
 from .parts import model_parts, quantized_modules, row_solver
-from .source import skeleton, source_tensors
+from .source import expert_renames, renamed, skeleton, source_tensors
 
 
 def quantize_checkpoint(src: str | Path, recipe, out: str | Path, *, calibration=None,
@@ -53,6 +53,7 @@ def quantize_checkpoint(src: str | Path, recipe, out: str | Path, *, calibration
     """
     from ...methods import method_needs
     from ...pipeline import get_recipe
+    from ...pipeline.experts import unfuse_experts
 
     src, out = Path(src), Path(out)
     recipe = get_recipe(recipe)
@@ -65,6 +66,8 @@ def quantize_checkpoint(src: str | Path, recipe, out: str | Path, *, calibration
                          "(or pick a data-free method: rtn, mse, hqq)")
     where = source_tensors(src)
     model = skeleton(src)
+    if unfuse_experts(model):  # experts as Linear layers (nn.RoutedExperts), read under the checkpoint's names
+        where = renamed(where, expert_renames(model.config.model_type))
     todo = model_parts(model)
     partial = out.parent / f".{out.name}.partial"
     batches = calibration_batches(calibration) if calibrated else None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 from torch import nn
@@ -15,7 +16,48 @@ def streams(src: str | Path) -> bool:
         (src / "model.safetensors.index.json").is_file() or (src / "model.safetensors").is_file())
 
 
-def source_tensors(src: Path) -> dict[str, Path]:
+class SourceTensors(dict):
+    """{the model's tensor name: the shard holding it}; `stored` names a tensor the file names
+    otherwise (a mixture-of-experts checkpoint's per-expert names, when lowbit's experts are
+    named for another convention)."""
+
+    def __init__(self, where: dict, stored: dict | None = None):
+        super().__init__(where)
+        self.stored = stored or {}
+
+    def stored_name(self, key: str) -> str:
+        return self.stored.get(key, key)
+
+
+def expert_renames(model_type: str) -> list[tuple[re.Pattern, str]]:
+    """(pattern, replacement) taking a checkpoint's per-expert tensor names to nn.RoutedExperts'
+    (`experts.{e}.gate_proj/up_proj/down_proj`), read from transformers' own conversion table for
+    the model type (which fuses them into its 3-D experts): Mixtral's `block_sparse_moe.experts.{e}.w1`
+    is `mlp.experts.{e}.gate_proj`."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # transformers 4.x: experts are Linear layers under the checkpoint's names
+        return []
+    out = []
+    for rule in get_checkpoint_conversion_mapping(model_type) or []:
+        sources, targets = list(rule.source_patterns), list(rule.target_patterns)
+        if type(rule).__name__ == "WeightRenaming":
+            out += [(re.compile(re.escape(a)), b) for a, b in zip(sources, targets)]
+            continue
+        if len(targets) != 1:
+            continue
+        into = {"experts.gate_up_proj": ("gate_proj", "up_proj"), "experts.down_proj": ("down_proj",)}
+        names = next((v for k, v in into.items() if targets[0].endswith(k)), None)
+        if names is None or len(names) != len(sources):
+            continue
+        for pattern, name in zip(sources, names):  # ".experts.*.w1.weight" -> ".experts.{e}.gate_proj.weight"
+            before, _, after = pattern.partition("*")
+            out.append((re.compile(re.escape(before) + r"(\d+)" + re.escape(after) + "$"),
+                        before.replace("\\", "\\\\") + r"\1." + name + ".weight"))
+    return out
+
+
+def source_tensors(src: Path) -> SourceTensors:
     """tensor name -> the shard holding it, checked: the index's shards exist and hold what it says."""
     from safetensors import safe_open
 
@@ -46,7 +88,20 @@ def source_tensors(src: Path) -> dict[str, Path]:
         if wrong:
             raise ValueError(f"{index} does not match its shards: tensor {wrong[0]!r} is not in "
                              f"{where[wrong[0]].name} ({len(wrong)} such tensors)")
-    return found
+    return SourceTensors(found)
+
+
+def renamed(where: SourceTensors, rules: list[tuple[re.Pattern, str]]) -> SourceTensors:
+    """`where` under the model's names (expert_renames), remembering what each is called on disk."""
+    out, stored = {}, {}
+    for key, shard in where.items():
+        name = key
+        for pattern, replacement in rules:
+            name = pattern.sub(replacement, name)
+        out[name] = shard
+        if name != key:
+            stored[name] = key
+    return SourceTensors(out, stored)
 
 
 def skeleton(src: Path) -> nn.Module:
