@@ -197,3 +197,29 @@ def test_docs_hold_the_current_support_table():
 
     docs = (Path(__file__).parent.parent / "docs" / "gguf.md").read_text()
     assert support_table() in docs, "docs/gguf.md: paste lowbit.io.gguf.arch.support_table()'s output"
+
+
+def test_quantized_moe_keeps_every_experts_codes(tokenizer, tmp_path):
+    """lowbit.quantize unfuses the experts and quantizes each; int4 groups of 32 with fp16 scales are
+    Q4_0 as they are, so every stacked ffn_*_exps tensor holds exactly the experts' codes."""
+    import gguf
+
+    from lowbit.core import Scheme
+    from lowbit.core.granularity import PerGroup
+    from lowbit.nn import QuantLinear
+    from lowbit.pipeline.recipe import EMBEDDINGS_8BIT, Recipe
+
+    model = tiny_model("qwen3_moe", initializer_range=Q4_INIT)
+    lowbit.quantize(model, Recipe(Scheme("int4", PerGroup(32), scale_format="fp16"), embeddings=EMBEDDINGS_8BIT,
+                                  output=EMBEDDINGS_8BIT), progress=False)
+    experts = model.model.layers[1].mlp.experts
+    assert all(isinstance(e.up_proj, QuantLinear) for e in experts)
+    path = lowbit.save(model, tmp_path / "moe.gguf", tokenizer=tokenizer)
+    t = {x.name: x for x in gguf.GGUFReader(path).tensors}["blk.1.ffn_up_exps.weight"]
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0 and tuple(t.data.shape[:2]) == (4, 256)
+    values = gguf.quants.dequantize(t.data, t.tensor_type)
+    for e, expert in enumerate(experts):
+        assert np.array_equal(values[e], expert.up_proj.qweight.dequantize().float().numpy())
+    ids = _ids()
+    err = position_errors(logits(path, ids[0]), _logits(model, ids))
+    assert np.median(err) < Q4_K_M_MEDIAN and err.max() < Q4_K_M_MAX, (np.median(err), err.max())
