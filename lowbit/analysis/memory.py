@@ -172,12 +172,12 @@ def gguf_row(shapes: ModelShapes, spec: str, kv_cache_bytes: int = 0) -> MemoryR
     as llama.cpp's quantizer picks it (io.gguf.mixtures), blocks sized by core.ggml_blocks, as
     lowbit.save(format="gguf") writes them (tensor data only: the header and tokenizer are not counted)."""
     from ..core.ggml_blocks import get_type
-    from ..io.gguf.arch import gguf_name, model_arch
+    from ..io.gguf.arch import gguf_name, model_arch, n_expert
     from ..io.gguf.mixtures import file_type
 
     model = shapes.model
     try:
-        config, _ = model_arch(model)
+        config, arch = model_arch(model)
     except ValueError as e:
         raise ValueError(f"recipe {spec!r} is a GGUF file type: {e}") from None
     ft = file_type(spec)
@@ -188,9 +188,10 @@ def gguf_row(shapes: ModelShapes, spec: str, kv_cache_bytes: int = 0) -> MemoryR
     n_layer, n_gqa = config.num_hidden_layers, config.num_attention_heads // config.num_key_value_heads
     quantized = embedding = other = layer_weights = 0
     for key, t in state.items():
-        name, layer = gguf_name(key)
+        name, layer = gguf_name(key, arch)
         shape = tuple(t.shape)
-        kind = (ft.tensor_type(name, ne0=shape[-1], layer=layer, n_layer=n_layer, n_gqa=n_gqa, has_output=not tied)
+        kind = (ft.tensor_type(name, ne0=shape[-1], layer=layer, n_layer=n_layer, n_gqa=n_gqa, has_output=not tied,
+                               arch=arch.gguf, n_expert=n_expert(config))
                 if ft.quantizes(name, len(shape)) else "f32")
         g = get_type(kind)
         n = math.prod(shape) // g.block_size * g.type_size

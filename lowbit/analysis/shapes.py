@@ -144,12 +144,12 @@ def _from_hf_dir(path: Path) -> ModelShapes:
 
 def _from_gguf(path: Path) -> ModelShapes:
     from ..io.gguf.file import parse_gguf
-    from ..io.gguf.read import _config
+    from ..io.gguf.read import _build, _config
 
     f = parse_gguf(path)
-    cls, config, _ = _config(f)
+    config, _ = _config(f)
     with META:
-        model = cls(config)
+        model = _build(config)
     params = sum(math.prod(t.shape) for t in f.tensors.values())
     return ModelShapes(model, torch.float32, f"{path.name}: GGUF metadata (held in fp32, as lowbit loads it)",
                        checkpoint_params=params, saved=gguf_saved(f), **_kv_shape(config, True))

@@ -12,7 +12,7 @@ from torch import nn
 from ...pipeline.gguf_calibrated import solve_ggml
 from ...pipeline.walk import is_linear
 from .mixtures import file_type
-from .arch import gguf_name, model_arch
+from .arch import gguf_name, model_arch, n_expert
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 
@@ -27,9 +27,9 @@ def tensor_types(model: nn.Module, recipe: str) -> dict[str, str]:
     for name, m in model.named_modules():
         if not is_linear(m) or name == "lm_head":
             continue
-        gname, layer = gguf_name(f"{name}.weight")
+        gname, layer = gguf_name(f"{name}.weight", arch)
         t = ft.tensor_type(gname, ne0=m.in_features, layer=layer, n_layer=config.num_hidden_layers, n_gqa=n_gqa,
-                           has_output=not tied, arch=arch.gguf)
+                           has_output=not tied, arch=arch.gguf, n_expert=n_expert(config))
         if t not in FLOAT_TYPES:
             out[name] = t
     return out

@@ -18,7 +18,8 @@ import torch
 from ...core.ggml_blocks import type_by_id
 from ...nn.linear import QuantLinear
 from .. import checks
-from .arch import ARCHS, gguf_name, permuted_heads, unpermute_rows
+from .arch import (ARCHS, LLAMA3_KEY, Arch, config_kwargs, n_expert, permuted_heads, tensor_groups,
+                   unpermute_rows, value_offset)
 from .file import GGUFFile, TensorInfo, parse_gguf, tensor_bytes, tensor_nbytes, type_sizes
 from .qtensor import SCHEMES, split_blocks, to_qtensor
 
@@ -69,51 +70,70 @@ def _tensor(w: np.ndarray) -> torch.Tensor:
 
 
 def _config(f: GGUFFile):
-    """(model class, config, Arch) from the metadata; every size checked to be a positive integer and
-    the block count to match the tensor table, before a model of that size is built."""
+    """(config, Arch) from the metadata through arch.config_kwargs; every size checked to be a positive
+    integer and the block count to match the tensor table, before a model of that size is built."""
     import transformers as tf
 
-
     a = f.meta.get("general.architecture")
-    model_type = next((k for k, v in ARCHS.items() if v.gguf == a), None)
-    if model_type is None:
-        raise ValueError(f"{f.path}: architecture {str(a)[:40]!r} is not one lowbit builds a model for "
-                         f"({', '.join(sorted({v.gguf for v in ARCHS.values()}))}); read_gguf_tensors reads its tensors")
+    arch = _arch_of(f, a)
 
-    def get(key, default=None, kind=int):
-        if f"{a}.{key}" not in f.meta and default is None:
+    def get(key, kind=int, optional=False):
+        if f"{a}.{key}" not in f.meta:
+            if optional:
+                return None
             raise ValueError(f"{f.path}: metadata {a}.{key} is missing")
-        v = f.meta.get(f"{a}.{key}", default)
+        v = f.meta[f"{a}.{key}"]
         ok = isinstance(v, int) and v > 0 if kind is int else isinstance(v, (int, float)) and v >= 0
         if isinstance(v, bool) or not ok:
             raise ValueError(f"{f.path}: metadata {a}.{key} is {v!r:.40}; it must be a "
                              f"{'positive integer' if kind is int else 'non-negative number'}")
         return v
 
-    n_head = get("attention.head_count")
-    vocab = get("vocab_size", len(f.meta.get("tokenizer.ggml.tokens", [])) or None)
-    kw = dict(vocab_size=vocab, hidden_size=get("embedding_length"), intermediate_size=get("feed_forward_length"),
-              num_hidden_layers=_block_count(f, get("block_count")), num_attention_heads=n_head,
-              num_key_value_heads=get("attention.head_count_kv", n_head),
-              max_position_embeddings=get("context_length"),
-              rms_norm_eps=get("attention.layer_norm_rms_epsilon", kind=float),
-              rope_theta=get("rope.freq_base", 10000.0, kind=float), tie_word_embeddings="output.weight" not in f.tensors,
+    if f"{a}.vocab_size" not in f.meta and f.meta.get("tokenizer.ggml.tokens"):
+        f.meta[f"{a}.vocab_size"] = len(f.meta["tokenizer.ggml.tokens"])  # llama.cpp's converters may leave it out
+    try:
+        kw = config_kwargs(f.meta, arch, get)
+    except ValueError as e:
+        raise ValueError(f"{f.path}: {e}") from e
+    _block_count(f, kw["num_hidden_layers"])
+    if kw["head_dim"] % 2:  # rotary pairs; q/k rows are un-permuted by pairs
+        raise ValueError(f"{f.path}: metadata {a}.attention.key_length is {kw['head_dim']}; rotary heads "
+                         "need an even size")
+    if "rope_freqs.weight" in f.tensors and "llama3" not in str(kw["rope_parameters"]):
+        raise ValueError(f"{f.path}: rope_freqs.weight without lowbit's record of the llama3 rope parameters "
+                         f"({LLAMA3_KEY}); lowbit reads the files it writes")
+    kw.update(tie_word_embeddings="output.weight" not in f.tensors,
               bos_token_id=f.meta.get("tokenizer.ggml.bos_token_id"),
               eos_token_id=f.meta.get("tokenizer.ggml.eos_token_id"),
               pad_token_id=f.meta.get("tokenizer.ggml.padding_token_id"))
-    if model_type == "llama":
-        kw["head_dim"] = get("attention.key_length", kw["hidden_size"] // n_head or None)
-        if kw["head_dim"] % 2:  # rotary pairs; q/k rows are un-permuted by pairs
-            raise ValueError(f"{f.path}: metadata {a}.attention.key_length is {kw['head_dim']}; rotary heads "
-                             "need an even size")
-        cls, config_cls = tf.LlamaForCausalLM, tf.LlamaConfig
-    else:
-        cls, config_cls = tf.Qwen2ForCausalLM, tf.Qwen2Config
     try:
-        config = config_cls(**kw)
+        config = tf.AutoConfig.for_model(arch.model_type, **kw)
     except Exception as e:  # transformers validates config fields with several exception kinds
-        raise ValueError(f"{f.path}: the metadata is not a valid {model_type} config: {e}") from e
-    return cls, config, ARCHS[model_type]
+        raise ValueError(f"{f.path}: the metadata is not a valid {arch.model_type} config: {e}") from e
+    return config, arch
+
+
+def _arch_of(f: GGUFFile, a) -> Arch:
+    """The Arch for GGUF architecture `a`: of those sharing the name (llama, mistral, mixtral), the one
+    with the most hyper-parameters, all present (a file with expert counts is a mixtral)."""
+    fits = [x for x in ARCHS.values() if x.gguf == a
+            and all(f"{a}.{k.key}" in f.meta for k in x.fields if not k.optional)]
+    if not fits:
+        raise ValueError(f"{f.path}: architecture {str(a)[:40]!r} is not one lowbit builds a model for "
+                         f"({', '.join(sorted({v.gguf for v in ARCHS.values()}))}); read_gguf_tensors reads its tensors")
+    return max(fits, key=lambda x: len(x.fields))
+
+
+def _build(config):
+    """The transformers model for `config`, its fused experts as nn.RoutedExperts (one Linear per expert,
+    as the writer names them)."""
+    import transformers as tf
+
+    from ...pipeline.experts import unfuse_experts
+
+    model = tf.AutoModelForCausalLM.from_config(config)
+    unfuse_experts(model)
+    return model
 
 
 def _block_count(f: GGUFFile, n: int) -> int:
@@ -125,21 +145,26 @@ def _block_count(f: GGUFFile, n: int) -> int:
     return n
 
 
-def _plan(f: GGUFFile, cls, config, arch) -> dict[str, str]:
-    """GGUF tensor name -> the model's parameter name, once the tensor table matches the model the
-    config describes (built on the meta device: no memory) name for name and shape for shape, and
-    every tensor lies inside the file. After this the model's size is the file's, dequantized."""
+def _plan(f: GGUFFile, config, arch) -> dict[str, list[str]]:
+    """GGUF tensor name -> the model's parameter names it holds (one, or a block's experts in order),
+    once the tensor table matches the model the config describes (built on the meta device: no
+    memory) name for name and shape for shape, and every tensor lies inside the file. After this
+    the model's size is the file's, dequantized."""
 
-    model = checks.on_meta(lambda: cls(config), f.path, f"the metadata cannot build a {cls.__name__}")
-    by_gguf = {gguf_name(k)[0]: k for k in model.state_dict() if not k.endswith("rotary_emb.inv_freq")}
+    model = checks.on_meta(lambda: _build(config), f.path, f"the metadata cannot build a {arch.model_type} model")
+    state = model.state_dict()
     if config.tie_word_embeddings:
-        by_gguf.pop("output.weight", None)
+        state.pop("lm_head.weight", None)
+    by_gguf = {name: keys for name, (_, keys) in tensor_groups(state, arch, n_expert(config)).items()}
     plan = {}
     for name, info in f.tensors.items():
+        if name == "rope_freqs.weight":  # llama3 rope: the config holds its parameters (arch.LLAMA3_KEY)
+            continue
         if name not in by_gguf:
             raise ValueError(f"{f.path}: tensor {name!r} does not belong to a {arch.gguf} model")
-        key = plan[name] = by_gguf.pop(name)
-        expected = tuple(model.get_parameter(key).shape)
+        keys = plan[name] = by_gguf.pop(name)
+        expected = tuple(state[keys[0]].shape)
+        expected = (len(keys), *expected) if len(keys) > 1 else expected
         if info.shape != expected:
             raise ValueError(f"{f.path}: tensor {name!r} has shape {info.shape}, the config says {expected}")
         tensor_nbytes(f, info, *_block_of(f, info))
@@ -149,8 +174,9 @@ def _plan(f: GGUFFile, cls, config, arch) -> dict[str, str]:
 
 
 def load_gguf(path: str | Path, keep_quantized: bool = False):
-    """A transformers model (eval mode, float32, dequantized) from a GGUF file of a Llama-family model;
-    lowbit.load_model(path) also builds its tokenizer (through transformers, slower).
+    """A transformers model (eval mode, float32, dequantized) from a GGUF file of an architecture in
+    gguf/arch.py (its config rebuilt from the metadata by arch.config_kwargs; MoE experts as
+    nn.RoutedExperts); lowbit.load_model(path) also builds its tokenizer (through transformers, slower).
 
     keep_quantized: every Linear weight stored as q4_0, q8_0 or q4_k becomes a QuantLinear holding the
     file's codes and scales as a QTensor (int4 or int8 with fp16 scales, dequantizing bit for bit to
@@ -163,18 +189,23 @@ def load_gguf(path: str | Path, keep_quantized: bool = False):
     a few bytes asking for a model of gigabytes are a ValueError, not an allocation."""
 
     f = parse_gguf(path)
-    cls, config, arch = _config(f)
-    plan = _plan(f, cls, config, arch)
+    config, arch = _config(f)
+    plan = _plan(f, config, arch)
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4.x
         from transformers.modeling_utils import no_init_weights
     with no_init_weights():
-        model = cls(config)
+        model = _build(config)
     state, kept = {}, {}
-    for name, key in plan.items():
+    for name, keys in plan.items():
         info = f.tensors[name]
         n_head = permuted_heads(name, arch, config)
+        if len(keys) > 1:  # a block's experts, stacked [E, out, in]: loaded as float
+            for key, w in zip(keys, _dequantize(f, info)):
+                state[key] = _tensor(w)
+            continue
+        key = keys[0]
         t = _kept_type(model, key, info) if keep_quantized else None
         split = split_blocks(tensor_bytes(f, info, t.block_size, t.type_size), t.name, info.shape) if t else None
         if split is not None:
@@ -183,7 +214,7 @@ def load_gguf(path: str | Path, keep_quantized: bool = False):
             codes, scales, zeros = split
             kept[key.removesuffix(".weight")] = to_qtensor(codes, scales, t.name, zeros)
             continue
-        w = _dequantize(f, info)
+        w = _dequantize(f, info) - value_offset(key, arch)
         state[key] = _tensor(unpermute_rows(w, n_head) if n_head else w)
     model.load_state_dict(state, strict=False, assign=True)
     for name, q in kept.items():  # after the state: QuantLinear copies the layer's (loaded) bias

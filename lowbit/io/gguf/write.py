@@ -1,4 +1,5 @@
-"""Write a transformers decoder (Llama family: SmolLM2, Llama, Qwen2) as a GGUF file for llama.cpp.
+"""Write a transformers decoder (every architecture in gguf/arch.py: Llama, Qwen, Gemma, Phi-3, OLMo 2,
+Granite, SmolLM3 and the MoE models Mixtral, Qwen2-MoE, Qwen3-MoE) as a GGUF file for llama.cpp.
 
     save_gguf(model, "model.gguf", "q4_k_m", tokenizer=tok, source="smollm2-135m")
 
@@ -16,19 +17,23 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from ...core.ggml_blocks import dequantize_rows, get_type, quantize_rows
-from .arch import gguf_name, model_arch, permute_rows, permuted_heads, write_hparams
+from .arch import (hparams, model_arch, n_expert, permute_rows, permuted_heads, rope_freqs, tensor_groups,
+                   value_offset)
 from .mixtures import file_type
 from .qtensor import join_blocks
 
 
 def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter as a float tensor; quantized layers (QuantLinear, QuantEmbedding) give their
-    dequantized weight."""
+    dequantized weight; fused experts (gate_up_proj [E, 2f, h], down_proj [E, h, f]) give each
+    expert's gate_proj, up_proj, down_proj as `...experts.{e}.gate_proj.weight`."""
     from ...nn import QuantLinear
+    from ...pipeline.experts import is_fused_experts
 
     out, seen = {}, set()
     for name, q in quantized_weights(model).items():
@@ -42,6 +47,13 @@ def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if ".qweight." in key or key.endswith((".act_scale", ".act_zero")) or key in out:
             continue
         out[key] = t.detach().float()
+    for name, m in model.named_modules():
+        if is_fused_experts(m):  # transformers 5's fused experts, as the per-expert weights RoutedExperts holds
+            gate_up, down = out.pop(f"{name}.gate_up_proj"), out.pop(f"{name}.down_proj")
+            f = gate_up.shape[1] // 2
+            for e in range(gate_up.shape[0]):
+                out[f"{name}.{e}.gate_proj.weight"], out[f"{name}.{e}.up_proj.weight"] = gate_up[e, :f], gate_up[e, f:]
+                out[f"{name}.{e}.down_proj.weight"] = down[e]
     return out
 
 
@@ -120,9 +132,11 @@ def tokenizer_source(model: nn.Module, source: str | Path | None) -> Path | None
 def gguf_tensors(model: nn.Module, recipe: str):
     """Yield (gguf name, uint8 blocks [rows, bytes], GGML type name, shape) in file order.
 
-    A quantized layer's QTensor that a GGML block type holds exactly (qtensor.join_blocks: q8_0,
-    q4_0, q5_0, q4_1, q5_1) is written as it is, whatever type the recipe gives that tensor; the
-    others are rounded again to the recipe's type, with one warning naming them."""
+    A block's experts are stacked into one [E, out, in] tensor (ffn_*_exps). A quantized layer's
+    QTensor that a GGML block type holds exactly (qtensor.join_blocks: q8_0, q4_0, q5_0, q4_1, q5_1)
+    is written as it is, whatever type the recipe gives that tensor (for stacked experts: when every
+    expert's blocks have one type); the others are rounded again to the recipe's type, with one
+    warning naming them."""
     config, arch = model_arch(model)
     ft = file_type(recipe)
     state = float_state(model)
@@ -131,31 +145,31 @@ def gguf_tensors(model: nn.Module, recipe: str):
     tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in state
     if tied:
         state.pop("lm_head.weight", None)
-    n_layer = config.num_hidden_layers
+    n_layer, n_exp = config.num_hidden_layers, n_expert(config)
     n_gqa = config.num_attention_heads // config.num_key_value_heads
+    freqs = rope_freqs(config)
+    if freqs is not None:  # llama.cpp's converter writes it first
+        yield "rope_freqs.weight", quantize_rows(freqs[None], "f32"), "f32", tuple(freqs.shape)
     rerounded = []
-    for key, t in state.items():
-        if key.endswith("rotary_emb.inv_freq"):
-            continue
-        name, layer = gguf_name(key)
+    for name, (layer, keys) in tensor_groups(state, arch, n_exp).items():
+        t = torch.stack([state[k] for k in keys]) if len(keys) > 1 else state[keys[0]]
         n_head = permuted_heads(name, arch, config)
-        w = permute_rows(t.numpy(), n_head) if n_head else t.numpy()
+        w = t.numpy() + value_offset(keys[0], arch)
+        w = permute_rows(w, n_head) if n_head else w
         kind = (ft.tensor_type(name, ne0=w.shape[-1], layer=layer, n_layer=n_layer, n_gqa=n_gqa,
-                               has_output=not tied, arch=arch.gguf)
+                               has_output=not tied, arch=arch.gguf, n_expert=n_exp)
                 if ft.quantizes(name, w.ndim) else "f32")
-        data = _solved_blocks(solved[key], kind, t, name) if key in solved else None
-        joined = join_blocks(quantized[key]) if data is None and key in quantized else None
-        if joined is not None:
-            kind, data = joined
-        if data is not None:  # solved or joined on the layer's own rows: permuted like the weight
-            data = permute_rows(data, n_head) if n_head else data
+        kept = [_kept_blocks(k, kind, state[k], name, solved, quantized) for k in keys]
+        if all(b is not None for b in kept) and len({b[0] for b in kept}) == 1:
+            kind, data = kept[0][0], np.concatenate([b[1] for b in kept])
+            data = permute_rows(data, n_head) if n_head else data  # the layer's own rows: permuted like the weight
         else:
-            if key in quantized and kind != "f32":  # f32 holds the dequantized values exactly
+            if any(k in quantized for k in keys) and kind != "f32":  # f32 holds the dequantized values exactly
                 rerounded.append(name)
             try:
                 data = quantize_rows(w.reshape(-1, w.shape[-1]), kind)
             except ValueError as e:
-                raise ValueError(f"tensor {name!r} ({key}, shape {tuple(w.shape)}): {e}") from e
+                raise ValueError(f"tensor {name!r} ({keys[0]}, shape {tuple(w.shape)}): {e}") from e
         yield name, data, kind, tuple(w.shape)
     if rerounded:
         warnings.warn(f"GGUF export: {len(rerounded)} quantized tensor(s) have no GGML block type that holds "
@@ -163,6 +177,14 @@ def gguf_tensors(model: nn.Module, recipe: str):
                       f"their dequantized weights were rounded again to the {recipe} file's types, which loses "
                       "the codes the quantizer chose (q8_0, q4_0, q5_0 keep int8/int4/int5 groups of 32 with fp16 "
                       "scales as they are)", stacklevel=3)
+
+
+def _kept_blocks(key: str, kind: str, t: torch.Tensor, name: str, solved: dict, quantized: dict):
+    """(type, blocks) of weight `key` as a calibrated solve or an exact QTensor left them, else None."""
+    data = _solved_blocks(solved[key], kind, t, name) if key in solved else None
+    if data is not None:
+        return kind, data
+    return join_blocks(quantized[key]) if key in quantized else None
 
 
 def _solved_blocks(solved: tuple, kind: str, t: torch.Tensor, name: str):
@@ -178,6 +200,20 @@ def _solved_blocks(solved: tuple, kind: str, t: torch.Tensor, name: str):
                       "nearest", stacklevel=3)
         return None
     return data
+
+
+def _add(w, key: str, value) -> None:
+    """One metadata key through GGUFWriter, typed as llama.cpp reads it (arch.hparams' value kinds)."""
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    else:
+        w.add_array(key, list(value))
 
 
 def save_gguf(model: nn.Module, path: str | Path, recipe: str = "f16", *, tokenizer=None,
@@ -198,7 +234,8 @@ def save_gguf(model: nn.Module, path: str | Path, recipe: str = "f16", *, tokeni
     os.close(fd)
     try:
         w = gguf.GGUFWriter(tmp, arch.gguf)
-        write_hparams(w, config, arch)
+        for key, value in hparams(config, arch).items():
+            _add(w, key, value)
         w.add_file_type(ft.ftype)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for key, (value, vtype, sub) in tok_fields.items():
