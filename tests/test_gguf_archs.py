@@ -223,3 +223,26 @@ def test_quantized_moe_keeps_every_experts_codes(tokenizer, tmp_path):
     ids = _ids()
     err = position_errors(logits(path, ids[0]), _logits(model, ids))
     assert np.median(err) < Q4_K_M_MEDIAN and err.max() < Q4_K_M_MAX, (np.median(err), err.max())
+
+
+@pytest.mark.parametrize("case,method", [("qwen3", "rtn"), ("qwen3_moe", "rtn"), ("mixtral", "auto")])
+def test_cli_quantizes_a_hugging_face_folder_to_gguf(tmp_path, tokenizer, capsys, case, method):
+    """`lowbit quantize FOLDER --recipe q4_k_m --out x.gguf` on a folder as transformers saves it (dense
+    and mixture-of-experts; `auto` calibrates every expert on --text): the file runs in llama.cpp and
+    matches lowbit.load of it as the q4_k_m bound says."""
+    from lowbit.cli import main
+
+    model = tiny_model(case, Q4_INIT)
+    model.save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    text = tmp_path / "text.txt"
+    text.write_text("The tower is 324 metres tall, about the same height as an 81-storey building. " * 200)
+    out = tmp_path / "x.gguf"
+    assert main(["quantize", str(tmp_path / "src"), "--recipe", "q4_k_m", "--method", method, "--out", str(out),
+                 "--text", str(text), "--window", "64", "--calibration-windows", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert f"saved q4_k_m ({'rtn' if method == 'rtn' else 'awq+gptq'})" in printed
+    ids = _ids()
+    back = lowbit.load(out)
+    err = position_errors(logits(out, ids[0]), _logits(back, ids))
+    assert np.median(err) < Q4_K_M_MEDIAN and err.max() < Q4_K_M_MAX, (np.median(err), err.max())
