@@ -168,3 +168,13 @@ def test_streamed_checkpoint_quantizes_every_expert_as_in_memory(tmp_path, model
     ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, model(ids).logits)
+
+
+def test_memory_of_a_mixture_of_experts_folder_counts_the_experts_quantized(tmp_path):
+    from lowbit.analysis import memory_table
+
+    tiny("mixtral").save_pretrained(tmp_path / "src")
+    rows = {r.recipe: r for r in memory_table(str(tmp_path / "src"), ["fp32", "w4g64"]).rows}
+    experts = 2 * 8 * 3 * 64 * 96  # blocks x experts x projections x h x f
+    assert rows["w4g64"].quantized_bytes > experts * 4 / 8  # every expert's codes at least
+    assert rows["w4g64"].other_bytes < rows["fp32"].other_bytes / 10  # no expert left in float

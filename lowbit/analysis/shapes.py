@@ -86,6 +86,8 @@ def model_shapes(source: "str | Path | nn.Module", dtype: torch.dtype | None = N
         else:
             raise ValueError(f"memory: {path} is not a model: give a Hugging Face folder, a .gguf or .safetensors "
                              "file, a built-in name (smollm2-135m, minilm-l6) or a size such as 8B")
+        from ..pipeline.experts import unfuse_experts
+        unfuse_experts(out.model)  # experts as lowbit.quantize holds them: one Linear per projection per expert
     if isinstance(source, str) and not str(out.source).startswith(source):
         out.source = f"{source} ({out.source})"
     if dtype is not None:
