@@ -25,7 +25,7 @@ def test_gguf_alignment_must_be_a_power_of_two(tmp_path, align):
     ("block_count", 2**31, r"block_count is 2147483648 but the tensor table holds blocks 0..0 \(1 of them\)"),
     ("block_count", 2**63, r"block_count is 9223372036854775808 but"),
     ("embedding_length", 2**20, r"token_embd.weight' has shape \(32, 64\), the config says \(32, 1048576\)"),
-    ("embedding_length", 2**31, r"the metadata cannot build a LlamaForCausalLM: .*overflow"),
+    ("embedding_length", 2**31, r"the metadata cannot build a llama model: .*overflow"),
     ("vocab_size", 2**40, r"token_embd.weight' has shape \(32, 64\), the config says \(1099511627776, 64\)"),
     ("feed_forward_length", 2**40, r"ffn_gate.weight' has shape \(128, 64\), the config says \(1099511627776, 64\)"),
     ("attention.head_count", 0, r"attention.head_count is 0; it must be a positive integer"),
