@@ -246,3 +246,26 @@ def test_cli_quantizes_a_hugging_face_folder_to_gguf(tmp_path, tokenizer, capsys
     back = lowbit.load(out)
     err = position_errors(logits(out, ids[0]), _logits(back, ids))
     assert np.median(err) < Q4_K_M_MEDIAN and err.max() < Q4_K_M_MAX, (np.median(err), err.max())
+
+
+def test_llama3_rope_read_back_from_rope_freqs_alone(tmp_path, tokenizer, monkeypatch):
+    """A file as llama.cpp's converter writes Llama 3.x (rope_freqs.weight, no lowbit key): lowbit.load
+    recovers the llama3 parameters from the tensor and gives transformers' logits; Llama 3.1's own
+    parameters (head_dim 128, theta 500000) come back to the same frequencies."""
+    from types import SimpleNamespace
+
+    from lowbit.io.gguf import arch
+
+    model = tiny_model("llama-rope-llama3")
+    monkeypatch.setattr(arch, "LLAMA3_KEY", "general.comment")  # the writer records nothing lowbit reads back
+    path = lowbit.save(model, tmp_path / "x.gguf", recipe="f32", tokenizer=tokenizer)
+    monkeypatch.undo()
+    ids = _ids()
+    assert rel_err(_logits(lowbit.load(path), ids), _logits(model, ids)) < 1e-6
+    llama31 = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
+    freqs = arch.rope_freqs(SimpleNamespace(rope_parameters=llama31, head_dim=128))
+    got = arch.llama3_from_rope_freqs(freqs, 500000.0, 128)
+    assert got["factor"] == 8.0 and abs(got["low_freq_factor"] - 1.0) < 1e-3 and abs(got["high_freq_factor"] - 4.0) < 1e-3
+    with pytest.raises(ValueError, match="not llama3 rope scaling"):
+        arch.llama3_from_rope_freqs(np.linspace(1, 8, 64) ** 2, 500000.0, 128)

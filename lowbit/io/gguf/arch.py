@@ -339,6 +339,31 @@ def rope_freqs(config) -> np.ndarray | None:
     return out.astype(np.float32)
 
 
+def llama3_from_rope_freqs(freqs: np.ndarray, rope_theta: float, head_dim: int) -> dict:
+    """The llama3 rope parameters whose rope_freqs() is `freqs` (a file llama.cpp's converter wrote keeps
+    only the tensor). Between the two plateaus 1 / r = (1 - s) / factor + s with s linear in 1 / wavelength:
+    its slope and intercept give the low and high frequency factors for an original context of 8192 (any
+    context with the factors scaled alike gives the same frequencies); checked by recomputing them."""
+    freqs = np.asarray(freqs, dtype=np.float64)
+    factor = float(freqs.max())
+    inv_wavelen = 1.0 / (rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)) / (2 * math.pi)
+    between = (freqs > 1 + 1e-6) & (freqs < factor - 1e-6 * factor)
+    if freqs.shape != inv_wavelen.shape or factor <= 1 or between.sum() < 2:
+        raise ValueError("rope_freqs.weight is not llama3 rope scaling lowbit can read back (it needs "
+                         f"{len(inv_wavelen)} factors from 1 to the scaling factor, two or more between)")
+    s = (1 / freqs[between] - 1 / factor) / (1 - 1 / factor)
+    slope, intercept = np.polyfit(inv_wavelen[between], s, 1)
+    old = 8192
+    lo = -intercept * old / slope
+    params = dict(factor=factor, low_freq_factor=float(lo), high_freq_factor=float(lo + old / slope),
+                  original_max_position_embeddings=old)
+    config = SimpleNamespace(rope_parameters=dict(rope_type="llama3", rope_theta=rope_theta, **params),
+                             head_dim=head_dim)
+    if not np.allclose(rope_freqs(config), freqs, rtol=1e-4):
+        raise ValueError("rope_freqs.weight is not llama3 rope scaling: no factors reproduce it")
+    return params
+
+
 def config_kwargs(meta: dict, arch: Arch, get: Callable) -> dict:
     """The transformers config arguments a GGUF file's metadata `meta` gives for `arch`; `get(key,
     kind, optional)` reads and checks one `{arch}.<key>` (read.py's checks)."""

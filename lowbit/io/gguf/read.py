@@ -18,7 +18,7 @@ import torch
 from ...core.ggml_blocks import type_by_id
 from ...nn.linear import QuantLinear
 from .. import checks
-from .arch import (ARCHS, LLAMA3_KEY, Arch, config_kwargs, n_expert, permuted_heads, tensor_groups,
+from .arch import (ARCHS, Arch, config_kwargs, llama3_from_rope_freqs, n_expert, permuted_heads, tensor_groups,
                    unpermute_rows, value_offset)
 from .file import GGUFFile, TensorInfo, parse_gguf, tensor_bytes, tensor_nbytes, type_sizes
 from .qtensor import SCHEMES, split_blocks, to_qtensor
@@ -69,6 +69,19 @@ def _tensor(w: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(w if w.flags.writeable else w.copy())
 
 
+def _llama3_rope(f: GGUFFile, kw: dict) -> dict:
+    """The llama3 rope parameters rope_freqs.weight stands for (a file without lowbit's LLAMA3_KEY)."""
+    info = f.tensors["rope_freqs.weight"]
+    if info.shape != (kw["head_dim"] // 2,):
+        raise ValueError(f"{f.path}: rope_freqs.weight has shape {info.shape}; the heads need ({kw['head_dim'] // 2},)")
+    theta = kw["rope_parameters"]["rope_theta"]
+    try:
+        params = llama3_from_rope_freqs(_dequantize(f, info), theta, kw["head_dim"])
+    except ValueError as e:
+        raise ValueError(f"{f.path}: {e}") from e
+    return dict(rope_type="llama3", rope_theta=theta, **params)
+
+
 def _config(f: GGUFFile):
     """(config, Arch) from the metadata through arch.config_kwargs; every size checked to be a positive
     integer and the block count to match the tensor table, before a model of that size is built."""
@@ -100,8 +113,7 @@ def _config(f: GGUFFile):
         raise ValueError(f"{f.path}: metadata {a}.attention.key_length is {kw['head_dim']}; rotary heads "
                          "need an even size")
     if "rope_freqs.weight" in f.tensors and "llama3" not in str(kw["rope_parameters"]):
-        raise ValueError(f"{f.path}: rope_freqs.weight without lowbit's record of the llama3 rope parameters "
-                         f"({LLAMA3_KEY}); lowbit reads the files it writes")
+        kw["rope_parameters"] = _llama3_rope(f, kw)  # llama.cpp's converter writes the tensor alone
     kw.update(tie_word_embeddings="output.weight" not in f.tensors,
               bos_token_id=f.meta.get("tokenizer.ggml.bos_token_id"),
               eos_token_id=f.meta.get("tokenizer.ggml.eos_token_id"),
