@@ -178,3 +178,13 @@ def test_cli_quantize_writes_a_gguf(small, tmp_path, capsys):
     assert "already exists; pass --force" in capsys.readouterr().err
     assert main(["quantize", str(src), "--recipe", "q4_x", "--out", str(tmp_path / "x.gguf")]) == 2
     assert "--recipe q4_x: unknown GGUF file type" in capsys.readouterr().err
+
+
+def test_writing_shows_progress_over_every_value(small, tmp_path, capsys):
+    """A K-quant file of a big model takes minutes: a bar with an ETA, counted in weight values, ends at
+    exactly the values written (tied table once, quantized layers by their shapes)."""
+    import re
+
+    lowbit.save(small, tmp_path / "x.gguf", recipe="q8_0", source="smollm2-135m")
+    bars = re.findall(r"write q8_0: +(\d+)%\|[^|]*\| ([\d.]+[kM]?)/([\d.]+[kM]?)", capsys.readouterr().err)
+    assert bars and bars[-1][0] == "100" and bars[-1][1] == bars[-1][2], bars[-1:]

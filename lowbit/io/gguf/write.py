@@ -12,6 +12,7 @@ Written to a temporary file beside the target and renamed into place, so a faile
 from __future__ import annotations
 
 import functools
+import math
 import os
 import tempfile
 import warnings
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ...core.ggml_blocks import dequantize_rows, get_type, quantize_rows
 from .arch import (hparams, model_arch, n_expert, permute_rows, permuted_heads, rope_freqs, tensor_groups,
@@ -179,6 +181,14 @@ def gguf_tensors(model: nn.Module, recipe: str):
                       "scales as they are)", stacklevel=3)
 
 
+def _weight_values(model: nn.Module) -> int:
+    """Values the file will hold (the progress bar's total: K-quant search time goes with it)."""
+    held = {id(p): p.numel() for p in model.parameters()}
+    held.update({id(q): math.prod(q.shape) for q in quantized_weights(model).values()})
+    freqs = rope_freqs(model.config)  # written beside the weights (llama3 rope)
+    return sum(held.values()) + (0 if freqs is None else freqs.size)
+
+
 def _kept_blocks(key: str, kind: str, t: torch.Tensor, name: str, solved: dict, quantized: dict):
     """(type, blocks) of weight `key` as a calibrated solve or an exact QTensor left them, else None."""
     data = _solved_blocks(solved[key], kind, t, name) if key in solved else None
@@ -240,10 +250,12 @@ def save_gguf(model: nn.Module, path: str | Path, recipe: str = "f16", *, tokeni
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for key, (value, vtype, sub) in tok_fields.items():
             w.add_key_value(key, value, vtype, sub_type=sub)
-        for name, data, kind, shape in gguf_tensors(model, recipe):
-            # GGUFWriter turns a uint8 array's byte shape back into the value shape (and reverses it)
-            w.add_tensor(name, data.reshape(*shape[:-1], data.shape[-1]),
-                         raw_dtype=gguf.GGMLQuantizationType(get_type(kind).id))
+        with tqdm(total=_weight_values(model), desc=f"write {recipe}", unit="w", unit_scale=True) as bar:
+            for name, data, kind, shape in gguf_tensors(model, recipe):
+                # GGUFWriter turns a uint8 array's byte shape back into the value shape (and reverses it)
+                w.add_tensor(name, data.reshape(*shape[:-1], data.shape[-1]),
+                             raw_dtype=gguf.GGMLQuantizationType(get_type(kind).id))
+                bar.update(math.prod(shape))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
