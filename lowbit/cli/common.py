@@ -142,13 +142,13 @@ def check_model(source: str, option: str = "MODEL", *, source_model: bool = Fals
 
 
 def check_method(method: str) -> None:
-    """--method: auto, a solver, a transform, or a chain such as awq+gptq."""
+    """--method: auto, a solver, a transform, or a chain such as awq+gptq (rotate+auto: rotate, then auto)."""
     from ..methods import METHODS, TRANSFORMS, parse_method
 
     if method == "auto":
         return
     try:
-        parse_method(method)
+        parse_method(method.removesuffix("+auto") if method.endswith("+auto") else method)
     except ValueError as e:
         raise ValueError(f"--method {method}: {e}. Choose auto (the best measured for the recipe), a solver "
                          f"({', '.join(METHODS)}), a transform ({', '.join(TRANSFORMS)}), or a chain of "

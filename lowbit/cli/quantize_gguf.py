@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .common import calibration_split, check_out, gguf_file_types, method_options, read_text
 
-CALIBRATED = ("awq+gptq", "gptq", "awq")
+CALIBRATED = ("awq+gptq", "gptq", "awq", "rotate+awq+gptq", "rotate+gptq", "rotate+awq")
 
 
 def wants_gguf(args) -> bool:

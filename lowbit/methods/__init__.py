@@ -6,6 +6,8 @@ A transform (TRANSFORMS) maps (weights of the layers sharing an input, their inp
 statistics, scheme) to per-channel scales that the pipeline folds into the model.
 A recipe's method chains them: "awq", "awq+gptq", "smoothquant", "smoothquant+gptq"
 (transforms first, then at most one solver; round to nearest when none is named).
+A whole-model transform (MODEL_TRANSFORMS: rotate) acts on the model once, before the block-by-block
+calibration, and comes first in a chain: "rotate+awq+gptq", "rotate+gptq", "rotate" (then RTN).
 """
 import inspect
 import json
@@ -13,6 +15,7 @@ import json
 from .awq import awq_scales
 from .gptq import gptq
 from .hqq import hqq
+from .rotate import rotate_options
 from .rtn import mse_clip, rtn
 from .smoothquant import smoothquant_scales
 
@@ -29,19 +32,41 @@ TRANSFORMS = {
     "smoothquant": smoothquant_scales,
 }
 
+# whole-model transforms: the pipeline applies them to the model before anything else (pipeline/rotate.py);
+# the function checks their options
+MODEL_TRANSFORMS = {
+    "rotate": rotate_options,
+}
+
 
 def parse_method(name: str) -> tuple[tuple[str, ...], str]:
-    """"awq+gptq" -> (("awq",), "gptq"); "smoothquant" -> (("smoothquant",), "rtn")."""
+    """"awq+gptq" -> (("awq",), "gptq"); "smoothquant" -> (("smoothquant",), "rtn");
+    "rotate+gptq" -> (("rotate",), "gptq") (whole-model transforms first: see block_transforms)."""
     parts = [p.strip() for p in str(name).split("+")]
-    unknown = [p for p in parts if p not in METHODS and p not in TRANSFORMS]
+    unknown = [p for p in parts if p not in METHODS and p not in TRANSFORMS and p not in MODEL_TRANSFORMS]
     if unknown or not parts:
         raise ValueError(f"unknown method {unknown[0] if unknown else name!r} in {name!r}; solvers: "
-                         f"{', '.join(METHODS)}; transforms: {', '.join(TRANSFORMS)} (chain with '+')")
+                         f"{', '.join(METHODS)}; transforms: {', '.join([*MODEL_TRANSFORMS, *TRANSFORMS])} "
+                         "(chain with '+')")
     solvers = [p for p in parts if p in METHODS]
-    transforms = tuple(p for p in parts if p in TRANSFORMS)
+    transforms = tuple(p for p in parts if p not in METHODS)
     if len(solvers) > 1 or (solvers and parts[-1] != solvers[0]) or len(set(transforms)) < len(transforms):
         raise ValueError(f"method {name!r}: list transforms first, each once, then at most one solver")
+    whole = [i for i, p in enumerate(parts) if p in MODEL_TRANSFORMS]
+    if whole != list(range(len(whole))):
+        raise ValueError(f"method {name!r}: {'/'.join(MODEL_TRANSFORMS)} acts on the whole model before the "
+                         f"others: put it first ({'+'.join(['rotate', *[p for p in parts if p != 'rotate']])})")
     return transforms, solvers[0] if solvers else "rtn"
+
+
+def block_transforms(transforms: tuple[str, ...]) -> tuple[str, ...]:
+    """The transforms of a chain that run inside each block (TRANSFORMS), without the whole-model ones."""
+    return tuple(t for t in transforms if t in TRANSFORMS)
+
+
+def model_transforms(name: str) -> tuple[str, ...]:
+    """The whole-model transforms of a method chain ("rotate+awq+gptq" -> ("rotate",))."""
+    return tuple(t for t in parse_method(name)[0] if t in MODEL_TRANSFORMS)
 
 
 def get_method(name: str):
@@ -52,7 +77,7 @@ def get_method(name: str):
 def method_needs(name: str) -> set[str]:
     """The statistics a method chain uses ("hessian", "absmax", ...); empty for data-free ones."""
     transforms, solver = parse_method(name)
-    fns = [TRANSFORMS[t] for t in transforms] + [METHODS[solver]]
+    fns = [TRANSFORMS[t] for t in block_transforms(transforms)] + [METHODS[solver]]
     return {k for f in fns for k in getattr(f, "needs", ())}
 
 
@@ -63,7 +88,7 @@ def check_method_options(options: dict) -> dict:
     Example: check_method_options({"gptq": {"damp": 0.05}, "smoothquant": {"alpha": 0.8}})"""
     if not isinstance(options, dict):
         raise ValueError(f"method_options must be a dict of {{method: {{option: value}}}}, got {options!r}")
-    fns = {**METHODS, **TRANSFORMS}
+    fns = {**METHODS, **TRANSFORMS, **MODEL_TRANSFORMS}
     out = {}
     for name, kw in options.items():
         if name not in fns:
@@ -84,5 +109,6 @@ def check_method_options(options: dict) -> dict:
     return out
 
 
-__all__ = ["METHODS", "TRANSFORMS", "get_method", "parse_method", "method_needs", "check_method_options", "rtn", "mse_clip", "hqq",
+__all__ = ["METHODS", "TRANSFORMS", "MODEL_TRANSFORMS", "get_method", "parse_method", "block_transforms",
+           "model_transforms", "method_needs", "check_method_options", "rtn", "mse_clip", "hqq",
            "gptq", "awq_scales", "smoothquant_scales"]

@@ -22,14 +22,15 @@ import torch
 from torch import nn
 
 from ..core.ggml_blocks import dequantize_rows, quantize_rows
-from ..methods import parse_method
+from ..methods import block_transforms, model_transforms, parse_method
 from ..methods.gptq_ggml import gptq_ggml
 from .quantize import _batches
+from .rotate import rotate_model
 from .sequential import LayerReport, layer_loss, run_sequential
 from .transforms import apply_transforms
 from .walk import linear_weight
 
-METHODS = ("awq+gptq", "gptq", "awq")
+METHODS = ("awq+gptq", "gptq", "awq", "rotate+awq+gptq", "rotate+gptq", "rotate+awq")
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,14 @@ def solve_ggml(model: nn.Module, types: dict[str, str], calibration: Iterable, *
                damp: float = 0.01, act_order: bool = True, progress: bool = True, batch_size: int = 8,
                calibration_dtype: "torch.dtype | str" = "auto") -> nn.Module:
     """Solve the Linear layers `types` names ({module name: GGML type}) of `model`'s blocks on their
-    types, in place; the blocks land in model.lowbit_gguf_blocks."""
+    types, in place; the blocks land in model.lowbit_gguf_blocks. "rotate+..." rotates the whole model
+    first (pipeline/rotate.py; the types do not change: they follow the Linear layers' shapes)."""
     if method not in METHODS:
         raise ValueError(f"calibrated GGUF method {method!r}: choose {', '.join(METHODS)} (or rtn: save directly)")
     transforms, solver = parse_method(method)
+    if model_transforms(method):
+        model.lowbit_rotation = rotate_model(model)
+    transforms = block_transforms(transforms)
     blocks: dict[str, tuple[str, np.ndarray]] = {}
 
     def quantize_layer(name: str, stats) -> LayerReport:

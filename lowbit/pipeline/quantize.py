@@ -1,5 +1,6 @@
 """lowbit.quantize(model, recipe): quantize a torch model in place.
 
+0. a whole-model transform in the method chain (`rotate+...`) rewrites the model first (rotate.py);
 1. pick the Linear-like modules the recipe covers (include/exclude/overrides), and quantize
    the embedding table and output layer when the recipe gives them schemes (embeddings.py),
    first, so calibration sees the model's quantized embeddings;
@@ -17,13 +18,14 @@ from tqdm import tqdm
 
 from ..core import Scheme
 from ..core.observers import make_observer
-from ..methods import get_method, method_needs, parse_method
+from ..methods import block_transforms, get_method, method_needs, model_transforms, parse_method
 from ..methods import rtn as rtn_method
 from ..methods.bitnet import is_bitnet
 from ..nn import BitLinear, LLMInt8Linear, QuantLinear
 from .embeddings import embedding_jobs, quantize_embeddings
 from .experts import coverage, is_router, unfuse_experts
 from .recipe import Recipe, get_recipe
+from .rotate import rotate_model
 from .transforms import apply_transforms
 from .sequential import LayerReport, layer_loss, run_sequential
 from .walk import is_linear, linear_weight, set_module
@@ -117,8 +119,11 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
     `solve_workers` calls at once per block, io/streaming/ray.py runs each as a Ray task.
     """
     recipe = get_recipe(recipe, method)
+    rotate = _check_rotation(recipe, modules)
     if modules is None:  # streaming keeps the checkpoint's own tensor names
         unfuse_experts(model, covered=lambda n: recipe.for_module(f"{n}.0.gate_proj") is not None)
+    if rotate:
+        model.lowbit_rotation = rotate_model(model, **recipe.method_options.get("rotate", {}))
     targets = plan(model, recipe, allow_empty=modules is not None)
     taken = set(targets)
     if modules is not None:
@@ -127,7 +132,7 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
             raise ValueError(f"quantizing part of a model takes data-free methods; {recipe.method!r} needs calibration")
     quantize_embeddings(model, recipe, taken=taken, only=modules, solve=solve)
     # Transforms change what the layers see: observe activations after them, on the quantized model.
-    observe_late = bool(recipe.observer) and any(parse_method(r.method)[0] for r in targets.values())
+    observe_late = bool(recipe.observer) and any(block_transforms(parse_method(r.method)[0]) for r in targets.values())
     act_ranges = _calibrate(model, targets, calibration, progress) if recipe.observer and not observe_late else {}
 
     def quantize_layer(name: str, stats=None) -> LayerReport:
@@ -179,8 +184,24 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
     model.lowbit_recipe = recipe
     model.lowbit_coverage = coverage(model)
     if progress:
+        if rotate:
+            tqdm.write(model.lowbit_rotation.summary())
         tqdm.write(model.lowbit_coverage.summary())
     return model
+
+
+def _check_rotation(recipe: Recipe, modules) -> bool:
+    """Whether the recipe's chain rotates the model (a whole-model transform: the recipe's own method
+    decides; an override cannot rotate part of a model)."""
+    for o in recipe.overrides:
+        if o.method and model_transforms(o.method):
+            raise ValueError(f"override {o.pattern!r}: method {o.method!r} rotates the whole model; put "
+                             "'rotate+' in the recipe's own method instead")
+    rotate = bool(model_transforms(recipe.method))
+    if rotate and modules is not None:
+        raise ValueError(f"method {recipe.method!r}: rotate rewrites the whole model at once; it cannot run "
+                         "on a part of one (streaming): quantize the loaded model instead")
+    return rotate
 
 
 def _expert_fallback(name: str, stats) -> str | None:
@@ -197,7 +218,10 @@ def call(fn, w: torch.Tensor, scheme: Scheme, stats, options: dict):
 
 
 def _transform_step(targets: dict[str, Recipe], options: dict):
-    chains = {n: parse_method(r.method) for n, r in targets.items()}
+    chains = {}
+    for n, r in targets.items():
+        transforms, solver = parse_method(r.method)
+        chains[n] = (block_transforms(transforms), solver)  # rotate ran on the whole model before
     if not any(t for t, _ in chains.values()):
         return None
 

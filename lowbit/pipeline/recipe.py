@@ -212,7 +212,8 @@ for _name in ("w4g128", "w4g64", "w4g32", "w4g64-sym", "w3g64", "w2g64"):
 
 
 def get_recipe(name: "str | Recipe", method: str | None = None) -> Recipe:
-    """A named recipe (see RECIPES), or a Recipe; `method` overrides its method ("auto": auto_method).
+    """A named recipe (see RECIPES), or a Recipe; `method` overrides its method ("auto": auto_method;
+    "rotate+auto": rotate, then auto_method's chain).
     A named affine recipe with method "hqq" takes HQQ's float zero points and output-axis groups
     (solver_scheme)."""
     if isinstance(name, Recipe):
@@ -221,8 +222,8 @@ def get_recipe(name: "str | Recipe", method: str | None = None) -> Recipe:
         r = RECIPES[name]
     else:
         raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)} (or build a lowbit.Recipe)")
-    if method == "auto":
-        method = auto_method(r)
+    if method == "auto" or str(method).endswith("+auto"):  # "rotate+auto": the rotation, then auto's chain
+        method = method.removesuffix("auto") + auto_method(r)
     if not method:
         return r
     r = r.replace(method=method)
