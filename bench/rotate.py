@@ -59,8 +59,8 @@ def main() -> None:
     calib = calibration(tok, args.calibration, args.data, seed=args.seed)
     print(f"fp32 ppl {ref.ppl:.3f}, windows {args.first}-{args.first + args.windows - 1}; calibration "
           f"{args.calibration} x 512 of valid.txt, seed {args.seed}; rotate kind={args.kind}\n")
-    print("| recipe | method | bits/w (linears) | size MB | ppl | Δppl | KL | top-1 | quantize s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    print("| recipe | method | bits/w (linears) | size MB | ppl | Δppl | KL | top-1 | quantize s | CPU s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     for spec in args.specs:
         name, _, method = spec.partition(":")
         recipe = get_recipe(name, method or "auto")
@@ -68,13 +68,13 @@ def main() -> None:
             recipe = recipe.replace(method_options={**recipe.method_options, "rotate": {
                 "kind": args.kind, "seed": args.rotate_seed, "heads": not args.no_heads}})
         q = copy.deepcopy(model)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         quantize(q, recipe, calibration=calib if method_needs(recipe.method) else None, progress=False)
-        took = time.perf_counter() - t
+        took, cpu = time.perf_counter() - t, time.process_time() - cpu
         note = f" ({q.lowbit_rotation.summary()})" if hasattr(q, "lowbit_rotation") else ""
         r = evaluate(q, ref, progress=False)
         print(f"| {name} | {recipe.method}{note} | {linear_bits_per_weight(q):.3f} | {model_size(q).bytes / 1e6:.1f} | "
-              f"{r.ppl:.3f} | {r.delta_ppl_pct:+.2f}% | {r.kl:.4f} | {r.top1_agreement:.3f} | {took:.0f} |", flush=True)
+              f"{r.ppl:.3f} | {r.delta_ppl_pct:+.2f}% | {r.kl:.4f} | {r.top1_agreement:.3f} | {took:.0f} | {cpu:.0f} |", flush=True)
         del q
 
 

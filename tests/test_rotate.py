@@ -12,7 +12,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from test_gguf_archs import VOCAB, tiny_model, tokenizer  # noqa: F401 (a fixture)
+from test_gguf_archs import VOCAB, tiny_model, tokenizer  # noqa: F401, F811 (a fixture)
 
 import lowbit
 from lowbit.methods import parse_method, rtn
@@ -91,7 +91,7 @@ def test_rotated_model_computes_the_same_logits_with_its_residual_stream_rotated
     assert norms and all(torch.equal(p, torch.ones_like(p)) for p in norms)
 
 
-def test_r2_rotates_each_kv_heads_values(tokenizer):
+def test_r2_rotates_each_kv_heads_values():
     model = _qwen2_bias(tiny_model("qwen2"))  # 4 query heads over 2 kv heads of 64
     seen = {}
     v = model.model.layers[1].self_attn.v_proj
@@ -263,3 +263,34 @@ def test_rotated_model_exports_to_compressed_tensors_and_lowbit(rotated_q4, tmp_
         for got in (hf(ids).logits, lb(ids).logits):
             assert float((got - want).abs().max() / want.abs().max()) < 1e-5
     assert np.isfinite(want.numpy()).all()
+
+
+def test_calibrated_gguf_codes_on_the_rotated_model_run_in_llama_cpp(tokenizer, tmp_path):
+    from llama_cpp_judge import logits, rel_err
+
+    from lowbit.io.gguf.calibrated import quantize_gguf
+
+    model = tiny_model("llama", initializer_range=0.05)
+    calib = [_ids(32, seed=s) for s in range(4)]
+    quantize_gguf(model, "q4_0", calib, method="rotate+gptq", progress=False)
+    assert model.lowbit_rotation.r1 == "randomized Hadamard 256"
+    path = lowbit.save(model, tmp_path / "rotated-q4_0.gguf", tokenizer=tokenizer)
+    ids = _ids(40)[0]
+    with torch.no_grad():  # the writer rounds the table (q4_0) and head (q6_k): the file is its own model
+        from_file = lowbit.load(path)(ids[None]).logits[0].numpy()
+    blocks = lowbit.load(path).model.layers[1].mlp.down_proj.weight
+    assert torch.equal(blocks, model.model.layers[1].mlp.down_proj.weight)  # GPTQ's codes on the rotated weights
+    assert rel_err(logits(path, ids), from_file) < 2.5e-2
+
+
+def test_rotation_is_refused_where_it_cannot_rewrite_the_whole_model():
+    from lowbit.cli.common import check_method
+    from lowbit.pipeline.recipe import Override
+
+    check_method("rotate+auto")
+    model = tiny_model("llama")
+    r = get_recipe("w4g64", "rtn").replace(overrides=(Override("*mlp*", method="rotate+rtn"),))
+    with pytest.raises(ValueError, match="rotates the whole model"):
+        quantize(model, r, progress=False)
+    with pytest.raises(ValueError, match="cannot run on a part"):
+        quantize(model, get_recipe("w4g64", "rotate"), modules={"model.layers.0.mlp.up_proj"}, progress=False)
