@@ -6,6 +6,8 @@ A transform (TRANSFORMS) maps (weights of the layers sharing an input, their inp
 statistics, scheme) to per-channel scales that the pipeline folds into the model.
 A recipe's method chains them: "awq", "awq+gptq", "smoothquant", "smoothquant+gptq"
 (transforms first, then at most one solver; round to nearest when none is named).
+A solver with `fn.block` (signround) trains a whole block's layers together: the pipeline runs it
+block by block (pipeline/learned_rounding.py), `fn.needs` naming "block".
 """
 import inspect
 import json
@@ -14,6 +16,7 @@ from .awq import awq_scales
 from .gptq import gptq
 from .hqq import hqq
 from .rtn import mse_clip, rtn
+from .signround import signround
 from .smoothquant import smoothquant_scales
 
 METHODS = {
@@ -21,6 +24,7 @@ METHODS = {
     "mse": mse_clip,
     "hqq": hqq,
     "gptq": gptq,
+    "signround": signround,
 }
 
 
@@ -85,4 +89,4 @@ def check_method_options(options: dict) -> dict:
 
 
 __all__ = ["METHODS", "TRANSFORMS", "get_method", "parse_method", "method_needs", "check_method_options", "rtn", "mse_clip", "hqq",
-           "gptq", "awq_scales", "smoothquant_scales"]
+           "gptq", "signround", "awq_scales", "smoothquant_scales"]

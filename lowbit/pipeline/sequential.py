@@ -60,6 +60,7 @@ class CalibrationReport:
     stats_mb: float = 0.0  # largest set of one block's statistics
     peak_rss_mb: float = 0.0
     seconds: float = 0.0
+    block_losses: list = field(default_factory=list)  # learned rounding: (block, loss at round to nearest, kept)
 
     def summary(self) -> str:
         lines = [f"sequential calibration over {self.blocks} ({self.tokens} tokens, {self.dtype}): "
@@ -72,6 +73,10 @@ class CalibrationReport:
             ratios = torch.tensor([r.loss / r.rtn_loss for r in with_loss])
             lines.append(f"layer loss vs round-to-nearest: median {ratios.median():.3f}x, "
                          f"worst {ratios.max():.3f}x over {len(with_loss)} layers")
+        if self.block_losses:
+            ratios = torch.tensor([b / a for _, a, b in self.block_losses if a > 0])
+            lines.append(f"block output loss vs round-to-nearest (learned rounding): median {ratios.median():.3f}x, "
+                         f"worst {ratios.max():.3f}x over {len(ratios)} blocks")
         experts = [r for r in self.layers if ".experts." in r.name and r.tokens is not None]
         if experts:
             counts = torch.tensor([r.tokens for r in experts], dtype=torch.float64)
@@ -92,13 +97,15 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
                    transform: Callable | None = None, propagate: str = "quantized",
                    compute_dtype: "torch.dtype | str" = "auto", progress: bool = True,
                    block_scope: Callable | None = None, spill: SpillPolicy | None = None,
-                   workers: int = 2, resume=None) -> CalibrationReport:
+                   workers: int = 2, resume=None, solve_block: Callable | None = None) -> CalibrationReport:
     """Quantize the layers `names` (full module names) of `model` block by block.
 
     transform(block, local names, stats, producers, sample input, block name) runs between
     the statistics and the solver (equivalence transforms, pipeline/transforms.py).
     compute_dtype: what the calibration forwards and Hessian products run in (see
     calibration_dtype); the weights being quantized stay in their own precision.
+    solve_block(block, local names, inputs, block name): runs after the transforms and before the
+    layer solves, with the block's inputs (learned rounding trains a whole block there, learned_rounding.py).
     block_scope(i, block): a context manager entered around block i's statistics, solves and
     forward (see the module docstring); spill: hold activations past its limit on disk.
     workers: layer solves run at once (threads; each may wait on a Ray task, io/streaming/ray.py).
@@ -129,7 +136,7 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
             resume.save(i, inputs)
         with block_scope(i, block) if block_scope is not None else contextlib.nullcontext():
             inputs = _one_block(i, block, inputs, prefix, names, quantize_layer, hessian, magnitudes, transform,
-                                propagate, dtype, spill, report, workers)
+                                propagate, dtype, spill, report, workers, solve_block)
     inputs.drop()
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report.seconds = time.perf_counter() - t0
@@ -137,7 +144,7 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
 
 
 def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hessian, magnitudes, transform,
-               propagate, dtype, spill, report, workers=2) -> Activations:
+               propagate, dtype, spill, report, workers=2, solve_block=None) -> Activations:
     """Statistics, transforms, solves of block i; -> the inputs of block i + 1."""
     def autocast():
         return torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
@@ -158,6 +165,8 @@ def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hes
     report.stats_mb = max(report.stats_mb, sum(s.nbytes for s in set(c.stats.values())) / 2**20)
     if transform is not None:
         transform(block, local, c.stats, c.producers, inputs[0], f"{prefix}.{i}")
+    if solve_block is not None:
+        solve_block(block, local, inputs, f"{prefix}.{i}")
     # Each layer's solve is independent; a Python-bound loop of small tensor ops (GPTQ's
     # columns) leaves a core idle, so two solves run at once (more when they are Ray tasks).
     with ThreadPoolExecutor(workers) as pool:
