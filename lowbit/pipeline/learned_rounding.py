@@ -14,7 +14,7 @@ runner's per-layer step turns each into its QTensor or GGML blocks.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -25,8 +25,9 @@ from .embeddings import embedding_jobs, quantize_embeddings
 from .experts import coverage, is_router, unfuse_experts
 from .learned_rounding import BlockRounding
 from .recipe import Recipe, get_recipe
+from .sequential import LayerReport, layer_loss, run_sequential
+from .sequential import calibration_dtype as calibration_dtype_of
 from .transforms import apply_transforms
-from .sequential import LayerReport, calibration_dtype as calibration_dtype_of, layer_loss, run_sequential
 from .walk import is_linear, linear_weight, set_module
 
 
