@@ -81,8 +81,8 @@ def _gptq_options(items: list[str] | None, method: str) -> dict:
     allowed = {"gptq": ("damp", "act_order"), "signround": SIGNROUND_OPTIONS}
     unknown = [f"{m}.{k}" for m, kw in opts.items() for k in kw if k not in allowed.get(m, ())]
     if unknown:
-        raise ValueError(f"--method-option {unknown[0]}: calibrated GGUF export takes gptq.damp, gptq.act_order and "
-                         f"signround.{{{','.join(SIGNROUND_OPTIONS)}}}")
+        raise ValueError(f"--method-option {unknown[0]}: calibrated GGUF export takes gptq.damp and gptq.act_order "
+                         f"(gptq) or signround.{{{','.join(SIGNROUND_OPTIONS)}}} (signround)")
     out = dict(opts.get("gptq", {}))
     if "signround" in opts:
         out["signround"] = opts["signround"]
