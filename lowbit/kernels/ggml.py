@@ -20,7 +20,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 # one lock for numba's thread pool, which two threads must not enter at once
 from .fused import _LOCK
@@ -115,100 +117,162 @@ def _iq4nl_index(v):
     return hi - 1 if v - IQ4NL[hi - 1] < IQ4NL[hi] - v else hi
 
 
+@intrinsic
+def _stack(typingctx, n, dtype):
+    """An array of n (a literal) values on the stack: LLVM keeps small ones in registers, and knows that
+    no other array aliases it, so the loops over it vectorize."""
+    if not isinstance(n, types.IntegerLiteral):
+        raise numba.core.errors.RequireLiteralValue(n)
+    size, ty = n.literal_value, dtype.dtype
+
+    def codegen(context, builder, sig, args):
+        return cgutils.alloca_once(builder, context.get_value_type(ty), size=context.get_constant(types.intp, size))
+    return types.CPointer(ty)(n, dtype), codegen
+
+
+@_jit
+def _f32s(n):
+    return numba.carray(_stack(n, np.float32), n)
+
+
 # -- the searches -------------------------------------------------------------------------------------
+# The searches run NL sub-blocks side by side ("lanes"): the float32 terms of each sum are made a whole
+# sub-block at a time (vectorized), then added in C's order, element by element, with the NL lanes'
+# accumulators interleaved so that NL independent chains share the adder instead of waiting on one.
 @_jit
-def _qkx2(x, o, n, w, nmax, rmin, rdelta, nstep, use_mad, L, Laux):
-    """ggml make_qkx2_quants on x[o:o + n] with weights w[:n] -> (scale, min subtracted); codes in L[o:o + n]."""
-    mn, mx = x[o], x[o]
-    sum_w = w[0]
-    sum_x = sum_w * x[o]
+def _qkx2(x, o, NL, n, w, nmax, rmin, rdelta, nstep, use_mad, L, scale_out, min_out):
+    """ggml make_qkx2_quants on NL sub-blocks of n values, sub-block s = x[o + s*n : o + (s+1)*n] with weights
+    w[s*n : (s+1)*n] -> scale_out[s], min_out[s] (the min subtracted); codes into L[o + s*n + i]."""
+    mn, mx, sum_w, sum_x = _f32s(16), _f32s(16), _f32s(16), _f32s(16)
+    scale, best, sl, sl2, sxl, D, ts, tm, err = (_f32s(16), _f32s(16), _f32s(16), _f32s(16), _f32s(16), _f32s(16),
+                                                  _f32s(16), _f32s(16), _f32s(16))
+    T1, T2, T3 = _f32s(256), _f32s(256), _f32s(256)
+    Laux = numba.carray(_stack(256, np.uint8), 256)
+    for s in range(NL):
+        mn[s], mx[s], sum_w[s] = x[o + s * n], x[o + s * n], w[s * n]
+        sum_x[s] = sum_w[s] * x[o + s * n]
     for i in range(1, n):
-        v = x[o + i]
-        if v < mn:
-            mn = v
-        if v > mx:
-            mx = v
-        sum_w += w[i]
-        sum_x += w[i] * v
-    if mn > F0:
-        mn = F0
-    if mx == mn:
-        for i in range(n):
-            L[o + i] = 0
-        return F0, -mn
+        for s in range(NL):
+            v = x[o + s * n + i]
+            if v < mn[s]:
+                mn[s] = v
+            if v > mx[s]:
+                mx[s] = v
+            sum_w[s] += w[s * n + i]
+            sum_x[s] += w[s * n + i] * v
     fmax = _f(nmax)
-    iscale = fmax / (mx - mn)
-    scale = F1 / iscale
-    best = F0
-    for i in range(n):
-        l = min(max(_nearest_int(iscale * (x[o + i] - mn)), 0), nmax)
-        L[o + i] = l
-        diff = scale * _f(l) + mn - x[o + i]
-        best += w[i] * (abs(diff) if use_mad else diff * diff)
-    for step in range(nstep + 1):
-        iscale = (rmin + rdelta * _f(step) + fmax) / (mx - mn)
-        sum_l, sum_l2, sum_xl = F0, F0, F0
+    mn0 = _f32s(16)  # the min before the search: a flat sub-block (max == min) keeps it, as C returns early
+    for s in range(NL):
+        if mn[s] > F0:
+            mn[s] = F0
+        mn0[s] = mn[s]
+    for s in range(NL):  # the first codes, at nmax / (max - min)
+        iscale = fmax / (mx[s] - mn[s])
+        scale[s] = F1 / iscale
         for i in range(n):
-            l = min(max(_nearest_int(iscale * (x[o + i] - mn)), 0), nmax)
-            Laux[i] = l
-            fl = _f(l)
-            sum_l += w[i] * fl
-            sum_l2 += w[i] * fl * fl
-            sum_xl += w[i] * fl * x[o + i]
-        D = sum_w * sum_l2 - sum_l * sum_l
-        if D > F0:
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            if this_min > F0:
-                this_min = F0
-                this_scale = sum_xl / sum_l2
-            err = F0
+            k = s * n + i
+            l = min(max(_nearest_int(iscale * (x[o + k] - mn[s])), 0), nmax)
+            L[o + k] = l
+            diff = scale[s] * _f(l) + mn[s] - x[o + k]
+            T1[k] = w[k] * (abs(diff) if use_mad else diff * diff)
+    for s in range(NL):
+        best[s] = F0
+    for i in range(n):
+        for s in range(NL):
+            best[s] += T1[s * n + i]
+    for step in range(nstep + 1):
+        for s in range(NL):
+            iscale = (rmin + rdelta * _f(step) + fmax) / (mx[s] - mn[s])  # C's min: the best candidate's so far
             for i in range(n):
-                diff = this_scale * _f(Laux[i]) + this_min - x[o + i]
-                err += w[i] * (abs(diff) if use_mad else diff * diff)
-            if err < best:
+                k = s * n + i
+                l = min(max(_nearest_int(iscale * (x[o + k] - mn[s])), 0), nmax)
+                Laux[k] = l
+                wl = w[k] * _f(l)
+                T1[k] = wl
+                T2[k] = wl * _f(l)
+                T3[k] = wl * x[o + k]
+        for s in range(NL):
+            sl[s], sl2[s], sxl[s] = F0, F0, F0
+        for i in range(n):
+            for s in range(NL):
+                sl[s] += T1[s * n + i]
+                sl2[s] += T2[s * n + i]
+                sxl[s] += T3[s * n + i]
+        for s in range(NL):
+            D[s] = sum_w[s] * sl2[s] - sl[s] * sl[s]
+            a = (sum_w[s] * sxl[s] - sum_x[s] * sl[s]) / D[s]
+            b = (sl2[s] * sum_x[s] - sl[s] * sxl[s]) / D[s]
+            if b > F0:
+                b = F0
+                a = sxl[s] / sl2[s]
+            ts[s], tm[s] = a, b
+            for i in range(n):
+                k = s * n + i
+                diff = a * _f(Laux[k]) + b - x[o + k]
+                T1[k] = w[k] * (abs(diff) if use_mad else diff * diff)
+        for s in range(NL):
+            err[s] = F0
+        for i in range(n):
+            for s in range(NL):
+                err[s] += T1[s * n + i]
+        for s in range(NL):
+            if D[s] > F0 and err[s] < best[s]:
                 for i in range(n):
-                    L[o + i] = Laux[i]
-                best, scale, mn = err, this_scale, this_min
-    return scale, -mn
+                    L[o + s * n + i] = Laux[s * n + i]
+                best[s], scale[s], mn[s] = err[s], ts[s], tm[s]
+    for s in range(NL):
+        scale_out[s], min_out[s] = scale[s], -mn[s]
+        if mx[s] == mn0[s]:
+            scale_out[s], min_out[s] = F0, -mn0[s]
+            for i in range(n):
+                L[o + s * n + i] = 0
 
 
 @_jit
-def _qx(x, o, n, nmax, L):
-    """ggml make_qx_quants, rmse_type 1 (weights x**2), on x[o:o + n] -> scale; codes 0..2*nmax-1 in L[o:o + n]."""
-    amax, mx = _signed_absmax(x, o, n)
-    if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[o + i] = 0
-        return F0
-    iscale = _f(-nmax) / mx
-    sumlx, suml2 = F0, F0
-    for i in range(n):
-        l = min(max(_nearest_int(iscale * x[o + i]), -nmax), nmax - 1)
-        L[o + i] = l + nmax
-        v = x[o + i]
-        w = v * v
-        sumlx += w * v * _f(l)
-        suml2 += w * _f(l) * _f(l)
-    scale = sumlx / suml2 if suml2 != F0 else F0
-    best = scale * sumlx
-    for step in range(-9, 10):
+def _qx(x, o, NL, n, nmax, L, scale_out):
+    """ggml make_qx_quants, rmse_type 1 (weights x**2), on NL sub-blocks of n values at x[o + s*n] ->
+    scale_out[s]; codes 0..2*nmax-1 into L[o + s*n + i]."""
+    amax, mx, sumlx, suml2, scale, best = _f32s(16), _f32s(16), _f32s(16), _f32s(16), _f32s(16), _f32s(16)
+    T1, T2 = _f32s(256), _f32s(256)
+    Laux = numba.carray(_stack(256, np.uint8), 256)
+    for s in range(NL):
+        amax[s], mx[s] = _signed_absmax(x, o + s * n, n)
+    for step in range(-10, 10):  # -10: the first codes, at -nmax / max; then C's is = -9..9 but 0
         if step == 0:
             continue
-        iscale = -(_f(nmax) + TENTH * _f(step)) / mx
-        sumlx, suml2 = F0, F0
-        for i in range(n):
-            l = min(max(_nearest_int(iscale * x[o + i]), -nmax), nmax - 1)
-            v = x[o + i]
-            w = v * v
-            sumlx += w * v * _f(l)
-            suml2 += w * _f(l) * _f(l)
-        if suml2 > F0 and sumlx * sumlx > best * suml2:
+        for s in range(NL):
+            iscale = _f(-nmax) / mx[s] if step == -10 else -(_f(nmax) + TENTH * _f(step)) / mx[s]
             for i in range(n):
-                L[o + i] = nmax + min(max(_nearest_int(iscale * x[o + i]), -nmax), nmax - 1)
-            scale = sumlx / suml2
-            best = scale * sumlx
-    return scale
+                k = s * n + i
+                v = x[o + k]
+                l = min(max(_nearest_int(iscale * v), -nmax), nmax - 1)
+                Laux[k] = l + nmax
+                w = v * v
+                T1[k] = w * v * _f(l)
+                T2[k] = w * _f(l) * _f(l)
+        for s in range(NL):
+            sumlx[s], suml2[s] = F0, F0
+        for i in range(n):
+            for s in range(NL):
+                sumlx[s] += T1[s * n + i]
+                suml2[s] += T2[s * n + i]
+        for s in range(NL):
+            if step == -10:
+                scale[s] = sumlx[s] / suml2[s] if suml2[s] != F0 else F0
+                best[s] = scale[s] * sumlx[s]
+            elif not (suml2[s] > F0 and sumlx[s] * sumlx[s] > best[s] * suml2[s]):
+                continue
+            else:
+                scale[s] = sumlx[s] / suml2[s]
+                best[s] = scale[s] * sumlx[s]
+            for i in range(n):
+                L[o + s * n + i] = Laux[s * n + i]
+    for s in range(NL):
+        scale_out[s] = scale[s]
+        if amax[s] < GROUP_MAX_EPS:  # all zero: C returns 0 and zero codes before searching
+            scale_out[s] = F0
+            for i in range(n):
+                L[o + s * n + i] = 0
 
 
 @_jit
@@ -398,9 +462,9 @@ def _block_iq4_nl(x, out, L, scale, w):
 
 
 @_jit
-def _block_k4(x, nmax, rmin, nstep, out, L, scale, offset, w, Laux, sc, mn):
+def _block_k4(x, nmax, rmin, nstep, out, L, scale, offset, sc, mn):
     """Q4_K (nmax 15) and Q5_K (31): 8 sub-blocks of 32 fit by make_qkx2_quants, 6-bit scales and mins."""
-    max_scale, max_min = F0, F0
+    w = _f32s(256)
     for j in range(8):
         o = 32 * j
         sum_x2 = F0
@@ -408,8 +472,10 @@ def _block_k4(x, nmax, rmin, nstep, out, L, scale, offset, w, Laux, sc, mn):
             sum_x2 += x[o + l] * x[o + l]
         av_x = np.sqrt(sum_x2 / _f(32))
         for l in range(32):
-            w[l] = av_x + abs(x[o + l])
-        sc[j], mn[j] = _qkx2(x, o, 32, w, nmax, rmin, TENTH, nstep, False, L, Laux)
+            w[o + l] = av_x + abs(x[o + l])
+    _qkx2(x, 0, 8, 32, w, nmax, rmin, TENTH, nstep, False, L, sc, mn)
+    max_scale, max_min = F0, F0
+    for j in range(8):
         if sc[j] > max_scale:
             max_scale = sc[j]
         if mn[j] > max_min:
@@ -444,14 +510,14 @@ def _block_k4(x, nmax, rmin, nstep, out, L, scale, offset, w, Laux, sc, mn):
 
 
 @_jit
-def _block_q2_k(x, out, L, scale, offset, w, Laux, sc, mn):
+def _block_q2_k(x, out, L, scale, offset, sc, mn):
     """16 sub-blocks of 16 fit by make_qkx2_quants on weights |x|, absolute error; 4-bit scales and mins."""
+    w = _f32s(256)
+    for i in range(256):
+        w[i] = abs(x[i])
+    _qkx2(x, 0, 16, 16, w, 3, _f(-0.5), TENTH, 15, True, L, sc, mn)
     max_scale, max_min = F0, F0
     for j in range(16):
-        o = 16 * j
-        for l in range(16):
-            w[l] = abs(x[o + l])
-        sc[j], mn[j] = _qkx2(x, o, 16, w, 3, _f(-0.5), TENTH, 15, True, L, Laux)
         if sc[j] > max_scale:
             max_scale = sc[j]
         if mn[j] > max_min:
@@ -516,9 +582,9 @@ def _block_q3_k(x, out, L, scale, sc):
 @_jit
 def _block_q6_k(x, out, L, scale, sc):
     """16 sub-blocks of 16 fit by make_qx_quants (rmse_type 1), int8 scales, levels -32..31."""
+    _qx(x, 0, 16, 16, 32, L, sc)
     amax, max_scale = F0, F0
     for j in range(16):
-        sc[j] = _qx(x, 16 * j, 16, 32, L)
         if abs(sc[j]) > amax:
             amax, max_scale = abs(sc[j]), sc[j]
     if amax < GROUP_MAX_EPS:  # C zeroes the whole block
@@ -548,7 +614,6 @@ def _fit_all(kind, x, out, L, scale, offset):
     n = x.shape[0]
     for c in prange((n + CHUNK - 1) // CHUNK):
         w = np.empty(32, np.float32)
-        Laux = np.empty(32, np.uint8)
         sc = np.empty(16, np.float32)
         mn = np.empty(16, np.float32)
         for b in range(c * CHUNK, min(n, c * CHUNK + CHUNK)):
@@ -558,13 +623,13 @@ def _fit_all(kind, x, out, L, scale, offset):
             elif kind == 5:
                 _block_iq4_nl(xb, ob, Lb, sb, w)
             elif kind == 6:
-                _block_q2_k(xb, ob, Lb, sb, fb, w, Laux, sc, mn)
+                _block_q2_k(xb, ob, Lb, sb, fb, sc, mn)
             elif kind == 7:
                 _block_q3_k(xb, ob, Lb, sb, sc)
             elif kind == 8:
-                _block_k4(xb, 15, _f(-1.0), 20, ob, Lb, sb, fb, w, Laux, sc, mn)
+                _block_k4(xb, 15, _f(-1.0), 20, ob, Lb, sb, fb, sc, mn)
             elif kind == 9:
-                _block_k4(xb, 31, _f(-0.5), 15, ob, Lb, sb, fb, w, Laux, sc, mn)
+                _block_k4(xb, 31, _f(-0.5), 15, ob, Lb, sb, fb, sc, mn)
             else:
                 _block_q6_k(xb, ob, Lb, sb, sc)
             _pack_codes(kind, Lb, ob)
