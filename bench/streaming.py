@@ -38,12 +38,14 @@ SHAPES = {  # Llama 3.2 1B and Llama 3.1 8B
 }
 
 
-def make(folder: Path, shape: str, shard_bytes: int = 2 << 30) -> None:
-    """Write the checkpoint a shard at a time (at most one shard in memory)."""
+def make(folder: Path, shape: str, shard_bytes: int = 2 << 30, layers: int | None = None) -> None:
+    """Write the checkpoint a shard at a time (at most one shard in memory); `layers` cuts the shape's
+    block count (the width stays)."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**SHAPES[shape], torch_dtype="bfloat16")
+    config = LlamaConfig(**{**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})},
+                         torch_dtype="bfloat16", architectures=["LlamaForCausalLM"])  # a causal LM, as real ones say
     with torch.device("meta"):
         names = [(k, tuple(v.shape)) for k, v in LlamaForCausalLM(config).state_dict().items()
                  if not (config.tie_word_embeddings and k == "lm_head.weight")]
