@@ -98,7 +98,7 @@ def main() -> None:
     }
     bad = differing_tensors(ours, theirs)
     n = len(__import__("gguf").GGUFReader(theirs).tensors)
-    (lb, lb_rss), (f, f_rss), (q, q_rss) = rows.values()
+    (lb, _), (f, f_rss), (q, q_rss) = rows.values()
     if a.blocks:
         shutil.rmtree(folder)
     print(f"\n{folder.name} ({a.shape} shape), {a.recipe}, {a.threads} threads; "
