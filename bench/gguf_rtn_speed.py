@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -86,6 +87,11 @@ def main() -> None:
         make(a.dir, a.shape, layers=a.layers)
         print(f"wrote {a.dir} in {time.perf_counter() - t0:.0f} s")
     folder = first_blocks(a.dir, a.blocks) if a.blocks else a.dir
+    config = json.loads((folder / "config.json").read_text())
+    if not config.get("architectures"):  # made before make() wrote it: transformers would load a bare LlamaModel
+        if folder == a.dir:
+            sys.exit(f"{a.dir}/config.json has no 'architectures': remake it, or pass --blocks (a view gets one)")
+        (folder / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"]}, indent=1))
     shutil.rmtree(a.work, ignore_errors=True)
     a.work.mkdir(parents=True)
     ours, f32, theirs = a.work / "lowbit.gguf", a.work / "f32.gguf", a.work / "llama.gguf"
