@@ -12,6 +12,8 @@ SmolLM2's tokenizer), made once in DIR.
     PYTHONPATH=. .venv/bin/python bench/gguf_rtn_speed.py --shape 1b --layers 4 --dir /tmp/lowbit-1b-4l
     # the 8B shape, a 2-block cut of bench/streaming.py's 8B checkpoint (per-block costs)
     PYTHONPATH=. .venv/bin/python bench/gguf_rtn_speed.py --shape 8b --dir /tmp/lowbit-8b --blocks 2
+    # per type: CPU microseconds per 256 values, numpy reference against the numba kernel, one thread
+    PYTHONPATH=. .venv/bin/python bench/gguf_rtn_speed.py --kernels
 """
 from __future__ import annotations
 
@@ -68,17 +70,46 @@ def differing_tensors(a: Path, b: Path) -> list[str]:
     return bad
 
 
+def kernel_table(rows: int = 512, n: int = 4096) -> None:
+    """CPU time (process_time, one thread) per 256 values of N(0, 1) rows, reference and kernel, bytes equal."""
+    import torch
+
+    from lowbit.core.ggml_blocks import GGML_TYPES
+
+    torch.set_num_threads(1)
+    x = np.random.default_rng(0).standard_normal((rows, n)).astype(np.float32)
+    print("| type | numpy reference us / 256 values | numba kernel | speed-up |\n|---|---:|---:|---:|")
+    for t in GGML_TYPES.values():
+        if t.fit is None:
+            continue
+        blocks = x.reshape(-1, t.block_size)
+        t.quantize(blocks[:64])  # compiled (or loaded from numba's cache) before the clock starts
+        per = []
+        for run in (t.quantize_reference, t.quantize):
+            c0 = time.process_time()
+            out = run(blocks)
+            per.append((time.process_time() - c0) / x.size * 256 * 1e6)
+            per.append(out)
+        assert np.array_equal(per[1], per[3]), t.name
+        print(f"| {t.name} | {per[0]:.1f} | {per[2]:.2f} | {per[0] / per[2]:.0f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=["1b", "8b"], default="1b")
     ap.add_argument("--layers", type=int, help="make the checkpoint with this many blocks (default: the shape's)")
     ap.add_argument("--blocks", type=int, help="use only the first N blocks of DIR (a view, bench/streaming.py)")
-    ap.add_argument("--dir", type=Path, required=True, help="the synthetic checkpoint (made if absent)")
+    ap.add_argument("--dir", type=Path, help="the synthetic checkpoint (made if absent)")
+    ap.add_argument("--kernels", action="store_true", help="only the per-type kernel table (no checkpoint)")
     ap.add_argument("--recipe", default="q4_k_m", choices=FTYPES)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("/tmp/lowbit-gguf-rtn"), help="where the .gguf files go")
     ap.add_argument("--llama-cpp", type=Path, default=Path(os.environ.get("LOWBIT_LLAMA_CPP", "/tmp/llama.cpp/build/bin")))
     a = ap.parse_args()
+    if a.kernels:
+        return kernel_table()
+    if a.dir is None:
+        sys.exit("--dir: the synthetic checkpoint's folder (made if absent)")
     quantize = a.llama_cpp / "llama-quantize"
     if not quantize.exists():
         sys.exit(f"no {quantize}: run bench/llama_cpp.sh or pass --llama-cpp")
