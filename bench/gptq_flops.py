@@ -7,12 +7,16 @@
               forward_quantized  the quantized block on every batch (the next block's inputs)
               hessian            X^T X once per distinct input: attention input (q/k/v share it),
                                  o_proj's input, MLP input (gate/up share it), down_proj's input
-              factor             per distinct input: Cholesky of H, inverse, Cholesky of H^-1
-                                 (float64; ~4/3 n^3 as LAPACK counts: n^3/3 + 2n^3/3 + n^3/3)
+              cholesky           per distinct input: Cholesky of the reversed, dampened H (n^3/3,
+                                 float64)
+              inverse            its triangular inverse by halves in matrix products (2n^3/3, float64),
+                                 which is the upper Cholesky factor of H^-1 reversed (methods/gptq.py)
               columns            per layer: the lazy-batch trailing updates E1 @ U[i1:i2, i2:]
                                  (~rows * cols^2) plus the in-block updates (~2 * rows * cols * 128)
               losses             per layer: tr(D H D^T) for GPTQ's and RTN's weights (fallback) and
                                  ||W X||^2 (report): one [rows, cols] x [cols, cols] product each
+            The runner's phases: statistics = forward_stats + hessian; solve = cholesky + inverse +
+            columns + losses; forward = forward_quantized.
     rates   the machine's GEMM rate in float32, bfloat16 and float64 with torch at --threads
             threads (square-ish products of the sizes above), and its float64 Cholesky rate
     predict seconds per block = sum of each phase's flops / the rate of the dtype it runs in
@@ -49,8 +53,10 @@ SHAPES = {"8b": Shape(4096, 14336, 32, 8), "70b": Shape(8192, 28672, 64, 8)}
 BLOCKS = {"8b": 32, "70b": 80}
 # which dtype each phase runs in (calibration_dtype "auto" on a CPU with AVX512-BF16: bf16 forwards
 # and X^T X products; the factor in float64; the column solve and losses in float32)
-PHASE_DTYPE = {"forward_stats": "bf16", "forward_quantized": "bf16", "hessian": "bf16", "factor": "chol64",
-               "columns": "fp32", "losses": "fp32"}
+PHASE_DTYPE = {"forward_stats": "bf16", "forward_quantized": "bf16", "hessian": "bf16", "cholesky": "chol64",
+               "inverse": "fp64", "columns": "fp32", "losses": "fp32"}
+RUNNER_PHASE = {"forward_stats": "statistics", "hessian": "statistics", "cholesky": "solve", "inverse": "solve",
+                "columns": "solve", "losses": "solve", "forward_quantized": "forward"}
 
 
 def block_flops(s: Shape, tokens: int, window: int, loss_products: int = 3) -> dict[str, float]:
@@ -68,7 +74,8 @@ def block_flops(s: Shape, tokens: int, window: int, loss_products: int = 3) -> d
         "forward_stats": 2 * tokens * (params - down) + attention,
         "forward_quantized": 2 * tokens * params + attention,
         "hessian": sum(2 * tokens * n * n for n in inputs),
-        "factor": sum(4 / 3 * n ** 3 for n in inputs),
+        "cholesky": sum(n ** 3 / 3 for n in inputs),
+        "inverse": sum(2 * n ** 3 / 3 for n in inputs),
         "columns": sum(r * c * c + 2 * r * c * block for r, c in L.values()),
         "losses": loss_products * sum(2 * r * c * c for r, c in L.values()),
     }

@@ -158,8 +158,8 @@ def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hes
     full = propagate == "full"
     outs = Activations(spill, f"block-{i + 1:05d}-in")
     work = _BlockWork(block, local, inputs.tokens // max(len(inputs), 1), hessian)
-    bar = tqdm(total=round(work.total(len(inputs), propagate == "quantized")), desc=f"block {i}", unit="GFLOP",
-               leave=False, disable=not progress)
+    bar = tqdm(total=work.total(len(inputs), propagate == "quantized"), desc=f"block {i}", unit="flop",
+               unit_scale=True, leave=False, disable=not progress)
     t0 = time.perf_counter()
     with StatsCollector(block, local, hessian, product_dtype=dtype, stop_early=not full,
                         magnitudes=magnitudes) as c, autocast():
@@ -172,7 +172,7 @@ def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hes
             else:
                 if full:
                     outs.append(y, inp.kwargs)
-            bar.update(round(work.statistics))
+            bar.update(work.statistics)
     t1 = time.perf_counter()
     report.add_time("statistics", t1 - t0)
     report.stats_mb = max(report.stats_mb, sum(s.nbytes for s in set(c.stats.values())) / 2**20)
@@ -183,7 +183,7 @@ def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hes
 
     def solve(n):
         out = quantize_layer(head + n, c.stats.get(n))
-        bar.update(round(work.solve[n]))
+        bar.update(work.solve[n])
         return out
     # Each layer's solve is independent; a Python-bound loop of small tensor ops (GPTQ's
     # columns) leaves a core idle, so two solves run at once (more when they are Ray tasks).
@@ -195,7 +195,7 @@ def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hes
         with autocast():
             for inp in inputs:
                 outs.append(run_block(block, inp), inp.kwargs)
-                bar.update(round(work.forward))
+                bar.update(work.forward)
     report.add_time("forward", time.perf_counter() - t3)
     bar.close()
     report.activations_mb = max(report.activations_mb, (inputs.memory_bytes + outs.memory_bytes) / 2**20)
@@ -226,20 +226,21 @@ class _Timed:
 
 
 class _BlockWork:
-    """GFLOP of a block's steps, so that its progress bar's ETA holds across steps of unequal
-    cost: per batch the forward (2 flops per weight and token) and, in the statistics pass, the
-    X^T X products (2 n^2 per token, at most one per layer); per layer the solve (GPTQ: its column
-    updates and layer losses, ~7 rows x cols^2, and a share of the Hessian's factor, ~cols^3)."""
+    """Floating-point operations of a block's steps (integers), so that its progress bar's ETA holds
+    across steps of unequal cost: per batch the forward (2 per weight and token) and, in the
+    statistics pass, the X^T X products (2 n^2 per token, at most one per layer); per layer the
+    solve (GPTQ: its column updates and layer losses, ~7 rows x cols^2, and a share of the
+    Hessian's factor, ~cols^3)."""
 
     def __init__(self, block: nn.Module, local: list[str], tokens: int, hessian: bool):
         shapes = {n: tuple(linear_weight(block.get_submodule(n)).shape) for n in local}
         weights = sum(r * c for r, c in shapes.values())
         products = sum(2 * c * c for _, c in shapes.values()) if hessian else 0
-        self.forward = 2 * tokens * weights / 1e9
-        self.statistics = self.forward + tokens * products / 1e9
-        self.solve = {n: (7 * r * c * c + c ** 3) / 1e9 if hessian else r * c / 1e9 for n, (r, c) in shapes.items()}
+        self.forward = 2 * tokens * weights
+        self.statistics = self.forward + tokens * products
+        self.solve = {n: 7 * r * c * c + c ** 3 if hessian else r * c for n, (r, c) in shapes.items()}
 
-    def total(self, batches: int, forward: bool) -> float:
+    def total(self, batches: int, forward: bool) -> int:
         return batches * (self.statistics + (self.forward if forward else 0)) + sum(self.solve.values())
 
 
