@@ -22,7 +22,8 @@
     predict seconds per block = sum of each phase's flops / the rate of the dtype it runs in
 
     PYTHONPATH=. .venv/bin/python -P bench/gptq_flops.py --threads 2            # 8B, 8x256 and 128x2048
-    PYTHONPATH=. .venv/bin/python -P bench/gptq_flops.py --shape 70b --tokens 2048
+    PYTHONPATH=. .venv/bin/python -P bench/gptq_flops.py --shape 70b --calib 128x2048
+    PYTHONPATH=. .venv/bin/python -P bench/gptq_flops.py --factor-baseline 4096   # the factor before / now
 """
 from __future__ import annotations
 
@@ -111,13 +112,44 @@ def predict(s: Shape, tokens: int, window: int, rates: dict[str, float], loss_pr
     return {p: f / (rates[PHASE_DTYPE[p]] * 1e9) for p, f in block_flops(s, tokens, window, loss_products).items()}
 
 
+def factor_baseline(n: int, threads: int) -> dict[str, float]:
+    """Seconds of the inverse Hessian factor at n inputs: the path before issue 25 (Cholesky,
+    LAPACK's potri, Cholesky of the inverse) against methods/gptq.py's (reversed Cholesky and a
+    triangular inverse in matrix products), same H, one call each."""
+    import sys
+
+    import lowbit.methods  # noqa: F401
+    m = sys.modules["lowbit.methods.gptq"]
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, n, generator=g)
+    H = 2 * x.T @ x / 2048
+    dead = torch.zeros(n, dtype=torch.bool)
+
+    def before():
+        Hd = H.double() + 0.01 * float(H.diagonal().double().mean()) * torch.eye(n, dtype=torch.float64)
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True).float()
+    out = {}
+    for name, fn in (("before", before), ("now", lambda: m._inverse_hessian_factor(H, dead, 0.01))):
+        t0 = time.perf_counter()
+        out[name] = fn()
+        out[name + "_s"] = time.perf_counter() - t0
+    err = float((out["now"] - out["before"]).abs().max() / out["before"].abs().max())
+    return {"n": n, "before_s": out["before_s"], "now_s": out["now_s"], "max_rel_diff": err}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=SHAPES, default="8b")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calib", default="8x256,128x2048", help="windows x tokens, comma-separated")
     ap.add_argument("--rates", help="GFLOP/s as JSON ({'fp32':..,'bf16':..,'fp64':..,'chol64':..}) instead of measuring")
+    ap.add_argument("--factor-baseline", type=int, metavar="N", help="time the inverse Hessian factor at N inputs, "
+                    "before and now, and exit")
     a = ap.parse_args()
+    if a.factor_baseline:
+        print("FACTOR " + json.dumps(factor_baseline(a.factor_baseline, a.threads)))
+        return
     rates = json.loads(a.rates) if a.rates else gemm_rates(a.threads)
     print(f"GEMM GFLOP/s at {a.threads} threads: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()))
     s = SHAPES[a.shape]
