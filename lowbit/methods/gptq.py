@@ -185,8 +185,10 @@ def _inverse_hessian_factor(H: torch.Tensor, dead: torch.Tensor, damp: float) ->
         torch.add(base, lam, out=diag)
         L, info = torch.linalg.cholesky_ex(Hr)
         if info == 0:
-            del Hr
-            return lower_inverse(L).flip((0, 1)).float()
+            del Hr, diag  # 8 n^2 bytes each (1.6 GB at n = 14336): free before the inverse
+            Li = lower_inverse(L)
+            del L
+            return Li.float().flip((0, 1))
         lam = max(10 * lam, 1e-4 * mean)  # damp=0 escalates too (0 * 10 would stay 0)
     raise ValueError("the Hessian is not positive definite even with strong dampening; "
                      "check the calibration data (NaN or too few tokens?)")
