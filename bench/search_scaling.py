@@ -23,7 +23,11 @@ from pathlib import Path
 
 import torch
 
-from lowbit.analysis.sensitivity import DEFAULT_CANDIDATES, Sensitivity, layer_sensitivity
+from lowbit.analysis.sensitivity import (
+    DEFAULT_CANDIDATES,
+    Sensitivity,
+    layer_sensitivity,
+)
 from lowbit.eval import token_ids
 from lowbit.io import load_model, models, wikitext2
 from lowbit.pipeline import get_recipe, quantize

@@ -5,14 +5,13 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_transformer, wikitext_excerpt
 
 import lowbit
 from lowbit.analysis import layer_sensitivity, plan_mixed
 from lowbit.eval import token_ids
 from lowbit.methods import rtn
 from lowbit.pipeline.walk import linear_weight
-
-from conftest import tiny_transformer, wikitext_excerpt
 
 CANDIDATES = ["w2g64", "w4g64", "w8"]
 
@@ -36,7 +35,7 @@ def brute_force_fisher(model, names, ids: torch.Tensor, stride: int, candidates)
         lin = m64.get_submodule(name)
         seen = {}
 
-        def leaf(module, args, output):
+        def leaf(module, args, output, seen=seen):
             seen["x"] = args[0].detach()
             seen["y"] = output.detach().requires_grad_()
             return seen["y"]

@@ -45,7 +45,7 @@ def fisher_cost(row: torch.Tensor, g: torch.Tensor, positions: int) -> float:
 
 
 def output_fisher(model, blocks, norm, head, names: list[str], windows: torch.Tensor, pos: torch.Tensor, *,
-                  chunk: int = 4, seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
+                  chunk: int = 2, seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
     """G_j = sum over the scored positions of (d(-log p(y)) / d y_j)^2 for each layer in `names`
     (modules of `model`, output [..., out]) -> {name: G [out] float64}.
 
