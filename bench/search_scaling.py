@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--only-full", action="store_true", help="only the ranking against the full measurement")
     ap.add_argument("--calibrated", action="store_true", help="also time the awq+gptq-priced Fisher pass")
     ap.add_argument("--full", type=int, default=0, help="windows for the full measurement (0: none)")
     ap.add_argument("--full-window", type=int, default=256)
@@ -61,17 +62,18 @@ def main() -> None:
     valid = token_ids(tok, wikitext2("valid"))
     windows = [valid[5120 + i * 512:5120 + (i + 1) * 512] for i in range(args.windows)]
     rows = {"windows": args.windows, "window": 512, "threads": args.threads}
-    if not args.skip_baseline:
+    if not (args.skip_baseline or args.only_full):
         q = copy.deepcopy(model)
         t = time.perf_counter()
         quantize(q, get_recipe("w4g64"), method="auto", calibration=[w[None] for w in windows], progress=True)
         rows["auto_w4g64_s"] = time.perf_counter() - t
         del q
         print(f"calibrated auto w4g64 on {args.windows} windows of 512: {rows['auto_w4g64_s']:.1f} s", flush=True)
-    fisher = layer_sensitivity(model, windows, DEFAULT_CANDIDATES)
-    rows["fisher_rtn_s"] = fisher.seconds
-    (out / "fisher_rtn.json").write_text(json.dumps(fisher.to_dict()))
-    print(f"fisher sensitivity (rtn, {len(DEFAULT_CANDIDATES)} candidates): {fisher.seconds:.1f} s", flush=True)
+    if not args.only_full:
+        fisher = layer_sensitivity(model, windows, DEFAULT_CANDIDATES)
+        rows["fisher_rtn_s"] = fisher.seconds
+        (out / "fisher_rtn.json").write_text(json.dumps(fisher.to_dict()))
+        print(f"fisher sensitivity (rtn, {len(DEFAULT_CANDIDATES)} candidates): {fisher.seconds:.1f} s", flush=True)
     if args.calibrated:
         scored = [valid[5120 - (4 - i) * 256:5120 - (3 - i) * 256] for i in range(4)]
         cal = layer_sensitivity(model, scored, CALIBRATED, method="awq+gptq",
@@ -84,7 +86,8 @@ def main() -> None:
         names = None
         if args.full_blocks != "all":
             blocks = {int(b) for b in args.full_blocks.split(",")}
-            names = [n for n in fisher.names if int(n.split(".")[2]) in blocks]
+            names = [n for n, m in model.named_modules() if n.startswith("model.layers.") and
+                     isinstance(m, torch.nn.Linear) and int(n.split(".")[2]) in blocks]
         cache = out / f"full_{args.full}x{args.full_window}_{args.full_blocks}.json"
         if cache.is_file():
             full = Sensitivity.from_dict(json.loads(cache.read_text()))

@@ -10,8 +10,13 @@ For an encoder (no output layer, e.g. MiniLM) `kl` holds 1 - cosine similarity o
 last hidden states to the fp ones (Sensitivity.metric "1-cos") and dloss is nan.
     output_err[l, c]  ||(W - Q) X||^2 / ||W X||^2 = tr(D H D^T) / tr(W H W^T), D = W - Q
     proxy[l, c]       tr(H) / n_in * ||W - Q||^2 (HAWQ's trace-weighted weight error)
+    fisher[l, c]      the KL estimated to second order from one backward pass (analysis.fisher):
+                      1/(2P) sum_j G_j (D H D^T)_jj / 2, G_j the summed squared gradients of the
+                      layer's output j; score="fisher", a causal LM's default
 
-Measuring every (l, c) runs the model's tail once per pair. The fp model's block inputs flow
+score="fisher" costs one forward and backward pass over the windows plus one D H D^T per pair (on
+SmolLM2 about one calibrated quantization's time, docs/benchmarks.md) and `cost` is `fisher`.
+score="full" measures instead. Measuring every (l, c) runs the model's tail once per pair. The fp model's block inputs flow
 block by block, so a layer of block i runs blocks i.. only, and logits are taken at every
 `stride`-th position. measure="reference" measures one candidate per layer and scales it to the
 others by their output error (kl[l, c] ~ kl[l, ref] * tr(D_c H D_c^T) / tr(D_ref H D_ref^T), the
@@ -20,7 +25,7 @@ every pair. `cost` (what the mixed-precision search minimises) is kl where measu
 estimate.
 
     sens = layer_sensitivity(model, calibration=[ids[None]], candidates=["w3g64", "w4g64", "w8"])
-    sens.spearman()  # {"proxy": rho, "output_err": rho}: how well the cheap ones rank the layers
+    sens.spearman()  # {"proxy": rho, "output_err": rho} (score="full"): how the cheap ones rank the layers
 """
 from __future__ import annotations
 
