@@ -65,6 +65,7 @@ def test_fisher_equals_a_float64_brute_force(arch):
     calib = [torch.randint(0, 100, (24,), generator=gen) for _ in range(3)]
     sens = layer_sensitivity(model, calib, CANDIDATES, progress=False)
     assert sens.score == "fisher" and torch.isnan(sens.kl).all() and sens.runs == 0  # no tail runs
+    assert sens.spearman() == {}
     want = brute_force_fisher(model, sens.names, torch.stack(calib), 2, CANDIDATES)
     assert len(sens.names) == (8 if arch == "gpt2" else 14)
     for l, name in enumerate(sens.names):

@@ -82,9 +82,12 @@ class Sensitivity:
         return torch.where(torch.isnan(self.kl), est, self.kl).clamp(min=0)
 
     def spearman(self) -> dict[str, float]:
-        """Spearman rank correlation over the layers, at the reference candidate, of the proxy and of
-        the output error against the measured KL (and over every measured pair, when all were)."""
+        """Spearman rank correlation over the layers, at the reference candidate, of the proxy, the
+        output error and the Fisher estimate (when present) against the measured KL (and the proxy over
+        every measured pair, when all were); {} when nothing was measured (score="fisher")."""
         c = self.reference
+        if torch.isnan(self.kl[:, c]).all():
+            return {}  # score="fisher": nothing measured to rank against
         out = {"proxy": _rho(self.proxy[:, c], self.kl[:, c]),
                "output_err": _rho(self.output_err[:, c], self.kl[:, c])}
         if not torch.isnan(self.kl).any():
