@@ -154,7 +154,8 @@ def run(a, folder: Path, out: Path) -> None:
         src_bytes += sum(t.dtype.itemsize * torch.Size(t.shape).numel() for k, t in stored_tensors(shard).items()
                          if k in wanted)
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-P", __file__, "--child",  # -P: bench/kernels.py must not shadow the kernels package "--dir", str(folder), "--out", str(out), "--recipe", a.recipe,
+    # -P: bench/kernels.py must not shadow the kernels package transformers imports
+    cmd = [sys.executable, "-P", __file__, "--child", "--dir", str(folder), "--out", str(out), "--recipe", a.recipe,
            "--method", a.method, "--threads", str(a.threads), "--windows", str(a.windows), "--window", str(a.window),
            "--activation-mb", str(a.activation_mb)] + (["--text", str(a.text)] if a.text else []) + (["--ray", str(a.ray)] if a.ray else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
