@@ -31,7 +31,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# bench/streaming.py by path: bench/ on sys.path would shadow the `kernels` package transformers imports
+# bench/streaming.py by path: bench/ on sys.path could shadow a package transformers imports
 _spec = importlib.util.spec_from_file_location("bench_streaming", ROOT / "bench" / "streaming.py")
 streaming = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(streaming)

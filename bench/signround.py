@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-# bench/kernels.py would shadow the `kernels` package transformers imports
+# bench/ off sys.path: a bench file named like a package transformers imports would shadow it
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch  # noqa: E402

@@ -154,7 +154,7 @@ def run(a, folder: Path, out: Path) -> None:
         src_bytes += sum(t.dtype.itemsize * torch.Size(t.shape).numel() for k, t in stored_tensors(shard).items()
                          if k in wanted)
     shutil.rmtree(out, ignore_errors=True)
-    # -P: bench/kernels.py must not shadow the kernels package transformers imports
+    # -P: bench/ stays off sys.path (a bench file named like a package transformers imports would shadow it)
     cmd = [sys.executable, "-P", __file__, "--child", "--dir", str(folder), "--out", str(out), "--recipe", a.recipe,
            "--method", a.method, "--threads", str(a.threads), "--windows", str(a.windows), "--window", str(a.window),
            "--activation-mb", str(a.activation_mb)] + (["--text", str(a.text)] if a.text else []) + (["--ray", str(a.ray)] if a.ray else [])
