@@ -18,6 +18,7 @@ per block (lowbit/io/streaming.py).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import resource
@@ -115,7 +116,7 @@ def child(a) -> None:
     rates = None
     if a.method != "rtn":
         from bench.gptq_flops import gemm_rates
-        from lowbit.pipeline import quantize as pipeline_quantize
+        pipeline_quantize = importlib.import_module("lowbit.pipeline.quantize")  # the module, not lowbit.pipeline.quantize()
 
         rates = gemm_rates(a.threads)  # measured in this process, at this load, before the run
         run_sequential = pipeline_quantize.run_sequential
