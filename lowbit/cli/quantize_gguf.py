@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .common import calibration_split, check_out, gguf_file_types, method_options, read_text
 
-CALIBRATED = ("awq+gptq", "gptq", "awq", "rotate+awq+gptq", "rotate+gptq", "rotate+awq")
+CALIBRATED = ("awq+gptq", "gptq", "awq", "signround", "awq+signround", "rotate+awq+gptq", "rotate+gptq", "rotate+awq")
+SIGNROUND_OPTIONS = ("steps", "lr", "clip_lr", "batch_windows", "seed")
 
 
 def wants_gguf(args) -> bool:
@@ -77,7 +78,12 @@ def _gptq_options(items: list[str] | None, method: str) -> dict:
     opts = method_options(items or [], {})
     if opts and method == "rtn":
         raise ValueError("--method-option: rtn GGUF export has no options")
-    unknown = [f"{m}.{k}" for m, kw in opts.items() for k in kw if m != "gptq" or k not in ("damp", "act_order")]
+    allowed = {"gptq": ("damp", "act_order"), "signround": SIGNROUND_OPTIONS}
+    unknown = [f"{m}.{k}" for m, kw in opts.items() for k in kw if k not in allowed.get(m, ())]
     if unknown:
-        raise ValueError(f"--method-option {unknown[0]}: calibrated GGUF export takes gptq.damp and gptq.act_order")
-    return opts.get("gptq", {})
+        raise ValueError(f"--method-option {unknown[0]}: calibrated GGUF export takes gptq.damp and gptq.act_order "
+                         f"(gptq) or signround.{{{','.join(SIGNROUND_OPTIONS)}}} (signround)")
+    out = dict(opts.get("gptq", {}))
+    if "signround" in opts:
+        out["signround"] = opts["signround"]
+    return out

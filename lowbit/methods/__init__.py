@@ -8,6 +8,8 @@ A recipe's method chains them: "awq", "awq+gptq", "smoothquant", "smoothquant+gp
 (transforms first, then at most one solver; round to nearest when none is named).
 A whole-model transform (MODEL_TRANSFORMS: rotate) acts on the model once, before the block-by-block
 calibration, and comes first in a chain: "rotate+awq+gptq", "rotate+gptq", "rotate" (then RTN).
+A solver with `fn.block` (signround) trains a whole block's layers together: the pipeline runs it
+block by block (pipeline/learned_rounding.py), `fn.needs` naming "block".
 """
 import inspect
 import json
@@ -17,6 +19,7 @@ from .gptq import gptq
 from .hqq import hqq
 from .rotate import rotate_options
 from .rtn import mse_clip, rtn
+from .signround import signround
 from .smoothquant import smoothquant_scales
 
 METHODS = {
@@ -24,6 +27,7 @@ METHODS = {
     "mse": mse_clip,
     "hqq": hqq,
     "gptq": gptq,
+    "signround": signround,
 }
 
 
@@ -111,4 +115,4 @@ def check_method_options(options: dict) -> dict:
 
 __all__ = ["METHODS", "TRANSFORMS", "MODEL_TRANSFORMS", "get_method", "parse_method", "block_transforms",
            "model_transforms", "method_needs", "check_method_options", "rtn", "mse_clip", "hqq",
-           "gptq", "awq_scales", "smoothquant_scales"]
+           "gptq", "signround", "awq_scales", "smoothquant_scales"]

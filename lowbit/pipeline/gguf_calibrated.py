@@ -1,5 +1,6 @@
 """Calibrated codes in llama.cpp's blocks: AWQ scales folded into the weights, then GPTQ on each
-tensor's own GGML type, block by block through the sequential runner.
+tensor's own GGML type, block by block through the sequential runner; or learned rounding (signround:
+each block's layers trained together on the codes of their types' grids, the types' own scales kept).
 
     solve_ggml(model, {"model.layers.0.mlp.up_proj": "q4_k", ...}, calibration)
 
@@ -24,13 +25,16 @@ from torch import nn
 from ..core.ggml_blocks import dequantize_rows, quantize_rows
 from ..methods import block_transforms, model_transforms, parse_method
 from ..methods.gptq_ggml import gptq_ggml
+from ..methods.signround import GGMLRounding
+from .learned_rounding import BlockRounding
 from .quantize import _batches
 from .rotate import rotate_model
 from .sequential import LayerReport, layer_loss, run_sequential
+from .sequential import calibration_dtype as _calibration_dtype
 from .transforms import apply_transforms
 from .walk import linear_weight
 
-METHODS = ("awq+gptq", "gptq", "awq", "rotate+awq+gptq", "rotate+gptq", "rotate+awq")
+METHODS = ("awq+gptq", "gptq", "awq", "signround", "awq+signround", "rotate+awq+gptq", "rotate+gptq", "rotate+awq")
 
 
 @dataclass(frozen=True)
@@ -45,10 +49,12 @@ class GGMLScheme:
 
 def solve_ggml(model: nn.Module, types: dict[str, str], calibration: Iterable, *, method: str = "awq+gptq",
                damp: float = 0.01, act_order: bool = True, progress: bool = True, batch_size: int = 8,
-               calibration_dtype: "torch.dtype | str" = "auto") -> nn.Module:
+               calibration_dtype: "torch.dtype | str" = "auto", signround: dict | None = None) -> nn.Module:
     """Solve the Linear layers `types` names ({module name: GGML type}) of `model`'s blocks on their
     types, in place; the blocks land in model.lowbit_gguf_blocks. "rotate+..." rotates the whole model
-    first (pipeline/rotate.py; the types do not change: they follow the Linear layers' shapes)."""
+    first (pipeline/rotate.py; the types do not change: they follow the Linear layers' shapes).
+
+    signround: the learned-rounding options (steps, lr, batch_windows, seed) for method signround."""
     if method not in METHODS:
         raise ValueError(f"calibrated GGUF method {method!r}: choose {', '.join(METHODS)} (or rtn: save directly)")
     transforms, solver = parse_method(method)
@@ -56,6 +62,9 @@ def solve_ggml(model: nn.Module, types: dict[str, str], calibration: Iterable, *
         model.lowbit_rotation = rotate_model(model)
     transforms = block_transforms(transforms)
     blocks: dict[str, tuple[str, np.ndarray]] = {}
+    dtype = _calibration_dtype(calibration_dtype)
+    learned = BlockRounding(lambda name, w: GGMLRounding(w, types[name]), signround or {}, dtype) \
+        if solver == "signround" else None
 
     def quantize_layer(name: str, stats) -> LayerReport:
         t = types[name]
@@ -64,6 +73,9 @@ def solve_ggml(model: nn.Module, types: dict[str, str], calibration: Iterable, *
         rtn = quantize_rows(wf.numpy(), t)
         rtn_loss = layer_loss(wf, torch.from_numpy(dequantize_rows(rtn, t, wf.shape[1])), H)
         data, loss = rtn, rtn_loss
+        if learned is not None:  # trained on the block's output: no layer-loss guard, the block loss decides
+            data = learned.learned.pop(name).blocks()
+            loss = layer_loss(wf, torch.from_numpy(dequantize_rows(data, t, wf.shape[1])), H)
         if solver == "gptq":  # its never-worse-than-RTN guard is applied here, with the RTN bytes made once
             solved = gptq_ggml(wf, t, stats=stats, damp=damp, act_order=act_order, fallback_to_rtn=False)
             solved_loss = layer_loss(wf, torch.from_numpy(dequantize_rows(solved, t, wf.shape[1])), H)
@@ -74,14 +86,18 @@ def solve_ggml(model: nn.Module, types: dict[str, str], calibration: Iterable, *
         blocks[f"{name}.weight"] = (t, data)
         return LayerReport(name, f"{method} ({t})", loss, rtn_loss)
 
+    aim = "signround" if solver == "signround" else "gptq"  # the weights stay unclipped for either
+
     def transform(block, local, stats, producers, sample, where):
         head = where + "."
         apply_transforms(block, local, {n: transforms for n in local}, {n: GGMLScheme(types[head + n]) for n in local},
-                         stats, producers, sample, where, solvers={n: "gptq" for n in local})
+                         stats, producers, sample, where, solvers={n: aim for n in local})
 
     report = run_sequential(model, list(types), _batches(calibration, batch_size), quantize_layer, hessian=True,
                             magnitudes="awq" in transforms, transform=transform if transforms else None,
-                            compute_dtype=calibration_dtype, progress=progress)
+                            compute_dtype=calibration_dtype, progress=progress, solve_block=learned)
+    if learned is not None:
+        report.block_losses = learned.losses
     model.lowbit_calibration = report
     model.lowbit_gguf_blocks = blocks
     return model

@@ -21,13 +21,16 @@ from ..core.observers import make_observer
 from ..methods import block_transforms, get_method, method_needs, model_transforms, parse_method
 from ..methods import rtn as rtn_method
 from ..methods.bitnet import is_bitnet
+from ..methods.gptq import solved_losses
 from ..nn import BitLinear, LLMInt8Linear, QuantLinear
 from .embeddings import embedding_jobs, quantize_embeddings
 from .experts import coverage, is_router, unfuse_experts
+from .learned_rounding import BlockRounding
 from .recipe import Recipe, get_recipe
 from .rotate import rotate_model
-from .transforms import apply_transforms
 from .sequential import LayerReport, layer_loss, run_sequential
+from .sequential import calibration_dtype as calibration_dtype_of
+from .transforms import apply_transforms
 from .walk import is_linear, linear_weight, set_module
 
 
@@ -141,8 +144,10 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
         fn = get_method(r.method)  # the solver of the chain; transforms ran before
         solver = parse_method(r.method)[1]
         opts = r.method_options.get(solver, {})
+        learned = block_solver.learned.pop(name, None) if block_solver is not None else None  # trained with its block
         qweight = solve(name, solver, r.weights, opts) if solve is not None and stats is None else None
-        w = linear_weight(old).float() if qweight is None or on_layer is not None else None
+        qweight = learned.qtensor() if learned is not None else qweight
+        w = linear_weight(old).float() if qweight is None or on_layer is not None or learned is not None else None
         fallback, seen = (_expert_fallback(name, stats) if needs else None), stats
         if fallback:
             fn, stats, opts = rtn_method, None, {}
@@ -164,6 +169,7 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
         return report
 
     needs = {k for r in targets.values() for k in method_needs(r.method)}
+    block_solver = _block_solver(targets, calibration_dtype) if "block" in needs else None
     if needs:
         if calibration is None:
             raise ValueError(f"method(s) {sorted({r.method for r in targets.values()})} use calibration "
@@ -174,7 +180,9 @@ def quantize(model: nn.Module, recipe: "Recipe | str", calibration: Iterable | N
                                                   transform=_transform_step(targets, recipe.method_options),
                                                   propagate=propagate, compute_dtype=calibration_dtype,
                                                   progress=progress, block_scope=block_scope, spill=spill,
-                                                  workers=solve_workers, resume=resume)
+                                                  workers=solve_workers, resume=resume, solve_block=block_solver)
+        if block_solver is not None:
+            model.lowbit_calibration.block_losses = block_solver.losses
     else:
         for name in tqdm(targets, desc="quantize", unit="layer", disable=not progress):
             quantize_layer(name)
@@ -202,6 +210,20 @@ def _check_rotation(recipe: Recipe, modules) -> bool:
         raise ValueError(f"method {recipe.method!r}: rotate rewrites the whole model at once; it cannot run "
                          "on a part of one (streaming): quantize the loaded model instead")
     return rotate
+
+
+def _block_solver(targets: dict[str, Recipe], dtype) -> BlockRounding:
+    """Learned rounding for the layers whose solver trains whole blocks (signround), on their schemes."""
+    from ..methods.signround import SchemeRounding
+    learned = {n: r for n, r in targets.items() if getattr(get_method(r.method), "block", False)}
+    solver = parse_method(next(iter(learned.values())).method)[1]
+    options = next(iter(learned.values())).method_options.get(solver, {})
+    clip = bool(options.get("clip", True))
+
+    def make(name: str, w: torch.Tensor):
+        r = learned.get(name)
+        return None if r is None else SchemeRounding(w, r.weights, clip=clip)
+    return BlockRounding(make, options, calibration_dtype_of(dtype))
 
 
 def _expert_fallback(name: str, stats) -> str | None:
@@ -237,6 +259,10 @@ def _layer_report(name: str, r: Recipe, w: torch.Tensor, qweight, stats) -> Laye
     H = getattr(stats, "hessian", None)
     if H is None:
         return LayerReport(name, r.method)
+    known = solved_losses(stats, w, qweight)  # gptq's fallback measured both already
+    if known is not None:
+        base = (w.float() @ H * w.float()).sum().clamp(min=1e-30)
+        return LayerReport(name, r.method, float(known[0] / base), float(known[1] / base))
     rtn = qweight if r.method == "rtn" else rtn_method(w, r.weights)
     return LayerReport(name, r.method, layer_loss(w, qweight.dequantize(), H), layer_loss(w, rtn.dequantize(), H))
 

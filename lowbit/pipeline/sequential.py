@@ -37,6 +37,7 @@ from tqdm import tqdm
 from .blocks import capture_inputs, find_blocks, run_block
 from .spill import Activations, SpillPolicy
 from .stats import InputStats, StatsCollector, StatsComplete
+from .walk import linear_weight
 
 
 @dataclass
@@ -60,6 +61,14 @@ class CalibrationReport:
     stats_mb: float = 0.0  # largest set of one block's statistics
     peak_rss_mb: float = 0.0
     seconds: float = 0.0
+    block_losses: list = field(default_factory=list)  # learned rounding: (block, loss at round to nearest, kept)
+    # seconds by phase over all blocks: load (block_scope entered), statistics (forwards with the
+    # Hessian products), transform, solve, forward (the quantized block), write (block_scope left)
+    phases: dict[str, float] = field(default_factory=dict)
+    block_seconds: list[float] = field(default_factory=list)
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.phases[phase] = self.phases.get(phase, 0.0) + seconds
 
     def summary(self) -> str:
         lines = [f"sequential calibration over {self.blocks} ({self.tokens} tokens, {self.dtype}): "
@@ -67,11 +76,17 @@ class CalibrationReport:
                  f"peak RSS {self.peak_rss_mb:.0f} MB, activations held {self.activations_mb:.0f} MB"
                  + (f" (+{self.spilled_mb:.0f} MB spilled to disk)" if self.spilled_mb else "")
                  + f", statistics {self.stats_mb:.0f} MB"]
+        if self.phases:
+            lines.append("seconds by phase: " + ", ".join(f"{k} {v:.1f}" for k, v in self.phases.items()))
         with_loss = [r for r in self.layers if r.loss is not None and r.rtn_loss]
         if with_loss:
             ratios = torch.tensor([r.loss / r.rtn_loss for r in with_loss])
             lines.append(f"layer loss vs round-to-nearest: median {ratios.median():.3f}x, "
                          f"worst {ratios.max():.3f}x over {len(with_loss)} layers")
+        if self.block_losses:
+            ratios = torch.tensor([b / a for _, a, b in self.block_losses if a > 0])
+            lines.append(f"block output loss vs round-to-nearest (learned rounding): median {ratios.median():.3f}x, "
+                         f"worst {ratios.max():.3f}x over {len(ratios)} blocks")
         experts = [r for r in self.layers if ".experts." in r.name and r.tokens is not None]
         if experts:
             counts = torch.tensor([r.tokens for r in experts], dtype=torch.float64)
@@ -92,13 +107,15 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
                    transform: Callable | None = None, propagate: str = "quantized",
                    compute_dtype: "torch.dtype | str" = "auto", progress: bool = True,
                    block_scope: Callable | None = None, spill: SpillPolicy | None = None,
-                   workers: int = 2, resume=None) -> CalibrationReport:
+                   workers: int = 2, resume=None, solve_block: Callable | None = None) -> CalibrationReport:
     """Quantize the layers `names` (full module names) of `model` block by block.
 
     transform(block, local names, stats, producers, sample input, block name) runs between
     the statistics and the solver (equivalence transforms, pipeline/transforms.py).
     compute_dtype: what the calibration forwards and Hessian products run in (see
     calibration_dtype); the weights being quantized stay in their own precision.
+    solve_block(block, local names, inputs, block name): runs after the transforms and before the
+    layer solves, with the block's inputs (learned rounding trains a whole block there, learned_rounding.py).
     block_scope(i, block): a context manager entered around block i's statistics, solves and
     forward (see the module docstring); spill: hold activations past its limit on disk.
     workers: layer solves run at once (threads; each may wait on a Ray task, io/streaming/ray.py).
@@ -125,11 +142,13 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
     report.tokens = inputs.tokens
     for i in tqdm(range(start, len(blocks)), desc="calibrate+quantize", unit="block", disable=not progress):
         block = blocks[i]
+        t_block = time.perf_counter()
         if resume is not None and i > start:
             resume.save(i, inputs)
-        with block_scope(i, block) if block_scope is not None else contextlib.nullcontext():
+        with _Timed(report, "load", "write", block_scope(i, block) if block_scope is not None else None):
             inputs = _one_block(i, block, inputs, prefix, names, quantize_layer, hessian, magnitudes, transform,
-                                propagate, dtype, spill, report, workers)
+                                propagate, dtype, spill, report, workers, progress, solve_block)
+        report.block_seconds.append(time.perf_counter() - t_block)
     inputs.drop()
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report.seconds = time.perf_counter() - t0
@@ -137,7 +156,7 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
 
 
 def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hessian, magnitudes, transform,
-               propagate, dtype, spill, report, workers=2) -> Activations:
+               propagate, dtype, spill, report, workers=2, progress=False, solve_block=None) -> Activations:
     """Statistics, transforms, solves of block i; -> the inputs of block i + 1."""
     def autocast():
         return torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
@@ -145,6 +164,10 @@ def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hes
     local = [n[len(head):] for n in names if n.startswith(head)]
     full = propagate == "full"
     outs = Activations(spill, f"block-{i + 1:05d}-in")
+    work = _BlockWork(block, local, inputs.tokens // max(len(inputs), 1), hessian)
+    bar = tqdm(total=work.total(len(inputs), propagate == "quantized"), desc=f"block {i}", unit="flop",
+               unit_scale=True, leave=False, disable=not progress)
+    t0 = time.perf_counter()
     with StatsCollector(block, local, hessian, product_dtype=dtype, stop_early=not full,
                         magnitudes=magnitudes) as c, autocast():
         for b, inp in enumerate(inputs):
@@ -152,24 +175,82 @@ def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hes
             try:
                 y = run_block(block, inp)
             except StatsComplete:
-                continue
-            if full:
-                outs.append(y, inp.kwargs)
+                pass
+            else:
+                if full:
+                    outs.append(y, inp.kwargs)
+            bar.update(work.statistics)
+    t1 = time.perf_counter()
+    report.add_time("statistics", t1 - t0)
     report.stats_mb = max(report.stats_mb, sum(s.nbytes for s in set(c.stats.values())) / 2**20)
     if transform is not None:
         transform(block, local, c.stats, c.producers, inputs[0], f"{prefix}.{i}")
+    t2 = time.perf_counter()
+    report.add_time("transform", t2 - t1)
+    if solve_block is not None:  # learned rounding trains the whole block here (counted as solve time)
+        solve_block(block, local, inputs, f"{prefix}.{i}")
+
+    def solve(n):
+        out = quantize_layer(head + n, c.stats.get(n))
+        bar.update(work.solve[n])
+        return out
     # Each layer's solve is independent; a Python-bound loop of small tensor ops (GPTQ's
     # columns) leaves a core idle, so two solves run at once (more when they are Ray tasks).
     with ThreadPoolExecutor(workers) as pool:
-        report.layers.extend(pool.map(lambda n: quantize_layer(head + n, c.stats.get(n)), local))
+        report.layers.extend(pool.map(solve, local))
+    t3 = time.perf_counter()
+    report.add_time("solve", t3 - t2)
     if propagate == "quantized":
         with autocast():
             for inp in inputs:
                 outs.append(run_block(block, inp), inp.kwargs)
+                bar.update(work.forward)
+    report.add_time("forward", time.perf_counter() - t3)
+    bar.close()
     report.activations_mb = max(report.activations_mb, (inputs.memory_bytes + outs.memory_bytes) / 2**20)
     report.spilled_mb = max(report.spilled_mb, (inputs.disk_bytes + outs.disk_bytes) / 2**20)
     inputs.drop()
     return outs
+
+
+class _Timed:
+    """Enters `scope` (a context manager or None) and adds the seconds spent entering it and leaving
+    it to the report's phases `enter` and `leave`."""
+
+    def __init__(self, report: CalibrationReport, enter: str, leave: str, scope):
+        self.report, self.names, self.scope = report, (enter, leave), scope
+
+    def __enter__(self):
+        t0 = time.perf_counter()
+        if self.scope is not None:
+            self.scope.__enter__()
+        self.report.add_time(self.names[0], time.perf_counter() - t0)
+
+    def __exit__(self, *exc):
+        t0 = time.perf_counter()
+        try:
+            return self.scope.__exit__(*exc) if self.scope is not None else None
+        finally:
+            self.report.add_time(self.names[1], time.perf_counter() - t0)
+
+
+class _BlockWork:
+    """Floating-point operations of a block's steps (integers), so that its progress bar's ETA holds
+    across steps of unequal cost: per batch the forward (2 per weight and token) and, in the
+    statistics pass, the X^T X products (2 n^2 per token, at most one per layer); per layer the
+    solve (GPTQ: its column updates and layer losses, ~7 rows x cols^2, and a share of the
+    Hessian's factor, ~cols^3)."""
+
+    def __init__(self, block: nn.Module, local: list[str], tokens: int, hessian: bool):
+        shapes = {n: tuple(linear_weight(block.get_submodule(n)).shape) for n in local}
+        weights = sum(r * c for r, c in shapes.values())
+        products = sum(2 * c * c for _, c in shapes.values()) if hessian else 0
+        self.forward = 2 * tokens * weights
+        self.statistics = self.forward + tokens * products
+        self.solve = {n: 7 * r * c * c + c ** 3 if hessian else r * c for n, (r, c) in shapes.items()}
+
+    def total(self, batches: int, forward: bool) -> int:
+        return batches * (self.statistics + (self.forward if forward else 0)) + sum(self.solve.values())
 
 
 def calibration_dtype(choice: "torch.dtype | str" = "auto") -> torch.dtype:

@@ -28,15 +28,16 @@ def apply_transforms(block: nn.Module, names: list[str], transforms: dict[str, t
                      stats: dict, producers: dict[str, str | None], sample: BlockInput, where: str,
                      solvers: dict[str, str] | None = None, options: dict | None = None) -> None:
     """transforms: {layer name: transform names}; schemes: {layer name: weight Scheme};
-    solvers: {layer name: solver}: AWQ clips the weights themselves unless GPTQ solves next
-    (GPTQ must aim at the unclipped weights; it can clip its own grid instead);
+    solvers: {layer name: solver}: AWQ clips the weights themselves unless GPTQ or learned rounding
+    solves next (they must aim at the unclipped weights; GPTQ can clip its own grid instead, signround
+    learns its clipping);
     options: {transform: keyword options} (Recipe.method_options)."""
     wanted = [n for n in names if transforms.get(n)]
     if not wanted:
         return
     fold_scales(block, wanted, transforms, schemes, stats, producers, sample, where, options)
     for n in wanted:
-        if "awq" in transforms[n] and (solvers or {}).get(n) != "gptq":
+        if "awq" in transforms[n] and (solvers or {}).get(n) not in ("gptq", "signround"):
             w = linear_weight(block.get_submodule(n))
             w.copy_(awq_clip(w.float(), schemes[n], stats[n]).to(w.dtype))
 

@@ -13,9 +13,9 @@
              written as that GGUF file by lowbit and loaded with lowbit.load(..., keep_quantized=True)
     (bench/decode_1b.py: the same for a 1B-parameter Llama with random weights, and llama.cpp)
 
-    .venv/bin/python bench/kernels.py                 # everything, 2 threads
-    .venv/bin/python bench/kernels.py --skip-decode   # matmul, numba and bandwidth only
-    .venv/bin/python bench/kernels.py --threads 1 --clock cpu   # on a busy machine: CPU time
+    .venv/bin/python bench/qmatmul_speed.py                 # everything, 2 threads
+    .venv/bin/python bench/qmatmul_speed.py --skip-decode   # matmul, numba and bandwidth only
+    .venv/bin/python bench/qmatmul_speed.py --threads 1 --clock cpu   # on a busy machine: CPU time
 """
 from __future__ import annotations
 
