@@ -177,3 +177,15 @@ def test_cli_writes_calibrated_codes_by_default(smollm2_2layers, tmp_path, capsy
     assert main(["quantize", str(src), "--recipe", "q4_0", "--out", str(tmp_path / "z.gguf"),
                  "--method-option", "awq.grid=3"]) == 2
     assert "takes gptq.damp and gptq.act_order" in capsys.readouterr().err
+
+
+def test_report_times_every_phase_and_the_phases_sum_to_the_total(calibrated):
+    """model.lowbit_calibration.phases: where the calibrated path's time goes, summing to its wall time
+    (the two threads' layer solves count as their shares of the wall time they took together)."""
+    _, m, _ = calibrated
+    r = m.lowbit_calibration
+    for name in ("forwards", "hessians", "awq search", "ggml fits", "gptq solves", "layer losses"):
+        assert r.phases.get(name, 0) > 0, (name, r.phases)
+    assert abs(sum(r.phases.values()) - r.seconds) < 0.02 * r.seconds, (r.phases, r.seconds)
+    assert r.phases.get("other", 0) < 0.05 * r.seconds
+    assert "time by phase" in r.summary() and "ggml fits" in r.summary()

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..core.ggml_blocks import dequantize_rows, get_type
+from ..core.phases import phase
 from .gptq import _inverse_hessian_factor, _shared_factor
 
 
@@ -120,12 +121,14 @@ class _Grid:
         self.O = torch.zeros(self.R, self.C)
         self.levels = None
         if static:
-            f = t.fit(np.ascontiguousarray(W.numpy()).reshape(-1, t.block_size))
+            with phase("ggml fits"):
+                f = t.fit(np.ascontiguousarray(W.numpy()).reshape(-1, t.block_size))
             self.fits = f
             self._place(0, self.C, f)
 
     def fit_block(self, j: int, cols: torch.Tensor) -> None:
-        f = self.t.fit(np.ascontiguousarray(cols.numpy(), dtype=np.float32))
+        with phase("ggml fits"):
+            f = self.t.fit(np.ascontiguousarray(cols.numpy(), dtype=np.float32))
         self.fits[j // self.t.block_size] = f
         self._place(j, j + self.t.block_size, f)
 

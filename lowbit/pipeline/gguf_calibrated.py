@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..core.ggml_blocks import dequantize_rows, quantize_rows
+from ..core.phases import phase
 from ..methods import parse_method
 from ..methods.gptq_ggml import gptq_ggml
 from .quantize import _batches
@@ -39,7 +40,8 @@ class GGMLScheme:
 
     def roundtrip(self, w: torch.Tensor) -> torch.Tensor:
         rows = w.detach().float().numpy()
-        return torch.from_numpy(dequantize_rows(quantize_rows(rows, self.type), self.type, w.shape[1]))
+        with phase("ggml fits"):
+            return torch.from_numpy(dequantize_rows(quantize_rows(rows, self.type), self.type, w.shape[1]))
 
 
 def solve_ggml(model: nn.Module, types: dict[str, str], calibration: Iterable, *, method: str = "awq+gptq",
@@ -56,16 +58,23 @@ def solve_ggml(model: nn.Module, types: dict[str, str], calibration: Iterable, *
         t = types[name]
         w = linear_weight(model.get_submodule(name))
         wf, H = w.detach().float(), stats.hessian
-        rtn = quantize_rows(wf.numpy(), t)
-        rtn_loss = layer_loss(wf, torch.from_numpy(dequantize_rows(rtn, t, wf.shape[1])), H)
-        data, loss = rtn, rtn_loss
+        with phase("ggml fits"):
+            rtn = quantize_rows(wf.numpy(), t)
+            rtn_w = torch.from_numpy(dequantize_rows(rtn, t, wf.shape[1]))
+        with phase("layer losses"):
+            rtn_loss = layer_loss(wf, rtn_w, H)
+        data, loss, w_hat = rtn, rtn_loss, rtn_w
         if solver == "gptq":  # its never-worse-than-RTN guard is applied here, with the RTN bytes made once
-            solved = gptq_ggml(wf, t, stats=stats, damp=damp, act_order=act_order, fallback_to_rtn=False)
-            solved_loss = layer_loss(wf, torch.from_numpy(dequantize_rows(solved, t, wf.shape[1])), H)
+            with phase("gptq solves"):
+                solved = gptq_ggml(wf, t, stats=stats, damp=damp, act_order=act_order, fallback_to_rtn=False)
+            with phase("ggml fits"):
+                solved_w = torch.from_numpy(dequantize_rows(solved, t, wf.shape[1]))
+            with phase("layer losses"):
+                solved_loss = layer_loss(wf, solved_w, H)
             if solved_loss <= rtn_loss:
-                data, loss = solved, solved_loss
+                data, loss, w_hat = solved, solved_loss, solved_w
         with torch.no_grad():
-            w.copy_(torch.from_numpy(dequantize_rows(data, t, wf.shape[1])).to(w.dtype))
+            w.copy_(w_hat.to(w.dtype))
         blocks[f"{name}.weight"] = (t, data)
         return LayerReport(name, f"{method} ({t})", loss, rtn_loss)
 

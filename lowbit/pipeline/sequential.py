@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..core.phases import PhaseClock, phase
 from .blocks import capture_inputs, find_blocks, run_block
 from .spill import Activations, SpillPolicy
 from .stats import InputStats, StatsCollector, StatsComplete
@@ -60,6 +61,14 @@ class CalibrationReport:
     stats_mb: float = 0.0  # largest set of one block's statistics
     peak_rss_mb: float = 0.0
     seconds: float = 0.0
+    # wall seconds by phase (core/phases.py), summing to `seconds`: forwards, hessians, awq search, ggml fits,
+    # gptq solves, ...; the layer solves run in threads and get their shares of the wall time they took.
+    # Callers add the time around the calibration as "read" and "write" (then counted in `total_seconds`).
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_seconds(self) -> float:
+        return self.seconds + self.phases.get("read", 0.0) + self.phases.get("write", 0.0)
 
     def summary(self) -> str:
         lines = [f"sequential calibration over {self.blocks} ({self.tokens} tokens, {self.dtype}): "
@@ -79,7 +88,16 @@ class CalibrationReport:
             lines.append(f"experts: {len(experts)} layers, routed tokens per layer min {counts.min():.0f}, "
                          f"median {counts.median():.0f}, max {counts.max():.0f}"
                          + (f"; {len(fell)} rounded to nearest ({fell[0].fallback})" if fell else ""))
+        if self.phases:
+            lines.append(self.phase_line())
         return "\n".join(lines)
+
+    def phase_line(self) -> str:
+        """'time by phase: ggml fits 41.0 s (45%), forwards ...' over the total (read and write included)."""
+        total = max(self.total_seconds, 1e-9)
+        parts = [f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in
+                 sorted(self.phases.items(), key=lambda kv: -kv[1])]
+        return f"time by phase ({total:.1f} s): " + ", ".join(parts)
 
     def expert_tokens(self) -> dict[str, int]:
         """{expert layer name: calibration tokens routed to it}."""
@@ -109,6 +127,18 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
         raise ValueError(f"propagate={propagate!r}: choose 'quantized' or 'full'")
     dtype = calibration_dtype(compute_dtype)
     t0 = time.perf_counter()
+    clock = PhaseClock()
+    with clock.running("other"):
+        report = _run_blocks(model, names, batches, quantize_layer, hessian, magnitudes, transform, propagate, dtype,
+                             progress, block_scope, spill, workers, resume, clock)
+    report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report.seconds = time.perf_counter() - t0
+    report.phases = dict(clock.seconds)
+    return report
+
+
+def _run_blocks(model, names, batches, quantize_layer, hessian, magnitudes, transform, propagate, dtype, progress,
+                block_scope, spill, workers, resume, clock) -> CalibrationReport:
     prefix, blocks = find_blocks(model)
     outside = [n for n in names if not n.startswith(prefix + ".")]
     if outside:
@@ -121,7 +151,8 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
     if start > 0:
         resume.inputs(inputs)
     else:
-        capture_inputs(model, blocks[0], batches, into=inputs)
+        with phase("forwards"):
+            capture_inputs(model, blocks[0], batches, into=inputs)
     report.tokens = inputs.tokens
     for i in tqdm(range(start, len(blocks)), desc="calibrate+quantize", unit="block", disable=not progress):
         block = blocks[i]
@@ -129,15 +160,13 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
             resume.save(i, inputs)
         with block_scope(i, block) if block_scope is not None else contextlib.nullcontext():
             inputs = _one_block(i, block, inputs, prefix, names, quantize_layer, hessian, magnitudes, transform,
-                                propagate, dtype, spill, report, workers)
+                                propagate, dtype, spill, report, workers, clock)
     inputs.drop()
-    report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    report.seconds = time.perf_counter() - t0
     return report
 
 
 def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hessian, magnitudes, transform,
-               propagate, dtype, spill, report, workers=2) -> Activations:
+               propagate, dtype, spill, report, workers, clock) -> Activations:
     """Statistics, transforms, solves of block i; -> the inputs of block i + 1."""
     def autocast():
         return torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
@@ -146,7 +175,7 @@ def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hes
     full = propagate == "full"
     outs = Activations(spill, f"block-{i + 1:05d}-in")
     with StatsCollector(block, local, hessian, product_dtype=dtype, stop_early=not full,
-                        magnitudes=magnitudes) as c, autocast():
+                        magnitudes=magnitudes) as c, autocast(), phase("forwards"):
         for b, inp in enumerate(inputs):
             c.batch = b
             try:
@@ -160,10 +189,17 @@ def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hes
         transform(block, local, c.stats, c.producers, inputs[0], f"{prefix}.{i}")
     # Each layer's solve is independent; a Python-bound loop of small tensor ops (GPTQ's
     # columns) leaves a core idle, so two solves run at once (more when they are Ray tasks).
+    solves = PhaseClock()
+
+    def solve(n):
+        with solves.running("solves (other)"):
+            return quantize_layer(head + n, c.stats.get(n))
+    t0 = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
-        report.layers.extend(pool.map(lambda n: quantize_layer(head + n, c.stats.get(n)), local))
+        report.layers.extend(pool.map(solve, local))
+    clock.absorb(solves, time.perf_counter() - t0)
     if propagate == "quantized":
-        with autocast():
+        with autocast(), phase("forwards"):
             for inp in inputs:
                 outs.append(run_block(block, inp), inp.kwargs)
     report.activations_mb = max(report.activations_mb, (inputs.memory_bytes + outs.memory_bytes) / 2**20)
