@@ -101,3 +101,21 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, batches: list, into
 def run_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:
     out = block(inp.hidden, **inp.kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def first_windows(inp: BlockInput, n: int = 1) -> BlockInput:
+    """The first n windows of a batch [B, T, ...] with the arguments that go with them: every tensor of 2 or
+    more dimensions whose first is B is cut to n (a mask [B, 1, T, T], position ids [B, T]); shared ones
+    ([1, T, d] rotary tables) stay. When B is ambiguous (B == T), the whole batch."""
+    h = inp.hidden
+    B = h.shape[0]
+    if h.dim() < 2 or B <= n or h.shape[1] == B:
+        return inp
+
+    def cut(v):
+        if isinstance(v, torch.Tensor):
+            return v[:n] if v.dim() >= 2 and v.shape[0] == B else v
+        if isinstance(v, (tuple, list)):
+            return type(v)(cut(x) for x in v)
+        return v
+    return BlockInput(h[:n], {k: cut(v) for k, v in inp.kwargs.items()})

@@ -31,6 +31,10 @@ from .transforms import apply_transforms
 from .walk import linear_weight
 
 METHODS = ("awq+gptq", "gptq", "awq")
+# AWQ's exponent search here: 9 of the 20 grid points (coarse, then refined around the best) on every 4th row
+# of each weight (methods/awq.py). On SmolLM2 q4_k_m (4 blocks, 12 groups) it picked the full search's
+# exponent in 11 groups and one with a 0.13% higher layer loss in the last, at about 1/5 of the time.
+AWQ_SEARCH = {"coarse": 4, "row_stride": 4}
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,8 @@ def solve_ggml(model: nn.Module, types: dict[str, str], calibration: Iterable, *
     def transform(block, local, stats, producers, sample, where):
         head = where + "."
         apply_transforms(block, local, {n: transforms for n in local}, {n: GGMLScheme(types[head + n]) for n in local},
-                         stats, producers, sample, where, solvers={n: "gptq" for n in local})
+                         stats, producers, sample, where, solvers={n: "gptq" for n in local},
+                         options={"awq": AWQ_SEARCH})
 
     report = run_sequential(model, list(types), _batches(calibration, batch_size), quantize_layer, hessian=True,
                             magnitudes="awq" in transforms, transform=transform if transforms else None,
