@@ -13,13 +13,27 @@ Type ids are GGUF file constants (ggml.h `enum ggml_type`).
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
-from .ggml_kquants import (BlockFit, _d_q2_k, _d_q3_k, _d_q4_k, _d_q5_k, _d_q6_k, _fit_q2_k, _fit_q3_k, _fit_q4_k,
-                           _fit_q5_k, _fit_q6_k)
+from .. import kernels
+from .ggml_kquants import (
+    BlockFit,
+    _d_q2_k,
+    _d_q3_k,
+    _d_q4_k,
+    _d_q5_k,
+    _d_q6_k,
+    _first_absmax,
+    _fit_q2_k,
+    _fit_q3_k,
+    _fit_q4_k,
+    _fit_q5_k,
+    _fit_q6_k,
+)
 
 F32 = np.float32
 
@@ -28,24 +42,56 @@ F32 = np.float32
 class GGMLType:
     """quantize: blocks [n_blocks, block_size] float32 -> [n_blocks, type_size] uint8; dequantize: the inverse map
     back to float32 values. fit: blocks -> BlockFit (parameters and round-to-nearest codes, apart, so a solver
-    such as GPTQ can choose the codes on the type's grid); None for the float types, which have no grid."""
+    such as GPTQ can choose the codes on the type's grid); None for the float types, which have no grid.
+    reference_fit is the numpy definition; fit and quantize run the compiled kernel (kernels.ggml_fit) where
+    it applies, byte for byte the same, and the reference elsewhere."""
     name: str
     id: int
     block_size: int
     type_size: int
     dequantize: Callable[[np.ndarray], np.ndarray]
-    fit: Callable[[np.ndarray], BlockFit] | None = None
+    reference_fit: Callable[[np.ndarray], BlockFit] | None = None
     encode: Callable[[np.ndarray], np.ndarray] | None = None  # float types: values -> bytes
 
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.type_size / self.block_size
 
+    @property
+    def fit(self) -> Callable[[np.ndarray], BlockFit] | None:
+        return None if self.reference_fit is None else self._fit
+
+    def _fit(self, x: np.ndarray) -> BlockFit:
+        fast = kernels.ggml_fit(self.name, x)
+        if fast is None:
+            return self.reference_fit(x)
+        blocks, codes, scale, offset = fast
+        levels, sub = _grid(self.name)
+        return BlockFit(scale, offset, levels, sub, codes, lambda L: kernels.ggml_pack(self.name, blocks, L))
+
     def quantize(self, x: np.ndarray) -> np.ndarray:
         if self.encode is not None:
             return self.encode(x)
-        f = self.fit(x)
+        fast = kernels.ggml_fit(self.name, x)
+        if fast is not None:
+            return fast[0]
+        f = self.reference_fit(x)
         return f.pack(f.codes)
+
+    def quantize_reference(self, x: np.ndarray) -> np.ndarray:
+        """quantize through the numpy reference alone (what the kernel is tested against)."""
+        if self.encode is not None:
+            return self.encode(x)
+        f = self.reference_fit(x)
+        return f.pack(f.codes)
+
+
+@functools.cache
+def _grid(name: str) -> tuple[np.ndarray, int]:
+    """(levels, sub-block size) of a type, as its reference fit states them: the kernel computes only numbers."""
+    t = GGML_TYPES[name]
+    f = t.reference_fit(np.zeros((1, t.block_size), F32))
+    return f.levels, f.sub
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -65,9 +111,11 @@ def _inverse(d: np.ndarray) -> np.ndarray:
         return np.where(d == 0, F32(0), F32(1) / d).astype(F32)
 
 
-def _signed_absmax(x: np.ndarray) -> np.ndarray:
-    """[n, bs] -> [n, 1]: the value of largest magnitude, keeping its sign (first one on ties)."""
-    return np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)
+def _first_min_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[n, bs] -> ([n, 1], [n, 1]): the first smallest and the first largest value, as C's `<` / `>` scans keep
+    them (the sign of a zero min or max shows in Q4_1/Q5_1's m and d; numpy's min may return either zero)."""
+    return (np.take_along_axis(x, x.argmin(axis=1)[:, None], axis=1),
+            np.take_along_axis(x, x.argmax(axis=1)[:, None], axis=1))
 
 
 def _trunc_u8(v: np.ndarray, top: int) -> np.ndarray:
@@ -154,7 +202,7 @@ def _d_q8_0(b):
 
 
 def _fit_q4_0(x):
-    d = (_signed_absmax(x) / F32(-8)).astype(F32)
+    d = (_first_absmax(x) / F32(-8)).astype(F32)
     q = _trunc_u8(x * _inverse(d) + F32(8.5), 15)
     return BlockFit(_f16_round(d), np.zeros_like(d), _levels(-8, 7), 32, q,
                     lambda L: np.concatenate([_f16_bytes(d), _pack_nibbles(L)], axis=1))
@@ -165,7 +213,7 @@ def _d_q4_0(b):
 
 
 def _fit_q4_1(x):
-    lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+    lo, hi = _first_min_max(x)
     d = ((hi - lo) / F32(15)).astype(F32)
     q = _trunc_u8((x - lo) * _inverse(d) + F32(0.5), 15)
     return BlockFit(_f16_round(d), _f16_round(lo), _levels(0, 15), 32, q,
@@ -177,7 +225,7 @@ def _d_q4_1(b):
 
 
 def _fit_q5_0(x):
-    d = (_signed_absmax(x) / F32(-16)).astype(F32)
+    d = (_first_absmax(x) / F32(-16)).astype(F32)
     q = _trunc_u8(x * _inverse(d) + F32(16.5), 31)
     return BlockFit(_f16_round(d), np.zeros_like(d), _levels(-16, 15), 32, q,
                     lambda L: np.concatenate([_f16_bytes(d), _pack_fifth_bits(L), _pack_nibbles(L & 0x0F)], axis=1))
@@ -189,7 +237,7 @@ def _d_q5_0(b):
 
 
 def _fit_q5_1(x):
-    lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+    lo, hi = _first_min_max(x)
     d = ((hi - lo) / F32(31)).astype(F32)
     q = _trunc_u8((x - lo) * _inverse(d) + F32(0.5), 31)
     return BlockFit(_f16_round(d), _f16_round(lo), _levels(0, 31), 32, q,
@@ -227,7 +275,7 @@ def _fit_iq4_nl(x):
     """ggml quantize_iq4_nl without importance weights (ntry 7): weights x**2, a search over 15 scales
     around max/127 refit by least squares, then every value snapped to the nearest level."""
     w = x * x
-    mx = _signed_absmax(x)[:, 0]
+    mx = _first_absmax(x)[:, 0]
     zero = np.abs(mx) < F32(1e-15)
     mx = np.where(zero, F32(1), mx)
     d = (-mx / IQ4NL_VALUES[0]).astype(F32)

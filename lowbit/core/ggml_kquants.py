@@ -41,8 +41,12 @@ def nearest_int(v: np.ndarray) -> np.ndarray:
 
 
 def _first_absmax(x: np.ndarray) -> np.ndarray:
-    """[..., n] -> [..., 1]: the value of largest magnitude, the first one on ties (ggml's `>` scan)."""
-    return np.take_along_axis(x, np.abs(x).argmax(axis=-1)[..., None], axis=-1)
+    """[..., n] -> [..., 1]: the value of largest magnitude, the first one on ties, as ggml's scan
+    `if (fabsf(x) > amax)` from amax = max = 0 keeps it: NaN never wins, and +0.0 when nothing beats 0."""
+    a = np.abs(x)
+    a = np.where(np.isnan(a), F32(0), a)
+    i = a.argmax(axis=-1)[..., None]
+    return np.where(np.take_along_axis(a, i, axis=-1) > 0, np.take_along_axis(x, i, axis=-1), F32(0))
 
 
 def _weighted_sums(x: np.ndarray, w: np.ndarray, l: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

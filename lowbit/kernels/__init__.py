@@ -13,6 +13,10 @@ returns None where it does not apply and the caller runs the reference.
                      Python loop is the reference, tests/test_deep_compression.py pins it)
     adam8bit_step    one fused block-wise 8-bit Adam step (numba, adam8bit.py; lowbit.optim's
                      torch path is its reference, tests/test_optim.py pins it)
+    ggml_fit         GGML blocks (Q2_K..Q6_K, IQ4_NL, Q4_0..Q8_0): search, round and pack in one pass per
+                     block, blocks in parallel (numba, ggml.py; core.ggml_kquants / ggml_blocks' numpy
+                     code is the reference, tests/test_ggml_fit_kernels.py pins it byte for byte)
+    ggml_pack        those blocks with a solver's codes in place of round-to-nearest's
 
 numba is a required dependency (pyproject.toml). The numba modules are imported on
 first use, not with lowbit, because importing them costs about 1.5 s.
@@ -23,7 +27,15 @@ import functools
 
 from .encode import encode_nearest
 
-__all__ = ["encode_nearest", "fused_backend", "quantize_rows", "gptq_int_block", "huffman_decode"]
+__all__ = [
+    "encode_nearest",
+    "fused_backend",
+    "ggml_fit",
+    "ggml_pack",
+    "gptq_int_block",
+    "huffman_decode",
+    "quantize_rows",
+]
 
 
 def quantize_rows(x, n, g, fmt, symmetric, scale_format, integer_zero):
@@ -43,6 +55,16 @@ def huffman_decode(buf, first, count, symbols, n):
     return huffman.huffman_decode(buf, first, count, symbols, n)
 
 
+def ggml_fit(kind, x):
+    """See ggml.fit; None where it does not apply."""
+    return _ggml().fit(kind, x)
+
+
+def ggml_pack(kind, blocks, L):
+    """See ggml.pack."""
+    return _ggml().pack(kind, blocks, L)
+
+
 def fused_backend() -> str:
     """'numba <version>': what runs the fused kernel."""
     return f"numba {_fused().numba.__version__}"
@@ -60,3 +82,10 @@ def _gptq_columns():
     from . import gptq_columns
 
     return gptq_columns
+
+
+@functools.cache
+def _ggml():
+    from . import ggml
+
+    return ggml
