@@ -189,3 +189,21 @@ def test_report_times_every_phase_and_the_phases_sum_to_the_total(calibrated):
     assert abs(sum(r.phases.values()) - r.seconds) < 0.02 * r.seconds, (r.phases, r.seconds)
     assert r.phases.get("other", 0) < 0.05 * r.seconds
     assert "time by phase" in r.summary() and "ggml fits" in r.summary()
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q5_1", "q8_0", "iq4_nl", "q2_k", "q3_k", "q4_k", "q6_k"])
+def test_numba_column_loop_equals_the_torch_loop(name, gen):
+    """act_order's column loop in numba (kernels.gptq_grid_block) gives the torch loop's bytes, uniform
+    grids and IQ4_NL's levels alike; solve blocks of 64 columns (not the default 128); an all-zero
+    row and zero columns (zero scales: the fit's codes are kept)."""
+    t = GGML_TYPES[name]
+    dim = 2 * t.block_size if t.block_size > 32 else 192
+    X = correlated_inputs(1024, dim, gen)
+    X[:, :3] = 0
+    w = torch.randn(24, dim, generator=gen) * 0.05
+    w[5] = 0
+    st = Stats(X)
+    fast = gptq_ggml(w, name, stats=st, block_size=64, fallback_to_rtn=False)
+    ref = gptq_ggml(w, name, stats=st, block_size=64, fallback_to_rtn=False, kernel=False)
+    assert np.array_equal(fast, ref)
+    assert not np.array_equal(fast, quantize_rows(w.numpy(), name))  # the solve moved codes
