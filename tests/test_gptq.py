@@ -215,3 +215,21 @@ def test_recipe_method_options_reach_gptq_and_smoothquant(gen):
         w[alpha] = lowbit.quantize(copy.deepcopy(model), r, calibration=batches, progress=False) \
             .get_submodule("model.layers.0.self_attn.q_proj").qweight.dequantize()
     assert not torch.equal(w[0.5], w[0.9])
+
+
+def test_inverse_hessian_factor_is_the_float64_cholesky_of_the_damped_inverse(gen):
+    """U with U^T U = (H + damp * mean(diag H) I)^-1, upper triangular, from float64 math (the inverse by
+    torch.linalg.inv here; the solver takes it by triangular solves)."""
+    from lowbit.methods.gptq import _inverse_hessian_factor
+
+    X = torch.randn(512, 96, generator=gen, dtype=torch.float64)
+    X[:, 5] = 0  # a dead input counts 1 on the diagonal
+    H = 2 * X.T @ X / 512
+    dead = H.diagonal() == 0
+    U = _inverse_hessian_factor(H.float(), dead, 0.01)
+    Hd = H.float().double()
+    Hd[dead, dead] = 1.0
+    Hd += 0.01 * float(Hd.diagonal().mean()) * torch.eye(96, dtype=torch.float64)
+    want = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+    assert torch.equal(U, U.triu())
+    torch.testing.assert_close(U.double(), want, rtol=1e-6, atol=1e-7)

@@ -26,7 +26,7 @@ from ..core.phases import phase
 from ..methods import parse_method
 from ..methods.gptq_ggml import gptq_ggml
 from .quantize import _batches
-from .sequential import LayerReport, layer_loss, run_sequential
+from .sequential import LayerReport, run_sequential
 from .transforms import apply_transforms
 from .walk import linear_weight
 
@@ -65,8 +65,9 @@ def solve_ggml(model: nn.Module, types: dict[str, str], calibration: Iterable, *
         with phase("ggml fits"):
             rtn = quantize_rows(wf.numpy(), t)
             rtn_w = torch.from_numpy(dequantize_rows(rtn, t, wf.shape[1]))
-        with phase("layer losses"):
-            rtn_loss = layer_loss(wf, rtn_w, H)
+        with phase("layer losses"):  # ||(W - Q) X||^2 / ||W X||^2, the denominator once for both
+            scale = 1 / max(_output_energy(wf, H), 1e-30)
+            rtn_loss = _output_energy(wf - rtn_w, H) * scale
         data, loss, w_hat = rtn, rtn_loss, rtn_w
         if solver == "gptq":  # its never-worse-than-RTN guard is applied here, with the RTN bytes made once
             with phase("gptq solves"):
@@ -74,7 +75,7 @@ def solve_ggml(model: nn.Module, types: dict[str, str], calibration: Iterable, *
             with phase("ggml fits"):
                 solved_w = torch.from_numpy(dequantize_rows(solved, t, wf.shape[1]))
             with phase("layer losses"):
-                solved_loss = layer_loss(wf, solved_w, H)
+                solved_loss = _output_energy(wf - solved_w, H) * scale
             if solved_loss <= rtn_loss:
                 data, loss, w_hat = solved, solved_loss, solved_w
         with torch.no_grad():
@@ -94,3 +95,8 @@ def solve_ggml(model: nn.Module, types: dict[str, str], calibration: Iterable, *
     model.lowbit_calibration = report
     model.lowbit_gguf_blocks = blocks
     return model
+
+
+def _output_energy(d: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(D H D^T) for D [out, in]: ||D X||^2 * 2 / n over the calibration tokens (H = 2 X X^T / n)."""
+    return float(((d @ H) * d).sum())
