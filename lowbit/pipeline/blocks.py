@@ -119,3 +119,14 @@ def first_windows(inp: BlockInput, n: int = 1) -> BlockInput:
             return type(v)(cut(x) for x in v)
         return v
     return BlockInput(h[:n], {k: cut(v) for k, v in inp.kwargs.items()})
+
+
+def short_batch(batch, tokens: int = 64):
+    """The first `tokens` positions of a calibration batch's first window: a [B, T] tensor, or a dict of
+    them (input_ids, attention_mask, ...) -> [1, tokens]; None for any other kind of batch."""
+    def cut(v):
+        return v[:1, :tokens] if isinstance(v, torch.Tensor) and v.dim() == 2 else None
+    if isinstance(batch, dict):
+        out = {k: cut(v) for k, v in batch.items()}
+        return None if any(v is None for v in out.values()) else out
+    return cut(batch)

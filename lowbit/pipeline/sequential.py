@@ -35,7 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..core.phases import PhaseClock, phase
-from .blocks import capture_inputs, find_blocks, first_windows, run_block
+from .blocks import BlockInput, capture_inputs, find_blocks, first_windows, run_block, short_batch
 from .spill import Activations, SpillPolicy
 from .stats import InputStats, StatsCollector, StatsComplete
 
@@ -154,19 +154,31 @@ def _run_blocks(model, names, batches, quantize_layer, hessian, magnitudes, tran
         with phase("forwards"):
             capture_inputs(model, blocks[0], batches, into=inputs)
     report.tokens = inputs.tokens
+    probe = _probe(model, blocks[0], batches) if transform is not None and start == 0 else None
     for i in tqdm(range(start, len(blocks)), desc="calibrate+quantize", unit="block", disable=not progress):
         block = blocks[i]
         if resume is not None and i > start:
             resume.save(i, inputs)
         with block_scope(i, block) if block_scope is not None else contextlib.nullcontext():
             inputs = _one_block(i, block, inputs, prefix, names, quantize_layer, hessian, magnitudes, transform,
-                                propagate, dtype, spill, report, workers, clock)
+                                propagate, dtype, spill, report, workers, clock, probe)
     inputs.drop()
     return report
 
 
+def _probe(model, first_block, batches) -> list | None:
+    """[block 0's input for the first 64 tokens of the first window]: what a transform's fold is checked on
+    (a norm that cannot absorb scales shows on any tokens), carried from block to block; None: check on the
+    first window of each block's inputs."""
+    short = short_batch(batches[0])
+    if short is None:
+        return None
+    with phase("transform checks"):
+        return capture_inputs(model, first_block, [short])
+
+
 def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hessian, magnitudes, transform,
-               propagate, dtype, spill, report, workers, clock) -> Activations:
+               propagate, dtype, spill, report, workers, clock, probe=None) -> Activations:
     """Statistics, transforms, solves of block i; -> the inputs of block i + 1."""
     def autocast():
         return torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
@@ -185,8 +197,9 @@ def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hes
             if full:
                 outs.append(y, inp.kwargs)
     report.stats_mb = max(report.stats_mb, sum(s.nbytes for s in set(c.stats.values())) / 2**20)
-    if transform is not None:  # the sample checks a fold: one window shows a norm that cannot absorb scales
-        transform(block, local, c.stats, c.producers, first_windows(inputs[0], 1), f"{prefix}.{i}")
+    if transform is not None:  # the sample checks a fold: a few tokens show a norm that cannot absorb scales
+        sample = probe[0] if probe else first_windows(inputs[0], 1)
+        transform(block, local, c.stats, c.producers, sample, f"{prefix}.{i}")
     # Each layer's solve is independent; a Python-bound loop of small tensor ops (GPTQ's
     # columns) leaves a core idle, so two solves run at once (more when they are Ray tasks).
     solves = PhaseClock()
@@ -198,6 +211,9 @@ def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hes
     with ThreadPoolExecutor(workers) as pool:
         report.layers.extend(pool.map(solve, local))
     clock.absorb(solves, time.perf_counter() - t0)
+    if probe:
+        with phase("transform checks"):
+            probe[0] = BlockInput(run_block(block, probe[0]), probe[0].kwargs)
     if propagate == "quantized":
         with autocast(), phase("forwards"):
             for inp in inputs:
