@@ -98,7 +98,7 @@ def main() -> int:
             t_lb, rss_lb, said = timed([sys.executable, "-m", "lowbit.cli", "quantize", f32, "--recipe", recipe,
                                         "--out", ours, "--text", calib_file, "--window", 512,
                                         "--calibration-windows", n], env=env)
-        phases = next((x for x in said.splitlines() if x.startswith("time by phase")), "")
+        phases = next((x for x in said.splitlines() if x.startswith("time by work")), "")
         print(f"{recipe}: llama-imatrix {t_im:.1f} s ({rss_im:.0f} MB), llama-quantize --imatrix {t_q:.1f} s "
               f"({rss_q:.0f} MB); lowbit quantize {t_lb:.1f} s ({rss_lb:.0f} MB): {t_lb / (t_im + t_q):.2f}x\n"
               f"  lowbit {phases}", flush=True)

@@ -3,7 +3,7 @@
     bench/llama_cpp.sh                                   # once: builds /tmp/llama.cpp/build/bin
     python bench/gguf_check.py --recipes q8_0,q4_0       # LOWBIT_LLAMA_CPP overrides the binary folder
 
-For each recipe: lowbit writes SmolLM2-135M as a GGUF; llama-cli loads it and generates; llama-quantize
+For each recipe: lowbit writes SmolLM2-135M as a GGUF; llama-completion (llama-cli before llama.cpp moved it behind the server build) loads it and generates; llama-quantize
 turns lowbit's F32 file into the same type and every tensor's bytes must equal ours (rtn); llama-perplexity
 on wikitext-2 test (n_ctx 512, --chunks N) must agree within 1% with lowbit's perplexity of the same
 dequantized weights, scored the way llama-perplexity scores (each chunk's second half).
@@ -110,7 +110,7 @@ def main() -> int:
         ours = f32 if recipe == "f32" else save(load(f32), work / f"smollm2-{recipe}.gguf", recipe=recipe,
                                                 source="smollm2-135m")
         t_save = time.time() - t0
-        gen = run([b / "llama-cli", "-m", ours, "-p", "The capital of France is", "-n", 16, "-no-cnv", "--temp", 0,
+        gen = run([b / "llama-completion", "-m", ours, "-p", "The capital of France is", "-n", 16, "-no-cnv", "--temp", 0,
                    "-t", args.threads, "--no-warmup"], stdout_only=True)  # stdout: the prompt and the generated text
         said = gen.split("The capital of France is", 1)[-1].strip().replace("\n", " ")[:60]
         mismatch = []
@@ -130,7 +130,7 @@ def main() -> int:
                     f"{said!r} | {t_save:.0f} s |")
         print(rows[-1], flush=True)
     print("\n| recipe | MB | bits/weight (file) | llama.cpp ppl | lowbit ppl | diff | bytes vs llama-quantize | "
-          "llama-cli: 'The capital of France is' | lowbit save |")
+          "llama-completion: 'The capital of France is' | lowbit save |")
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     return 0 if ok else 1

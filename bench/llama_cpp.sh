@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build llama.cpp's tools under /tmp for the benchmarks (llama-cli, llama-perplexity, llama-quantize,
+# Build llama.cpp's tools under /tmp for the benchmarks (llama-completion, llama-perplexity, llama-quantize,
 # llama-imatrix, llama-tokenize, llama-bench), from the same llama.cpp the test suite judges with: the
 # source that the llama-cpp-python sdist pinned in requirements/lock.txt vendors (vendor/llama.cpp).
 #
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 VERSION=$(sed -n 's/^llama[-_]cpp[-_]python==//p' requirements/lock.txt)
 DEST=${LLAMA_CPP_DIR:-/tmp/llama.cpp}
 JOBS=${JOBS:-2}
-TARGETS=(llama-cli llama-perplexity llama-quantize llama-imatrix llama-tokenize llama-bench)
+TARGETS=(llama-completion llama-perplexity llama-quantize llama-imatrix llama-tokenize llama-bench)
 PY=${PYTHON:-python3}
 
 if [ "$(cat "$DEST/VERSION" 2>/dev/null)" != "llama-cpp-python $VERSION" ]; then

@@ -1,8 +1,9 @@
 """Budgeted mixed precision against uniform recipes at equal size (issue 13), SmolLM2-135M.
 
-Sensitivity (lowbit.analysis.layer_sensitivity, RTN weights, KL measured at the reference
-candidate w3g64 on every layer, the others scaled by their output error) on 4 windows of 256
-tokens from the start of wikitext-2 valid.txt; awq+gptq calibrates on 8 windows of 512 from
+Sensitivity (lowbit.analysis.layer_sensitivity on RTN weights: --score fisher, every pair's KL
+estimated from one backward pass; --score full, the KL measured at the reference candidate w3g64 on
+every layer, the others scaled by their output error) on 4 windows of 256 tokens from the start of
+wikitext-2 valid.txt (--sensitivity-windows/-window/-start); awq+gptq calibrates on 8 windows of 512 from
 valid.txt after those; everything is evaluated on the first 16 windows of 512 of test.txt
 (disjoint from calibration). For RTN and awq+gptq: uniform w3g64, w4g64-sym, w4g64, then mixed
 at 3.5 and 4.25 bits per weight (lowbit.search's recipe, one measurement for both budgets).
@@ -42,7 +43,12 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--methods", default="rtn,awq+gptq")
     ap.add_argument("--candidates", default=CANDIDATES, help=f"comma list; also {', '.join(EXTRA)}")
-    ap.add_argument("--sensitivity-windows", type=int, default=4, help="windows of 256 tokens (max 4)")
+    ap.add_argument("--sensitivity-windows", type=int, default=4, help="windows of --sensitivity-window tokens")
+    ap.add_argument("--sensitivity-window", type=int, default=256)
+    ap.add_argument("--sensitivity-start", type=int, default=0, help="first token of valid.txt scored (the "
+                    "calibrated methods fit on tokens 1024-5119: start at 5120 for more than 1024 tokens)")
+    ap.add_argument("--score", default="fisher", choices=("fisher", "full"),
+                    help="layer_sensitivity's score: fisher (one backward pass) or full (a tail run per layer)")
     ap.add_argument("--only-mixed", action="store_true", help="skip the uniform rows")
     ap.add_argument("--uniform", default=",".join(UNIFORM), help="the uniform recipes to compare against")
     ap.add_argument("--cost-method", default="rtn", help="the method chain whose weights the costs are measured "
@@ -58,7 +64,10 @@ def main() -> None:
         models.WIKITEXT2 = Path("/work/shared/data/wikitext-2")
     model, tok = load_model("smollm2-135m")
     test, valid = token_ids(tok, wikitext2("test")), token_ids(tok, wikitext2("valid"))
-    sens_calib = [valid[i * 256:(i + 1) * 256] for i in range(args.sensitivity_windows)]
+    n, a = args.sensitivity_window, args.sensitivity_start
+    sens_calib = [valid[a + i * n:a + (i + 1) * n] for i in range(args.sensitivity_windows)]
+    if a < 5120 and a + len(sens_calib) * n > 1024 and args.cost_method != "rtn":
+        raise SystemExit("the scored windows overlap the calibration windows (tokens 1024-5119): --sensitivity-start 5120")
     gptq_calib = [valid[1024 + i * 512:1024 + (i + 1) * 512][None] for i in range(8)]
     cache = out / "sensitivity.json"
     if cache.is_file():
@@ -67,9 +76,10 @@ def main() -> None:
         candidates = [EXTRA.get(c, c) for c in args.candidates.split(",")]
         # a calibrated cost method fits on the windows the recipes calibrate on, scored on sens_calib
         sens = layer_sensitivity(model, sens_calib, candidates, method=args.cost_method, reference="w3g64",
-                                 solver_calibration=gptq_calib if args.cost_method != "rtn" else None)
+                                 solver_calibration=gptq_calib if args.cost_method != "rtn" else None,
+                                 score=args.score)
         cache.write_text(json.dumps(sens.to_dict()))
-    print(f"sensitivity: {sens.runs} runs, {sens.tokens} tokens each, {sens.seconds:.0f} s; "
+    print(f"sensitivity ({sens.score}): {sens.runs} runs, {sens.tokens} tokens each, {sens.seconds:.0f} s; "
           f"spearman {sens.spearman()}", flush=True)
     if args.sensitivity_only:
         return

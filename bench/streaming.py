@@ -8,11 +8,11 @@ per block (lowbit/io/streaming.py).
            process: its peak RSS from getrusage, wall time, bytes of tensors read / wall time, the
            seconds of each part (embeddings, each block, output layer, rest)
 
-    PYTHONPATH=. .venv/bin/python bench/streaming.py --shape 1b --dir /tmp/lowbit-1b    # 2.5 GB
-    PYTHONPATH=. .venv/bin/python bench/streaming.py --shape 8b --dir /tmp/lowbit-8b --threads 1   # 16 GB
+    PYTHONPATH=. .venv/bin/python -P bench/streaming.py --shape 1b --dir /tmp/lowbit-1b    # 2.5 GB
+    PYTHONPATH=. .venv/bin/python -P bench/streaming.py --shape 8b --dir /tmp/lowbit-8b --threads 1   # 16 GB
     # GPTQ over the first 2 blocks (plus the embedding table and output layer, rounded), 8 windows
     # of 256 tokens of wikitext-2 test, activations past 32 MB per boundary spilled to disk
-    PYTHONPATH=. .venv/bin/python bench/streaming.py --shape 8b --dir /tmp/lowbit-8b --threads 1 \\
+    PYTHONPATH=. .venv/bin/python -P bench/streaming.py --shape 8b --dir /tmp/lowbit-8b --threads 1 \\
         --method gptq --blocks 2 --activation-mb 32
 """
 from __future__ import annotations
@@ -38,12 +38,14 @@ SHAPES = {  # Llama 3.2 1B and Llama 3.1 8B
 }
 
 
-def make(folder: Path, shape: str, shard_bytes: int = 2 << 30) -> None:
-    """Write the checkpoint a shard at a time (at most one shard in memory)."""
+def make(folder: Path, shape: str, shard_bytes: int = 2 << 30, layers: int | None = None) -> None:
+    """Write the checkpoint a shard at a time (at most one shard in memory); `layers` cuts the shape's
+    block count (the width stays)."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**SHAPES[shape], torch_dtype="bfloat16")
+    config = LlamaConfig(**{**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})},
+                         torch_dtype="bfloat16", architectures=["LlamaForCausalLM"])  # a causal LM, as real ones say
     with torch.device("meta"):
         names = [(k, tuple(v.shape)) for k, v in LlamaForCausalLM(config).state_dict().items()
                  if not (config.tie_word_embeddings and k == "lm_head.weight")]
@@ -109,6 +111,19 @@ def child(a) -> None:
     torch.set_num_threads(a.threads)
     times = []
     calib = None
+    reports = []
+    rates = None
+    if a.method != "rtn":
+        from bench.gptq_flops import gemm_rates
+        from lowbit.pipeline import quantize as pipeline_quantize
+
+        rates = gemm_rates(a.threads)  # measured in this process, at this load, before the run
+        run_sequential = pipeline_quantize.run_sequential
+
+        def keep_report(*args, **kw):  # the calibration report (phases, seconds per block)
+            reports.append(run_sequential(*args, **kw))
+            return reports[-1]
+        pipeline_quantize.run_sequential = keep_report
     if a.method != "rtn":
         tok = models.load_tokenizer(a.dir)
         text = a.text.read_text(encoding="utf-8") if a.text else models.wikitext2("test")
@@ -120,7 +135,11 @@ def child(a) -> None:
     quantize_checkpoint(a.dir, get_recipe(a.recipe, a.method), a.out, calibration=calib, calibration_dtype="auto",
                         activation_bytes=int(a.activation_mb * 2**20), progress=False, ray=pool,
                         on_part=lambda name, s: times.append((name, s)))
-    print("RESULT " + json.dumps({"parts": times}))
+    rep = reports[0] if reports else None
+    print("RESULT " + json.dumps({"parts": times, "rates": rates,
+                                  "phases": rep.phases if rep else None,
+                                  "block_seconds": rep.block_seconds if rep else None,
+                                  "tokens": rep.tokens if rep else None}))
 
 
 def run(a, folder: Path, out: Path) -> None:
@@ -135,7 +154,7 @@ def run(a, folder: Path, out: Path) -> None:
         src_bytes += sum(t.dtype.itemsize * torch.Size(t.shape).numel() for k, t in stored_tensors(shard).items()
                          if k in wanted)
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, __file__, "--child", "--dir", str(folder), "--out", str(out), "--recipe", a.recipe,
+    cmd = [sys.executable, "-P", __file__, "--child",  # -P: bench/kernels.py must not shadow the kernels package "--dir", str(folder), "--out", str(out), "--recipe", a.recipe,
            "--method", a.method, "--threads", str(a.threads), "--windows", str(a.windows), "--window", str(a.window),
            "--activation-mb", str(a.activation_mb)] + (["--text", str(a.text)] if a.text else []) + (["--ray", str(a.ray)] if a.ray else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -146,7 +165,8 @@ def run(a, folder: Path, out: Path) -> None:
     if proc.returncode:
         raise SystemExit(f"the quantization failed (exit {proc.returncode})")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20  # KiB -> GiB
-    parts = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])["parts"]
+    result = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
+    parts = result["parts"]
     print("\n".join(l for l in proc.stdout.splitlines() if not l.startswith("RESULT ")))
     blocks = [s for n, s in parts if n.startswith("model.layers.")]
     other = {n: round(s, 1) for n, s in parts if not n.startswith("model.layers.")}
@@ -159,6 +179,48 @@ def run(a, folder: Path, out: Path) -> None:
     print(f"| {folder.name} ({src_bytes / 1e9:.2f} GB bf16 read) | {len(blocks)} blocks | {wall:.0f} | {peak:.2f} | "
           f"{src_bytes / wall / 1e9:.3f} | {statistics.median(blocks):.1f} ({min(blocks):.1f}-{max(blocks):.1f}) | "
           f"{other} | {out_bytes / 1e9:.2f} |")
+    if result["rates"]:
+        predicted_table(a, result, peak)
+
+
+def predicted_table(a, result: dict, peak_gib: float) -> None:
+    """Measured seconds per block against bench/gptq_flops.py's prediction at the rates the child
+    measured just before its run; the 70B projection scales each measured phase by its FLOP ratio."""
+    from bench.gptq_flops import BLOCKS, RUNNER_PHASE, SHAPES, block_flops, predict
+
+    rates, phases, blocks = result["rates"], result["phases"], result["block_seconds"]
+    n = len(blocks)
+    shape = SHAPES[a.shape]
+    tokens = result["tokens"]
+    pred = predict(shape, tokens, a.window, rates)
+    by_phase = {}
+    for p, t in pred.items():
+        by_phase[RUNNER_PHASE[p]] = by_phase.get(RUNNER_PHASE[p], 0.0) + t
+    print(f"\nGEMM GFLOP/s at {a.threads} threads (measured in the run): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()))
+    print(f"\n| {a.shape} GPTQ, {a.windows} x {a.window} tokens | measured s per block | predicted s | ratio |")
+    print("|---|---:|---:|---:|")
+    for ph in ("statistics", "solve", "forward"):
+        m = phases.get(ph, 0.0) / n
+        print(f"| {ph} | {m:.1f} | {by_phase[ph]:.1f} | {m / by_phase[ph]:.2f} |")
+    other = sum(v for k, v in phases.items() if k not in by_phase) / n
+    print(f"| load + write + transform | {other:.1f} | - | - |")
+    total = sum(pred.values())
+    per_block = statistics.median(blocks)
+    print(f"| **block** (median of {n}) | **{per_block:.1f}** | **{total:.1f}** | **{per_block / total:.2f}** |")
+    print(f"peak RSS {peak_gib:.2f} GiB")
+    # 70B: each measured phase times its FLOP ratio (same rates, same tokens)
+    f8 = block_flops(shape, tokens, a.window)
+    scale = {}
+    for ph in ("statistics", "solve", "forward"):
+        keys = [p for p in f8 if RUNNER_PHASE[p] == ph]
+        t8 = sum(pred[p] for p in keys)
+        t70 = sum(predict(SHAPES["70b"], tokens, a.window, rates)[p] for p in keys)
+        scale[ph] = t70 / t8
+    weights = sum(r * c for r, c in SHAPES["70b"].layers.values()) / sum(r * c for r, c in shape.layers.values())
+    b70 = sum(phases.get(ph, 0.0) / n * scale[ph] for ph in scale) + other * weights  # I/O goes with the bytes
+    print(f"70B projection ({BLOCKS['70b']} blocks of hidden 8192, ffn 28672, same tokens and rates): "
+          f"{b70:.0f} s per block, {b70 * BLOCKS['70b'] / 3600:.1f} h for the blocks")
 
 
 def main() -> None:

@@ -179,16 +179,16 @@ def test_cli_writes_calibrated_codes_by_default(smollm2_2layers, tmp_path, capsy
     assert "takes gptq.damp and gptq.act_order" in capsys.readouterr().err
 
 
-def test_report_times_every_phase_and_the_phases_sum_to_the_total(calibrated):
-    """model.lowbit_calibration.phases: where the calibrated path's time goes, summing to its wall time
+def test_report_profiles_the_time_and_its_parts_sum_to_the_total(calibrated):
+    """model.lowbit_calibration.profile: where the calibrated path's time goes, summing to its wall time
     (the two threads' layer solves count as their shares of the wall time they took together)."""
     _, m, _ = calibrated
     r = m.lowbit_calibration
-    for name in ("forwards", "hessians", "awq search", "ggml fits", "gptq solves", "layer losses"):
-        assert r.phases.get(name, 0) > 0, (name, r.phases)
-    assert abs(sum(r.phases.values()) - r.seconds) < 0.02 * r.seconds, (r.phases, r.seconds)
-    assert r.phases.get("other", 0) < 0.05 * r.seconds
-    assert "time by phase" in r.summary() and "ggml fits" in r.summary()
+    for name in ("forwards", "hessians", "awq search", "ggml fits", "gptq solves", "layer losses", "transform checks"):
+        assert r.profile.get(name, 0) > 0, (name, r.profile)
+    assert abs(sum(r.profile.values()) - r.seconds) < 0.02 * r.seconds, (r.profile, r.seconds)
+    assert r.profile.get("other", 0) < 0.05 * r.seconds
+    assert "time by work" in r.summary() and "ggml fits" in r.summary()
 
 
 @pytest.mark.parametrize("name", ["q4_0", "q5_1", "q8_0", "iq4_nl", "q2_k", "q3_k", "q4_k", "q6_k"])

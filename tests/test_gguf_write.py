@@ -188,3 +188,18 @@ def test_writing_shows_progress_over_every_value(small, tmp_path, capsys):
     lowbit.save(small, tmp_path / "x.gguf", recipe="q8_0", source="smollm2-135m")
     bars = re.findall(r"write q8_0: +(\d+)%\|[^|]*\| ([\d.]+[kM]?)/([\d.]+[kM]?)", capsys.readouterr().err)
     assert bars and bars[-1][0] == "100" and bars[-1][1] == bars[-1][2], bars[-1:]
+
+
+def test_a_bf16_model_is_converted_one_tensor_at_a_time(small, tmp_path):
+    """The writer takes float32 of one tensor when it writes it (a bf16 model is never held twice in float32),
+    and the file is the one its float32 copy gives."""
+    from lowbit.io.gguf.write import float_state
+
+    half, full = copy.deepcopy(small), copy.deepcopy(small)
+    for p, q in zip(half.parameters(), full.parameters()):
+        p.data = p.data.to(torch.bfloat16)
+        q.data = p.data.float()  # the same values in float32
+    assert all(t.dtype == torch.bfloat16 for t in float_state(half).values())
+    a = lowbit.save(half, tmp_path / "bf16.gguf", recipe="q4_k_m", source="smollm2-135m")
+    b = lowbit.save(full, tmp_path / "f32.gguf", recipe="q4_k_m", source="smollm2-135m")
+    assert a.read_bytes() == b.read_bytes()

@@ -217,19 +217,92 @@ def test_recipe_method_options_reach_gptq_and_smoothquant(gen):
     assert not torch.equal(w[0.5], w[0.9])
 
 
-def test_inverse_hessian_factor_is_the_float64_cholesky_of_the_damped_inverse(gen):
-    """U with U^T U = (H + damp * mean(diag H) I)^-1, upper triangular, from float64 math (the inverse by
-    torch.linalg.inv here; the solver takes it by triangular solves)."""
-    from lowbit.methods.gptq import _inverse_hessian_factor
+def _gptq_module():
+    import sys
+    return sys.modules["lowbit.methods.gptq"]  # lowbit.methods.gptq is the function
 
-    X = torch.randn(512, 96, generator=gen, dtype=torch.float64)
-    X[:, 5] = 0  # a dead input counts 1 on the diagonal
-    H = 2 * X.T @ X / 512
+
+def test_inverse_hessian_factor_is_the_float64_cholesky_of_the_inverse_without_lapack_inverse(monkeypatch, gen):
+    m = _gptq_module()
+
+    def no_potri(*a, **k):
+        raise AssertionError("torch.cholesky_inverse (LAPACK potri) is single-threaded and slow: not used")
+    monkeypatch.setattr(torch, "cholesky_inverse", no_potri)
+    x = correlated_inputs(300, 520, gen)  # fewer tokens than inputs: H is singular before the dampening
+    x[:, 7] = 0
+    H = stats_of(x).hessian
     dead = H.diagonal() == 0
-    U = _inverse_hessian_factor(H.float(), dead, 0.01)
-    Hd = H.float().double()
-    Hd[dead, dead] = 1.0
-    Hd += 0.01 * float(Hd.diagonal().mean()) * torch.eye(96, dtype=torch.float64)
-    want = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
-    assert torch.equal(U, U.triu())
-    torch.testing.assert_close(U.double(), want, rtol=1e-6, atol=1e-7)
+    U = m._inverse_hessian_factor(H, dead, 0.01)
+    Hd = H.double().clone()
+    Hd[7, 7] = 1.0
+    Hd += 0.01 * float(Hd.diagonal().mean()) * torch.eye(520, dtype=torch.float64)
+    ref = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+    assert torch.equal(U, torch.triu(U))
+    torch.testing.assert_close(U.double(), ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
+    L = torch.tril(torch.randn(600, 600, generator=gen, dtype=torch.float64)) + 30 * torch.eye(600, dtype=torch.float64)
+    torch.testing.assert_close(m.lower_inverse(L, leaf=64), torch.linalg.inv(L), rtol=0, atol=1e-12)
+
+
+def test_layers_sharing_an_input_factor_it_once_when_solved_at_once(monkeypatch, gen):
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    m = _gptq_module()
+    calls, real = [], m._inverse_hessian_factor
+
+    def slow(*a):
+        calls.append(threading.get_ident())
+        time.sleep(0.3)  # the other threads arrive while it runs
+        return real(*a)
+    monkeypatch.setattr(m, "_inverse_hessian_factor", slow)
+    st_ = stats_of(correlated_inputs(512, 128, gen))
+    ws = [torch.randn(32, 128, generator=gen) for _ in range(3)]  # q, k, v on one input
+    with ThreadPoolExecutor(3) as pool:
+        qs = list(pool.map(lambda w: gptq(w, RECIPES["w4g64"].weights, stats=st_), ws))
+    assert len(calls) == 1
+    alone = gptq(ws[1], RECIPES["w4g64"].weights, stats=stats_of(correlated_inputs(512, 128, torch.Generator())))
+    assert qs[1].shape == alone.shape
+
+
+def test_the_report_takes_gptq_fallback_losses_instead_of_measuring_them_again(monkeypatch, gen):
+    import sys
+
+    from lowbit.pipeline.sequential import layer_loss
+    pq = sys.modules["lowbit.pipeline.quantize"]  # lowbit.pipeline.quantize is the function
+
+    scheme = RECIPES["w4g64"].weights
+    st_ = stats_of(correlated_inputs(512, 128, gen))
+    w = torch.randn(48, 128, generator=gen) * 0.05
+    q = gptq(w, scheme, stats=st_)
+    rtn_calls = []
+    monkeypatch.setattr(pq, "rtn_method", lambda *a, **k: rtn_calls.append(1) or quantize(*a, **k))
+    rep = pq._layer_report("l", RECIPES["w4g64"].replace(method="gptq"), w, q, st_)
+    assert rtn_calls == []  # gptq's fallback rounded and measured RTN already
+    assert rep.loss == layer_loss(w, q.dequantize(), st_.hessian)  # bit for bit what the report measured before
+    assert rep.rtn_loss == layer_loss(w, quantize(w, scheme).dequantize(), st_.hessian)
+    again = pq._layer_report("l", RECIPES["w4g64"].replace(method="gptq"), w, q, st_)  # taken once: measured now
+    assert rtn_calls == [1] and (again.loss, again.rtn_loss) == (rep.loss, rep.rtn_loss)
+
+
+def test_runner_reports_seconds_by_phase_and_each_block_bar_ends_at_its_total(monkeypatch, gen):
+    from lowbit.pipeline import sequential
+
+    bars = []
+
+    class Bar(sequential.tqdm):
+        def close(self):
+            if not self.disable and self.total is not None and self.desc.startswith("block"):  # closed once
+                bars.append((self.desc, self.n, self.total))
+            super().close()
+    monkeypatch.setattr(sequential, "tqdm", Bar)
+    model = tiny_transformer("qwen2", 2)
+    batches = [torch.randint(0, model.config.vocab_size, (2, 32), generator=gen) for _ in range(3)]
+    q = lowbit.quantize(model, "w4g64", calibration=batches, method="gptq", progress=True)
+    rep = q.lowbit_calibration
+    assert set(rep.phases) == {"load", "statistics", "transform", "solve", "forward", "write"}
+    assert len(rep.block_seconds) == 2 and sum(rep.block_seconds) <= rep.seconds
+    assert sum(rep.phases.values()) <= rep.seconds and rep.phases["solve"] > 0
+    assert "seconds by phase" in rep.summary()
+    assert [d for d, _, _ in bars] == ["block 0", "block 1"]
+    assert all(n == total > 0 for _, n, total in bars), bars

@@ -2,6 +2,7 @@
 import copy
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ def small(smollm2_2layers):
 @pytest.fixture(scope="module")
 def sens(small):
     model, calib = small
-    return layer_sensitivity(model, calib, ["w2g64", "w3g64", "w4g64", "w8"], progress=False)
+    return layer_sensitivity(model, calib, ["w2g64", "w3g64", "w4g64", "w8"], score="full", progress=False)
 
 
 def test_budget_met_in_bytes_on_smollm2(small, sens):
@@ -128,8 +129,12 @@ def test_cli_quantize_with_a_budget(smollm2_2layers, tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["quantize", str(src), "--budget", "3.5", "--candidates", "w2g64,w4g64", "--method", "rtn",
                  "--out", str(out), "--text", str(text), "--window", "64"]) == 0
-    said = capsys.readouterr().out
+    cap = capsys.readouterr()
+    said = cap.out
     assert "mixed precision at 3.5 bits/weight" in said and "saved mixed-3.5 (rtn)" in said
+    assert "estimated from one backward pass (fisher)" in said  # the cheap score is the CLI's default
+    # progress with an ETA over the layers costed: "sensitivity: 100%|...| 14/14 [00:01<00:00, ...]"
+    assert re.search(r"sensitivity: +\d+%.*14/14 \[[0-9:]+<[0-9:]+", cap.err), cap.err[-500:]
     q = lowbit.load(out)
     assert 3.4 < linear_bits_per_weight(q) <= 3.5
     assert {m.qweight.scheme.bits for n, m in q.named_modules() if n.startswith("model.layers.") and
@@ -144,13 +149,18 @@ def test_calibrated_costs_fit_on_held_out_windows(smollm2_2layers):
     score = [ids[i * 32:(i + 1) * 32] for i in range(2)]
     fit = [ids[64 + i * 64:64 + (i + 1) * 64] for i in range(4)]
     names = ["model.layers.1.mlp.down_proj", "model.layers.1.self_attn.v_proj"]
-    same = layer_sensitivity(model, score, ["w3g64", "w4g64"], method="gptq", names=names, progress=False)
+    same = layer_sensitivity(model, score, ["w3g64", "w4g64"], method="gptq", names=names, score="full",
+                             progress=False)
     held = layer_sensitivity(model, score, ["w3g64", "w4g64"], method="gptq", names=names,
-                             solver_calibration=fit, progress=False)
+                             solver_calibration=fit, score="full", progress=False)
     assert (held.output_err > same.output_err).all()  # 64 tokens, 576/1536 inputs: GPTQ overfits them
     c = held.reference
     assert (held.kl[:, c] > same.kl[:, c]).all()
+    # the Fisher estimate (the default score) sees it too
+    same_f, held_f = (layer_sensitivity(model, score, ["w3g64", "w4g64"], method="gptq", names=names,
+                                        solver_calibration=f, progress=False) for f in (None, fit))
+    assert (held_f.fisher > same_f.fisher).all()
     # rtn fits nothing: the held-out windows change nothing
     a = layer_sensitivity(model, score, ["w3g64"], names=names, progress=False)
     b = layer_sensitivity(model, score, ["w3g64"], names=names, solver_calibration=fit, progress=False)
-    assert torch.equal(a.kl, b.kl)
+    assert torch.equal(a.fisher, b.fisher)

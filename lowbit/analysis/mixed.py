@@ -115,7 +115,7 @@ def cost_method(method: str, candidates) -> str:
 
 def search(model, budget_bits: float, calibration, candidates=DEFAULT_CANDIDATES, method: str = "rtn", *,
            sensitivity: "Sensitivity | None" = None, measure: str = "reference", solver_calibration=None,
-           progress: bool = True) -> Recipe:
+           score: str = "auto", progress: bool = True) -> Recipe:
     """A Recipe with per-layer overrides that minimises the expected KL of `model` with at most
     `budget_bits` bits per weight over the blocks' Linear layers (scales and zeros counted).
 
@@ -124,11 +124,13 @@ def search(model, budget_bits: float, calibration, candidates=DEFAULT_CANDIDATES
     method: the method the recipe will run ("rtn", "awq+gptq", "auto"); the costs are measured on
     the weights that chain makes (cost_method). Pass `sensitivity` to reuse one measurement for several
     budgets. solver_calibration: for a calibrated method, the windows it will calibrate on (the
-    costs are then scored on `calibration`, held out from them; see layer_sensitivity). Use the
-    result as lowbit.quantize(model, recipe, calibration=...).
+    costs are then scored on `calibration`, held out from them; see layer_sensitivity). score:
+    "fisher" (a causal LM's default: every cost estimated from one backward pass, about one
+    calibrated quantization's time) or "full" (a forward through the rest of the model per
+    measured layer, `measure`). Use the result as lowbit.quantize(model, recipe, calibration=...).
     """
     if sensitivity is None:
         sensitivity = layer_sensitivity(model, calibration, candidates, method=cost_method(method, candidates),
                                         measure=measure, solver_calibration=solver_calibration,
-                                        progress=progress)
+                                        score=score, progress=progress)
     return plan_mixed(sensitivity, budget_bits, method).recipe

@@ -10,8 +10,13 @@ For an encoder (no output layer, e.g. MiniLM) `kl` holds 1 - cosine similarity o
 last hidden states to the fp ones (Sensitivity.metric "1-cos") and dloss is nan.
     output_err[l, c]  ||(W - Q) X||^2 / ||W X||^2 = tr(D H D^T) / tr(W H W^T), D = W - Q
     proxy[l, c]       tr(H) / n_in * ||W - Q||^2 (HAWQ's trace-weighted weight error)
+    fisher[l, c]      the KL estimated to second order from one backward pass (analysis.fisher):
+                      1/(2P) sum_j G_j (D H D^T)_jj / 2, G_j the summed squared gradients of the
+                      layer's output j; score="fisher", a causal LM's default
 
-Measuring every (l, c) runs the model's tail once per pair. The fp model's block inputs flow
+score="fisher" costs one forward and backward pass over the windows plus one D H D^T per pair (on
+SmolLM2 about one calibrated quantization's time, docs/benchmarks.md) and `cost` is `fisher`.
+score="full" measures instead. Measuring every (l, c) runs the model's tail once per pair. The fp model's block inputs flow
 block by block, so a layer of block i runs blocks i.. only, and logits are taken at every
 `stride`-th position. measure="reference" measures one candidate per layer and scales it to the
 others by their output error (kl[l, c] ~ kl[l, ref] * tr(D_c H D_c^T) / tr(D_ref H D_ref^T), the
@@ -20,7 +25,7 @@ every pair. `cost` (what the mixed-precision search minimises) is kl where measu
 estimate.
 
     sens = layer_sensitivity(model, calibration=[ids[None]], candidates=["w3g64", "w4g64", "w8"])
-    sens.spearman()  # {"proxy": rho, "output_err": rho}: how well the cheap ones rank the layers
+    sens.spearman()  # {"proxy": rho, "output_err": rho} (score="full"): how the cheap ones rank the layers
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from ..pipeline.blocks import BlockInput, capture_inputs, find_blocks, run_block
 from ..pipeline.recipe import Recipe, get_recipe
 from ..pipeline.stats import StatsCollector
 from ..pipeline.walk import is_linear, is_norm, linear_weight
+from .fisher import fisher_cost, output_fisher, row_quad
 
 # nf4-dq (4.13 bits) among them: with it the RTN search at 4.25 bits beats uniform w4g64 (4.5) on
 # SmolLM2's perplexity, 35.57 against 37.05; without it the search lost there (37.95, docs/benchmarks.md)
@@ -61,23 +67,33 @@ class Sensitivity:
     runs: int = 0                    # tail runs measured
     metric: str = "kl"               # what `kl` holds: "kl" (causal LM), "1-cos" (encoder embeddings)
     extra: dict = field(default_factory=dict)
+    score: str = "full"              # what `cost` is: "full" (measured KL) or "fisher" (analysis.fisher)
+    fisher: "torch.Tensor | None" = None  # [L, C] Fisher-weighted KL estimate (score="fisher")
 
     @property
     def cost(self) -> torch.Tensor:
-        """[L, C] the KL each choice is expected to cost: measured, else scaled from the reference."""
+        """[L, C] the KL each choice is expected to cost: the Fisher estimate (score="fisher"), else
+        measured, else scaled from the reference."""
+        if self.score == "fisher":
+            return self.fisher.clamp(min=0)
         ref = self.kl[:, self.reference:self.reference + 1]
         abs_err = self.output_err  # relative to the same ||W X||^2 per layer: ratios hold
         est = ref * abs_err / abs_err[:, self.reference:self.reference + 1].clamp(min=1e-30)
         return torch.where(torch.isnan(self.kl), est, self.kl).clamp(min=0)
 
     def spearman(self) -> dict[str, float]:
-        """Spearman rank correlation over the layers, at the reference candidate, of the proxy and of
-        the output error against the measured KL (and over every measured pair, when all were)."""
+        """Spearman rank correlation over the layers, at the reference candidate, of the proxy, the
+        output error and the Fisher estimate (when present) against the measured KL (and the proxy over
+        every measured pair, when all were); {} when nothing was measured (score="fisher")."""
         c = self.reference
+        if torch.isnan(self.kl[:, c]).all():
+            return {}  # score="fisher": nothing measured to rank against
         out = {"proxy": _rho(self.proxy[:, c], self.kl[:, c]),
                "output_err": _rho(self.output_err[:, c], self.kl[:, c])}
         if not torch.isnan(self.kl).any():
             out["proxy_all_pairs"] = _rho(self.proxy.flatten(), self.kl.flatten())
+        if self.fisher is not None and not torch.isnan(self.kl[:, c]).all():
+            out["fisher"] = _rho(self.fisher[:, c], self.kl[:, c])
         return out
 
     def to_dict(self) -> dict:
@@ -87,7 +103,8 @@ class Sensitivity:
         return {"names": self.names, "candidates": self.candidates,
                 "recipes": [r.to_dict() for r in self.recipes], "reference": self.reference,
                 "method": self.method, "tokens": self.tokens, "seconds": self.seconds, "runs": self.runs,
-                "metric": self.metric,
+                "metric": self.metric, "score": self.score,
+                "fisher": None if self.fisher is None else lst(self.fisher),
                 **{k: lst(getattr(self, k)) for k in ("nbytes", "numel", "output_err", "proxy", "kl", "dloss")}}
 
     @classmethod
@@ -97,7 +114,8 @@ class Sensitivity:
         return cls(d["names"], d["candidates"], [Recipe.from_dict(r) for r in d["recipes"]],
                    torch.tensor(d["nbytes"]), torch.tensor(d["numel"]), f64(d["output_err"]), f64(d["proxy"]),
                    f64(d["kl"]), f64(d["dloss"]), d["reference"], d["method"], d["tokens"], d["seconds"], d["runs"],
-                   d.get("metric", "kl"))
+                   d.get("metric", "kl"), score=d.get("score", "full"),
+                   fisher=None if d.get("fisher") is None else f64(d["fisher"]))
 
     def rows(self) -> list[dict]:
         """One dict per layer: output error and measured KL at the reference candidate."""
@@ -212,7 +230,7 @@ def _tail_for(model, prefix, blocks, ids, stride) -> _Tail:
 
 def layer_sensitivity(model, calibration, candidates=DEFAULT_CANDIDATES, *, method: str = "rtn",
                       measure: str = "reference", reference: "str | None" = None, stride: int = 2,
-                      names: "list[str] | None" = None, solver_calibration=None,
+                      names: "list[str] | None" = None, solver_calibration=None, score: str = "auto",
                       progress: bool = True) -> Sensitivity:
     """Sensitivity of every Linear layer of the blocks (or `names`) to each candidate scheme.
 
@@ -229,9 +247,17 @@ def layer_sensitivity(model, calibration, candidates=DEFAULT_CANDIDATES, *, meth
     fewest bits: low enough that its KL stands clear of noise; the others are scaled from it) or
     "all" (every pair). stride: logits at every stride-th position (the head is a
     quarter of SmolLM2's multiply-adds).
+    score: "fisher" (every pair's KL estimated from one backward pass, analysis.fisher: on SmolLM2
+    about one calibrated quantization's time; `kl` stays unmeasured), "full" (the tail runs that
+    `measure` names: one forward through the rest of the model per measured pair) or "auto"
+    (fisher for a causal LM, full for an encoder, whose embedding cosine has no likelihood whose
+    Fisher a backward pass could sample).
     """
     if measure not in ("reference", "all"):
         raise ValueError(f"measure={measure!r}: choose 'reference' or 'all'")
+    if score not in ("auto", "fisher", "full"):
+        raise ValueError(f"score={score!r}: choose 'fisher' (one backward pass), 'full' (a forward through "
+                         "the rest of the model per measurement) or 'auto'")
     t0 = time.perf_counter()
     recipes = candidate_recipes(candidates)
     labels = [r.name for r in recipes]
@@ -250,20 +276,31 @@ def layer_sensitivity(model, calibration, candidates=DEFAULT_CANDIDATES, *, meth
         raise ValueError(f"names {unknown[:3]}: not Linear layers of the blocks ({prefix})")
     batches = _stack(calibration)
     tail = _tail_for(model, prefix, blocks, batches[0], stride)
+    if score == "auto":
+        score = "full" if tail.metric != "kl" else "fisher"
+    if score == "fisher" and tail.metric != "kl":
+        raise ValueError(f"score='fisher' needs a causal LM's output layer; {type(model).__name__} is scored by "
+                         "its embedding cosine: use score='full'")
     L, C = len(names), len(recipes)
     nan = torch.full((L, C), float("nan"), dtype=torch.float64)
     sens = Sensitivity(names, labels, recipes, torch.zeros(L, C, dtype=torch.long),
                        torch.zeros(L, dtype=torch.long), nan.clone(), nan.clone(), nan.clone(), nan.clone(),
                        ref_c, method, batches[0].shape[0] * (batches[0].shape[1] if tail.metric != "kl" else
-                                                              tail.pos.numel()), metric=tail.metric)
+                                                              tail.pos.numel()), metric=tail.metric,
+                       score=score, fisher=nan.clone() if score == "fisher" else None)
     row = {n: i for i, n in enumerate(names)}
     own = solver_calibration is None or solver_name == "rtn" and not transforms  # data-free: nothing to fit
+    grads = None
+    if score == "fisher":  # G per layer from one backward pass; no tail runs
+        grads = output_fisher(model, blocks, tail.norm, tail.head, names, batches[0], tail.pos, progress=progress)
     with torch.no_grad():
         inputs = capture_inputs(model, blocks[0], batches)
         fit = inputs if own else capture_inputs(model, blocks[0], _stack(solver_calibration))
-        tail.ref_logp = tail.run(0, inputs)
-        measured = [c for c in range(C) if measure == "all" or c == ref_c]
-        bar = tqdm(total=L * len(measured), desc="sensitivity", unit="run", disable=not progress)
+        measured = [] if score == "fisher" else [c for c in range(C) if measure == "all" or c == ref_c]
+        if measured:
+            tail.ref_logp = tail.run(0, inputs)
+        bar = tqdm(total=L * max(len(measured), 1), desc="sensitivity", unit="run" if measured else "layer",
+                   disable=not progress)
         for i, block in enumerate(blocks):
             head = f"{prefix}.{i}."
             local = [n[len(head):] for n in names if n.startswith(head)]
@@ -277,7 +314,8 @@ def layer_sensitivity(model, calibration, candidates=DEFAULT_CANDIDATES, *, meth
             for n in local:
                 lin, l = block.get_submodule(n), row[head + n]
                 _measure_layer(sens, l, lin, col.stats[n], fitted.stats[n], recipes,
-                               (transforms, solver_name, solver), measured, tail, i, inputs, bar)
+                               (transforms, solver_name, solver), measured, tail, i, inputs, bar,
+                               None if grads is None else grads[head + n])
             inputs = [BlockInput(y, x.kwargs) for x, y in zip(inputs, outs)]
             fit = inputs if own else [BlockInput(y, x.kwargs) for x, y in zip(fit, fit_outs)]
         bar.close()
@@ -316,28 +354,29 @@ def _candidate_weight(w: torch.Tensor, scheme, s, stats, chain) -> tuple[torch.T
     return (w_hat if s is None else w_hat / s), q.nbytes
 
 
-def _measure_layer(sens, l, lin, stats, fit_stats, recipes, chain, measured, tail, i, inputs, bar) -> None:
-    """stats: the scored windows' inputs (output error, proxy); fit_stats: what the method fits on."""
+def _measure_layer(sens, l, lin, stats, fit_stats, recipes, chain, measured, tail, i, inputs, bar, g) -> None:
+    """stats: the scored windows' inputs (output error, proxy, Fisher); fit_stats: what the method
+    fits on; g: the layer's summed squared output gradients [out] (score="fisher"), else None."""
     w = linear_weight(lin).float()
-    H = stats.hessian.double()
+    H = stats.hessian
     sens.numel[l] = w.numel()
-    signal = _quad(w.double(), H) or 1e-30
+    signal = float(row_quad(w, H).sum()) or 1e-30
     mean_diag = float(H.diagonal().mean())
     s, scaled = _transformed(w, recipes[sens.reference].weights, fit_stats, chain[0])
     for c, r in enumerate(recipes):
         w_hat, sens.nbytes[l, c] = _candidate_weight(w, r.weights, s, scaled, chain)
-        d = (w - w_hat).double()
-        sens.output_err[l, c] = _quad(d, H) / signal
-        sens.proxy[l, c] = mean_diag * float(d.pow(2).sum())
+        d = w - w_hat
+        row = row_quad(d, H)  # (D H D^T)_jj: the output error per output channel
+        sens.output_err[l, c] = float(row.sum()) / signal
+        sens.proxy[l, c] = mean_diag * float(d.pow(2).sum(dtype=torch.float64))
+        if g is not None:
+            sens.fisher[l, c] = fisher_cost(row / 2, g, sens.tokens)  # Hbar = H / 2
         if c in measured:
             sens.kl[l, c], sens.dloss[l, c] = _swapped(lin, w_hat, tail, i, inputs)
             sens.runs += 1
             bar.update()
-
-
-def _quad(d: torch.Tensor, H: torch.Tensor) -> float:
-    """tr(D H D^T) for D [out, in], H [in, in] (one matmul; einsum would loop over all three axes)."""
-    return float(((d @ H) * d).sum())
+    if g is not None:
+        bar.update()
 
 
 def _swapped(lin, w_hat: torch.Tensor, tail: _Tail, i: int, inputs) -> tuple[float, float]:

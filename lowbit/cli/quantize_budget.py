@@ -12,7 +12,8 @@ SENSITIVITY_WINDOWS, SENSITIVITY_WINDOW = 4, 256
 
 def budget_recipe(model, ids, budget: float, candidates: str | None, method: str, window: int = 512,
                   calibration_windows: int = 8) -> Recipe:
-    """Measure each layer's cost on 4 windows of min(256, window) tokens of `ids` (the calibration
+    """Estimate each layer's cost (layer_sensitivity's default score: fisher for a causal LM, with a
+    progress bar and ETA per pass) on 4 windows of min(256, window) tokens of `ids` (the calibration
     text) and return the recipe meeting `budget` bits per weight. A calibrated method fits on the
     windows lowbit.quantize will calibrate on (the last `calibration_windows` of `window`) and
     its costs are scored on the 4 windows just before them (a solver scored on the tokens it was
@@ -34,5 +35,6 @@ def budget_recipe(model, ids, budget: float, candidates: str | None, method: str
     print(f"mixed precision at {budget:g} bits/weight: {plan.bits_per_weight:.4f} over the blocks' layers "
           f"({plan.nbytes} of {plan.budget_bytes} bytes), "
           + ", ".join(f"{k} x{v}" for k, v in sorted(plan.counts().items()))
-          + f"; costs measured in {sens.seconds:.0f} s")
+          + f"; costs {'estimated from one backward pass (fisher)' if sens.score == 'fisher' else 'measured'}"
+          f" in {sens.seconds:.0f} s")
     return plan.recipe

@@ -72,9 +72,9 @@ def cmd_quantize_gguf(args) -> None:
     t0 = time.perf_counter()
     out = save(model, out, format="gguf", recipe=args.recipe, tokenizer=tok, pre_tokenizer=args.pre_tokenizer,
                source=getattr(model, "lowbit_gguf_source", None))  # no GGUF source: tok is converted
-    if method != "rtn":  # the report's phases with the time around the calibration: reading and writing
+    if method != "rtn":  # the report's profile with the time around the calibration: reading and writing
         report = model.lowbit_calibration
-        report.phases.update(read=read_s, write=time.perf_counter() - t0)
+        report.profile.update(read=read_s, write=time.perf_counter() - t0)
         print(report.summary())
     print(f"saved {args.recipe} ({method}) to {out} ({out.stat().st_size / 1e6:.1f} MB)")
 

@@ -97,10 +97,15 @@ def capture_inputs(model: nn.Module, first_block: nn.Module, batches: list, into
     return captured
 
 
-@torch.no_grad()
-def run_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:
+def block_forward(block: nn.Module, inp: BlockInput) -> torch.Tensor:
+    """block(hidden, **kwargs)'s hidden-state output, with autograd as the caller has it."""
     out = block(inp.hidden, **inp.kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:
+    return block_forward(block, inp)
 
 
 def first_windows(inp: BlockInput, n: int = 1) -> BlockInput:

@@ -20,6 +20,7 @@ from ..core.observers import make_observer
 from ..methods import get_method, method_needs, parse_method
 from ..methods import rtn as rtn_method
 from ..methods.bitnet import is_bitnet
+from ..methods.gptq import solved_losses
 from ..nn import BitLinear, LLMInt8Linear, QuantLinear
 from .embeddings import embedding_jobs, quantize_embeddings
 from .experts import coverage, is_router, unfuse_experts
@@ -213,6 +214,10 @@ def _layer_report(name: str, r: Recipe, w: torch.Tensor, qweight, stats) -> Laye
     H = getattr(stats, "hessian", None)
     if H is None:
         return LayerReport(name, r.method)
+    known = solved_losses(stats, w, qweight)  # gptq's fallback measured both already
+    if known is not None:
+        base = (w.float() @ H * w.float()).sum().clamp(min=1e-30)
+        return LayerReport(name, r.method, float(known[0] / base), float(known[1] / base))
     rtn = qweight if r.method == "rtn" else rtn_method(w, r.weights)
     return LayerReport(name, r.method, layer_loss(w, qweight.dequantize(), H), layer_loss(w, rtn.dequantize(), H))
 

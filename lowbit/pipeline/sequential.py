@@ -38,6 +38,7 @@ from ..core.phases import PhaseClock, phase
 from .blocks import BlockInput, capture_inputs, find_blocks, first_windows, run_block, short_batch
 from .spill import Activations, SpillPolicy
 from .stats import InputStats, StatsCollector, StatsComplete
+from .walk import linear_weight
 
 
 @dataclass
@@ -61,14 +62,29 @@ class CalibrationReport:
     stats_mb: float = 0.0  # largest set of one block's statistics
     peak_rss_mb: float = 0.0
     seconds: float = 0.0
-    # wall seconds by phase (core/phases.py), summing to `seconds`: forwards, hessians, awq search, ggml fits,
-    # gptq solves, ...; the layer solves run in threads and get their shares of the wall time they took.
-    # Callers add the time around the calibration as "read" and "write" (then counted in `total_seconds`).
+    # seconds by phase over all blocks: load (block_scope entered), statistics (forwards with the
+    # Hessian products), transform, solve, forward (the quantized block), write (block_scope left)
     phases: dict[str, float] = field(default_factory=dict)
+    block_seconds: list[float] = field(default_factory=list)
+    # wall seconds by what the time went to (core/phases.py), summing to `seconds`: forwards, hessians, awq
+    # search, ggml fits, gptq solves, layer losses, ...; the layer solves run in threads and count as their
+    # shares of the wall time they took together. Callers add the time around the calibration as "read" and
+    # "write" (then counted in `total_seconds`).
+    profile: dict[str, float] = field(default_factory=dict)
 
     @property
     def total_seconds(self) -> float:
-        return self.seconds + self.phases.get("read", 0.0) + self.phases.get("write", 0.0)
+        return self.seconds + self.profile.get("read", 0.0) + self.profile.get("write", 0.0)
+
+    def profile_line(self) -> str:
+        """'time by work (62.0 s): ggml fits 21.0 s (34%), forwards ...' over the total (read and write included)."""
+        total = max(self.total_seconds, 1e-9)
+        parts = [f"{k} {v:.1f} s ({100 * v / total:.0f}%)"
+                 for k, v in sorted(self.profile.items(), key=lambda kv: -kv[1])]
+        return f"time by work ({total:.1f} s): " + ", ".join(parts)
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.phases[phase] = self.phases.get(phase, 0.0) + seconds
 
     def summary(self) -> str:
         lines = [f"sequential calibration over {self.blocks} ({self.tokens} tokens, {self.dtype}): "
@@ -76,6 +92,10 @@ class CalibrationReport:
                  f"peak RSS {self.peak_rss_mb:.0f} MB, activations held {self.activations_mb:.0f} MB"
                  + (f" (+{self.spilled_mb:.0f} MB spilled to disk)" if self.spilled_mb else "")
                  + f", statistics {self.stats_mb:.0f} MB"]
+        if self.phases:
+            lines.append("seconds by phase: " + ", ".join(f"{k} {v:.1f}" for k, v in self.phases.items()))
+        if self.profile:
+            lines.append(self.profile_line())
         with_loss = [r for r in self.layers if r.loss is not None and r.rtn_loss]
         if with_loss:
             ratios = torch.tensor([r.loss / r.rtn_loss for r in with_loss])
@@ -88,16 +108,7 @@ class CalibrationReport:
             lines.append(f"experts: {len(experts)} layers, routed tokens per layer min {counts.min():.0f}, "
                          f"median {counts.median():.0f}, max {counts.max():.0f}"
                          + (f"; {len(fell)} rounded to nearest ({fell[0].fallback})" if fell else ""))
-        if self.phases:
-            lines.append(self.phase_line())
         return "\n".join(lines)
-
-    def phase_line(self) -> str:
-        """'time by phase: ggml fits 41.0 s (45%), forwards ...' over the total (read and write included)."""
-        total = max(self.total_seconds, 1e-9)
-        parts = [f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in
-                 sorted(self.phases.items(), key=lambda kv: -kv[1])]
-        return f"time by phase ({total:.1f} s): " + ", ".join(parts)
 
     def expert_tokens(self) -> dict[str, int]:
         """{expert layer name: calibration tokens routed to it}."""
@@ -133,7 +144,7 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
                              progress, block_scope, spill, workers, resume, clock)
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report.seconds = time.perf_counter() - t0
-    report.phases = dict(clock.seconds)
+    report.profile = dict(clock.seconds)
     return report
 
 
@@ -157,11 +168,13 @@ def _run_blocks(model, names, batches, quantize_layer, hessian, magnitudes, tran
     probe = _probe(model, blocks[0], batches) if transform is not None and start == 0 else None
     for i in tqdm(range(start, len(blocks)), desc="calibrate+quantize", unit="block", disable=not progress):
         block = blocks[i]
+        t_block = time.perf_counter()
         if resume is not None and i > start:
             resume.save(i, inputs)
-        with block_scope(i, block) if block_scope is not None else contextlib.nullcontext():
+        with _Timed(report, "load", "write", block_scope(i, block) if block_scope is not None else None):
             inputs = _one_block(i, block, inputs, prefix, names, quantize_layer, hessian, magnitudes, transform,
-                                propagate, dtype, spill, report, workers, clock, probe)
+                                propagate, dtype, spill, report, workers, progress, clock, probe)
+        report.block_seconds.append(time.perf_counter() - t_block)
     inputs.drop()
     return report
 
@@ -178,7 +191,7 @@ def _probe(model, first_block, batches) -> list | None:
 
 
 def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hessian, magnitudes, transform,
-               propagate, dtype, spill, report, workers, clock, probe=None) -> Activations:
+               propagate, dtype, spill, report, workers=2, progress=False, clock=None, probe=None) -> Activations:
     """Statistics, transforms, solves of block i; -> the inputs of block i + 1."""
     def autocast():
         return torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
@@ -186,6 +199,10 @@ def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hes
     local = [n[len(head):] for n in names if n.startswith(head)]
     full = propagate == "full"
     outs = Activations(spill, f"block-{i + 1:05d}-in")
+    work = _BlockWork(block, local, inputs.tokens // max(len(inputs), 1), hessian)
+    bar = tqdm(total=work.total(len(inputs), propagate == "quantized"), desc=f"block {i}", unit="flop",
+               unit_scale=True, leave=False, disable=not progress)
+    t0 = time.perf_counter()
     with StatsCollector(block, local, hessian, product_dtype=dtype, stop_early=not full,
                         magnitudes=magnitudes) as c, autocast(), phase("forwards"):
         for b, inp in enumerate(inputs):
@@ -193,24 +210,35 @@ def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hes
             try:
                 y = run_block(block, inp)
             except StatsComplete:
-                continue
-            if full:
-                outs.append(y, inp.kwargs)
+                pass
+            else:
+                if full:
+                    outs.append(y, inp.kwargs)
+            bar.update(work.statistics)
+    t1 = time.perf_counter()
+    report.add_time("statistics", t1 - t0)
     report.stats_mb = max(report.stats_mb, sum(s.nbytes for s in set(c.stats.values())) / 2**20)
     if transform is not None:  # the sample checks a fold: a few tokens show a norm that cannot absorb scales
         sample = probe[0] if probe else first_windows(inputs[0], 1)
         transform(block, local, c.stats, c.producers, sample, f"{prefix}.{i}")
-    # Each layer's solve is independent; a Python-bound loop of small tensor ops (GPTQ's
-    # columns) leaves a core idle, so two solves run at once (more when they are Ray tasks).
+    t2 = time.perf_counter()
+    report.add_time("transform", t2 - t1)
+
     solves = PhaseClock()
 
     def solve(n):
         with solves.running("solves (other)"):
-            return quantize_layer(head + n, c.stats.get(n))
-    t0 = time.perf_counter()
+            out = quantize_layer(head + n, c.stats.get(n))
+        bar.update(work.solve[n])
+        return out
+    # Each layer's solve is independent; a Python-bound loop of small tensor ops (GPTQ's
+    # columns) leaves a core idle, so two solves run at once (more when they are Ray tasks).
     with ThreadPoolExecutor(workers) as pool:
         report.layers.extend(pool.map(solve, local))
-    clock.absorb(solves, time.perf_counter() - t0)
+    t3 = time.perf_counter()
+    report.add_time("solve", t3 - t2)
+    if clock is not None:
+        clock.absorb(solves, t3 - t2)
     if probe:
         with phase("transform checks"):
             probe[0] = BlockInput(run_block(block, probe[0]), probe[0].kwargs)
@@ -218,10 +246,53 @@ def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hes
         with autocast(), phase("forwards"):
             for inp in inputs:
                 outs.append(run_block(block, inp), inp.kwargs)
+                bar.update(work.forward)
+    report.add_time("forward", time.perf_counter() - t3)
+    bar.close()
     report.activations_mb = max(report.activations_mb, (inputs.memory_bytes + outs.memory_bytes) / 2**20)
     report.spilled_mb = max(report.spilled_mb, (inputs.disk_bytes + outs.disk_bytes) / 2**20)
     inputs.drop()
     return outs
+
+
+class _Timed:
+    """Enters `scope` (a context manager or None) and adds the seconds spent entering it and leaving
+    it to the report's phases `enter` and `leave`."""
+
+    def __init__(self, report: CalibrationReport, enter: str, leave: str, scope):
+        self.report, self.names, self.scope = report, (enter, leave), scope
+
+    def __enter__(self):
+        t0 = time.perf_counter()
+        if self.scope is not None:
+            self.scope.__enter__()
+        self.report.add_time(self.names[0], time.perf_counter() - t0)
+
+    def __exit__(self, *exc):
+        t0 = time.perf_counter()
+        try:
+            return self.scope.__exit__(*exc) if self.scope is not None else None
+        finally:
+            self.report.add_time(self.names[1], time.perf_counter() - t0)
+
+
+class _BlockWork:
+    """Floating-point operations of a block's steps (integers), so that its progress bar's ETA holds
+    across steps of unequal cost: per batch the forward (2 per weight and token) and, in the
+    statistics pass, the X^T X products (2 n^2 per token, at most one per layer); per layer the
+    solve (GPTQ: its column updates and layer losses, ~7 rows x cols^2, and a share of the
+    Hessian's factor, ~cols^3)."""
+
+    def __init__(self, block: nn.Module, local: list[str], tokens: int, hessian: bool):
+        shapes = {n: tuple(linear_weight(block.get_submodule(n)).shape) for n in local}
+        weights = sum(r * c for r, c in shapes.values())
+        products = sum(2 * c * c for _, c in shapes.values()) if hessian else 0
+        self.forward = 2 * tokens * weights
+        self.statistics = self.forward + tokens * products
+        self.solve = {n: 7 * r * c * c + c ** 3 if hessian else r * c for n, (r, c) in shapes.items()}
+
+    def total(self, batches: int, forward: bool) -> int:
+        return batches * (self.statistics + (self.forward if forward else 0)) + sum(self.solve.values())
 
 
 def calibration_dtype(choice: "torch.dtype | str" = "auto") -> torch.dtype:

@@ -31,7 +31,8 @@ from .qtensor import join_blocks
 
 
 def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter as a float tensor; quantized layers (QuantLinear, QuantEmbedding) give their
+    """Every parameter as a floating-point tensor in its own dtype (the caller takes .float() of one at a time,
+    so a bf16 model is never held twice in float32); quantized layers (QuantLinear, QuantEmbedding) give their
     dequantized weight; fused experts (gate_up_proj [E, 2f, h], down_proj [E, h, f]) give each
     expert's gate_proj, up_proj, down_proj as `...experts.{e}.gate_proj.weight`."""
     from ...nn import QuantLinear
@@ -48,7 +49,7 @@ def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for key, t in model.state_dict().items():
         if ".qweight." in key or key.endswith((".act_scale", ".act_zero")) or key in out:
             continue
-        out[key] = t.detach().float()
+        out[key] = t.detach() if t.is_floating_point() else t.detach().float()
     for name, m in model.named_modules():
         if is_fused_experts(m):  # transformers 5's fused experts, as the per-expert weights RoutedExperts holds
             gate_up, down = out.pop(f"{name}.gate_up_proj"), out.pop(f"{name}.down_proj")
@@ -154,14 +155,16 @@ def gguf_tensors(model: nn.Module, recipe: str):
         yield "rope_freqs.weight", quantize_rows(freqs[None], "f32"), "f32", tuple(freqs.shape)
     rerounded = []
     for name, (layer, keys) in tensor_groups(state, arch, n_exp).items():
-        t = torch.stack([state[k] for k in keys]) if len(keys) > 1 else state[keys[0]]
+        t = torch.stack([state[k].float() for k in keys]) if len(keys) > 1 else state[keys[0]].float()
         n_head = permuted_heads(name, arch, config)
-        w = t.numpy() + value_offset(keys[0], arch)
+        w = t.numpy()
+        offset = value_offset(keys[0], arch)
+        w = w + np.float32(offset) if offset else w
         w = permute_rows(w, n_head) if n_head else w
         kind = (ft.tensor_type(name, ne0=w.shape[-1], layer=layer, n_layer=n_layer, n_gqa=n_gqa,
                                has_output=not tied, arch=arch.gguf, n_expert=n_exp)
                 if ft.quantizes(name, w.ndim) else "f32")
-        kept = [_kept_blocks(k, kind, state[k], name, solved, quantized) for k in keys]
+        kept = [_kept_blocks(k, kind, state[k].float(), name, solved, quantized) for k in keys]
         if all(b is not None for b in kept) and len({b[0] for b in kept}) == 1:
             kind, data = kept[0][0], np.concatenate([b[1] for b in kept])
             data = permute_rows(data, n_head) if n_head else data  # the layer's own rows: permuted like the weight
@@ -173,6 +176,8 @@ def gguf_tensors(model: nn.Module, recipe: str):
             except ValueError as e:
                 raise ValueError(f"tensor {name!r} ({keys[0]}, shape {tuple(w.shape)}): {e}") from e
         yield name, data, kind, tuple(w.shape)
+        for k in keys:  # its float32 copy goes now, not at the end
+            del state[k]
     if rerounded:
         warnings.warn(f"GGUF export: {len(rerounded)} quantized tensor(s) have no GGML block type that holds "
                       f"their scheme exactly ({', '.join(rerounded[:3])}{', ...' if len(rerounded) > 3 else ''}); "
