@@ -160,11 +160,19 @@ def test_changed_weights_fall_back_to_round_to_nearest(calibrated, tmp_path):
         lowbit.save(m, tmp_path / "y.gguf", recipe="q8_0", source="smollm2-135m")
 
 
-def test_cli_writes_calibrated_codes_by_default(smollm2_2layers, tmp_path, capsys):
+def test_cli_writes_calibrated_codes_by_default(smollm2_2layers, tmp_path, capsys, monkeypatch):
+    """...from a .gguf source read by lowbit's own reader: transformers' GGUF model loading (20 s of Python
+    dequantization on SmolLM2 in f32) is not called; the tokenizer alone comes from transformers."""
+    import transformers
+
     from lowbit.cli import main
 
     model, _ = smollm2_2layers
     src = lowbit.save(model, tmp_path / "src.gguf", recipe="f32", source="smollm2-135m")
+
+    def refuse(*a, **k):
+        raise AssertionError("transformers loaded the GGUF model")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     out = tmp_path / "q.gguf"
     assert main(["quantize", str(src), "--recipe", "q4_0", "--out", str(out), "--calibration-windows", "4",
                  "--window", "64", "--method-option", "gptq.damp=0.02"]) == 0
