@@ -87,15 +87,26 @@ def _transformers():
 
 def _load_gguf(path: Path, dtype: torch.dtype):
     tf = _transformers()
-    kw = dict(gguf_file=path.name, local_files_only=True)
+    tokenizer = load_gguf_tokenizer(path)
     try:
-        tokenizer = tf.AutoTokenizer.from_pretrained(str(path.parent), **kw)
-        model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, **kw)
+        model = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, gguf_file=path.name,
+                                                        local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path} could not be loaded as a GGUF model by transformers: {e}") from e
+    model.lowbit_gguf_source = str(path)  # GGUF export copies the tokenizer from here
+    return model.eval(), tokenizer
+
+
+def load_gguf_tokenizer(path: Path):
+    """The tokenizer of a .gguf file, alone (transformers' GGUF reader; the text split before BPE as
+    llama.cpp does it for the file's `tokenizer.ggml.pre`)."""
+    try:
+        tokenizer = _transformers().AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                  local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path} could not be loaded as a GGUF model by transformers: {e}") from e
     _fix_gguf_pre_tokenizer(tokenizer, path)
-    model.lowbit_gguf_source = str(path)  # GGUF export copies the tokenizer from here
-    return model.eval(), tokenizer
+    return tokenizer
 
 
 def _fix_gguf_pre_tokenizer(tokenizer, path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.phases import phase
 from .walk import is_linear, is_norm
 
 
@@ -131,7 +132,8 @@ class StatsCollector:
         elif self._by_input:
             self._by_input.clear()  # every layer has been seen once: sharing is settled
             self._outputs.clear()
-        st.update(x, self.batch)
+        with phase("hessians" if self.hessian else "statistics"):
+            st.update(x, self.batch)
         if self.stop_early:
             if self._seen_batch != self.batch:
                 self._seen_batch, self._seen = self.batch, set()
