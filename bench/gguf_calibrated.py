@@ -23,6 +23,7 @@ import fcntl
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,18 +48,18 @@ def bench_lock():
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def timed(cmd: list, env: dict | None = None) -> tuple[float, float, str]:
-    """Run cmd -> (wall seconds, peak RSS MB of that process, its stdout + stderr)."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env=env)
-    out = p.stdout.read()
-    _, status, usage = os.wait4(p.pid, 0)  # reaped here, with the process's own resource usage
-    wall = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode:
-        raise RuntimeError(f"{cmd[0]} failed ({p.returncode}):\n{out[-3000:]}")
-    return wall, usage.ru_maxrss / 1024, out
+def timed(cmd: list, env: dict | None = None) -> tuple[float, float, float, str]:
+    """Run cmd -> (wall seconds, CPU seconds (user + system), peak RSS MB of that process, its stdout + stderr).
+    GNU time runs it: a child forked from this (large) Python process would report the parent's RSS as its own."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as f:
+        t0 = time.perf_counter()
+        p = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", f.name] + [str(c) for c in cmd],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        wall = time.perf_counter() - t0
+        if p.returncode:
+            raise RuntimeError(f"{cmd[0]} failed ({p.returncode}):\n{p.stdout[-3000:]}")
+        user, system, rss = f.read().split()[-3:]
+        return wall, float(user) + float(system), int(rss) / 1024, p.stdout
 
 
 def main() -> int:
@@ -68,6 +69,7 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="/tmp/lowbit-gguf-calibrated")
+    ap.add_argument("--score", type=int, default=1, help="0: time the pipelines only, no llama-perplexity")
     args = ap.parse_args()
     if not models.WIKITEXT2.is_dir():  # a git worktree beside the main clone: ../shared is one level up
         models.WIKITEXT2 = Path("/work/shared/data/wikitext-2")
@@ -82,7 +84,7 @@ def main() -> int:
     n_params = sum(p.numel() for p in model.parameters())  # a tied output shares the embedding's parameter
     del model
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    base = llama_ppl(b, f32, test_file, args.chunks, T)
+    base = llama_ppl(b, f32, test_file, args.chunks, T) if args.score else float("nan")
     print(f"F32: ppl {base:.4f} (llama-perplexity, {args.chunks} chunks of 512); calibration {n} windows of 512, "
           f"{T} threads\n")
     rows = []
@@ -92,32 +94,36 @@ def main() -> int:
         for f in (imatrix, ref_im, ours):
             f.unlink(missing_ok=True)
         with bench_lock():
-            t_im, rss_im, _ = timed([b / "llama-imatrix", "-m", f32, "-f", calib_file, "-o", imatrix, "-c", 512,
+            t_im, c_im, rss_im, _ = timed([b / "llama-imatrix", "-m", f32, "-f", calib_file, "-o", imatrix, "-c", 512,
                                      "--chunks", n, "-t", T])
-            t_q, rss_q, _ = timed([b / "llama-quantize", "--imatrix", imatrix, f32, ref_im, FTYPE_NAMES[recipe], T])
-            t_lb, rss_lb, said = timed([sys.executable, "-m", "lowbit.cli", "quantize", f32, "--recipe", recipe,
+            t_q, c_q, rss_q, _ = timed([b / "llama-quantize", "--imatrix", imatrix, f32, ref_im, FTYPE_NAMES[recipe],
+                                        T])
+            t_lb, c_lb, rss_lb, said = timed([sys.executable, "-m", "lowbit.cli", "quantize", f32, "--recipe", recipe,
                                         "--out", ours, "--text", calib_file, "--window", 512,
                                         "--calibration-windows", n], env=env)
         phases = next((x for x in said.splitlines() if x.startswith("time by work")), "")
-        print(f"{recipe}: llama-imatrix {t_im:.1f} s ({rss_im:.0f} MB), llama-quantize --imatrix {t_q:.1f} s "
-              f"({rss_q:.0f} MB); lowbit quantize {t_lb:.1f} s ({rss_lb:.0f} MB): {t_lb / (t_im + t_q):.2f}x\n"
-              f"  lowbit {phases}", flush=True)
+        print(f"{recipe}: llama-imatrix {t_im:.1f} s wall, {c_im:.1f} s CPU ({rss_im:.0f} MB), llama-quantize "
+              f"--imatrix {t_q:.1f} s, {c_q:.1f} s CPU ({rss_q:.0f} MB); lowbit quantize {t_lb:.1f} s wall, "
+              f"{c_lb:.1f} s CPU ({rss_lb:.0f} MB): {t_lb / (t_im + t_q):.2f}x wall, {c_lb / (c_im + c_q):.2f}x CPU; "
+              f"load average {os.getloadavg()[0]:.1f}\n  lowbit {phases}", flush=True)
         run([b / "llama-quantize", f32, ref, FTYPE_NAMES[recipe], T])
-        p_ref, p_im, p_ours = (llama_ppl(b, f, test_file, args.chunks, T) for f in (ref, ref_im, ours))
-        rows.append((recipe, ours.stat().st_size, p_ref, p_im, p_ours, t_im + t_q, t_lb, rss_im, rss_lb))
+        p_ref, p_im, p_ours = ((llama_ppl(b, f, test_file, args.chunks, T) if args.score else float("nan"))
+                               for f in (ref, ref_im, ours))
+        rows.append((recipe, ours.stat().st_size, p_ref, p_im, p_ours, t_im + t_q, t_lb, c_im + c_q, c_lb,
+                     max(rss_im, rss_q), rss_lb))
         if ref_im.stat().st_size != ours.stat().st_size:
             print(f"  note: sizes differ: llama.cpp {ref_im.stat().st_size} bytes, lowbit {ours.stat().st_size}")
 
     def rel(p):
         return f"{p:.4f} ({100 * (p / base - 1):+.2f}%)"
     print("\n| file type | MB | bits/weight | llama.cpp, no imatrix | llama.cpp + imatrix | lowbit `auto` | "
-          "lowbit vs imatrix | llama-imatrix + llama-quantize | lowbit quantize | time ratio | peak RSS llama.cpp / "
-          "lowbit |")
+          "lowbit vs imatrix | llama-imatrix + llama-quantize: wall, CPU | lowbit quantize: wall, CPU | ratio: wall, "
+          "CPU | peak RSS llama.cpp / lowbit |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for recipe, size, p_ref, p_im, p_ours, t_llama, t_lb, rss_im, rss_lb in rows:
+    for recipe, size, p_ref, p_im, p_ours, t_llama, t_lb, c_llama, c_lb, rss_llama, rss_lb in rows:
         print(f"| {recipe} | {size / 1e6:.1f} | {size * 8 / n_params:.2f} | {rel(p_ref)} | {rel(p_im)} | "
-              f"{rel(p_ours)} | {100 * (p_ours / p_im - 1):+.2f}% | {t_llama:.1f} s | {t_lb:.1f} s | "
-              f"{t_lb / t_llama:.2f}x | {rss_im:.0f} / {rss_lb:.0f} MB |")
+              f"{rel(p_ours)} | {100 * (p_ours / p_im - 1):+.2f}% | {t_llama:.0f} s, {c_llama:.0f} s | {t_lb:.0f} s, "
+              f"{c_lb:.0f} s | {t_lb / t_llama:.2f}x, {c_lb / c_llama:.2f}x | {rss_llama:.0f} / {rss_lb:.0f} MB |")
     return 0
 
 
