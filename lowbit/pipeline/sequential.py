@@ -148,7 +148,7 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
     clock = PhaseClock()
     with clock.running("other"):
         report = _run_blocks(model, names, batches, quantize_layer, hessian, magnitudes, transform, propagate, dtype,
-                             progress, block_scope, spill, workers, resume, clock)
+                             progress, block_scope, spill, workers, resume, clock, solve_block)
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report.seconds = time.perf_counter() - t0
     report.profile = dict(clock.seconds)
@@ -156,7 +156,7 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
 
 
 def _run_blocks(model, names, batches, quantize_layer, hessian, magnitudes, transform, propagate, dtype, progress,
-                block_scope, spill, workers, resume, clock) -> CalibrationReport:
+                block_scope, spill, workers, resume, clock, solve_block=None) -> CalibrationReport:
     prefix, blocks = find_blocks(model)
     outside = [n for n in names if not n.startswith(prefix + ".")]
     if outside:
