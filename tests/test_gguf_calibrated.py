@@ -162,7 +162,8 @@ def test_changed_weights_fall_back_to_round_to_nearest(calibrated, tmp_path):
 
 def test_cli_writes_calibrated_codes_by_default(smollm2_2layers, tmp_path, capsys, monkeypatch):
     """...from a .gguf source read by lowbit's own reader: transformers' GGUF model loading (20 s of Python
-    dequantization on SmolLM2 in f32) is not called; the tokenizer alone comes from transformers."""
+    dequantization on SmolLM2 in f32) is not called; the tokenizer alone comes from transformers, built from
+    the tokenizer keys; gguf-py's slow reader parses neither the source nor, for the copied tokenizer, the output."""
     import transformers
 
     from lowbit.cli import main
@@ -172,7 +173,11 @@ def test_cli_writes_calibrated_codes_by_default(smollm2_2layers, tmp_path, capsy
 
     def refuse(*a, **k):
         raise AssertionError("transformers loaded the GGUF model")
+
+    def slow_reader(*a, **k):  # 4 s per read of SmolLM2's 49,152 tokens (tokenizer, and again for the output)
+        raise AssertionError("gguf-py's GGUFReader parsed the file")
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", slow_reader)
     out = tmp_path / "q.gguf"
     assert main(["quantize", str(src), "--recipe", "q4_0", "--out", str(out), "--calibration-windows", "4",
                  "--window", "64", "--method-option", "gptq.damp=0.02"]) == 0

@@ -20,6 +20,7 @@ import torch
 
 from ..core import Scheme, quantize
 from ..core.granularity import PerChannel, PerGroup, PerTensor
+from ..core.hessian import output_error
 
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 down to 0.5
 
@@ -118,8 +119,7 @@ def awq_clip(w: torch.Tensor, scheme: Scheme, stats) -> torch.Tensor:
 
 
 def _loss(w, w_hat, H) -> float:
-    d = w - w_hat
-    return float(((d @ H) * d).sum())
+    return float(output_error(w - w_hat, H))
 
 
 def _spans(scheme: Scheme, cols: int) -> list[tuple[int, int]]:

@@ -21,6 +21,7 @@ import torch
 
 from .. import kernels
 from ..core.ggml_blocks import dequantize_rows, get_type
+from ..core.hessian import output_error
 from ..core.phases import phase
 from .gptq import _inverse_hessian_factor, _shared_factor
 
@@ -112,8 +113,7 @@ def _clipped(W: torch.Tensor, t, H: torch.Tensor) -> torch.Tensor:
 
 
 def _loss(w: torch.Tensor, blocks: np.ndarray, type_name: str, H: torch.Tensor) -> float:
-    d = w.float() - torch.from_numpy(dequantize_rows(blocks, type_name, w.shape[1]))
-    return float(((d @ H) * d).sum())
+    return float(output_error(w.float() - torch.from_numpy(dequantize_rows(blocks, type_name, w.shape[1])), H))
 
 
 class _Grid:

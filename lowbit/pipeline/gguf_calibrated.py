@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..core.ggml_blocks import dequantize_rows, quantize_rows
+from ..core.hessian import output_error
 from ..core.phases import phase
 from ..methods import block_transforms, model_transforms, parse_method
 from ..methods.gptq_ggml import gptq_ggml
@@ -123,4 +124,4 @@ def solve_ggml(model: nn.Module, types: dict[str, str], calibration: Iterable, *
 
 def _output_energy(d: torch.Tensor, H: torch.Tensor) -> float:
     """tr(D H D^T) for D [out, in]: ||D X||^2 * 2 / n over the calibration tokens (H = 2 X X^T / n)."""
-    return float(((d @ H) * d).sum())
+    return float(output_error(d, H))

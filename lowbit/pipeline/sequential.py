@@ -24,9 +24,9 @@ that passes from one block to the next (the report covers the blocks run).
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
 import resource
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..core.hessian import native_bf16, output_error
 from ..core.phases import PhaseClock, phase
 from .blocks import BlockInput, capture_inputs, find_blocks, first_windows, run_block, short_batch
 from .spill import Activations, SpillPolicy
@@ -313,8 +314,7 @@ def calibration_dtype(choice: "torch.dtype | str" = "auto") -> torch.dtype:
     forwards and the per-batch X^T X products are bf16: the statistics are summed in float32
     and the solvers work on the model's own weights."""
     if choice == "auto":
-        fast = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        return torch.bfloat16 if fast else torch.float32
+        return torch.bfloat16 if native_bf16() else torch.float32
     dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
              "float32": torch.float32}.get(choice, choice)
     if dtype not in (torch.float32, torch.bfloat16):
@@ -324,5 +324,4 @@ def calibration_dtype(choice: "torch.dtype | str" = "auto") -> torch.dtype:
 
 def layer_loss(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
     """||(W - Q) X||^2 / ||W X||^2 from H = 2 X X^T / n."""
-    d = (w - w_hat).float()
-    return float((d @ H * d).sum() / (w.float() @ H * w.float()).sum().clamp(min=1e-30))
+    return float(output_error(w.float() - w_hat.float(), H) / output_error(w, H).clamp(min=1e-30))
