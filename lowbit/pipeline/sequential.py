@@ -180,8 +180,11 @@ def _run_blocks(model, names, batches, quantize_layer, hessian, magnitudes, tran
         if resume is not None and i > start:
             resume.save(i, inputs)
         with _Timed(report, "load", "write", block_scope(i, block) if block_scope is not None else None):
+            # the last block's outputs feed nothing: no propagation forward for it
+            last = i == len(blocks) - 1
             inputs = _one_block(i, block, inputs, prefix, names, quantize_layer, hessian, magnitudes, transform,
-                                propagate, dtype, spill, report, workers, progress, solve_block, clock, probe)
+                                propagate if not last else "none", dtype, spill, report, workers, progress,
+                                solve_block, clock, probe)
         report.block_seconds.append(time.perf_counter() - t_block)
     inputs.drop()
     return report
@@ -201,7 +204,7 @@ def _probe(model, first_block, batches) -> list | None:
 def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hessian, magnitudes, transform,
                propagate, dtype, spill, report, workers=2, progress=False, solve_block=None, clock=None,
                probe=None) -> Activations:
-    """Statistics, transforms, solves of block i; -> the inputs of block i + 1."""
+    """Statistics, transforms, solves of block i; -> the inputs of block i + 1 (none with propagate="none")."""
     def autocast():
         return torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     head = f"{prefix}.{i}."
