@@ -4,6 +4,7 @@ llama.cpp's llama-perplexity.
 
     bench/llama_cpp.sh                                           # once: /tmp/llama.cpp/build/bin
     python bench/gguf_calibrated.py --recipes q4_0,q4_k_m,q3_k_m --calib-chunks 32 --chunks 20
+    python bench/gguf_calibrated.py --model /tmp/lowbit-1b-4l --recipes q4_k_m --score 0   # times only
 
 Calibration text: calib.txt, the text of the first --calib-chunks windows of 512 tokens of wikitext-2
 valid (plus 100 tokens, so that both tokenizers find the N full windows). Per file type, timed under
@@ -70,6 +71,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="/tmp/lowbit-gguf-calibrated")
     ap.add_argument("--score", type=int, default=1, help="0: time the pipelines only, no llama-perplexity")
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="a built-in model or a Hugging Face folder (bench/streaming.py make: a synthetic Llama of "
+                         "random weights, whose perplexity means nothing: give --score 0)")
     args = ap.parse_args()
     if not models.WIKITEXT2.is_dir():  # a git worktree beside the main clone: ../shared is one level up
         models.WIKITEXT2 = Path("/work/shared/data/wikitext-2")
@@ -77,10 +81,12 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     test_file, calib_file = work / "wiki.test.raw", work / "calib.txt"
     test_file.write_text(wikitext2("test"), encoding="utf-8")
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model(args.model)
     ids = tok(wikitext2("valid"), add_special_tokens=False)["input_ids"]
     calib_file.write_text(tok.decode(ids[:n * 512 + 100]), encoding="utf-8")
-    f32 = save(model, work / "smollm2-f32.gguf", recipe="f32", source="smollm2-135m")
+    builtin = args.model in models.BUILTIN
+    f32 = save(model, work / f"{Path(args.model).name}-f32.gguf", recipe="f32",
+               **({"source": args.model} if builtin else {"tokenizer": tok}))
     n_params = sum(p.numel() for p in model.parameters())  # a tied output shares the embedding's parameter
     del model
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
