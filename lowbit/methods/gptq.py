@@ -22,6 +22,7 @@ the layer loss tr(D H D^T): where the greedy solve loses, RTN is returned.
 from __future__ import annotations
 
 import threading
+import warnings
 
 import torch
 
@@ -189,7 +190,11 @@ def _inverse_hessian_factor(H: torch.Tensor, dead: torch.Tensor, damp: float) ->
             Li = lower_inverse(L)
             del L
             return Li.float().flip((0, 1))
-        lam = max(10 * lam, 1e-4 * mean)  # damp=0 escalates too (0 * 10 would stay 0)
+        tried, lam = lam, max(10 * lam, 1e-4 * mean)  # damp=0 escalates too (0 * 10 would stay 0)
+        # each retry is another n^3/3 Cholesky, and the solve then works on a more dampened H: say so
+        warnings.warn(f"gptq: the {len(diag)}-column Hessian is not positive definite at {tried / mean:.3g} x "
+                      f"mean(diag H) of dampening; retrying at {lam / mean:.3g} (more calibration tokens than "
+                      "columns, or calibration_dtype='fp32', avoid it)", RuntimeWarning, stacklevel=2)
     raise ValueError("the Hessian is not positive definite even with strong dampening; "
                      "check the calibration data (NaN or too few tokens?)")
 
