@@ -104,3 +104,19 @@ def test_codes_kernels_equal_float64_dequantize_then_matmul(gen, fmt, keys, G, D
                       (prefix_sums(q_values, p), p.double() @ V)):
         assert got.shape == want.shape
         assert (got.double() - want).abs().max() <= 2e-6 * want.abs().max()
+
+
+def test_long_chunk_falls_back_to_sdpa_over_the_dequantized_prefix(models):
+    """More than MAX_QUERIES tokens in one forward over a quantized prefix: sdpa over the whole
+    dequantized K/V, exactly the old path."""
+    from lowbit.nn.kv_attention import MAX_QUERIES
+
+    old, new = models
+    ids = torch.randint(1, 96, (1, 40 + MAX_QUERIES + 1), generator=torch.Generator().manual_seed(9))
+    out = []
+    for model in (old, new):
+        cache = lowbit.kv_cache("int4", group_size=16, residual_length=8)
+        with torch.no_grad():
+            model(ids[:, :40], **{cache_keyword(model): cache}, use_cache=True)
+            out.append(model(ids[:, 40:], **{cache_keyword(model): cache}, use_cache=True).logits)
+    assert torch.equal(out[0], out[1])

@@ -48,13 +48,13 @@ def _decode_row(row, bits, lut, use_lut, buf):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _dots(codes, bits, lut, use_lut, a, row_scale, G, per_channel, out):
-    """out[b, h, r, t] = sum_d a[b, h, g, r, d] x[t, b, h, d] (a split by byte, flat: [B, H, NG, R, D]),
-    g = t // G, per channel; per token (g = 0) each x is first scaled by row_scale[t, b, h, j] of its
-    group j along D."""
+def _dots(codes, bits, lut, use_lut, a, s, sz, qbias, G, per_channel, out):
+    """out[b, h, r, t] = q . K_t from the codes (a split by byte, flat).
+    Per channel: a = q s [B, H, T / G, R, D], qbias = sum_d q s z [B, H, T / G, R]; g = t // G.
+    Per token: a = q [B, H, 1, R, D], s and sz = s z [T, B, H, J], qbias = sum_(d in j) q [B, H, R, J]."""
     B, H, _, R, D = a.shape
     T = out.shape[3]
-    J = row_scale.shape[3]
+    J = s.shape[3]
     n = 8 // bits
     Dk = D // n
     kj = Dk // J  # bytes per group along D
@@ -68,7 +68,7 @@ def _dots(codes, bits, lut, use_lut, a, row_scale, G, per_channel, out):
                     _decode_row(codes[base:base + Dk], bits, lut, use_lut, buf)
                     if not per_channel:
                         for j in range(J):
-                            sj = row_scale[t, b, h, j]
+                            sj = s[t, b, h, j]
                             for m in range(n):
                                 for k in range(m * Dk + j * kj, m * Dk + (j + 1) * kj):
                                     buf[k] *= sj
@@ -77,14 +77,20 @@ def _dots(codes, bits, lut, use_lut, a, row_scale, G, per_channel, out):
                         acc = np.float32(0.0)
                         for d in range(D):
                             acc += ar[d] * buf[d]
+                        if per_channel:
+                            acc -= qbias[b, h, g, r]
+                        else:
+                            for j in range(J):
+                                acc -= sz[t, b, h, j] * qbias[b, h, r, j]
                         out[b, h, r, t] = acc
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _sums(codes, bits, lut, use_lut, w, parts):
-    """parts[blk, b, h, r, :] = sum over the block's tokens t of w[b, h, r, t, j] x[t, b, h, :] (split
-    by byte, flat; j: the group along D of each dim; w: [B, H, R, T, J])."""
-    B, H, R, T, J = w.shape
+def _sums(codes, bits, lut, use_lut, p, s, z, parts, corr):
+    """Per block of tokens: parts[blk, b, h, r, :] = sum_t p[b, h, r, t] s[t, b, h, j] x[t, b, h, :] (split
+    by byte, flat; j: the group along D of each dim) and corr[blk, b, h, r, j] = sum_t p s z."""
+    B, H, R, T = p.shape
+    J = s.shape[3]
     D = parts.shape[4]
     n = 8 // bits
     Dk = D // n
@@ -98,13 +104,13 @@ def _sums(codes, bits, lut, use_lut, w, parts):
                     _decode_row(codes[base:base + Dk], bits, lut, use_lut, buf)
                     for r in range(R):
                         acc = parts[blk, b, h, r]
-                        if J == 1:
-                            wt = w[b, h, r, t, 0]
-                            for d in range(D):
-                                acc[d] += wt * buf[d]
-                        else:
-                            for j in range(J):
-                                wt = w[b, h, r, t, j]
+                        for j in range(J):
+                            wt = p[b, h, r, t] * s[t, b, h, j]
+                            corr[blk, b, h, r, j] += wt * z[t, b, h, j]
+                            if J == 1:
+                                for d in range(D):
+                                    acc[d] += wt * buf[d]
+                            else:
                                 for m in range(n):
                                     for k in range(m * Dk + j * kj, m * Dk + (j + 1) * kj):
                                         acc[k] += wt * buf[k]
@@ -118,6 +124,10 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().contiguous().numpy()
 
 
+def _lut_args(lut: torch.Tensor | None) -> tuple[np.ndarray, bool]:
+    return (np.zeros(1, np.float32), False) if lut is None else (_np(lut), True)
+
+
 def split_by_byte(v: torch.Tensor, bits: int) -> torch.Tensor:
     """[..., D] -> [..., n, D / n] with out[..., m, k] = v[..., k * n + m] (n = 8 / bits codes per byte)."""
     n = 8 // bits
@@ -129,21 +139,28 @@ def join_bytes(v: torch.Tensor) -> torch.Tensor:
     return v.transpose(-1, -2).flatten(-2)
 
 
-def dots(codes: torch.Tensor, bits: int, lut: torch.Tensor | None, a: torch.Tensor, row_scale: torch.Tensor,
-         G: int, per_channel: bool, T: int) -> torch.Tensor:
-    """a: [B, H, NG, R, D] -> [B, H, R, T] (see _dots); lut None: codes stand for their integers."""
+def dots(codes: torch.Tensor, bits: int, lut: torch.Tensor | None, a: torch.Tensor, s: torch.Tensor,
+         sz: torch.Tensor, qbias: torch.Tensor, G: int, per_channel: bool, T: int) -> torch.Tensor:
+    """-> [B, H, R, T] scores (see _dots; per channel, s and sz are not read); lut None: codes stand
+    for their integers."""
     B, H, _, R, _ = a.shape
     out = np.empty((B, H, R, T), np.float32)
     _threads()
-    _dots(codes.numpy(), bits, _np(lut if lut is not None else torch.zeros(1)), lut is not None,
-          _np(split_by_byte(a, bits).flatten(-2)), _np(row_scale), G, per_channel, out)
+    _dots(codes.numpy(), bits, *_lut_args(lut), _np(split_by_byte(a, bits).flatten(-2)), _np(s), _np(sz),
+          _np(qbias), G, per_channel, out)
     return torch.from_numpy(out)
 
 
-def sums(codes: torch.Tensor, bits: int, lut: torch.Tensor | None, w: torch.Tensor, D: int) -> torch.Tensor:
-    """w: [B, H, R, T, J] -> [B, H, R, D] (see _sums)."""
-    B, H, R, T, _ = w.shape
-    parts = np.zeros(((T + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, B, H, R, D), np.float32)
+def sums(codes: torch.Tensor, bits: int, lut: torch.Tensor | None, p: torch.Tensor, s: torch.Tensor,
+         z: torch.Tensor) -> torch.Tensor:
+    """p: [B, H, R, T], s and z per token [T, B, H, J] -> sum_t p_t (x_t - z_t) s_t: [B, H, R, D]."""
+    B, H, R, T = p.shape
+    J = s.shape[3]
+    D = codes.numel() // (T * B * H) * 8 // bits
+    nblk = (T + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK
+    parts = np.zeros((nblk, B, H, R, D), np.float32)
+    corr = np.zeros((nblk, B, H, R, J), np.float32)
     _threads()
-    _sums(codes.numpy(), bits, _np(lut if lut is not None else torch.zeros(1)), lut is not None, _np(w), parts)
-    return join_bytes(torch.from_numpy(parts.sum(0)).unflatten(-1, (8 // bits, -1)))
+    _sums(codes.numpy(), bits, *_lut_args(lut), _np(p), _np(s), _np(z), parts, corr)
+    out = join_bytes(torch.from_numpy(parts.sum(0)).unflatten(-1, (8 // bits, -1)))
+    return out - torch.from_numpy(corr.sum(0)).repeat_interleave(D // J, dim=-1)

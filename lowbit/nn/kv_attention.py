@@ -92,31 +92,22 @@ def _zeros(q: QTensor, s: torch.Tensor) -> torch.Tensor:
 
 def prefix_scores(q: QTensor, query: torch.Tensor) -> torch.Tensor:
     """query [B, H, R, D] . keys [T, B, H, D] held as codes -> [B, H, R, T] (float32)."""
-    T, B, H, D = q.shape
+    T, D = q.shape[0], q.shape[-1]
     s = q.scale_values().float()
     z = _zeros(q, s)
-    G = q.scheme.granularity.size
     if tokens_per_chunk(q.scheme) > 1:  # per channel: s, z [B, H, D, T / G]
-        a = query[:, :, None] * s.permute(0, 1, 3, 2)[:, :, :, None]           # [B, H, T/G, R, D]
-        bias = (a * z.permute(0, 1, 3, 2)[:, :, :, None]).sum(-1)               # [B, H, T/G, R]
-        bias = bias.repeat_interleave(G, dim=2).transpose(2, 3)[..., :T]
-        dots = kernel.dots(q.codes, q.scheme.bits, _lut(q), a, torch.ones(T, B, H, 1), G, True, T)
-    else:  # per token: s, z [T, B, H, J]
-        J = s.shape[-1]
-        qsum = query.sum(-1, keepdim=True) if J == 1 else query.unflatten(-1, (J, D // J)).sum(-1)  # [B, H, R, J]
-        bias = torch.einsum("tbhj,bhrj->bhrt", s * z, qsum)
-        dots = kernel.dots(q.codes, q.scheme.bits, _lut(q), query[:, :, None], s, G, False, T)
-    return dots - bias
+        a = query[:, :, None] * s.permute(0, 1, 3, 2)[:, :, :, None]           # q s: [B, H, T/G, R, D]
+        qbias = (a * z.permute(0, 1, 3, 2)[:, :, :, None]).sum(-1)              # [B, H, T/G, R]
+        return kernel.dots(q.codes, q.scheme.bits, _lut(q), a, s, s, qbias, q.scheme.granularity.size, True, T)
+    J = s.shape[-1]  # per token: s, z [T, B, H, J]
+    qsum = query.sum(-1, keepdim=True) if J == 1 else query.unflatten(-1, (J, D // J)).sum(-1)  # [B, H, R, J]
+    return kernel.dots(q.codes, q.scheme.bits, _lut(q), query[:, :, None], s, s * z, qsum, 1, False, T)
 
 
 def prefix_sums(q: QTensor, p: torch.Tensor) -> torch.Tensor:
     """weights p [B, H, R, T] . values [T, B, H, D] held as codes (per token) -> [B, H, R, D] (float32)."""
-    D = q.shape[-1]
     s = q.scale_values().float()                                    # [T, B, H, J]
-    z = _zeros(q, s)
-    w = p[..., None] * s.permute(1, 2, 0, 3)[:, :, None]             # [B, H, R, T, J]
-    corr = torch.einsum("bhrtj,tbhj->bhrj", w, z).repeat_interleave(D // s.shape[-1], dim=-1)
-    return kernel.sums(q.codes, q.scheme.bits, _lut(q), w, D) - corr
+    return kernel.sums(q.codes, q.scheme.bits, _lut(q), p, s, _zeros(q, s))
 
 
 def _mask_bias(mask: torch.Tensor | None, nq: int, T: int) -> torch.Tensor | None:
