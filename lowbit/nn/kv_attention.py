@@ -23,13 +23,15 @@ there), dropout, softcap, attention sinks, output_attentions, and codes the kern
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils import _pytree as pytree
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..core import QTensor
+from ..core import QTensor, Scheme
 from ..kernels import kv_attention as kernel
 from ..methods.kivi import tokens_per_chunk
 
@@ -79,9 +81,14 @@ def _kernel_reads(q: QTensor) -> bool:
 
 
 def _lut(q: QTensor) -> torch.Tensor | None:
+    return _decode_table(q.scheme)
+
+
+@functools.cache
+def _decode_table(scheme: Scheme) -> torch.Tensor | None:
     """What each code stands for; None where it is the integer itself (uintN: no table lookups)."""
-    codes = torch.arange(2 ** q.scheme.bits, dtype=torch.uint8)
-    lut = q.scheme.fmt.decode(codes).float()
+    codes = torch.arange(2 ** scheme.bits, dtype=torch.uint8)
+    lut = scheme.fmt.decode(codes).float()
     return None if torch.equal(lut, codes.float()) else lut
 
 
