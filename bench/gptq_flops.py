@@ -6,7 +6,8 @@
                                  runner stops there: StatsComplete), attention scores and values
               forward_quantized  the quantized block on every batch (the next block's inputs)
               hessian            X^T X once per distinct input: attention input (q/k/v share it),
-                                 o_proj's input, MLP input (gate/up share it), down_proj's input
+                                 o_proj's input, MLP input (gate/up share it), down_proj's input;
+                                 three of its four quarter products (it is symmetric: 1.5 N n^2)
               cholesky           per distinct input: Cholesky of the reversed, dampened H (n^3/3,
                                  float64)
               inverse            its triangular inverse by halves in matrix products (2n^3/3, float64),
@@ -34,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.core.hessian import native_bf16
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -53,9 +56,10 @@ class Shape:
 SHAPES = {"8b": Shape(4096, 14336, 32, 8), "70b": Shape(8192, 28672, 64, 8)}
 BLOCKS = {"8b": 32, "70b": 80}
 # which dtype each phase runs in (calibration_dtype "auto" on a CPU with AVX512-BF16: bf16 forwards
-# and X^T X products; the factor in float64; the column solve and losses in float32)
+# and X^T X products; the factor in float64; the column solve in float32; the losses' D H product in
+# bf16 (core/hessian.output_error), float32 on a CPU without native bf16)
 PHASE_DTYPE = {"forward_stats": "bf16", "forward_quantized": "bf16", "hessian": "bf16", "cholesky": "chol64",
-               "inverse": "fp64", "columns": "fp32", "losses": "fp32"}
+               "inverse": "fp64", "columns": "fp32", "losses": "bf16" if native_bf16() else "fp32"}
 RUNNER_PHASE = {"forward_stats": "statistics", "hessian": "statistics", "cholesky": "solve", "inverse": "solve",
                 "columns": "solve", "losses": "solve", "forward_quantized": "forward"}
 
@@ -74,7 +78,7 @@ def block_flops(s: Shape, tokens: int, window: int, loss_products: int = 3) -> d
     return {
         "forward_stats": 2 * tokens * (params - down) + attention,
         "forward_quantized": 2 * tokens * params + attention,
-        "hessian": sum(2 * tokens * n * n for n in inputs),
+        "hessian": sum(1.5 * tokens * n * n for n in inputs),  # three quarter products (stats.add_gram)
         "cholesky": sum(n ** 3 / 3 for n in inputs),
         "inverse": sum(2 * n ** 3 / 3 for n in inputs),
         "columns": sum(r * c * c + 2 * r * c * block for r, c in L.values()),

@@ -148,3 +148,46 @@ def test_awq_clip_per_channel_and_unsupported_layouts(gen):
     with pytest.raises(ValueError, match=r"^awq clipping handles group, channel and tensor granularity, not "
                                          r"PerGroup\(size=16, axis=0\)$"):
         awq_clip(w, Scheme("int4", PerGroup(16, axis=0)), st)
+
+
+def test_awq_scales_on_every_kth_row_equal_a_brute_force_search_of_those_rows(gen):
+    """row_stride=k: the exact token-matmul loss of rows 0, k, 2k, ... (a group-wise grid rounds each row
+    alone), so the choice is the brute-force search's on those rows; not the whole weight's in general."""
+    x = few_outliers(gen, n=256, d=64)
+    st = stats_of(x)
+    ws = [torch.randn(32, 64, generator=gen) * 0.05, torch.randn(12, 64, generator=gen) * 0.05]
+    scheme = RECIPES["w3g64"].weights.replace(granularity=PerGroup(32))
+    got = awq_scales(ws, st, scheme, row_stride=4)
+    torch.testing.assert_close(got, awq_scales_brute_force([w[::4] for w in ws], x, scheme), rtol=1e-5, atol=0)
+    from lowbit.core import PerTensor
+    with pytest.raises(ValueError, match="rounds each row alone"):
+        awq_scales(ws, st, scheme.replace(granularity=PerTensor()), row_stride=4)
+
+
+class CountingScheme:
+    """A scheme with its own round trip (as a GGML type has): counts the grid points scored."""
+    def __init__(self, scheme):
+        self.scheme, self.calls = scheme, 0
+
+    def roundtrip(self, w):
+        self.calls += 1
+        return quantize(w, self.scheme).dequantize()
+
+
+def test_awq_coarse_search_scores_9_of_20_points_and_finds_the_minimum_of_a_unimodal_loss(gen):
+    """coarse=4: exponents 0, 4, 8, 12, 16 of 20, then +-2 and +-1 around the best. On a smooth single-valley
+    loss (many rows, fine 8-bit grid) that is the full grid's choice; the first point's loss (round to
+    nearest, exponent 0) is always among those scored, so the choice is never worse than it."""
+    x = heavy_channels(gen, n=1024, d=64)
+    st = stats_of(x)
+    ws = [torch.randn(256, 64, generator=gen) * 0.05]
+    base = RECIPES["w4g64"].weights.replace(granularity=PerGroup(32))
+    sc = CountingScheme(base)
+    got = awq_scales(ws, st, sc, coarse=4)
+    assert sc.calls == 9
+    losses = [sum(layer_loss(w, quantize(w * s, base).dequantize() / s, st.hessian) for w in ws)
+              for s in (awq_scales(ws, st, base, grid=20), got)]
+    torch.testing.assert_close(got, awq_scales(ws, st, base), rtol=1e-6, atol=0)
+    assert losses[1] == losses[0]
+    with pytest.raises(ValueError, match="power of two"):
+        awq_scales(ws, st, base, coarse=3)

@@ -160,11 +160,24 @@ def test_changed_weights_fall_back_to_round_to_nearest(calibrated, tmp_path):
         lowbit.save(m, tmp_path / "y.gguf", recipe="q8_0", source="smollm2-135m")
 
 
-def test_cli_writes_calibrated_codes_by_default(smollm2_2layers, tmp_path, capsys):
+def test_cli_writes_calibrated_codes_by_default(smollm2_2layers, tmp_path, capsys, monkeypatch):
+    """...from a .gguf source read by lowbit's own reader: transformers' GGUF model loading (20 s of Python
+    dequantization on SmolLM2 in f32) is not called; the tokenizer alone comes from transformers, built from
+    the tokenizer keys; gguf-py's slow reader parses neither the source nor, for the copied tokenizer, the output."""
+    import transformers
+
     from lowbit.cli import main
 
     model, _ = smollm2_2layers
     src = lowbit.save(model, tmp_path / "src.gguf", recipe="f32", source="smollm2-135m")
+
+    def refuse(*a, **k):
+        raise AssertionError("transformers loaded the GGUF model")
+
+    def slow_reader(*a, **k):  # 4 s per read of SmolLM2's 49,152 tokens (tokenizer, and again for the output)
+        raise AssertionError("gguf-py's GGUFReader parsed the file")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", slow_reader)
     out = tmp_path / "q.gguf"
     assert main(["quantize", str(src), "--recipe", "q4_0", "--out", str(out), "--calibration-windows", "4",
                  "--window", "64", "--method-option", "gptq.damp=0.02"]) == 0
@@ -177,3 +190,33 @@ def test_cli_writes_calibrated_codes_by_default(smollm2_2layers, tmp_path, capsy
     assert main(["quantize", str(src), "--recipe", "q4_0", "--out", str(tmp_path / "z.gguf"),
                  "--method-option", "awq.grid=3"]) == 2
     assert "takes gptq.damp and gptq.act_order" in capsys.readouterr().err
+
+
+def test_report_profiles_the_time_and_its_parts_sum_to_the_total(calibrated):
+    """model.lowbit_calibration.profile: where the calibrated path's time goes, summing to its wall time
+    (the two threads' layer solves count as their shares of the wall time they took together)."""
+    _, m, _ = calibrated
+    r = m.lowbit_calibration
+    for name in ("forwards", "hessians", "awq search", "ggml fits", "gptq solves", "layer losses", "transform checks"):
+        assert r.profile.get(name, 0) > 0, (name, r.profile)
+    assert abs(sum(r.profile.values()) - r.seconds) < 0.02 * r.seconds, (r.profile, r.seconds)
+    assert r.profile.get("other", 0) < 0.05 * r.seconds
+    assert "time by work" in r.summary() and "ggml fits" in r.summary()
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q5_1", "q8_0", "iq4_nl", "q2_k", "q3_k", "q4_k", "q6_k"])
+def test_numba_column_loop_equals_the_torch_loop(name, gen):
+    """act_order's column loop in numba (kernels.gptq_grid_block) gives the torch loop's bytes, uniform
+    grids and IQ4_NL's levels alike; solve blocks of 64 columns (not the default 128); an all-zero
+    row and zero columns (zero scales: the fit's codes are kept)."""
+    t = GGML_TYPES[name]
+    dim = 2 * t.block_size if t.block_size > 32 else 192
+    X = correlated_inputs(1024, dim, gen)
+    X[:, :3] = 0
+    w = torch.randn(24, dim, generator=gen) * 0.05
+    w[5] = 0
+    st = Stats(X)
+    fast = gptq_ggml(w, name, stats=st, block_size=64, fallback_to_rtn=False)
+    ref = gptq_ggml(w, name, stats=st, block_size=64, fallback_to_rtn=False, kernel=False)
+    assert np.array_equal(fast, ref)
+    assert not np.array_equal(fast, quantize_rows(w.numpy(), name))  # the solve moved codes

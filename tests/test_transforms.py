@@ -155,3 +155,39 @@ def test_a_norm_that_cannot_absorb_scales_is_refused():
     calib = [torch.randn(4, 8, 16) * torch.linspace(0.1, 20, 16) for _ in range(2)]
     with pytest.raises(ValueError, match="changed its output"):
         lowbit.quantize(net, "w8", method="smoothquant", calibration=calib, progress=False)
+
+
+def test_a_folds_check_runs_the_block_on_the_first_window_with_its_own_mask(smollm2_2layers, calib):
+    """first_windows cuts the batch and every argument with a batch dimension (here a padding mask that
+    differs per window); the block's output on the cut input is the full batch's first window's."""
+    from lowbit.pipeline.blocks import first_windows, run_block
+
+    model, _ = smollm2_2layers
+    ids = torch.cat([c[:, :64] for c in calib[:3]])
+    mask = torch.ones_like(ids)
+    mask[1:, :20] = 0  # windows 2 and 3 padded on the left: a mask [3, 1, 64, 64] that is not shared
+    batch = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    inp = capture_inputs(model, model.model.layers[0], [batch])[0]
+    cut = first_windows(inp, 1)
+    assert cut.hidden.shape[0] == 1
+    full = run_block(model.model.layers[0], inp)
+    torch.testing.assert_close(run_block(model.model.layers[0], cut), full[:1], rtol=1e-5, atol=1e-5)
+    assert first_windows(cut, 1) is cut
+
+
+def test_a_norm_that_cannot_absorb_scales_is_refused_on_the_token_probe(gen):
+    """Token batches: the fold is checked on block i's input for the first 64 tokens of the first window
+    (captured once, carried through the quantized blocks), which shows the offset norm as well."""
+    from conftest import tiny_transformer
+    from lowbit.pipeline.blocks import short_batch
+
+    model = tiny_transformer("qwen2", 2)
+    model.model.layers[1].post_attention_layernorm = OffsetNorm(64)
+    batches = [torch.randint(0, 100, (4, 80), generator=gen) for _ in range(2)]
+    assert short_batch(batches[0]).shape == (1, 64)
+    with_mask = {"input_ids": batches[0], "attention_mask": torch.ones(4, 80)}
+    assert short_batch(with_mask)["attention_mask"].shape == (1, 64)
+    assert short_batch(torch.randn(4, 8, 16)) is None  # not token ids: the first window is the check
+    with pytest.raises(ValueError, match=r"model\.layers\.1 changed its output"):
+        lowbit.quantize(copy.deepcopy(model), "w4g64", method="awq", calibration=batches, progress=False)
+    lowbit.quantize(tiny_transformer("qwen2", 2), "w4g64", method="awq", calibration=batches, progress=False)

@@ -6,6 +6,8 @@ returns None where it does not apply and the caller runs the reference.
     quantize_rows    a whole tensor -> packed codes, scales, zeros in one pass (numba)
     gptq_int_block   GPTQ's column loop over one block on an integer grid, rows in
                      parallel (numba; tests/test_gptq.py pins it to the torch loop)
+    gptq_grid_block  the same on a GGML type's grid fitted up front (methods/gptq_ggml.py with
+                     act_order; tests/test_gguf_calibrated.py pins it to the torch loop)
     qmatmul          x @ W^T straight from a QTensor's packed codes (C++ AVX-512, built at
                      first use; QuantLinear's fast path; tests/test_qmatmul.py pins it to
                      float64 dequantize-then-matmul)
@@ -32,6 +34,7 @@ __all__ = [
     "fused_backend",
     "ggml_fit",
     "ggml_pack",
+    "gptq_grid_block",
     "gptq_int_block",
     "huffman_decode",
     "quantize_rows",
@@ -46,6 +49,11 @@ def quantize_rows(x, n, g, fmt, symmetric, scale_format, integer_zero):
 def gptq_int_block(W1, U1, S, Z, qmin, qmax):
     """See gptq_columns.int_block."""
     return _gptq_columns().int_block(W1, U1, S, Z, qmin, qmax)
+
+
+def gptq_grid_block(W1, U1, S, O, levels, uniform, codes):
+    """See gptq_columns.grid_block."""
+    return _gptq_columns().grid_block(W1, U1, S, O, levels, uniform, codes)
 
 
 def huffman_decode(buf, first, count, symbols, n):

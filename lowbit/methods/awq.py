@@ -20,26 +20,64 @@ import torch
 
 from ..core import Scheme, quantize
 from ..core.granularity import PerChannel, PerGroup, PerTensor
+from ..core.hessian import output_error
 
 CLIP_RATIOS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 down to 0.5
 
 
-def awq_scales(weights: list[torch.Tensor], stats, scheme, *, grid: int = 20) -> torch.Tensor:
+def awq_scales(weights: list[torch.Tensor], stats, scheme, *, grid: int = 20, coarse: int = 1,
+               row_stride: int = 1) -> torch.Tensor:
     """weights: [out_i, in] of the layers sharing the input -> s: [in]. scheme: one Scheme for all,
     or one per weight (a mixed-precision recipe may give q/k/v different schemes: each layer's
-    error is then counted on its own grid)."""
+    error is then counted on its own grid).
+
+    Cheaper searches for the same grid (the calibrated GGUF path uses both):
+    coarse: score every `coarse`-th exponent (a power of two) first, then halve the step around the best
+    (coarse=4 on 20 points: 5 + 2 + 2 scored instead of 20; the same choice where the loss is unimodal).
+    row_stride: score every `row_stride`-th row of each weight. The loss is a sum over rows and a
+    row-local grid (groups along the input axis, GGML blocks) rounds each row alone, so this is the
+    exact loss of those rows: an estimate of the whole loss at 1/row_stride of the cost."""
     H, xm = stats.hessian, stats.absmean.clamp(min=1e-6)
     schemes = list(scheme) if isinstance(scheme, (list, tuple)) else [scheme] * len(weights)
     if len(schemes) != len(weights):
         raise ValueError(f"awq_scales: {len(schemes)} schemes for {len(weights)} weights")
-    best_loss, best = None, torch.ones_like(xm)
-    for i in range(grid):
+    if coarse < 1 or coarse & (coarse - 1):
+        raise ValueError(f"awq_scales: coarse={coarse}: give a power of two (1 scores every grid point)")
+    if row_stride < 1:
+        raise ValueError(f"awq_scales: row_stride={row_stride}: give 1 (every row) or more")
+    if row_stride > 1 and any(_row_local(sc) is False for sc in schemes):
+        raise ValueError("awq_scales: row_stride needs a grid that rounds each row alone (groups along the "
+                         "input axis, per channel or GGML blocks), not a per-tensor scale")
+    weights = [w[::row_stride] for w in weights]
+
+    def scaled(i: int) -> torch.Tensor:
         s = xm.pow(i / grid)
-        s = s / (s.max() * s.min()).sqrt()
-        loss = sum(_loss(w, fake_quantize(w * s, sc) / s, H) for w, sc in zip(weights, schemes))
-        if best_loss is None or loss < best_loss:
-            best_loss, best = loss, s
-    return best
+        return s / (s.max() * s.min()).sqrt()
+
+    losses: dict[int, float] = {}
+
+    def score(i: int) -> None:
+        if 0 <= i < grid and i not in losses:
+            s = scaled(i)
+            losses[i] = sum(_loss(w, fake_quantize(w * s, sc) / s, H) for w, sc in zip(weights, schemes))
+
+    for i in range(0, grid, coarse):
+        score(i)
+    step = coarse
+    while step > 1:
+        step //= 2
+        best = min(sorted(losses), key=losses.get)
+        score(best - step)
+        score(best + step)
+    return scaled(min(sorted(losses), key=losses.get))  # the first (smallest exponent) of equal losses
+
+
+def _row_local(scheme) -> bool | None:
+    """Whether the scheme rounds each row of a weight alone (None: not a Scheme, e.g. a GGML type: yes)."""
+    g = getattr(scheme, "granularity", None)
+    if g is None:
+        return None
+    return (isinstance(g, PerChannel) and g.axis in (0, -2)) or (isinstance(g, PerGroup) and g.axis in (-1, 1))
 
 
 awq_scales.needs = ("hessian", "absmean")
@@ -81,8 +119,7 @@ def awq_clip(w: torch.Tensor, scheme: Scheme, stats) -> torch.Tensor:
 
 
 def _loss(w, w_hat, H) -> float:
-    d = w - w_hat
-    return float(((d @ H) * d).sum())
+    return float(output_error(w - w_hat, H))
 
 
 def _spans(scheme: Scheme, cols: int) -> list[tuple[int, int]]:

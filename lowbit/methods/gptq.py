@@ -29,6 +29,7 @@ from .. import kernels
 from ..core import QTensor, Scheme, fit_params, quantize
 from ..core.granularity import PerChannel, PerGroup, PerTensor
 from ..core.grid import decode_part, encode_part
+from ..core.hessian import output_error
 from ..core.packing import pack_bits_le
 from ..formats import IntFormat
 from .awq import awq_clip
@@ -116,8 +117,7 @@ def _kernel_block(W1, U1, params: "_Params", cols: torch.Tensor, fmt: IntFormat)
 
 def _loss(w: torch.Tensor, q: QTensor, H: torch.Tensor) -> torch.Tensor:
     """tr(D H D^T), D = W - Q: a 0-d float32 tensor, the numerator of pipeline's layer_loss."""
-    d = w.float() - q.dequantize()
-    return ((d @ H) * d).sum()
+    return output_error(w.float() - q.dequantize(), H)
 
 
 def _keep_losses(stats, w: torch.Tensor, q: QTensor, loss: torch.Tensor, rtn_loss: torch.Tensor) -> None:

@@ -106,3 +106,32 @@ def block_forward(block: nn.Module, inp: BlockInput) -> torch.Tensor:
 @torch.no_grad()
 def run_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:
     return block_forward(block, inp)
+
+
+def first_windows(inp: BlockInput, n: int = 1) -> BlockInput:
+    """The first n windows of a batch [B, T, ...] with the arguments that go with them: every tensor of 2 or
+    more dimensions whose first is B is cut to n (a mask [B, 1, T, T], position ids [B, T]); shared ones
+    ([1, T, d] rotary tables) stay. When B is ambiguous (B == T), the whole batch."""
+    h = inp.hidden
+    B = h.shape[0]
+    if h.dim() < 2 or B <= n or h.shape[1] == B:
+        return inp
+
+    def cut(v):
+        if isinstance(v, torch.Tensor):
+            return v[:n] if v.dim() >= 2 and v.shape[0] == B else v
+        if isinstance(v, (tuple, list)):
+            return type(v)(cut(x) for x in v)
+        return v
+    return BlockInput(h[:n], {k: cut(v) for k, v in inp.kwargs.items()})
+
+
+def short_batch(batch, tokens: int = 64):
+    """The first `tokens` positions of a calibration batch's first window: a [B, T] tensor, or a dict of
+    them (input_ids, attention_mask, ...) -> [1, tokens]; None for any other kind of batch."""
+    def cut(v):
+        return v[:1, :tokens] if isinstance(v, torch.Tensor) and v.dim() == 2 else None
+    if isinstance(batch, dict):
+        out = {k: cut(v) for k, v in batch.items()}
+        return None if any(v is None for v in out.values()) else out
+    return cut(batch)

@@ -23,18 +23,24 @@ import torch
 from torch import nn
 
 from ..core.ggml_blocks import dequantize_rows, quantize_rows
+from ..core.hessian import output_error
+from ..core.phases import phase
 from ..methods import block_transforms, model_transforms, parse_method
 from ..methods.gptq_ggml import gptq_ggml
 from ..methods.signround import GGMLRounding
 from .learned_rounding import BlockRounding
 from .quantize import _batches
 from .rotate import rotate_model
-from .sequential import LayerReport, layer_loss, run_sequential
+from .sequential import LayerReport, run_sequential
 from .sequential import calibration_dtype as _calibration_dtype
 from .transforms import apply_transforms
 from .walk import linear_weight
 
 METHODS = ("awq+gptq", "gptq", "awq", "signround", "awq+signround", "rotate+awq+gptq", "rotate+gptq", "rotate+awq")
+# AWQ's exponent search here: 9 of the 20 grid points (coarse, then refined around the best; methods/awq.py).
+# On SmolLM2 q4_0 (32 windows) it made the very file the full search makes (llama-perplexity 24.8164 both) at
+# 9 of 20 round trips. Scoring every 4th row as well (row_stride=4) cost 1.1% of perplexity there (25.0800).
+AWQ_SEARCH = {"coarse": 4, "row_stride": 1}
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,8 @@ class GGMLScheme:
 
     def roundtrip(self, w: torch.Tensor) -> torch.Tensor:
         rows = w.detach().float().numpy()
-        return torch.from_numpy(dequantize_rows(quantize_rows(rows, self.type), self.type, w.shape[1]))
+        with phase("ggml fits"):
+            return torch.from_numpy(dequantize_rows(quantize_rows(rows, self.type), self.type, w.shape[1]))
 
 
 def solve_ggml(model: nn.Module, types: dict[str, str], calibration: Iterable, *, method: str = "awq+gptq",
@@ -70,19 +77,30 @@ def solve_ggml(model: nn.Module, types: dict[str, str], calibration: Iterable, *
         t = types[name]
         w = linear_weight(model.get_submodule(name))
         wf, H = w.detach().float(), stats.hessian
-        rtn = quantize_rows(wf.numpy(), t)
-        rtn_loss = layer_loss(wf, torch.from_numpy(dequantize_rows(rtn, t, wf.shape[1])), H)
-        data, loss = rtn, rtn_loss
+        with phase("ggml fits"):
+            rtn = quantize_rows(wf.numpy(), t)
+            rtn_w = torch.from_numpy(dequantize_rows(rtn, t, wf.shape[1]))
+        with phase("layer losses"):  # ||(W - Q) X||^2 / ||W X||^2, the denominator once for both
+            scale = 1 / max(_output_energy(wf, H), 1e-30)
+            rtn_loss = _output_energy(wf - rtn_w, H) * scale
+        data, loss, w_hat = rtn, rtn_loss, rtn_w
         if learned is not None:  # trained on the block's output: no layer-loss guard, the block loss decides
             data = learned.learned.pop(name).blocks()
-            loss = layer_loss(wf, torch.from_numpy(dequantize_rows(data, t, wf.shape[1])), H)
+            with phase("ggml fits"):
+                w_hat = torch.from_numpy(dequantize_rows(data, t, wf.shape[1]))
+            with phase("layer losses"):
+                loss = _output_energy(wf - w_hat, H) * scale
         if solver == "gptq":  # its never-worse-than-RTN guard is applied here, with the RTN bytes made once
-            solved = gptq_ggml(wf, t, stats=stats, damp=damp, act_order=act_order, fallback_to_rtn=False)
-            solved_loss = layer_loss(wf, torch.from_numpy(dequantize_rows(solved, t, wf.shape[1])), H)
+            with phase("gptq solves"):
+                solved = gptq_ggml(wf, t, stats=stats, damp=damp, act_order=act_order, fallback_to_rtn=False)
+            with phase("ggml fits"):
+                solved_w = torch.from_numpy(dequantize_rows(solved, t, wf.shape[1]))
+            with phase("layer losses"):
+                solved_loss = _output_energy(wf - solved_w, H) * scale
             if solved_loss <= rtn_loss:
-                data, loss = solved, solved_loss
+                data, loss, w_hat = solved, solved_loss, solved_w
         with torch.no_grad():
-            w.copy_(torch.from_numpy(dequantize_rows(data, t, wf.shape[1])).to(w.dtype))
+            w.copy_(w_hat.to(w.dtype))
         blocks[f"{name}.weight"] = (t, data)
         return LayerReport(name, f"{method} ({t})", loss, rtn_loss)
 
@@ -91,7 +109,8 @@ def solve_ggml(model: nn.Module, types: dict[str, str], calibration: Iterable, *
     def transform(block, local, stats, producers, sample, where):
         head = where + "."
         apply_transforms(block, local, {n: transforms for n in local}, {n: GGMLScheme(types[head + n]) for n in local},
-                         stats, producers, sample, where, solvers={n: aim for n in local})
+                         stats, producers, sample, where, solvers={n: aim for n in local},
+                         options={"awq": AWQ_SEARCH})
 
     report = run_sequential(model, list(types), _batches(calibration, batch_size), quantize_layer, hessian=True,
                             magnitudes="awq" in transforms, transform=transform if transforms else None,
@@ -101,3 +120,8 @@ def solve_ggml(model: nn.Module, types: dict[str, str], calibration: Iterable, *
     model.lowbit_calibration = report
     model.lowbit_gguf_blocks = blocks
     return model
+
+
+def _output_energy(d: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(D H D^T) for D [out, in]: ||D X||^2 * 2 / n over the calibration tokens (H = 2 X X^T / n)."""
+    return float(output_error(d, H))

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..core import Scheme
+from ..core.hessian import output_error
 from ..core.observers import make_observer
 from ..methods import block_transforms, get_method, method_needs, model_transforms, parse_method
 from ..methods import rtn as rtn_method
@@ -261,7 +262,7 @@ def _layer_report(name: str, r: Recipe, w: torch.Tensor, qweight, stats) -> Laye
         return LayerReport(name, r.method)
     known = solved_losses(stats, w, qweight)  # gptq's fallback measured both already
     if known is not None:
-        base = (w.float() @ H * w.float()).sum().clamp(min=1e-30)
+        base = output_error(w, H).clamp(min=1e-30)
         return LayerReport(name, r.method, float(known[0] / base), float(known[1] / base))
     rtn = qweight if r.method == "rtn" else rtn_method(w, r.weights)
     return LayerReport(name, r.method, layer_loss(w, qweight.dequantize(), H), layer_loss(w, rtn.dequantize(), H))

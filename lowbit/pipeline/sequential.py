@@ -24,9 +24,9 @@ that passes from one block to the next (the report covers the blocks run).
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
 import resource
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,7 +34,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .blocks import capture_inputs, find_blocks, run_block
+from ..core.hessian import native_bf16, output_error
+from ..core.phases import PhaseClock, phase
+from .blocks import BlockInput, capture_inputs, find_blocks, first_windows, run_block, short_batch
 from .spill import Activations, SpillPolicy
 from .stats import InputStats, StatsCollector, StatsComplete
 from .walk import linear_weight
@@ -66,6 +68,22 @@ class CalibrationReport:
     # Hessian products), transform, solve, forward (the quantized block), write (block_scope left)
     phases: dict[str, float] = field(default_factory=dict)
     block_seconds: list[float] = field(default_factory=list)
+    # wall seconds by what the time went to (core/phases.py), summing to `seconds`: forwards, hessians, awq
+    # search, ggml fits, gptq solves, layer losses, ...; the layer solves run in threads and count as their
+    # shares of the wall time they took together. Callers add the time around the calibration as "read" and
+    # "write" (then counted in `total_seconds`).
+    profile: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_seconds(self) -> float:
+        return self.seconds + self.profile.get("read", 0.0) + self.profile.get("write", 0.0)
+
+    def profile_line(self) -> str:
+        """'time by work (62.0 s): ggml fits 21.0 s (34%), forwards ...' over the total (read and write included)."""
+        total = max(self.total_seconds, 1e-9)
+        parts = [f"{k} {v:.1f} s ({100 * v / total:.0f}%)"
+                 for k, v in sorted(self.profile.items(), key=lambda kv: -kv[1])]
+        return f"time by work ({total:.1f} s): " + ", ".join(parts)
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.phases[phase] = self.phases.get(phase, 0.0) + seconds
@@ -78,6 +96,8 @@ class CalibrationReport:
                  + f", statistics {self.stats_mb:.0f} MB"]
         if self.phases:
             lines.append("seconds by phase: " + ", ".join(f"{k} {v:.1f}" for k, v in self.phases.items()))
+        if self.profile:
+            lines.append(self.profile_line())
         with_loss = [r for r in self.layers if r.loss is not None and r.rtn_loss]
         if with_loss:
             ratios = torch.tensor([r.loss / r.rtn_loss for r in with_loss])
@@ -126,6 +146,18 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
         raise ValueError(f"propagate={propagate!r}: choose 'quantized' or 'full'")
     dtype = calibration_dtype(compute_dtype)
     t0 = time.perf_counter()
+    clock = PhaseClock()
+    with clock.running("other"):
+        report = _run_blocks(model, names, batches, quantize_layer, hessian, magnitudes, transform, propagate, dtype,
+                             progress, block_scope, spill, workers, resume, clock, solve_block)
+    report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report.seconds = time.perf_counter() - t0
+    report.profile = dict(clock.seconds)
+    return report
+
+
+def _run_blocks(model, names, batches, quantize_layer, hessian, magnitudes, transform, propagate, dtype, progress,
+                block_scope, spill, workers, resume, clock, solve_block=None) -> CalibrationReport:
     prefix, blocks = find_blocks(model)
     outside = [n for n in names if not n.startswith(prefix + ".")]
     if outside:
@@ -138,26 +170,41 @@ def run_sequential(model: nn.Module, names: list[str], batches: list,
     if start > 0:
         resume.inputs(inputs)
     else:
-        capture_inputs(model, blocks[0], batches, into=inputs)
+        with phase("forwards"):
+            capture_inputs(model, blocks[0], batches, into=inputs)
     report.tokens = inputs.tokens
+    probe = _probe(model, blocks[0], batches) if transform is not None and start == 0 else None
     for i in tqdm(range(start, len(blocks)), desc="calibrate+quantize", unit="block", disable=not progress):
         block = blocks[i]
         t_block = time.perf_counter()
         if resume is not None and i > start:
             resume.save(i, inputs)
         with _Timed(report, "load", "write", block_scope(i, block) if block_scope is not None else None):
+            # the last block's outputs feed nothing: no propagation forward for it
+            last = i == len(blocks) - 1
             inputs = _one_block(i, block, inputs, prefix, names, quantize_layer, hessian, magnitudes, transform,
-                                propagate, dtype, spill, report, workers, progress, solve_block)
+                                propagate if not last else "none", dtype, spill, report, workers, progress,
+                                solve_block, clock, probe)
         report.block_seconds.append(time.perf_counter() - t_block)
     inputs.drop()
-    report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    report.seconds = time.perf_counter() - t0
     return report
 
 
+def _probe(model, first_block, batches) -> list | None:
+    """[block 0's input for the first 64 tokens of the first window]: what a transform's fold is checked on
+    (a norm that cannot absorb scales shows on any tokens), carried from block to block; None: check on the
+    first window of each block's inputs."""
+    short = short_batch(batches[0])
+    if short is None:
+        return None
+    with phase("transform checks"):
+        return capture_inputs(model, first_block, [short])
+
+
 def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hessian, magnitudes, transform,
-               propagate, dtype, spill, report, workers=2, progress=False, solve_block=None) -> Activations:
-    """Statistics, transforms, solves of block i; -> the inputs of block i + 1."""
+               propagate, dtype, spill, report, workers=2, progress=False, solve_block=None, clock=None,
+               probe=None) -> Activations:
+    """Statistics, transforms, solves of block i; -> the inputs of block i + 1 (none with propagate="none")."""
     def autocast():
         return torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     head = f"{prefix}.{i}."
@@ -169,7 +216,7 @@ def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hes
                unit_scale=True, leave=False, disable=not progress)
     t0 = time.perf_counter()
     with StatsCollector(block, local, hessian, product_dtype=dtype, stop_early=not full,
-                        magnitudes=magnitudes) as c, autocast():
+                        magnitudes=magnitudes) as c, autocast(), phase("forwards"):
         for b, inp in enumerate(inputs):
             c.batch = b
             try:
@@ -183,15 +230,19 @@ def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hes
     t1 = time.perf_counter()
     report.add_time("statistics", t1 - t0)
     report.stats_mb = max(report.stats_mb, sum(s.nbytes for s in set(c.stats.values())) / 2**20)
-    if transform is not None:
-        transform(block, local, c.stats, c.producers, inputs[0], f"{prefix}.{i}")
+    if transform is not None:  # the sample checks a fold: a few tokens show a norm that cannot absorb scales
+        sample = probe[0] if probe else first_windows(inputs[0], 1)
+        transform(block, local, c.stats, c.producers, sample, f"{prefix}.{i}")
     t2 = time.perf_counter()
     report.add_time("transform", t2 - t1)
     if solve_block is not None:  # learned rounding trains the whole block here (counted as solve time)
         solve_block(block, local, inputs, f"{prefix}.{i}")
 
+    solves = PhaseClock()
+
     def solve(n):
-        out = quantize_layer(head + n, c.stats.get(n))
+        with solves.running("solves (other)"):
+            out = quantize_layer(head + n, c.stats.get(n))
         bar.update(work.solve[n])
         return out
     # Each layer's solve is independent; a Python-bound loop of small tensor ops (GPTQ's
@@ -200,8 +251,13 @@ def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hes
         report.layers.extend(pool.map(solve, local))
     t3 = time.perf_counter()
     report.add_time("solve", t3 - t2)
+    if clock is not None:
+        clock.absorb(solves, t3 - t2)
+    if probe:
+        with phase("transform checks"):
+            probe[0] = BlockInput(run_block(block, probe[0]), probe[0].kwargs)
     if propagate == "quantized":
-        with autocast():
+        with autocast(), phase("forwards"):
             for inp in inputs:
                 outs.append(run_block(block, inp), inp.kwargs)
                 bar.update(work.forward)
@@ -261,8 +317,7 @@ def calibration_dtype(choice: "torch.dtype | str" = "auto") -> torch.dtype:
     forwards and the per-batch X^T X products are bf16: the statistics are summed in float32
     and the solvers work on the model's own weights."""
     if choice == "auto":
-        fast = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        return torch.bfloat16 if fast else torch.float32
+        return torch.bfloat16 if native_bf16() else torch.float32
     dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
              "float32": torch.float32}.get(choice, choice)
     if dtype not in (torch.float32, torch.bfloat16):
@@ -272,5 +327,4 @@ def calibration_dtype(choice: "torch.dtype | str" = "auto") -> torch.dtype:
 
 def layer_loss(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
     """||(W - Q) X||^2 / ||W X||^2 from H = 2 X X^T / n."""
-    d = (w - w_hat).float()
-    return float((d @ H * d).sum() / (w.float() @ H * w.float()).sum().clamp(min=1e-30))
+    return float(output_error(w.float() - w_hat.float(), H) / output_error(w, H).clamp(min=1e-30))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.phases import phase
 from .walk import is_linear, is_norm
 
 
@@ -40,15 +41,12 @@ class InputStats:
         x = x.detach().reshape(-1, self.dim)
         self.n += x.shape[0]
         if self._xtx is not None:
-            xl = x.to(self.product_dtype)  # one conversion (none when x already has that dtype)
-            if xl.dtype == self._xtx.dtype:
-                self._xtx.addmm_(xl.t(), xl)
-            else:
-                self._xtx += (xl.t() @ xl).float()
+            add_gram(self._xtx, x.to(self.product_dtype))  # one conversion (none when x already has that dtype)
         if self.magnitudes:
             a = x.abs()
             torch.maximum(self.absmax, a.amax(0).float(), out=self.absmax)
-            self._abssum += a.sum(0, dtype=torch.float64)
+            # a batch's column sums in float32 (4 us per 1536 columns against 15 in float64), their total in float64
+            self._abssum += a.sum(0, dtype=torch.float32)
 
     @property
     def hessian(self) -> torch.Tensor | None:
@@ -70,6 +68,22 @@ class InputStats:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self._xtx, self.absmax, self._abssum) if t is not None)
+
+
+def add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc (float32 [n, n]) += x^T x for x [tokens, n], from the products of x's column halves: x^T x is
+    symmetric, so three of the four quarter products give all of it (3/4 of the flops; 47 -> 38 ms for
+    4096 x 1536 in bf16 on 2 Zen 4 cores). Each entry is the same dot product as in the whole product."""
+    h = x.shape[1] // 2
+    if h < 128:  # small products: one call is faster than three
+        acc += (x.t() @ x).float()
+        return
+    a, b = x[:, :h], x[:, h:]
+    cross = (a.t() @ b).float()
+    acc[:h, :h] += (a.t() @ a).float()
+    acc[:h, h:] += cross
+    acc[h:, :h] += cross.t()
+    acc[h:, h:] += (b.t() @ b).float()
 
 
 class StatsCollector:
@@ -131,7 +145,8 @@ class StatsCollector:
         elif self._by_input:
             self._by_input.clear()  # every layer has been seen once: sharing is settled
             self._outputs.clear()
-        st.update(x, self.batch)
+        with phase("hessians" if self.hessian else "statistics"):
+            st.update(x, self.batch)
         if self.stop_early:
             if self._seen_batch != self.batch:
                 self._seen_batch, self._seen = self.batch, set()

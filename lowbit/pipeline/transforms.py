@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.phases import phase
 from ..methods import TRANSFORMS
 from ..methods.awq import awq_clip
 from .blocks import BlockInput, run_block
@@ -39,7 +40,8 @@ def apply_transforms(block: nn.Module, names: list[str], transforms: dict[str, t
     for n in wanted:
         if "awq" in transforms[n] and (solvers or {}).get(n) not in ("gptq", "signround"):
             w = linear_weight(block.get_submodule(n))
-            w.copy_(awq_clip(w.float(), schemes[n], stats[n]).to(w.dtype))
+            with phase("awq clip"):
+                w.copy_(awq_clip(w.float(), schemes[n], stats[n]).to(w.dtype))
 
 
 @torch.no_grad()
@@ -47,7 +49,8 @@ def fold_scales(block: nn.Module, names: list[str], transforms: dict[str, tuple[
                 stats: dict, producers: dict[str, str | None], sample: BlockInput, where: str,
                 options: dict | None = None) -> None:
     """Pick and fold every group's scales; the block's output must not change."""
-    before = run_block(block, sample)
+    with phase("transform checks"):
+        before = run_block(block, sample)
     for g in smoothing_groups(block, names, producers):
         st = stats[g.consumers[0]]
         for kind in transforms[g.consumers[0]]:
@@ -55,10 +58,12 @@ def fold_scales(block: nn.Module, names: list[str], transforms: dict[str, tuple[
             own = [schemes[c] for c in g.consumers]
             # consumers under different schemes (mixed precision): each counted on its own grid
             sc = own[0] if all(x == own[0] for x in own) else own
-            s = TRANSFORMS[kind](ws, st, sc, **(options or {}).get(kind, {}))
+            with phase(f"{kind} search"):
+                s = TRANSFORMS[kind](ws, st, sc, **(options or {}).get(kind, {}))
             _fold(block, g, s)
             st.scale_inputs(s)
-    after = run_block(block, sample)
+    with phase("transform checks"):
+        after = run_block(block, sample)
     err = float((after - before).norm() / before.norm().clamp(min=1e-30))
     if not err < TOLERANCE:
         raise ValueError(f"folding smoothing scales into {where} changed its output by {err:.2e} (relative); "
