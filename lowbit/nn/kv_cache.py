@@ -4,10 +4,14 @@ Each attention layer keeps the most recent `residual_length` tokens in full prec
 older ones as two packed QTensors (keys per channel, values per token), token-major [T, B, H, D].
 When the residual window has grown by whole key groups, its oldest whole groups are quantized and
 appended (codes and statistics concatenated, nothing re-quantized). Attention reads the
-quantized part dequantized, then the residual window, then the tokens of the current step in
-full precision, as transformers' own QuantizedCache does.
+quantized part, then the residual window, then the tokens of the current step in full
+precision: `update` returns them as PrefixKV tensors (nn/kv_attention.py), which any attention
+sees as the whole dequantized [B, H, T, D] (as transformers' own QuantizedCache returns), and
+which the "lowbit_kv" attention (`lowbit.nn.use_kv_attention(model)`) reads from the codes without
+dequantizing the prefix.
 
     >>> cache = lowbit.kv_cache("int4", group_size=64, residual_length=128)
+    >>> lowbit.nn.use_kv_attention(model)  # optional: attend from the codes (else: dequantize each step)
     >>> out = model.generate(ids, cache=cache, max_new_tokens=32)   # past_key_values= before 5.2x
     >>> cache.nbytes()          # exact bytes held: codes, scales, zero points, residual window
 
@@ -26,6 +30,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from ..core import QTensor, Scheme, quantize
 from ..core.packing import pack_bits_le
 from ..methods.kivi import append_tokens, kv_schemes, tokens_per_chunk
+from .kv_attention import PrefixKV
 
 
 class QuantizedKVLayer(DynamicLayer):
@@ -49,15 +54,12 @@ class QuantizedKVLayer(DynamicLayer):
         """Append k, v: [B, H, t, D]; return every cached token's keys and values [B, H, T, D]."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        keys = torch.cat([*self._dequantized(self.qkeys), self.keys, key_states], dim=-2)
-        values = torch.cat([*self._dequantized(self.qvalues), self.values, value_states], dim=-2)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
+        # the prefix as it is before this step's flush, then the residual window and the new tokens
+        keys, values = PrefixKV(self.qkeys, self.keys), PrefixKV(self.qvalues, self.values)
         self._flush()
         return keys, values
-
-    def _dequantized(self, q: QTensor | None) -> list[torch.Tensor]:
-        return [] if q is None else [q.dequantize(self.dtype).permute(1, 2, 0, 3)]
 
     def _flush(self) -> None:
         """Quantize the residual window's oldest whole key groups beyond `residual_length` tokens."""
