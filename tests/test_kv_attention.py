@@ -80,12 +80,7 @@ def test_chunk_of_queries_over_codes_is_causal(models):
     """4 tokens in one forward over a quantized prefix: the codes path builds the causal mask itself."""
     old, new = models
     ids = torch.randint(1, 96, (2, 44), generator=torch.Generator().manual_seed(5))
-    out = []
-    for model in (old, new):
-        cache = lowbit.kv_cache("int4", group_size=16, residual_length=8)
-        with torch.no_grad():
-            model(ids[:, :40], **{cache_keyword(model): cache}, use_cache=True)
-            out.append(model(ids[:, 40:], **{cache_keyword(model): cache}, use_cache=True).logits)
+    out = [_chunk_after_prefix(model, ids, 40) for model in (old, new)]
     assert (out[1] - out[0]).abs().max() < ATOL * out[0].abs().max()
 
 
@@ -113,10 +108,13 @@ def test_long_chunk_falls_back_to_sdpa_over_the_dequantized_prefix(models):
 
     old, new = models
     ids = torch.randint(1, 96, (1, 40 + MAX_QUERIES + 1), generator=torch.Generator().manual_seed(9))
-    out = []
-    for model in (old, new):
-        cache = lowbit.kv_cache("int4", group_size=16, residual_length=8)
-        with torch.no_grad():
-            model(ids[:, :40], **{cache_keyword(model): cache}, use_cache=True)
-            out.append(model(ids[:, 40:], **{cache_keyword(model): cache}, use_cache=True).logits)
+    out = [_chunk_after_prefix(model, ids, 40) for model in (old, new)]
     assert torch.equal(out[0], out[1])
+
+
+def _chunk_after_prefix(model, ids, prefix: int) -> torch.Tensor:
+    """Logits of ids[:, prefix:] in one forward, after ids[:, :prefix] filled an int4 cache (flushed to codes)."""
+    cache = lowbit.kv_cache("int4", group_size=16, residual_length=8)
+    with torch.no_grad():
+        model(ids[:, :prefix], **{cache_keyword(model): cache}, use_cache=True)
+        return model(ids[:, prefix:], **{cache_keyword(model): cache}, use_cache=True).logits
