@@ -220,3 +220,87 @@ def test_numba_column_loop_equals_the_torch_loop(name, gen):
     ref = gptq_ggml(w, name, stats=st, block_size=64, fallback_to_rtn=False, kernel=False)
     assert np.array_equal(fast, ref)
     assert not np.array_equal(fast, quantize_rows(w.numpy(), name))  # the solve moved codes
+
+
+def _not_positive_definite(X: torch.Tensor) -> Stats:
+    """Stats whose H has a negative eigenvalue below -1% of its mean diagonal (as bf16 products give on
+    SmolLM2): GPTQ's Cholesky fails at 1% dampening and retries at 10%."""
+    st = Stats(X)
+    lam_min = float(torch.linalg.eigvalsh(st.hessian.double())[0])
+    st.hessian = st.hessian - (lam_min + 0.05 * float(st.hessian.diagonal().mean())) * torch.eye(X.shape[1])
+    return st
+
+
+@pytest.mark.parametrize("name", ["q4_0", "iq4_nl", "q4_k", "q6_k"])
+@pytest.mark.parametrize("case", ["plain", "dead input", "singular", "not positive definite"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_loss_from_its_errors_is_the_float64_output_error(name, case, act_order, gen):
+    """with_loss: the solve's ||E||^2 less the dampening's share (GPTQ's D = E U) is tr(D H D^T) of the values
+    it returns, as float64 computes it from the blocks gguf-py decodes: with a dead input (its diagonal 1 +
+    lam), with fewer tokens than inputs (H singular) and with an H the dampening has to be raised for."""
+    t = GGML_TYPES[name]
+    dim = 2 * max(t.block_size, 128)
+    X = correlated_inputs(dim // 2 if case == "singular" else 2048, dim, gen)
+    if case == "dead input":
+        X[:, 5] = 0
+    st = _not_positive_definite(X) if case == "not positive definite" else Stats(X)
+    w = torch.randn(40, dim, generator=gen) * 0.05
+    if case == "not positive definite":
+        with pytest.warns(RuntimeWarning, match="not positive definite"):
+            blocks, values, loss = gptq_ggml(w, name, stats=st, act_order=act_order, fallback_to_rtn=False,
+                                             with_loss=True)
+    else:
+        blocks, values, loss = gptq_ggml(w, name, stats=st, act_order=act_order, fallback_to_rtn=False,
+                                         with_loss=True)
+    q = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType(t.id)).reshape(w.shape)
+    assert np.array_equal(values.numpy(), q)
+    d = w.double() - torch.from_numpy(q).double()
+    want = float(((d @ st.hessian.double()) * d).sum())
+    assert loss == pytest.approx(want, rel=1e-4)
+    assert np.array_equal(blocks, gptq_ggml(w, name, stats=Stats(X) if case != "not positive definite" else st,
+                                            act_order=act_order, fallback_to_rtn=False))
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_k", "q6_k"])
+def test_gptq_on_the_callers_fit_gives_the_same_bytes(name, gen):
+    """fit: the round-to-nearest fit the caller made is GPTQ's static grid (act_order), the same bytes as
+    fitting again; with a dead input the weights fitted change (zeroed) and it fits them itself."""
+    t = GGML_TYPES[name]
+    X = correlated_inputs(1024, 256, gen)
+    w = torch.randn(24, 256, generator=gen) * 0.05
+    f = t.fit(w.numpy().reshape(-1, t.block_size))
+    want = gptq_ggml(w, name, stats=Stats(X), fallback_to_rtn=False)
+    assert np.array_equal(gptq_ggml(w, name, stats=Stats(X), fallback_to_rtn=False, fit=f), want)
+    X[:, 3] = 0
+    want = gptq_ggml(w, name, stats=Stats(X), fallback_to_rtn=False)
+    assert np.array_equal(gptq_ggml(w, name, stats=Stats(X), fallback_to_rtn=False, fit=f), want)
+
+
+def test_each_layer_is_fitted_once_and_its_solve_not_measured_again(smollm2_2layers, monkeypatch):
+    """solve_ggml (gptq alone): round to nearest's fit of a layer is GPTQ's static grid (one fit per layer,
+    not two), and the solved loss comes from the solve's errors: the layer losses multiply by H twice per layer
+    (the denominator and round to nearest), not three times; the report's losses are float64's."""
+    from lowbit import kernels
+    from lowbit.pipeline import gguf_calibrated
+    from lowbit.pipeline.walk import linear_weight
+    model, tok = smollm2_2layers
+    m = copy.deepcopy(model)
+    types = {k: v for k, v in tensor_types(m, "q4_0").items() if k.startswith("model.layers.0.")}
+    where = {linear_weight(m.get_submodule(n)).data_ptr(): n for n in types}
+    fitted, products, seen = [], [], {}
+    real_fit, real_err, real_solve = kernels.ggml_fit, gguf_calibrated.output_error, gguf_calibrated.gptq_ggml
+    monkeypatch.setattr(kernels, "ggml_fit", lambda kind, x: fitted.append(x.size) or real_fit(kind, x))
+    monkeypatch.setattr(gguf_calibrated, "output_error", lambda d, H: products.append(1) or real_err(d, H))
+
+    def solve(w, t, **k):
+        seen[where[w.data_ptr()]] = (w.clone(), k["stats"].hessian.double())
+        return real_solve(w, t, **k)
+    monkeypatch.setattr(gguf_calibrated, "gptq_ggml", solve)
+    gguf_calibrated.solve_ggml(m, types, _windows(tok, "valid", 4), method="gptq", progress=False)
+    assert sum(fitted) == sum(linear_weight(m.get_submodule(n)).numel() for n in types)
+    assert len(products) == 2 * len(types) and len(seen) == len(types)
+    for r in m.lowbit_calibration.layers:
+        w, H = seen[r.name]
+        d = w.double() - linear_weight(m.get_submodule(r.name)).double()
+        want = float(((d @ H) * d).sum() / ((w.double() @ H) * w.double()).sum())
+        assert r.loss == pytest.approx(want, rel=2e-3) and r.loss < r.rtn_loss

@@ -169,7 +169,14 @@ def _shared_factor(stats, key, compute):
 
 
 def _inverse_hessian_factor(H: torch.Tensor, dead: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1 (U^T U = that inverse), in float64.
+    """Upper Cholesky factor U of (H + damp * mean(diag H) I)^-1 (U^T U = that inverse); see damped_factor."""
+    return damped_factor(H, dead, damp)[0]
+
+
+def damped_factor(H: torch.Tensor, dead: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """(U, lam): the upper Cholesky factor U of (H + lam I)^-1 (U^T U = that inverse), in float64, and the
+    dampening lam it took: damp * mean(diag H), or more where H needed it; a dead input's diagonal counts 1
+    (its H entry is 1 + lam).
 
     Without forming the inverse: with J the reversal of the columns, J H J = L L^T (lower L) gives
     H^-1 = J L^-T L^-1 J = U^T U for U = J L^-1 J, which is upper triangular. One Cholesky (n^3/3)
@@ -189,7 +196,7 @@ def _inverse_hessian_factor(H: torch.Tensor, dead: torch.Tensor, damp: float) ->
             del Hr, diag  # 8 n^2 bytes each (1.6 GB at n = 14336): free before the inverse
             Li = lower_inverse(L)
             del L
-            return Li.float().flip((0, 1))
+            return Li.float().flip((0, 1)), lam
         tried, lam = lam, max(10 * lam, 1e-4 * mean)  # damp=0 escalates too (0 * 10 would stay 0)
         # each retry is another n^3/3 Cholesky, and the solve then works on a more dampened H: say so
         warnings.warn(f"gptq: the {len(diag)}-column Hessian is not positive definite at {tried / mean:.3g} x "

@@ -23,13 +23,21 @@ from .. import kernels
 from ..core.ggml_blocks import dequantize_rows, get_type
 from ..core.hessian import output_error
 from ..core.phases import phase
-from .gptq import _inverse_hessian_factor, _shared_factor
+from .gptq import _shared_factor, damped_factor
 
 
 def gptq_ggml(w: torch.Tensor, type_name: str, *, stats, damp: float = 0.01, block_size: int = 128,
-              act_order: bool = True, clip: bool = False, fallback_to_rtn: bool = True, kernel: bool = True
-              ) -> np.ndarray:
+              act_order: bool = True, clip: bool = False, fallback_to_rtn: bool = True, kernel: bool = True,
+              fit=None, with_loss: bool = False):
     """w: [out, in] -> GGML blocks [out, in // block * type_size] uint8 of type `type_name`.
+
+    fit: the type's fit of w's blocks (t.fit(w.reshape(-1, block))) where the caller made it already (its
+    round to nearest): with act_order it is the static grid, unless a dead input or clip changes the weights
+    fitted (then fitted here again).
+    with_loss: -> (blocks, their values [out, in] float32, tr(D H D^T) for D = w - values), the loss from the
+    solve's own errors instead of a [out, in] x [in, in] product: GPTQ's updates make D = E U (E the scaled
+    errors, U^T U = (H + lam I)^-1), so tr(D (H + lam I) D^T) = ||E||^2 and tr(D H D^T) = ||E||^2 - lam ||D||^2
+    (float64 sums; within 1e-5 of the product on a SmolLM2 layer).
 
     clip (with act_order's up-front fit): fit each block's parameters on its weights clipped to the
     ratio of CLIP_RATIOS whose round-to-nearest output error (the block's diagonal block of H) is
@@ -39,6 +47,8 @@ def gptq_ggml(w: torch.Tensor, type_name: str, *, stats, damp: float = 0.01, blo
     kernel: with act_order, run each block's column loop in numba (kernels.gptq_grid_block), the same
     float32 operations as the torch loop here; False forces the torch loop, the reference."""
     t = get_type(type_name)
+    if with_loss and fallback_to_rtn:
+        raise ValueError("gptq_ggml: with_loss measures the solve itself, not a fallback; give fallback_to_rtn=False")
     if t.fit is None:
         raise ValueError(f"GGML type {type_name!r} has no grid to solve on (a float type): write it as it is")
     H = getattr(stats, "hessian", None)
@@ -56,15 +66,22 @@ def gptq_ggml(w: torch.Tensor, type_name: str, *, stats, damp: float = 0.01, blo
     dead = H.diagonal() == 0
     W[:, dead] = 0
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(C)
-    U = _shared_factor(stats, (damp, act_order), lambda: _inverse_hessian_factor(H[perm][:, perm], dead[perm], damp))
-    grid = _Grid(t, _clipped(W, t, H) if act_order and clip else W, static=act_order)
+    U, lam = _shared_factor(stats, (damp, act_order, "lam"),
+                            lambda: damped_factor(H[perm][:, perm], dead[perm], damp))
+    prefit = fit if act_order and not clip and not bool(dead.any()) else None
+    grid = _Grid(t, _clipped(W, t, H) if act_order and clip else W, static=act_order, fit=prefit)
+    Wz = W.clone() if with_loss else None  # what the solve aims at (dead inputs zeroed), for its loss
     W = W[:, perm]
     fast = kernel and act_order and bool(torch.isfinite(W).all())
+    err2 = torch.zeros((), dtype=torch.float64)  # ||E||^2
     for i1 in range(0, C, block_size):
         i2 = min(i1 + block_size, C)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         if fast:
-            W[:, i2:] -= grid.solve_block(W1, U1, perm[i1:i2]) @ U[i1:i2, i2:]
+            E1 = grid.solve_block(W1, U1, perm[i1:i2])
+            W[:, i2:] -= E1 @ U[i1:i2, i2:]
+            if with_loss:
+                err2 += E1.double().square().sum()
             continue
         E1 = torch.empty(R, i2 - i1)
         for i in range(i2 - i1):
@@ -77,7 +94,16 @@ def gptq_ggml(w: torch.Tensor, type_name: str, *, stats, damp: float = 0.01, blo
             W1[:, i:].addr_(e, U1[i, i:], alpha=-1)
             E1[:, i] = e
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
+        if with_loss:
+            err2 += E1.double().square().sum()
     blocks = grid.pack()
+    if with_loss:
+        with phase("ggml fits"):
+            values = torch.from_numpy(dequantize_rows(blocks, type_name, C))
+        added = torch.full((C,), lam, dtype=torch.float64)
+        added[dead] += 1.0  # a dead input's diagonal was 1 + lam
+        loss = float(err2 - ((Wz - values).square().sum(0, dtype=torch.float64) * added).sum())
+        return blocks, values, loss
     if not fallback_to_rtn:
         return blocks
     rtn = t.quantize(np.ascontiguousarray(w.detach().float().numpy()).reshape(-1, t.block_size)).reshape(R, -1)
@@ -120,7 +146,7 @@ class _Grid:
     """The block parameters of one weight and the codes chosen so far; fitted block by block
     (dynamic) or all at once from the original weights (static)."""
 
-    def __init__(self, t, W: torch.Tensor, static: bool):
+    def __init__(self, t, W: torch.Tensor, static: bool, fit=None):
         self.t, self.R, self.C = t, W.shape[0], W.shape[1]
         self.nb = self.C // t.block_size
         self.codes = np.zeros((self.R, self.C), np.uint8)
@@ -129,8 +155,10 @@ class _Grid:
         self.O = torch.zeros(self.R, self.C)
         self.levels = None
         if static:
-            with phase("ggml fits"):
-                f = t.fit(np.ascontiguousarray(W.numpy()).reshape(-1, t.block_size))
+            f = fit
+            if f is None:
+                with phase("ggml fits"):
+                    f = t.fit(np.ascontiguousarray(W.numpy()).reshape(-1, t.block_size))
             self.fits = f
             self._place(0, self.C, f)
 

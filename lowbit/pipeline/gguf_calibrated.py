@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.ggml_blocks import dequantize_rows, quantize_rows
+from ..core.ggml_blocks import dequantize_rows, get_type, quantize_rows
 from ..core.hessian import output_error
 from ..core.phases import phase
 from ..methods import block_transforms, model_transforms, parse_method
@@ -77,8 +77,9 @@ def solve_ggml(model: nn.Module, types: dict[str, str], calibration: Iterable, *
         t = types[name]
         w = linear_weight(model.get_submodule(name))
         wf, H = w.detach().float(), stats.hessian
-        with phase("ggml fits"):
-            rtn = quantize_rows(wf.numpy(), t)
+        with phase("ggml fits"):  # round to nearest's fit, also GPTQ's static grid (one fit of the weights)
+            fit = get_type(t).fit(np.ascontiguousarray(wf.numpy()).reshape(-1, get_type(t).block_size))
+            rtn = fit.pack(fit.codes).reshape(wf.shape[0], -1)
             rtn_w = torch.from_numpy(dequantize_rows(rtn, t, wf.shape[1]))
         with phase("layer losses"):  # ||(W - Q) X||^2 / ||W X||^2, the denominator once for both
             scale = 1 / max(_output_energy(wf, H), 1e-30)
@@ -91,12 +92,10 @@ def solve_ggml(model: nn.Module, types: dict[str, str], calibration: Iterable, *
             with phase("layer losses"):
                 loss = _output_energy(wf - w_hat, H) * scale
         if solver == "gptq":  # its never-worse-than-RTN guard is applied here, with the RTN bytes made once
-            with phase("gptq solves"):
-                solved = gptq_ggml(wf, t, stats=stats, damp=damp, act_order=act_order, fallback_to_rtn=False)
-            with phase("ggml fits"):
-                solved_w = torch.from_numpy(dequantize_rows(solved, t, wf.shape[1]))
-            with phase("layer losses"):
-                solved_loss = _output_energy(wf - solved_w, H) * scale
+            with phase("gptq solves"):  # its loss from its own errors (no [out, in] x [in, in] product)
+                solved, solved_w, solved_loss = gptq_ggml(wf, t, stats=stats, damp=damp, act_order=act_order,
+                                                          fallback_to_rtn=False, fit=fit, with_loss=True)
+            solved_loss *= scale
             if solved_loss <= rtn_loss:
                 data, loss, w_hat = solved, solved_loss, solved_w
         with torch.no_grad():
