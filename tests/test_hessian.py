@@ -54,3 +54,16 @@ def test_input_stats_sum_batches_as_float64():
     assert torch.allclose(st.hessian.double(), 2 * X.T @ X / len(X), rtol=1e-5, atol=1e-5)
     assert torch.allclose(st.absmean.double(), X.abs().mean(0), rtol=1e-6)
     assert torch.equal(st.absmax, X.abs().amax(0).float())
+
+
+@pytest.mark.parametrize("cols", [576, 2048, 1000])
+def test_output_error_keeps_h_in_float32(cols):
+    """Only D is rounded to bf16 (the blocked D^T D products; H multiplies in float32): with D exact in bf16
+    (small integers) and H's entries 1 + 2^-10 (bf16 would round them to 1), the trace is float64's to 1e-6;
+    and for uneven column blocks (1000: 3 of 333-334) as well."""
+    gen = torch.Generator().manual_seed(cols)
+    d = torch.randint(-2, 3, (64, cols), generator=gen).float()
+    H = torch.full((cols, cols), 1 + 2.0 ** -10)
+    H.diagonal().add_(3.0)
+    ref = float(((d.double() @ H.double()) * d.double()).sum())
+    assert abs(float(output_error(d, H)) / ref - 1) < 1e-6
