@@ -49,6 +49,9 @@ from .fisher import fisher_cost, output_fisher
 
 # nf4-dq (4.13 bits) among them: with it the RTN search at 4.25 bits beats uniform w4g64 (4.5) on
 # SmolLM2's perplexity, 35.57 against 37.05; without it the search lost there (37.95, docs/benchmarks.md)
+# AWQ's exponent search per layer as the calibrated GGUF path runs it: 9 of the 20 grid points (coarse,
+# then refined around the best). The scales only price the candidates here; a third of the calibrated pass.
+_SEARCH = {"awq": {"coarse": 4}}
 DEFAULT_CANDIDATES = ("w2g64", "w3g64", "nf4-dq", "w4g64-sym", "w4g64", "w8")
 
 
@@ -324,8 +327,7 @@ def layer_sensitivity(model, calibration, candidates=DEFAULT_CANDIDATES, *, meth
                 col, outs = _block_stats(block, local[i], inputs, bool(transforms) and own, dtype)
             fitted, fit_outs = (col, outs) if own else _block_stats(block, local[i], fit, bool(transforms), dtype)
             for n in local[i]:
-                lin, l = block.get_submodule(n), row[head + n]
-                _measure_layer(sens, l, lin, col.stats[n], fitted.stats[n], recipes,
+                _measure_layer(sens, row[head + n], block.get_submodule(n), col.stats[n], fitted.stats[n], recipes,
                                (transforms, solver_name, solver), measured, tail, i, inputs, bar,
                                None if grads is None else grads[head + n])
             if outs is not None:
@@ -358,7 +360,7 @@ def _transformed(w: torch.Tensor, scheme, stats, transforms) -> tuple["torch.Ten
     stats = copy.deepcopy(stats)  # the scales change the statistics; the original H prices the error
     s = torch.ones(w.shape[1])
     for kind in transforms:
-        t = TRANSFORMS[kind]([w * s], stats, scheme)
+        t = TRANSFORMS[kind]([w * s], stats, scheme, **_SEARCH.get(kind, {}))
         stats.scale_inputs(t)
         s = s * t
     return s, stats
