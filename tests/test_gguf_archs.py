@@ -269,3 +269,28 @@ def test_llama3_rope_read_back_from_rope_freqs_alone(tmp_path, tokenizer, monkey
     assert got["factor"] == 8.0 and abs(got["low_freq_factor"] - 1.0) < 1e-3 and abs(got["high_freq_factor"] - 4.0) < 1e-3
     with pytest.raises(ValueError, match="not llama3 rope scaling"):
         arch.llama3_from_rope_freqs(np.linspace(1, 8, 64) ** 2, 500000.0, 128)
+
+
+def test_cli_rtn_reads_a_bf16_folder_in_bf16(tmp_path, tokenizer, monkeypatch):
+    """Round to nearest of a bf16 checkpoint holds it in bf16 (an 8B in 16 GB, not 32), and the file is
+    byte for byte the one written from the same weights in float32."""
+    import gguf
+
+    from lowbit.cli import main
+    from lowbit.io import models
+
+    model = tiny_model("qwen3", Q4_INIT).to(torch.bfloat16)
+    model.config.dtype = "bfloat16"
+    model.save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    assert models.checkpoint_dtype(tmp_path / "src") == torch.bfloat16
+    loaded = []
+    real = models.load_model
+    monkeypatch.setattr(lowbit.io, "load_model", lambda src, dtype=torch.float32: loaded.append(dtype) or real(src, dtype=dtype))
+    assert main(["quantize", str(tmp_path / "src"), "--recipe", "q4_k_m", "--method", "rtn",
+                 "--out", str(tmp_path / "x.gguf")]) == 0
+    assert loaded == [torch.bfloat16]
+    want = lowbit.save(model.float(), tmp_path / "y.gguf", recipe="q4_k_m", tokenizer=tokenizer)
+    got = {t.name: t for t in gguf.GGUFReader(tmp_path / "x.gguf").tensors}
+    for t in gguf.GGUFReader(want).tensors:
+        assert got[t.name].tensor_type == t.tensor_type and np.array_equal(got[t.name].data, t.data), t.name

@@ -9,6 +9,7 @@ from conftest import tiny_transformer, wikitext_excerpt
 
 import lowbit
 from lowbit.analysis import layer_sensitivity, plan_mixed
+from lowbit.analysis.fisher import sample_labels
 from lowbit.eval import token_ids
 from lowbit.methods import rtn
 from lowbit.pipeline.walk import linear_weight
@@ -19,8 +20,8 @@ CANDIDATES = ["w2g64", "w4g64", "w8"]
 def sampled_labels(model, ids: torch.Tensor, pos: torch.Tensor, seed: int) -> torch.Tensor:
     """The labels the Fisher pass draws: from the fp32 model's predictions, one generator, one chunk."""
     with torch.no_grad():
-        p = torch.softmax(model(ids).logits[:, pos].float(), dim=-1)
-    return torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=torch.Generator().manual_seed(seed))
+        logp = torch.log_softmax(model(ids).logits[:, pos].float(), dim=-1)
+    return sample_labels(logp.reshape(-1, logp.shape[-1]), torch.Generator().manual_seed(seed))
 
 
 def brute_force_fisher(model, names, ids: torch.Tensor, stride: int, candidates) -> dict[str, list[float]]:
@@ -63,13 +64,19 @@ def test_fisher_equals_a_float64_brute_force(arch):
     model = tiny_transformer(arch, 2)
     gen = torch.Generator().manual_seed(1)
     calib = [torch.randint(0, 100, (24,), generator=gen) for _ in range(3)]
-    sens = layer_sensitivity(model, calib, CANDIDATES, progress=False)
+    sens = layer_sensitivity(model, calib, CANDIDATES, calibration_dtype="fp32", progress=False)
     assert sens.score == "fisher" and torch.isnan(sens.kl).all() and sens.runs == 0  # no tail runs
+    assert all(p.requires_grad for p in model.parameters())  # frozen for the pass only
     assert sens.spearman() == {}
     want = brute_force_fisher(model, sens.names, torch.stack(calib), 2, CANDIDATES)
     assert len(sens.names) == (8 if arch == "gpt2" else 14)
     for l, name in enumerate(sens.names):
-        assert sens.fisher[l].tolist() == pytest.approx(want[name], rel=2e-4), name
+        # 1e-3: the D H product runs in bf16 where the CPU multiplies it natively (core/hessian.py); 72 tokens
+        assert sens.fisher[l].tolist() == pytest.approx(want[name], rel=1e-3), name
+    # the default pass runs in bf16 where the CPU multiplies it natively: an estimate within a few percent
+    fast = layer_sensitivity(model, calib, CANDIDATES, progress=False)
+    for l, name in enumerate(sens.names):
+        assert fast.fisher[l].tolist() == pytest.approx(want[name], rel=0.05), name
     assert torch.equal(sens.cost, sens.fisher.clamp(min=0))
     assert (sens.fisher[:, 0] > sens.fisher[:, 1]).all() and (sens.fisher[:, 1] > sens.fisher[:, 2]).all()
 
@@ -106,6 +113,18 @@ def test_fisher_plan_meets_the_budget(smollm2_2layers):
             float(sens.fisher[sens.names.index(n), sens.candidates.index(c)]) for n, c in plan.choice.items()))
     back = type(sens).from_dict(sens.to_dict())
     assert back.score == "fisher" and torch.allclose(back.cost, sens.cost)
+
+
+def test_sampled_labels_follow_the_distribution():
+    """sample_labels draws from exp(logp): frequencies over 200,000 rows within 0.5% of the probabilities,
+    a zero-probability token never, and a fixed generator repeats its draw."""
+    p = torch.tensor([0.1, 0.0, 0.25, 0.6, 0.05], dtype=torch.float64)
+    logp = p.log().float().expand(200_000, 5)
+    y = sample_labels(logp, torch.Generator().manual_seed(3))
+    assert y.shape == (200_000, 1)
+    freq = torch.bincount(y.flatten(), minlength=5).double() / y.numel()
+    assert torch.allclose(freq, p, atol=5e-3) and freq[1] == 0
+    assert torch.equal(y, sample_labels(logp, torch.Generator().manual_seed(3)))
 
 
 def test_fisher_needs_a_causal_lm():

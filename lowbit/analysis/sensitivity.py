@@ -29,6 +29,7 @@ estimate.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -39,13 +40,18 @@ from tqdm.auto import tqdm
 from ..methods import TRANSFORMS, get_method, parse_method
 from ..methods.awq import awq_clip
 from ..pipeline.blocks import BlockInput, capture_inputs, find_blocks, run_block
+from ..core.hessian import output_error_rows
 from ..pipeline.recipe import Recipe, get_recipe
+from ..pipeline.sequential import calibration_dtype as calibration_dtype_of
 from ..pipeline.stats import StatsCollector
 from ..pipeline.walk import is_linear, is_norm, linear_weight
-from .fisher import fisher_cost, output_fisher, row_quad
+from .fisher import fisher_cost, output_fisher
 
 # nf4-dq (4.13 bits) among them: with it the RTN search at 4.25 bits beats uniform w4g64 (4.5) on
 # SmolLM2's perplexity, 35.57 against 37.05; without it the search lost there (37.95, docs/benchmarks.md)
+# AWQ's exponent search per layer as the calibrated GGUF path runs it: 9 of the 20 grid points (coarse,
+# then refined around the best). The scales only price the candidates here; a third of the calibrated pass.
+_SEARCH = {"awq": {"coarse": 4}}
 DEFAULT_CANDIDATES = ("w2g64", "w3g64", "nf4-dq", "w4g64-sym", "w4g64", "w8")
 
 
@@ -231,7 +237,7 @@ def _tail_for(model, prefix, blocks, ids, stride) -> _Tail:
 def layer_sensitivity(model, calibration, candidates=DEFAULT_CANDIDATES, *, method: str = "rtn",
                       measure: str = "reference", reference: "str | None" = None, stride: int = 2,
                       names: "list[str] | None" = None, solver_calibration=None, score: str = "auto",
-                      progress: bool = True) -> Sensitivity:
+                      calibration_dtype: "torch.dtype | str" = "auto", progress: bool = True) -> Sensitivity:
     """Sensitivity of every Linear layer of the blocks (or `names`) to each candidate scheme.
 
     calibration: token windows ([T] or [b, T], one length; e.g. 4 windows of 256 tokens).
@@ -252,6 +258,8 @@ def layer_sensitivity(model, calibration, candidates=DEFAULT_CANDIDATES, *, meth
     `measure` names: one forward through the rest of the model per measured pair) or "auto"
     (fisher for a causal LM, full for an encoder, whose embedding cosine has no likelihood whose
     Fisher a backward pass could sample).
+    calibration_dtype: the Fisher pass's and the statistics' forwards ("auto": bf16 where the CPU
+    multiplies it natively, as lowbit.quantize; "fp32"). The scored tail runs of score="full" stay float32.
     """
     if measure not in ("reference", "all"):
         raise ValueError(f"measure={measure!r}: choose 'reference' or 'all'")
@@ -290,37 +298,56 @@ def layer_sensitivity(model, calibration, candidates=DEFAULT_CANDIDATES, *, meth
                        score=score, fisher=nan.clone() if score == "fisher" else None)
     row = {n: i for i, n in enumerate(names)}
     own = solver_calibration is None or solver_name == "rtn" and not transforms  # data-free: nothing to fit
-    grads = None
-    if score == "fisher":  # G per layer from one backward pass; no tail runs
-        grads = output_fisher(model, blocks, tail.norm, tail.head, names, batches[0], tail.pos, progress=progress)
+    # the full score's tail runs compare with float32 logits: their block inputs stay float32 too
+    dtype = calibration_dtype_of(calibration_dtype) if score == "fisher" else torch.float32
+    local = {i: [n[len(f"{prefix}.{i}."):] for n in names if n.startswith(f"{prefix}.{i}.")]
+             for i in range(len(blocks))}
+    grads, scored = None, None
+    if score == "fisher":  # G per layer from one backward pass, the scored windows' statistics from the same pass
+        scored = [StatsCollector(block, local[i], hessian=True, product_dtype=dtype,
+                                 magnitudes=bool(transforms) and own) for i, block in enumerate(blocks)]
+        with contextlib.ExitStack() as entered:
+            for c in scored:
+                entered.enter_context(c)
+            grads = output_fisher(model, blocks, tail.norm, tail.head, names, batches[0], tail.pos, dtype=dtype,
+                                  collectors=scored, progress=progress)
     with torch.no_grad():
-        inputs = capture_inputs(model, blocks[0], batches)
-        fit = inputs if own else capture_inputs(model, blocks[0], _stack(solver_calibration))
         measured = [] if score == "fisher" else [c for c in range(C) if measure == "all" or c == ref_c]
+        inputs = None if scored else capture_inputs(model, blocks[0], batches)
+        fit = (inputs if own else capture_inputs(model, blocks[0], _stack(solver_calibration)))
         if measured:
             tail.ref_logp = tail.run(0, inputs)
         bar = tqdm(total=L * max(len(measured), 1), desc="sensitivity", unit="run" if measured else "layer",
                    disable=not progress)
         for i, block in enumerate(blocks):
             head = f"{prefix}.{i}."
-            local = [n[len(head):] for n in names if n.startswith(head)]
-            with StatsCollector(block, local, hessian=True, magnitudes=bool(transforms) and own) as col:
-                outs = [run_block(block, inp) for inp in inputs]
-            if own:
-                fitted, fit_outs = col, outs
+            if scored:
+                col, outs = scored[i], None
             else:
-                with StatsCollector(block, local, hessian=True, magnitudes=bool(transforms)) as fitted:
-                    fit_outs = [run_block(block, inp) for inp in fit]
-            for n in local:
-                lin, l = block.get_submodule(n), row[head + n]
-                _measure_layer(sens, l, lin, col.stats[n], fitted.stats[n], recipes,
+                col, outs = _block_stats(block, local[i], inputs, bool(transforms) and own, dtype)
+            fitted, fit_outs = (col, outs) if own else _block_stats(block, local[i], fit, bool(transforms), dtype)
+            for n in local[i]:
+                _measure_layer(sens, row[head + n], block.get_submodule(n), col.stats[n], fitted.stats[n], recipes,
                                (transforms, solver_name, solver), measured, tail, i, inputs, bar,
                                None if grads is None else grads[head + n])
-            inputs = [BlockInput(y, x.kwargs) for x, y in zip(inputs, outs)]
+            if outs is not None:
+                inputs = [BlockInput(y, x.kwargs) for x, y in zip(inputs, outs)]
             fit = inputs if own else [BlockInput(y, x.kwargs) for x, y in zip(fit, fit_outs)]
-        bar.close()
+    bar.close()
     sens.seconds = time.perf_counter() - t0
     return sens
+
+
+def _block_stats(block, local, windows, magnitudes, dtype) -> tuple[StatsCollector, list[torch.Tensor]]:
+    """One block's forward over `windows` (BlockInputs): (its layers' input statistics, its float32
+    outputs, the next block's inputs)."""
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    outs = []
+    with StatsCollector(block, local, hessian=True, product_dtype=dtype, magnitudes=magnitudes) as c, autocast:
+        for b, inp in enumerate(windows):
+            c.batch = b
+            outs.append(run_block(block, inp).float())
+    return c, outs
 
 
 def _transformed(w: torch.Tensor, scheme, stats, transforms) -> tuple["torch.Tensor | None", object]:
@@ -333,7 +360,7 @@ def _transformed(w: torch.Tensor, scheme, stats, transforms) -> tuple["torch.Ten
     stats = copy.deepcopy(stats)  # the scales change the statistics; the original H prices the error
     s = torch.ones(w.shape[1])
     for kind in transforms:
-        t = TRANSFORMS[kind]([w * s], stats, scheme)
+        t = TRANSFORMS[kind]([w * s], stats, scheme, **_SEARCH.get(kind, {}))
         stats.scale_inputs(t)
         s = s * t
     return s, stats
@@ -360,13 +387,13 @@ def _measure_layer(sens, l, lin, stats, fit_stats, recipes, chain, measured, tai
     w = linear_weight(lin).float()
     H = stats.hessian
     sens.numel[l] = w.numel()
-    signal = float(row_quad(w, H).sum()) or 1e-30
+    signal = float(output_error_rows(w, H, torch.float64).sum()) or 1e-30
     mean_diag = float(H.diagonal().mean())
     s, scaled = _transformed(w, recipes[sens.reference].weights, fit_stats, chain[0])
     for c, r in enumerate(recipes):
         w_hat, sens.nbytes[l, c] = _candidate_weight(w, r.weights, s, scaled, chain)
         d = w - w_hat
-        row = row_quad(d, H)  # (D H D^T)_jj: the output error per output channel
+        row = output_error_rows(d, H, torch.float64)  # (D H D^T)_jj: the output error per output channel
         sens.output_err[l, c] = float(row.sum()) / signal
         sens.proxy[l, c] = mean_diag * float(d.pow(2).sum(dtype=torch.float64))
         if g is not None:

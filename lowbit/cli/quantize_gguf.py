@@ -53,7 +53,9 @@ def check_gguf_args(args) -> str:
 def cmd_quantize_gguf(args) -> None:
     from ..eval import token_ids
     from ..io import load, load_model, save
-    from ..io.models import load_gguf_tokenizer
+    import torch
+
+    from ..io.models import checkpoint_dtype, load_gguf_tokenizer
 
     method = check_gguf_args(args)
     options = _gptq_options(args.method_option, method)
@@ -62,8 +64,8 @@ def cmd_quantize_gguf(args) -> None:
     if str(args.model).endswith(".gguf"):  # our reader (transformers' dequantizes in Python: 20 s on 135M in f32)
         model = load(args.model)  # the output copies the tokenizer from the file; calibration text needs it here
         tok = None if method == "rtn" else load_gguf_tokenizer(Path(args.model))
-    else:
-        model, tok = load_model(args.model)
+    else:  # round to nearest reads each weight once: keep the checkpoint's own dtype (float32 is 2x the memory)
+        model, tok = load_model(args.model, dtype=checkpoint_dtype(args.model) if method == "rtn" else torch.float32)
     read_s = time.perf_counter() - t0
     if method != "rtn":
         from ..io.gguf.calibrated import quantize_gguf

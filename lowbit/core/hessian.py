@@ -19,6 +19,17 @@ def native_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def output_error_rows(d: torch.Tensor, H: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(D H D^T)_jj for each row j of D [out, in], H [in, in]: [out], each row's products summed in `dtype`
+    (the diagonal only: the full D H D^T would cost another out x in x out)."""
+    d = d.float()
+    if native_bf16() and d.device.type == "cpu":
+        dh = (d.bfloat16() @ H.bfloat16()).float()
+    else:
+        dh = d @ H.float()
+    return dh.mul_(d).sum(1, dtype=dtype)
+
+
 def output_error(d: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """tr(D H D^T) for D [out, in], H [in, in]: a 0-d float32 tensor.
 
