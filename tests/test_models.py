@@ -135,3 +135,41 @@ def test_saved_folder_tokenizer_splits_like_the_gguf(smollm2, tmp_path, monkeypa
     assert wrong(PROBE)["input_ids"] != tok(PROBE)["input_ids"]
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: wrong)
     assert load_tokenizer(tmp_path)(PROBE)["input_ids"] == tok(PROBE)["input_ids"]
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_config_without_architectures_loads_as_causal_lm_when_its_weights_have_the_head(tmp_path, sharded):
+    """A hand-written config.json without `architectures` (bench/streaming.py's first 8B checkpoint): the
+    LM head in the weights (one file, or a sharded index) makes it a causal LM, not a headless AutoModel
+    whose GGUF writer then fails on its names; without a head it stays AutoModel."""
+    import json
+
+    import transformers as tf
+
+    from conftest import tiny_transformer
+
+    model = tiny_transformer("qwen2", 1)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.save_pretrained(tmp_path, max_shard_size="20KB" if sharded else "10GB")
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=_tiny_tokenizer())
+    tok.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").is_file() == sharded
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["architectures"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    got, _ = load_model(tmp_path)
+    assert type(got).__name__ == "Qwen2ForCausalLM" and torch.equal(got.lm_head.weight, model.lm_head.weight)
+    headless = tmp_path / "headless"
+    model.model.save_pretrained(headless)
+    tok.save_pretrained(headless)
+    config = json.loads((headless / "config.json").read_text())
+    config.pop("architectures", None)
+    (headless / "config.json").write_text(json.dumps(config))
+    assert type(load_model(headless)[0]).__name__ == "Qwen2Model"
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models
+
+    return Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))

@@ -145,7 +145,8 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
         raise ValueError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the tokenizer "
                          "beside the model (tokenizer.save_pretrained(folder))")
     tf = _transformers()
-    causal = any(a.endswith("ForCausalLM") for a in archs)
+    # a config without `architectures` (written by hand) is a causal LM when its weights have the LM head
+    causal = any(a.endswith("ForCausalLM") for a in archs) or (not archs and "lm_head.weight" in _weight_names(path))
     auto = tf.AutoModelForCausalLM if causal else tf.AutoModel
     try:
         tokenizer = load_tokenizer(path)
@@ -153,6 +154,23 @@ def _load_hf_dir(path: Path, dtype: torch.dtype):
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path} could not be loaded by transformers: {e}") from e
     return model.eval(), tokenizer
+
+
+def _weight_names(path: Path) -> set[str]:
+    """The tensor names of a folder's safetensors weights (the index's map, else each file's header)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return set()
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for f in path.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            names.update(st.keys())
+    return names
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.*", "spiece.model")
