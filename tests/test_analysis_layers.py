@@ -53,8 +53,9 @@ def test_layer_errors_against_float64_formulas(small, tmp_path):
         assert r.max_err == pytest.approx(float(d.abs().max()), rel=1e-9)
         assert r.clipped_share == 0.0  # absmax scales: nothing lies beyond the grid
         y, e = X[r.name] @ w.T, X[r.name] @ d.T
-        # tr(D H D^T) takes its D H product in bf16 where the CPU has it (core/hessian.py): ~1e-4 relative
-        assert r.output_rel_err == pytest.approx(float((e**2).sum() / (y**2).sum()), rel=1e-3)
+        # tr(D H D^T) takes its D^T D products in bf16 where the CPU has it (core/hessian.py): up to 1.2e-3
+        # relative on these 96 tokens (H of rank 96: the roundings do not average), 1e-5 on real token counts
+        assert r.output_rel_err == pytest.approx(float((e**2).sum() / (y**2).sum()), rel=3e-3)
     saved = json.loads((tmp_path / "layers.json").read_text())
     assert [s["name"] for s in saved] == names
     assert set(saved[0]) == {"name", "recipe", "sqnr_db", "max_err", "clipped_share", "output_rel_err", "sensitivity"}
