@@ -26,17 +26,16 @@ calibrated quantization runs its forwards.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from tqdm.auto import tqdm
 
 from ..pipeline.blocks import BlockInput, block_forward, capture_inputs
+from ..pipeline.sequential import compute_autocast
 
 
 def fisher_cost(row: torch.Tensor, g: torch.Tensor, positions: int) -> float:
-    """row: [out] (D Hbar D^T)_jj (core.hessian.output_error_rows with Hbar = mean x x^T), g: [out] summed squared output
-    gradients over `positions` scored positions -> the KL estimate 1/(2P) sum_j g_j row_j.
+    """row: [out] (D Hbar D^T)_jj (core.hessian.output_error_rows with Hbar = mean x x^T), g: [out] summed
+    squared output gradients over `positions` scored positions -> the KL estimate 1/(2P) sum_j g_j row_j.
 
     Example: fisher_cost(torch.tensor([1.0]), torch.tensor([4.0]), 2) -> 1.0
     """
@@ -79,8 +78,7 @@ def output_fisher(model, blocks, norm, head, names: list[str], windows: torch.Te
                 c.batch = b
             inp = capture_inputs(model, blocks[0], [ids])[0]
             h0 = inp.hidden.detach().requires_grad_()
-            autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-            with torch.enable_grad(), autocast:
+            with torch.enable_grad(), compute_autocast(dtype):
                 h = h0
                 for block in blocks:
                     h = block_forward(block, BlockInput(h, inp.kwargs))

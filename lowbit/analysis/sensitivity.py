@@ -37,21 +37,21 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..core.hessian import output_error_rows
 from ..methods import TRANSFORMS, get_method, parse_method
 from ..methods.awq import awq_clip
 from ..pipeline.blocks import BlockInput, capture_inputs, find_blocks, run_block
-from ..core.hessian import output_error_rows
 from ..pipeline.recipe import Recipe, get_recipe
-from ..pipeline.sequential import calibration_dtype as calibration_dtype_of
+from ..pipeline.sequential import calibration_dtype as calibration_dtype_of, compute_autocast
 from ..pipeline.stats import StatsCollector
 from ..pipeline.walk import is_linear, is_norm, linear_weight
 from .fisher import fisher_cost, output_fisher
 
-# nf4-dq (4.13 bits) among them: with it the RTN search at 4.25 bits beats uniform w4g64 (4.5) on
-# SmolLM2's perplexity, 35.57 against 37.05; without it the search lost there (37.95, docs/benchmarks.md)
 # AWQ's exponent search per layer as the calibrated GGUF path runs it: 9 of the 20 grid points (coarse,
 # then refined around the best). The scales only price the candidates here; a third of the calibrated pass.
 _SEARCH = {"awq": {"coarse": 4}}
+# nf4-dq (4.13 bits) among them: with it the RTN search at 4.25 bits beats uniform w4g64 (4.5) on
+# SmolLM2's perplexity, 35.57 against 37.05; without it the search lost there (37.95, docs/benchmarks.md)
 DEFAULT_CANDIDATES = ("w2g64", "w3g64", "nf4-dq", "w4g64-sym", "w4g64", "w8")
 
 
@@ -314,7 +314,7 @@ def layer_sensitivity(model, calibration, candidates=DEFAULT_CANDIDATES, *, meth
     with torch.no_grad():
         measured = [] if score == "fisher" else [c for c in range(C) if measure == "all" or c == ref_c]
         inputs = None if scored else capture_inputs(model, blocks[0], batches)
-        fit = (inputs if own else capture_inputs(model, blocks[0], _stack(solver_calibration)))
+        fit = inputs if own else capture_inputs(model, blocks[0], _stack(solver_calibration))
         if measured:
             tail.ref_logp = tail.run(0, inputs)
         bar = tqdm(total=L * max(len(measured), 1), desc="sensitivity", unit="run" if measured else "layer",
@@ -340,10 +340,10 @@ def layer_sensitivity(model, calibration, candidates=DEFAULT_CANDIDATES, *, meth
 
 def _block_stats(block, local, windows, magnitudes, dtype) -> tuple[StatsCollector, list[torch.Tensor]]:
     """One block's forward over `windows` (BlockInputs): (its layers' input statistics, its float32
-    outputs, the next block's inputs)."""
-    autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    outputs: the next block's inputs)."""
     outs = []
-    with StatsCollector(block, local, hessian=True, product_dtype=dtype, magnitudes=magnitudes) as c, autocast:
+    with StatsCollector(block, local, hessian=True, product_dtype=dtype, magnitudes=magnitudes) as c, \
+            compute_autocast(dtype):
         for b, inp in enumerate(windows):
             c.batch = b
             outs.append(run_block(block, inp).float())

@@ -13,7 +13,6 @@ runner's per-layer step turns each into its QTensor or GGML blocks.
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
@@ -22,6 +21,7 @@ from torch.func import functional_call
 
 from ..methods.signround import signed_descent
 from .blocks import BlockInput, run_block
+from .sequential import compute_autocast
 from .walk import linear_weight
 
 
@@ -61,8 +61,7 @@ class BlockRounding:
 
     def _train(self, block, mods, roundings, batches, targets) -> tuple[float, float]:
         draw = _minibatches(batches, targets, self.batch_windows, self.seed)
-        autocast = (torch.autocast("cpu", dtype=self.dtype) if self.dtype != torch.float32
-                    else contextlib.nullcontext())
+        autocast = compute_autocast(self.dtype)
         names = {n: f"{n}.weight" for n in roundings}
         transposed = {n for n in roundings if type(mods[n]).__name__ == "Conv1D"}  # GPT-2 stores [in, out]
 

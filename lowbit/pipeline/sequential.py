@@ -205,8 +205,6 @@ def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hes
                propagate, dtype, spill, report, workers=2, progress=False, solve_block=None, clock=None,
                probe=None) -> Activations:
     """Statistics, transforms, solves of block i; -> the inputs of block i + 1 (none with propagate="none")."""
-    def autocast():
-        return torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     head = f"{prefix}.{i}."
     local = [n[len(head):] for n in names if n.startswith(head)]
     full = propagate == "full"
@@ -216,7 +214,7 @@ def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hes
                unit_scale=True, leave=False, disable=not progress)
     t0 = time.perf_counter()
     with StatsCollector(block, local, hessian, product_dtype=dtype, stop_early=not full,
-                        magnitudes=magnitudes) as c, autocast(), phase("forwards"):
+                        magnitudes=magnitudes) as c, compute_autocast(dtype), phase("forwards"):
         for b, inp in enumerate(inputs):
             c.batch = b
             try:
@@ -257,7 +255,7 @@ def _one_block(i, block, inputs: Activations, prefix, names, quantize_layer, hes
         with phase("transform checks"):
             probe[0] = BlockInput(run_block(block, probe[0]), probe[0].kwargs)
     if propagate == "quantized":
-        with autocast(), phase("forwards"):
+        with compute_autocast(dtype), phase("forwards"):
             for inp in inputs:
                 outs.append(run_block(block, inp), inp.kwargs)
                 bar.update(work.forward)
@@ -307,6 +305,11 @@ class _BlockWork:
 
     def total(self, batches: int, forward: bool) -> int:
         return batches * (self.statistics + (self.forward if forward else 0)) + sum(self.solve.values())
+
+
+def compute_autocast(dtype: torch.dtype):
+    """The context the calibration forwards run in: CPU autocast to `dtype` (bf16), or nothing for float32."""
+    return torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
 
 def calibration_dtype(choice: "torch.dtype | str" = "auto") -> torch.dtype:
