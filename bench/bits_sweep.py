@@ -184,7 +184,7 @@ def main() -> None:
     Path(args.json + ".tmp").write_text(json.dumps(rows, indent=1))
     os.replace(args.json + ".tmp", args.json)
     base = next(r for r in rows if r["label"] == "fp32")
-    print(f"\n| width | method | bits/weight (Linear, in memory) | as saved | Linear MB (saved) | ppl | x fp32 |")
+    print("\n| width | method | bits/weight (Linear, in memory) | as saved | Linear MB (saved) | ppl | x fp32 |")
     print("|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (-r["nominal"], r["ppl"])):
         d = r.get("disk_bits", r["bits_per_weight"])

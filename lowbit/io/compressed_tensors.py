@@ -103,7 +103,7 @@ def ct_scheme(q: QTensor, act_scheme=None, act_scale=None, act_zero=None, where:
 
 
 def _strategy(q: QTensor, refuse) -> dict:
-    g, (rows, cols) = q.scheme.granularity, q.shape
+    g, (_, cols) = q.scheme.granularity, q.shape
     if isinstance(g, PerGroup) and g.axis % 2 == 1:
         if cols % g.size:
             raise refuse(f"group size {g.size} does not divide in_features {cols} (compressed-tensors "
